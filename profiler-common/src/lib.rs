@@ -1,0 +1,338 @@
+//! Types shared by the BPF sampler and the userspace daemon.
+//!
+//! Every type here is `#[repr(C)]` and plain old data: the BPF side writes
+//! them into maps and the ring buffer, and userspace reads the same bytes.
+#![no_std]
+
+/// Hard capacity of the per-CPU scratch stack, in frames. `--max-depth` may
+/// not exceed it.
+pub const MAX_FRAMES: usize = 4096;
+/// Frames walked by one BPF program before it tail-calls itself. 33 tail
+/// calls (the kernel's limit) of 128 frames cover `MAX_FRAMES`.
+pub const FRAMES_PER_PROG: usize = 128;
+/// Default `--max-depth`.
+pub const DEFAULT_MAX_DEPTH: u32 = 2048;
+
+/// Bytes of a `_PyInterpreterFrame` read per frame (up to and including
+/// `owner` at +69).
+pub const FRAME_READ_LEN: usize = 72;
+/// Bytes of a `PyCodeObject` read per frame for the checksum and the
+/// instruction bound: `[CODE_READ_START, CODE_READ_START + CODE_READ_LEN)`.
+pub const CODE_READ_START: u64 = 16;
+pub const CODE_READ_LEN: usize = 64;
+
+/// How the interpreted thread's `PyThreadState*` is found from its FS base.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsKind {
+    /// glibc `struct pthread.specific_1stblock` and `specific[]` blocks.
+    Glibc = 0,
+    /// musl: `*(*(fsbase + tsd_offset) + key * 8)`.
+    Musl = 1,
+}
+
+/// Where thread-specific data lives relative to the thread pointer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsLayout {
+    /// A [`TlsKind`] as u32 (an enum read from a map must stay a plain int).
+    pub kind: u32,
+    /// glibc: offset of `specific_1stblock`; musl: offset of the `tsd` pointer.
+    pub first_block: u32,
+    /// glibc: offset of the `specific[]` pointer array (second level).
+    pub second_level: u32,
+    /// The `pthread_key_t` that CPython's `autoTSSkey` holds.
+    pub key: u32,
+}
+
+/// Offsets the walker needs into CPython 3.11 structures. Sent per process so
+/// that another minor layout only needs a new table in userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyOffsets {
+    pub tstate_cframe: u32,
+    pub tstate_thread_id: u32,
+    pub cframe_current_frame: u32,
+    pub frame_code: u32,
+    pub frame_previous: u32,
+    pub frame_prev_instr: u32,
+    pub frame_owner: u32,
+    pub code_size: u32,
+    pub code_adaptive: u32,
+    pub _pad: u32,
+}
+
+impl PyOffsets {
+    /// CPython 3.11.0 - 3.11.x on 64-bit Linux.
+    pub const PY311: PyOffsets = PyOffsets {
+        tstate_cframe: 56,
+        tstate_thread_id: 152,
+        cframe_current_frame: 8,
+        frame_code: 32,
+        frame_previous: 48,
+        frame_prev_instr: 56,
+        frame_owner: 69,
+        code_size: 16,
+        code_adaptive: 184,
+        _pad: 0,
+    };
+}
+
+/// Value of the per-process map, keyed by tgid (pid in the root namespace).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub tls: TlsLayout,
+    pub py: PyOffsets,
+}
+
+/// Sample flags.
+pub const FLAG_TRUNCATED: u32 = 1;
+/// The walk stopped on a failed read; the frames before it are valid.
+pub const FLAG_READ_ERROR: u32 = 2;
+
+/// Head of every ring-buffer record; `nframes` [`RawFrame`]s follow, leaf
+/// first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleHeader {
+    pub ktime_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    pub nframes: u32,
+    pub flags: u32,
+    /// A [`ReadStep`] when `FLAG_READ_ERROR` is set.
+    pub error_step: u32,
+}
+
+/// One Python frame as seen by BPF.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RawFrame {
+    /// Address of the `PyCodeObject`.
+    pub code: u64,
+    /// Instruction index in code units; -1 if the frame has not started.
+    pub instr: i32,
+    /// [`code_checksum`] of the code object's header at sample time.
+    pub checksum: u32,
+}
+
+pub const HEADER_LEN: usize = core::mem::size_of::<SampleHeader>();
+pub const RAW_FRAME_LEN: usize = core::mem::size_of::<RawFrame>();
+
+/// Per-CPU scratch record: the header and room for the deepest stack.
+#[repr(C)]
+pub struct SampleBuf {
+    pub header: SampleHeader,
+    pub frames: [RawFrame; MAX_FRAMES],
+}
+
+/// Walk state kept between tail calls.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalkState {
+    pub frame: u64,
+    pub max_depth: u32,
+    pub _pad: u32,
+    pub info: ProcInfo,
+}
+
+impl Default for ProcInfo {
+    fn default() -> Self {
+        ProcInfo {
+            tls: TlsLayout {
+                kind: 0,
+                first_block: 0,
+                second_level: 0,
+                key: 0,
+            },
+            py: PyOffsets::PY311,
+        }
+    }
+}
+
+/// Where a sample's walk failed. Index into the `READ_ERRORS` counters.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadStep {
+    FsBase = 0,
+    Tls = 1,
+    ThreadState = 2,
+    CFrame = 3,
+    Frame = 4,
+    Code = 5,
+    BadFrame = 6,
+}
+
+impl ReadStep {
+    pub const ALL: [ReadStep; 7] = [
+        ReadStep::FsBase,
+        ReadStep::Tls,
+        ReadStep::ThreadState,
+        ReadStep::CFrame,
+        ReadStep::Frame,
+        ReadStep::Code,
+        ReadStep::BadFrame,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<ReadStep> {
+        ReadStep::ALL.get(v as usize).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadStep::FsBase => "fsbase",
+            ReadStep::Tls => "tls",
+            ReadStep::ThreadState => "thread_state",
+            ReadStep::CFrame => "cframe",
+            ReadStep::Frame => "frame",
+            ReadStep::Code => "code_object",
+            ReadStep::BadFrame => "bad_frame",
+        }
+    }
+}
+
+/// Outcome counters, one slot each in the per-CPU `COUNTERS` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// perf events that ran the program at all.
+    Events = 0,
+    /// The interrupted task is not in a profiled process.
+    NotProfiled = 1,
+    /// Profiled process, but the thread has no PyThreadState (or no frame).
+    NoThreadState = 2,
+    /// Stacks sent to userspace (including partial ones).
+    Sampled = 3,
+    /// Stacks cut at max depth.
+    Truncated = 4,
+    /// Ring buffer had no room; sample lost.
+    RingBufFull = 5,
+    /// A tail call failed; the sample was sent with what was walked.
+    TailCallFailed = 6,
+    /// Walk ended by a failed read (see the read-error counters for the step).
+    ReadFailed = 7,
+}
+
+pub const COUNTER_SLOTS: u32 = 8;
+/// Read-error counters live after the outcome counters, one per [`ReadStep`].
+pub const READ_ERROR_BASE: u32 = 16;
+pub const COUNTERS_LEN: u32 = READ_ERROR_BASE + 8;
+
+impl Counter {
+    pub const ALL: [Counter; 8] = [
+        Counter::Events,
+        Counter::NotProfiled,
+        Counter::NoThreadState,
+        Counter::Sampled,
+        Counter::Truncated,
+        Counter::RingBufFull,
+        Counter::TailCallFailed,
+        Counter::ReadFailed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Events => "events",
+            Counter::NotProfiled => "not_profiled",
+            Counter::NoThreadState => "no_thread_state",
+            Counter::Sampled => "sampled",
+            Counter::Truncated => "truncated",
+            Counter::RingBufFull => "ringbuf_full",
+            Counter::TailCallFailed => "tail_call_failed",
+            Counter::ReadFailed => "read_failed",
+        }
+    }
+}
+
+/// A small checksum of a code object's immutable header fields, computed by
+/// BPF at sample time and again by userspace when symbolising, so that a code
+/// object freed and replaced at the same address is never given the old name.
+///
+/// `hdr` is the `CODE_READ_LEN` bytes at `code + CODE_READ_START`: `ob_size`,
+/// `co_consts`, `co_names`, `co_exceptiontable`, `co_flags`, (skipped:
+/// `co_warmup` and `_co_linearray_entry_size`, which change at run time),
+/// `co_argcount` .. `co_firstlineno`, `co_nlocalsplus`.
+#[inline(always)]
+pub fn code_checksum(hdr: &[u8; CODE_READ_LEN]) -> u32 {
+    let w = |i: usize| -> u64 {
+        u64::from_le_bytes([
+            hdr[i],
+            hdr[i + 1],
+            hdr[i + 2],
+            hdr[i + 3],
+            hdr[i + 4],
+            hdr[i + 5],
+            hdr[i + 6],
+            hdr[i + 7],
+        ])
+    };
+    // Offsets relative to CODE_READ_START (16).
+    let size = w(0);
+    let consts = w(8);
+    let names = w(16);
+    let exc = w(24);
+    let flags = w(32) & 0xffff_ffff;
+    let args = w(40);
+    let kw_stack = w(48);
+    let first_nlocals = w(56);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in [size, consts, names, exc, flags, args, kw_stack, first_nlocals] {
+        h ^= v;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+    }
+    (h ^ (h >> 32)) as u32
+}
+
+/// Ground truth: the instruction-size bound the walker enforces.
+#[inline(always)]
+pub fn code_size_units(hdr: &[u8; CODE_READ_LEN]) -> i64 {
+    i64::from_le_bytes([
+        hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5], hdr[6], hdr[7],
+    ])
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for ProcInfo {}
+    unsafe impl aya::Pod for TlsLayout {}
+    unsafe impl aya::Pod for PyOffsets {}
+    unsafe impl aya::Pod for SampleHeader {}
+    unsafe impl aya::Pod for RawFrame {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_sizes() {
+        assert_eq!(HEADER_LEN, 32);
+        assert_eq!(RAW_FRAME_LEN, 16);
+        assert_eq!(core::mem::size_of::<ProcInfo>(), 56);
+        assert_eq!(MAX_FRAMES % FRAMES_PER_PROG, 0);
+        assert!(MAX_FRAMES / FRAMES_PER_PROG <= 33);
+    }
+
+    #[test]
+    fn checksum_ignores_warmup_and_sees_fields() {
+        let mut hdr = [0u8; CODE_READ_LEN];
+        for (i, b) in hdr.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let base = code_checksum(&hdr);
+        let mut warm = hdr;
+        warm[36] = 0xff; // co_warmup (absolute +52)
+        warm[39] = 0xff; // _co_linearray_entry_size (+54..56)
+        assert_eq!(code_checksum(&warm), base);
+        let mut other = hdr;
+        other[56] ^= 1; // co_firstlineno (+72)
+        assert_ne!(code_checksum(&other), base);
+        let mut consts = hdr;
+        consts[8] ^= 0x10; // co_consts pointer
+        assert_ne!(code_checksum(&consts), base);
+    }
+}

@@ -1,0 +1,1 @@
+//! Loading the BPF sampler, feeding it processes, reading what it sends.
