@@ -15,7 +15,7 @@ pub const DEFAULT_MAX_DEPTH: u32 = 2048;
 
 /// Bytes of a `_PyInterpreterFrame` read per frame (up to and including
 /// `owner` at +69).
-pub const FRAME_READ_LEN: usize = 72;
+pub const FRAME_READ_LEN: usize = core::mem::size_of::<Frame311>();
 /// Bytes of a `PyCodeObject` read per frame for the checksum and the
 /// instruction bound: `[CODE_READ_START, CODE_READ_START + CODE_READ_LEN)`.
 pub const CODE_READ_START: u64 = 16;
@@ -45,21 +45,17 @@ pub struct TlsLayout {
     pub key: u32,
 }
 
-/// Offsets the walker needs into CPython 3.11 structures. Sent per process so
-/// that another minor layout only needs a new table in userspace.
+/// Offsets the walker follows from the thread state to the first frame and
+/// from a code object to its bytecode. Sent per process, so that another
+/// patch-level layout needs only a new table in userspace. The frame record
+/// itself is read whole as a [`Frame311`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PyOffsets {
     pub tstate_cframe: u32,
     pub tstate_thread_id: u32,
     pub cframe_current_frame: u32,
-    pub frame_code: u32,
-    pub frame_previous: u32,
-    pub frame_prev_instr: u32,
-    pub frame_owner: u32,
-    pub code_size: u32,
     pub code_adaptive: u32,
-    pub _pad: u32,
 }
 
 impl PyOffsets {
@@ -68,15 +64,32 @@ impl PyOffsets {
         tstate_cframe: 56,
         tstate_thread_id: 152,
         cframe_current_frame: 8,
-        frame_code: 32,
-        frame_previous: 48,
-        frame_prev_instr: 56,
-        frame_owner: 69,
-        code_size: 16,
         code_adaptive: 184,
-        _pad: 0,
     };
 }
+
+/// The first 72 bytes of a CPython 3.11 `_PyInterpreterFrame`, read with a
+/// single `bpf_probe_read_user` per frame.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Frame311 {
+    pub f_func: u64,
+    pub f_globals: u64,
+    pub f_builtins: u64,
+    pub f_locals: u64,
+    pub f_code: u64,
+    pub frame_obj: u64,
+    pub previous: u64,
+    pub prev_instr: u64,
+    pub stacktop: i32,
+    pub is_entry: u8,
+    /// 0 thread, 1 generator, 2 frame object; anything else is a bad read.
+    pub owner: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Largest valid `Frame311::owner`.
+pub const MAX_FRAME_OWNER: u8 = 2;
 
 /// Value of the per-process map, keyed by tgid (pid in the root namespace).
 #[repr(C)]
@@ -312,7 +325,8 @@ mod tests {
     fn layout_sizes() {
         assert_eq!(HEADER_LEN, 32);
         assert_eq!(RAW_FRAME_LEN, 16);
-        assert_eq!(core::mem::size_of::<ProcInfo>(), 56);
+        assert_eq!(core::mem::size_of::<ProcInfo>(), 32);
+        assert_eq!(FRAME_READ_LEN, 72);
         assert_eq!(MAX_FRAMES % FRAMES_PER_PROG, 0);
         assert!(MAX_FRAMES / FRAMES_PER_PROG <= 33);
     }

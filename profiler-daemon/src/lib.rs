@@ -8,6 +8,7 @@
 //! - [`bpf`]: loading the sampler, reading its ring buffer and counters.
 //! - [`profile`]: aggregated stacks and the output formats.
 //! - [`record`]: the `pyebpf record` command.
+pub mod aggregate;
 pub mod bpf;
 pub mod caps;
 pub mod process;

@@ -1,1 +1,139 @@
-fn main() {}
+//! The `pyebpf` command line.
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pyebpf::bpf::sampler::SamplerConfig;
+use pyebpf::profile::Format;
+use pyebpf::record::{self, RecordOptions};
+
+#[derive(Parser)]
+#[command(name = "pyebpf", version, about = "eBPF profiler for Python 3.11 services")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Profile chosen Python 3.11 processes and write the profile to a file.
+    Record(RecordArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    /// `frame;frame;...;leaf COUNT`, root first (py-spy's raw format).
+    Folded,
+    /// Interactive flamegraph.
+    Svg,
+    /// Gzipped pprof profile.proto (go tool pprof, Pyroscope).
+    Pprof,
+    /// speedscope JSON.
+    Speedscope,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Folded => Format::Folded,
+            FormatArg::Svg => Format::Svg,
+            FormatArg::Pprof => Format::Pprof,
+            FormatArg::Speedscope => Format::Speedscope,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct RecordArgs {
+    /// Process to profile (repeatable).
+    #[arg(long = "pid", short = 'p', required = true, value_name = "PID")]
+    pids: Vec<u32>,
+    /// Seconds to record; without it, records until Ctrl-C.
+    #[arg(long, short = 'd', value_name = "SECS")]
+    duration: Option<f64>,
+    /// Samples per second per CPU.
+    #[arg(long, short = 'r', default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    rate: u64,
+    /// Deepest stack walked; deeper stacks are cut here and flagged [truncated].
+    #[arg(long, default_value_t = profiler_common::DEFAULT_MAX_DEPTH,
+          value_parser = clap::value_parser!(u32).range(1..=profiler_common::MAX_FRAMES as i64))]
+    max_depth: u32,
+    /// Output format; default from the file name (.svg, .pb.gz/.pprof, .json), else folded.
+    #[arg(long, short = 'f', value_enum)]
+    format: Option<FormatArg>,
+    /// Where to write the profile.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: PathBuf,
+    /// No live status line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn format_from_name(path: &Path) -> Format {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    if name.ends_with(".svg") {
+        Format::Svg
+    } else if name.ends_with(".pb.gz") || name.ends_with(".pprof") || name.ends_with(".pb") {
+        Format::Pprof
+    } else if name.ends_with(".json") {
+        Format::Speedscope
+    } else {
+        Format::Folded
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PYEBPF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of contexts, outermost first.
+            eprintln!("pyebpf: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Record(a) => {
+            let duration = match a.duration {
+                Some(d) if !(d.is_finite() && d > 0.0 && d <= 86_400.0 * 365.0) => {
+                    anyhow::bail!("--duration must be a positive number of seconds, got {d}")
+                }
+                Some(d) => Some(Duration::from_secs_f64(d)),
+                None => None,
+            };
+            let opts = RecordOptions {
+                format: a
+                    .format
+                    .map(Format::from)
+                    .unwrap_or_else(|| format_from_name(&a.output)),
+                pids: a.pids,
+                duration,
+                sampler: SamplerConfig {
+                    rate_hz: a.rate,
+                    max_depth: a.max_depth,
+                    ..SamplerConfig::default()
+                },
+                output: a.output,
+                status: !a.quiet,
+            };
+            pyebpf::caps::require("pyebpf record", &pyebpf::caps::record_requirements())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let summary = rt.block_on(record::run(&opts))?;
+            eprint!("{}", summary.render(&opts));
+            Ok(())
+        }
+    }
+}

@@ -1,1 +1,262 @@
-//! TODO
+//! `pyebpf record`: profile chosen Python 3.11 processes to a file.
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context};
+use aya::maps::{MapData, RingBuf};
+use profiler_common::{Counter, ProcInfo, PyOffsets, ReadStep};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::aggregate::Aggregator;
+use crate::bpf::counters::Counters;
+use crate::bpf::events;
+use crate::bpf::sampler::{Sampler, SamplerConfig};
+use crate::process::python::{self, PythonProcess};
+use crate::profile::Format;
+
+/// What `pyebpf record` was asked to do.
+#[derive(Clone, Debug)]
+pub struct RecordOptions {
+    pub pids: Vec<u32>,
+    pub duration: Option<Duration>,
+    pub sampler: SamplerConfig,
+    pub format: Format,
+    pub output: PathBuf,
+    /// Show a live status line on stderr (when it is a terminal).
+    pub status: bool,
+}
+
+/// What happened during a recording, printed at the end.
+#[derive(Clone, Debug, Default)]
+pub struct RecordSummary {
+    pub elapsed: Duration,
+    pub counters: Counters,
+    /// Samples received and aggregated.
+    pub samples: u64,
+    pub distinct_stacks: usize,
+    pub unknown_frames: u64,
+    pub stale_code: u64,
+    pub decode_errors: u64,
+    pub exited: Vec<u32>,
+}
+
+impl RecordSummary {
+    /// Multi-line, human-readable summary.
+    pub fn render(&self, opts: &RecordOptions) -> String {
+        let c = &self.counters;
+        let mut s = format!(
+            "pyebpf record: {:.1} s, {} process(es), {} samples ({} distinct stacks) written to {} ({})\n",
+            self.elapsed.as_secs_f64(),
+            opts.pids.len(),
+            self.samples,
+            self.distinct_stacks,
+            opts.output.display(),
+            format_name(opts.format),
+        );
+        s += &format!(
+            "  truncated at --max-depth {}: {}   partial (read failed): {}   ring buffer full (dropped): {}\n",
+            opts.sampler.max_depth,
+            c.get(Counter::Truncated),
+            c.get(Counter::ReadFailed),
+            c.get(Counter::RingBufFull),
+        );
+        let steps: Vec<String> = ReadStep::ALL
+            .iter()
+            .filter(|st| c.read_error(**st) > 0)
+            .map(|st| format!("{} {}", st.name(), c.read_error(*st)))
+            .collect();
+        if !steps.is_empty() {
+            s += &format!("  read failures by step: {}\n", steps.join(", "));
+        }
+        s += &format!(
+            "  threads without Python state: {}   unknown frames: {} (code object replaced: {})   tail-call failures: {}   bad records: {}\n",
+            c.get(Counter::NoThreadState),
+            self.unknown_frames,
+            self.stale_code,
+            c.get(Counter::TailCallFailed),
+            self.decode_errors,
+        );
+        if !self.exited.is_empty() {
+            let p: Vec<String> = self.exited.iter().map(u32::to_string).collect();
+            s += &format!("  exited during recording (samples kept): {}\n", p.join(", "));
+        }
+        s
+    }
+}
+
+pub fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Folded => "folded",
+        Format::Svg => "svg",
+        Format::Pprof => "pprof",
+        Format::Speedscope => "speedscope",
+    }
+}
+
+/// Inspects every target; the first one that cannot be profiled is an error
+/// naming the reason.
+pub fn inspect_targets(pids: &[u32]) -> anyhow::Result<Vec<PythonProcess>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for &pid in pids {
+        if !seen.insert(pid) {
+            continue;
+        }
+        out.push(python::inspect(pid).with_context(|| format!("cannot profile process {pid}"))?);
+    }
+    Ok(out)
+}
+
+/// Records until the duration elapses, Ctrl-C, or every target has exited.
+pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
+    if opts.pids.is_empty() {
+        bail!("no process to record: give at least one --pid");
+    }
+    let targets = inspect_targets(&opts.pids)?;
+    let mut sampler = Sampler::start(opts.sampler)?;
+    let mut agg = Aggregator::default();
+    for t in &targets {
+        agg.add_target(t.pid, &t.command, t.pycode_type);
+        let info = ProcInfo {
+            tls: t.tls,
+            py: PyOffsets::PY311,
+        };
+        sampler
+            .add_process(t.pid, info)
+            .with_context(|| format!("cannot register process {}", t.pid))?;
+    }
+    let ring = sampler
+        .take_ring()
+        .context("ring buffer already taken")?;
+    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for
+    // as long as the AsyncFd owns the RingBuf.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot poll the BPF ring buffer: {e}"))?;
+
+    let started = Instant::now();
+    let wall_start = SystemTime::now();
+    let deadline = opts.duration.map(|d| started + d);
+    let mut alive: HashMap<u32, u64> = targets.iter().map(|t| (t.pid, t.start_time)).collect();
+    let mut exited = Vec::new();
+    let mut decode_errors = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let show_status = opts.status && std::io::stderr().is_terminal();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+
+    loop {
+        let sleep_until = deadline.map(tokio::time::Instant::from_std);
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer")?;
+                drain(guard.get_inner_mut(), &mut agg, &mut decode_errors);
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                alive.retain(|pid, start| {
+                    let same = python::start_time(*pid).ok() == Some(*start);
+                    if !same {
+                        sampler.remove_process(*pid);
+                        exited.push(*pid);
+                    }
+                    same
+                });
+                if show_status {
+                    status_line(&sampler, &agg, started.elapsed());
+                }
+                if alive.is_empty() {
+                    tracing::info!("every target has exited; stopping");
+                    break;
+                }
+            }
+            _ = async { tokio::time::sleep_until(sleep_until.unwrap_or_else(tokio::time::Instant::now)).await }, if sleep_until.is_some() => break,
+            r = &mut ctrl_c => {
+                r.context("waiting for Ctrl-C")?;
+                break;
+            }
+        }
+    }
+    if show_status {
+        eprintln!();
+    }
+    // Stop new samples, then take what is already in the ring.
+    for pid in alive.keys() {
+        sampler.remove_process(*pid);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drain(ring.get_mut(), &mut agg, &mut decode_errors);
+    let counters = sampler.counters()?;
+    drop(sampler);
+
+    let (mut profile, unknown_frames) = agg.to_profile(opts.sampler.rate_hz as u32, targets.len() > 1);
+    profile.start = Some(wall_start);
+    profile.duration = started.elapsed();
+    write_profile(&profile, opts)?;
+    let sym = agg.symbol_stats();
+    Ok(RecordSummary {
+        elapsed: started.elapsed(),
+        counters,
+        samples: agg.samples,
+        distinct_stacks: agg.distinct_stacks(),
+        unknown_frames,
+        stale_code: sym.stale,
+        decode_errors,
+        exited,
+    })
+}
+
+fn drain(ring: &mut RingBuf<MapData>, agg: &mut Aggregator, decode_errors: &mut u64) {
+    while let Some(item) = ring.next() {
+        match events::decode(&item) {
+            Ok(s) => agg.add(s),
+            Err(e) => {
+                *decode_errors += 1;
+                tracing::debug!("dropped a ring-buffer record: {e}");
+            }
+        }
+    }
+}
+
+fn status_line(sampler: &Sampler, agg: &Aggregator, elapsed: Duration) {
+    let c = sampler.counters().unwrap_or_default();
+    let errors = c.get(Counter::ReadFailed) + c.get(Counter::TailCallFailed);
+    eprint!(
+        "\r\x1b[2K[pyebpf] {:>6.1}s  samples {}  stacks {}  errors {}  dropped {}  truncated {}",
+        elapsed.as_secs_f64(),
+        agg.samples,
+        agg.distinct_stacks(),
+        errors,
+        c.get(Counter::RingBufFull),
+        c.get(Counter::Truncated),
+    );
+    let _ = std::io::stderr().flush();
+}
+
+/// Writes atomically: a partial file never replaces a good one.
+fn write_profile(profile: &crate::profile::Profile, opts: &RecordOptions) -> anyhow::Result<()> {
+    let tmp = opts.output.with_extension("pyebpf-tmp");
+    let title = format!(
+        "pyebpf: {} ({} samples at {} Hz)",
+        opts.pids
+            .iter()
+            .map(|p| format!("pid {p}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        profile.total_samples(),
+        opts.sampler.rate_hz
+    );
+    {
+        let f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut w = std::io::BufWriter::new(f);
+        opts.format.write(profile, &title, &mut w)?;
+        w.flush()
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, &opts.output)
+        .with_context(|| format!("cannot move the profile to {}", opts.output.display()))?;
+    Ok(())
+}

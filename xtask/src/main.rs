@@ -1,1 +1,80 @@
-fn main() {}
+//! Project automation: `cargo xtask <command>` (alias in `.cargo/config.toml`).
+
+mod bootstrap;
+mod demo;
+mod test;
+mod util;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "pyebpf development tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install whatever is missing (LLVM 22, nightly + rust-src, bpf-linker, test deps).
+    Bootstrap,
+    /// Bootstrap, then `cargo build --release` (also builds the eBPF object).
+    Build,
+    /// Bootstrap, build, fmt check, clippy, then `cargo test --release --workspace [ARGS]`.
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Bootstrap, build, then profile examples/busy.py and write a flamegraph.
+    Demo,
+    /// Benchmarks (not yet implemented).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    // Print the error chain without anyhow's backtrace (RUST_BACKTRACE may be set).
+    if let Err(err) = run(Cli::parse().command) {
+        eprintln!("error: {err:#}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Bootstrap => bootstrap::run(),
+        Command::Build => {
+            bootstrap::run()?;
+            util::cargo(&["build", "--release"]).run()
+        }
+        Command::Test { args } => test::run(&args),
+        Command::Demo => demo::run(),
+        Command::Bench => bail!("`cargo xtask bench`: not yet implemented (issue 5)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_passes_extra_args_through() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Test { args } => args,
+            _ => unreachable!(),
+        };
+        assert!(parse(&["xtask", "test"]).is_empty());
+        assert_eq!(parse(&["xtask", "test", "--", "filter"]), ["filter"]);
+        assert_eq!(
+            parse(&["xtask", "test", "--", "-p", "x", "--", "--nocapture"]),
+            ["-p", "x", "--", "--nocapture"]
+        );
+    }
+}

@@ -1,1 +1,5 @@
 //! Loading the BPF sampler, feeding it processes, reading what it sends.
+pub mod btf;
+pub mod counters;
+pub mod events;
+pub mod sampler;

@@ -1,1 +1,888 @@
-//! TODO
+//! Recognising a CPython 3.11 process and gathering what the sampler needs:
+//! the address of `_PyRuntime`, of `PyCode_Type`, and a verified TLS layout.
+//!
+//! `_PyRuntime` is exported in `.dynsym` of libpython (shared builds) or of
+//! the executable (static builds linked with `-export-dynamic`); the version
+//! comes from `Py_Version` (3.11+), read from the target's memory.
+use std::fmt;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use profiler_common::TlsLayout;
+
+use super::elf::{self, ElfError, ElfFile};
+use super::maps::{self, MapEntry};
+use super::memory::{MemoryError, ProcessMemory, RemoteMemory};
+use super::tls::{self, TlsDetection, TlsError};
+
+/// `_PyRuntimeState.gilstate.autoTSSkey._is_initialized` (int).
+pub const RUNTIME_TSS_INITIALIZED: u64 = 592;
+/// `_PyRuntimeState.gilstate.autoTSSkey._key` (u32).
+pub const RUNTIME_TSS_KEY: u64 = 596;
+/// `PyTypeObject.tp_basicsize`.
+pub const TYPE_BASICSIZE: u64 = 32;
+/// `sizeof(PyCodeObject)` (without the bytecode) in 3.11.
+pub const PYCODE_BASICSIZE: u64 = 184;
+
+/// A CPython version, from `PY_VERSION_HEX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PyVersion {
+    pub major: u8,
+    pub minor: u8,
+    pub micro: u8,
+    /// The whole `PY_VERSION_HEX` (`0x030b07f0` for 3.11.7 final).
+    pub hex: u32,
+}
+
+impl PyVersion {
+    pub fn from_hex(hex: u32) -> PyVersion {
+        PyVersion {
+            major: (hex >> 24) as u8,
+            minor: (hex >> 16) as u8,
+            micro: (hex >> 8) as u8,
+            hex,
+        }
+    }
+}
+
+impl fmt::Display for PyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)?;
+        let serial = self.hex & 0xf;
+        match (self.hex >> 4) & 0xf {
+            0xa => write!(f, "a{serial}"),
+            0xb => write!(f, "b{serial}"),
+            0xc => write!(f, "rc{serial}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A CPython 3.11 process, ready to be sampled.
+#[derive(Clone, Debug)]
+pub struct PythonProcess {
+    pub pid: u32,
+    /// Field 22 of `/proc/PID/stat` (clock ticks after boot): with `pid`,
+    /// identifies this process even after its pid is reused.
+    pub start_time: u64,
+    /// `/proc/PID/comm`.
+    pub command: String,
+    /// Target of `/proc/PID/exe`.
+    pub exe: PathBuf,
+    pub version: PyVersion,
+    /// Address of `_PyRuntime` in the target.
+    pub runtime_addr: u64,
+    /// Address of `PyCode_Type` in the target.
+    pub pycode_type: u64,
+    /// The ELF file holding `_PyRuntime`, as the target sees it: the
+    /// executable for static builds, libpython for shared ones.
+    pub interp_binary: PathBuf,
+    /// How the BPF side finds a thread's `PyThreadState` from its FS base.
+    pub tls: TlsLayout,
+    /// The evidence for `tls`: threads walked and threads it found.
+    pub tls_check: TlsDetection,
+}
+
+/// Why a process cannot be profiled; each message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("process {0} does not exist")]
+    NoSuchProcess(u32),
+    #[error("process {0} ({1}) is not a Python process: no mapped ELF file defines _PyRuntime")]
+    NotPython(u32, String),
+    #[error("process {pid} runs Python {version}; only Python 3.11 is supported")]
+    UnsupportedVersion { pid: u32, version: String },
+    #[error("process {0}: the Python runtime is not initialized yet (autoTSSkey not created); retry later")]
+    NotInitialized(u32),
+    #[error("no permission to inspect process {pid} ({what}): run as root or with CAP_SYS_PTRACE")]
+    Permission { pid: u32, what: String },
+    #[error("process {pid}: {file} defines _PyRuntime but not {symbol}")]
+    MissingSymbol {
+        pid: u32,
+        file: PathBuf,
+        symbol: &'static str,
+    },
+    #[error("process {pid}: unexpected CPython 3.11 layout: {reason}")]
+    Incompatible { pid: u32, reason: String },
+    #[error("process {pid}: cannot find the thread-local PyThreadState: {source}")]
+    Tls { pid: u32, source: TlsError },
+    #[error(transparent)]
+    Memory(MemoryError),
+    #[error(transparent)]
+    Elf(ElfError),
+    #[error("cannot read {path}: {source}")]
+    Proc { path: PathBuf, source: io::Error },
+}
+
+impl From<MemoryError> for InspectError {
+    fn from(e: MemoryError) -> Self {
+        match e {
+            MemoryError::Gone { pid } => InspectError::NoSuchProcess(pid),
+            MemoryError::Permission { pid } => InspectError::Permission {
+                pid,
+                what: "reading its memory".into(),
+            },
+            e => InspectError::Memory(e),
+        }
+    }
+}
+
+/// Map an error on a `/proc/PID/...` file to the variant it means.
+fn proc_error(pid: u32, path: &Path, e: io::Error) -> InspectError {
+    match (e.kind(), e.raw_os_error()) {
+        (io::ErrorKind::NotFound, _) | (_, Some(libc::ESRCH)) => InspectError::NoSuchProcess(pid),
+        (io::ErrorKind::PermissionDenied, _) => InspectError::Permission {
+            pid,
+            what: format!("reading {}", path.display()),
+        },
+        _ => InspectError::Proc {
+            path: path.to_owned(),
+            source: e,
+        },
+    }
+}
+
+fn read_proc(pid: u32, name: &str) -> Result<String, InspectError> {
+    let path = PathBuf::from(format!("/proc/{pid}/{name}"));
+    std::fs::read(&path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .map_err(|e| proc_error(pid, &path, e))
+}
+
+/// Field 22 (`starttime`) of a `/proc/PID/stat` line. The command (field 2)
+/// may contain spaces and parentheses, so fields are counted after the last
+/// `)`.
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Field 3 (state) is the first after the ')'.
+    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// The start time of `pid`, see [`PythonProcess::start_time`].
+pub fn start_time(pid: u32) -> Result<u64, InspectError> {
+    let stat = read_proc(pid, "stat")?;
+    parse_start_time(&stat).ok_or_else(|| InspectError::Proc {
+        path: format!("/proc/{pid}/stat").into(),
+        source: io::Error::new(io::ErrorKind::InvalidData, "no start time field"),
+    })
+}
+
+/// `/proc/PID/comm` without its newline.
+pub fn command(pid: u32) -> Result<String, InspectError> {
+    Ok(read_proc(pid, "comm")?.trim_end_matches('\n').to_owned())
+}
+
+/// `/proc/PID/cmdline` with arguments joined by spaces; `None` if the process
+/// is gone or has no command line (kernel threads, zombies).
+pub fn command_line(pid: u32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<_> = raw
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(String::from_utf8_lossy)
+        .collect();
+    (!args.is_empty()).then(|| args.join(" "))
+}
+
+/// One file mapped into the target, with its lowest-offset mapping.
+#[derive(Clone, Debug)]
+struct MappedFile {
+    first: MapEntry,
+    is_exe: bool,
+    executable: bool,
+}
+
+impl MappedFile {
+    fn path(&self) -> &str {
+        self.first.path.as_deref().unwrap_or_default()
+    }
+
+    fn looks_like_python(&self) -> bool {
+        self.first
+            .file_name()
+            .is_some_and(|n| n.to_ascii_lowercase().contains("python"))
+    }
+}
+
+/// Group the file mappings by file, keeping the first (lowest-offset)
+/// mapping of each, in order of appearance.
+fn mapped_files(maps: &[MapEntry], exe: &Path, exe_id: Option<(u64, u64)>) -> Vec<MappedFile> {
+    let mut out: Vec<MappedFile> = Vec::new();
+    for m in maps.iter().filter(|m| m.is_file()) {
+        if let Some(f) = out
+            .iter_mut()
+            .find(|f| f.first.dev == m.dev && f.first.inode == m.inode && f.first.path == m.path)
+        {
+            f.executable |= m.perms.exec;
+            if (m.offset, m.start) < (f.first.offset, f.first.start) {
+                f.first = m.clone();
+            }
+            continue;
+        }
+        let same_id = exe_id.is_some_and(|(dev, ino)| {
+            ino == m.inode
+                && (u64::from(m.dev.0), u64::from(m.dev.1))
+                    == (u64::from(libc::major(dev)), u64::from(libc::minor(dev)))
+        });
+        let same_path = m.path.as_deref().map(Path::new) == Some(exe);
+        out.push(MappedFile {
+            first: m.clone(),
+            is_exe: same_id || same_path,
+            executable: m.perms.exec,
+        });
+    }
+    out
+}
+
+/// Open a mapped file through a path valid in any mount namespace.
+fn open_mapped(pid: u32, f: &MappedFile) -> Result<ElfFile, ElfError> {
+    if f.is_exe {
+        return ElfFile::open(&elf::exe_path(pid));
+    }
+    let by_map = || ElfFile::open(&elf::map_files_path(pid, f.first.start, f.first.end));
+    if f.first.deleted {
+        return by_map();
+    }
+    ElfFile::open(&elf::root_path(pid, f.path())).or_else(|e| by_map().map_err(|_| e))
+}
+
+/// The ELF file that defines `_PyRuntime`, and where it is loaded.
+struct Interpreter {
+    file: ElfFile,
+    mapped: MappedFile,
+    bias: u64,
+    runtime_addr: u64,
+}
+
+/// Look for `_PyRuntime` in the mapped files, python-named ones first.
+fn find_interpreter(
+    pid: u32,
+    comm: &str,
+    maps: &[MapEntry],
+    exe: &Path,
+) -> Result<Interpreter, InspectError> {
+    let exe_id = std::fs::metadata(elf::exe_path(pid))
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    let mut files: Vec<MappedFile> = mapped_files(maps, exe, exe_id)
+        .into_iter()
+        .filter(|f| f.executable)
+        .collect();
+    files.sort_by_key(|f| (!f.looks_like_python(), !f.is_exe));
+
+    let mut first_error: Option<InspectError> = None;
+    for f in files {
+        let file = match open_mapped(pid, &f) {
+            Ok(file) => file,
+            Err(e) => {
+                tracing::debug!(pid, file = f.path(), "skipping: {e}");
+                if f.looks_like_python() && first_error.is_none() {
+                    first_error = Some(match e.io_kind() {
+                        Some(io::ErrorKind::PermissionDenied) => InspectError::Permission {
+                            pid,
+                            what: format!("opening {}", f.path()),
+                        },
+                        Some(io::ErrorKind::NotFound)
+                            if !Path::new(&format!("/proc/{pid}")).exists() =>
+                        {
+                            InspectError::NoSuchProcess(pid)
+                        }
+                        _ => InspectError::Elf(e),
+                    });
+                }
+                continue;
+            }
+        };
+        let sym = match file.symbol("_PyRuntime") {
+            Ok(Some(sym)) => sym,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::debug!(pid, file = f.path(), "skipping: {e}");
+                continue;
+            }
+        };
+        let bias = file
+            .load_bias(f.first.start, f.first.offset)
+            .map_err(InspectError::Elf)?;
+        return Ok(Interpreter {
+            runtime_addr: bias.wrapping_add(sym.value),
+            file,
+            mapped: f,
+            bias,
+        });
+    }
+    Err(first_error.unwrap_or_else(|| InspectError::NotPython(pid, comm.to_owned())))
+}
+
+/// `3.10` from `libpython3.10.so.1.0`, `python3.10d`, ...
+fn version_from_file_name(name: &str) -> Option<String> {
+    let at = name.find("python")? + "python".len();
+    let digits: String = name[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let digits = digits.trim_end_matches('.');
+    let mut parts = digits.split('.');
+    let (major, minor) = (parts.next()?, parts.next()?);
+    (!major.is_empty() && !minor.is_empty()).then(|| format!("{major}.{minor}"))
+}
+
+/// `Py_Version`, read from the target's memory, or from the file if the
+/// page cannot be read (it is constant data).
+fn read_version<M: RemoteMemory>(
+    pid: u32,
+    mem: &M,
+    interp: &Interpreter,
+) -> Result<PyVersion, InspectError> {
+    let Some(sym) = interp
+        .file
+        .symbol("Py_Version")
+        .map_err(InspectError::Elf)?
+    else {
+        // Before 3.11: say which version if the file name tells.
+        let version = interp
+            .mapped
+            .first
+            .file_name()
+            .and_then(version_from_file_name)
+            .filter(|v| v != "3.11")
+            .unwrap_or_else(|| "older than 3.11 (no Py_Version symbol)".into());
+        return Err(InspectError::UnsupportedVersion { pid, version });
+    };
+    let addr = interp.bias.wrapping_add(sym.value);
+    let hex = match mem.read_u64(addr) {
+        Ok(v) => v,
+        Err(e @ (MemoryError::Gone { .. } | MemoryError::Permission { .. })) => {
+            return Err(e.into())
+        }
+        Err(e) => {
+            tracing::debug!(
+                pid,
+                "Py_Version unreadable in memory ({e}); reading the file"
+            );
+            let b = interp
+                .file
+                .read_vaddr(sym.value, 8)
+                .map_err(InspectError::Elf)?;
+            u64::from_le_bytes(b.try_into().expect("8 bytes"))
+        }
+    };
+    Ok(PyVersion::from_hex(hex as u32))
+}
+
+/// Recognise `pid` as a CPython 3.11 process and gather what sampling it
+/// needs, verifying the TLS layout on its live threads.
+pub fn inspect(pid: u32) -> Result<PythonProcess, InspectError> {
+    let start_time = start_time(pid)?;
+    let command = command(pid)?;
+    let exe_link = elf::exe_path(pid);
+    let exe = match std::fs::read_link(&exe_link) {
+        Ok(p) => p,
+        // Kernel threads have no executable.
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                && Path::new(&format!("/proc/{pid}")).exists() =>
+        {
+            return Err(InspectError::NotPython(pid, command));
+        }
+        Err(e) => return Err(proc_error(pid, &exe_link, e)),
+    };
+    let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
+    let maps = maps::read(pid).map_err(|e| proc_error(pid, &maps_path, e))?;
+    let interp = find_interpreter(pid, &command, &maps, &exe)?;
+    let mem = ProcessMemory::new(pid);
+
+    let version = read_version(pid, &mem, &interp)?;
+    if (version.major, version.minor) != (3, 11) {
+        return Err(InspectError::UnsupportedVersion {
+            pid,
+            version: version.to_string(),
+        });
+    }
+
+    let interp_binary = if interp.mapped.is_exe {
+        exe.clone()
+    } else {
+        PathBuf::from(interp.mapped.path())
+    };
+    let pycode_type = interp
+        .file
+        .symbol("PyCode_Type")
+        .map_err(InspectError::Elf)?
+        .ok_or_else(|| InspectError::MissingSymbol {
+            pid,
+            file: interp_binary.clone(),
+            symbol: "PyCode_Type",
+        })?;
+    let pycode_type = interp.bias.wrapping_add(pycode_type.value);
+
+    let runtime_addr = interp.runtime_addr;
+    if mem.read_u32(runtime_addr + RUNTIME_TSS_INITIALIZED)? == 0 {
+        return Err(InspectError::NotInitialized(pid));
+    }
+    let key = mem.read_u32(runtime_addr + RUNTIME_TSS_KEY)?;
+
+    let basicsize = mem.read_u64(pycode_type + TYPE_BASICSIZE)?;
+    if basicsize != PYCODE_BASICSIZE {
+        return Err(InspectError::Incompatible {
+            pid,
+            reason: format!(
+                "PyCode_Type.tp_basicsize is {basicsize}, expected {PYCODE_BASICSIZE} (a debug or trace-refs build?)"
+            ),
+        });
+    }
+
+    let tls_check = tls::detect(&mem, runtime_addr, key, tls::libc_hint(&maps)).map_err(
+        |source| match source {
+            TlsError::Memory(e @ (MemoryError::Gone { .. } | MemoryError::Permission { .. })) => {
+                e.into()
+            }
+            source => InspectError::Tls { pid, source },
+        },
+    )?;
+    tracing::debug!(
+        pid,
+        layout = tls::describe(&tls_check.layout),
+        key,
+        threads = tls_check.threads,
+        matched = tls_check.matched,
+        "TLS layout verified"
+    );
+
+    Ok(PythonProcess {
+        pid,
+        start_time,
+        command,
+        exe,
+        version,
+        runtime_addr,
+        pycode_type,
+        interp_binary,
+        tls: tls_check.layout,
+        tls_check,
+    })
+}
+
+/// Helpers for tests that run real interpreters.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use std::io::{BufRead, BufReader, Read};
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    /// Debian's static, non-PIE CPython 3.11.
+    pub const SYSTEM_PYTHON: &str = "/usr/bin/python3.11";
+
+    /// A child process killed and reaped on drop.
+    pub struct ChildGuard(pub Child);
+
+    impl ChildGuard {
+        pub fn pid(&self) -> u32 {
+            self.0.id()
+        }
+    }
+
+    impl Drop for ChildGuard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Spawn `cmd` and wait (at most 30 s) for its first stdout line, which
+    /// must start with "ready"; returns the guard and the words after it.
+    pub fn spawn_ready(cmd: &mut Command) -> (ChildGuard, Vec<String>) {
+        let mut child = ChildGuard(
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}")),
+        );
+        let stdout = child.0.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+        let mut words = line.split_whitespace().map(str::to_owned);
+        if words.next().as_deref() != Some("ready") {
+            let _ = child.0.kill();
+            let mut err = String::new();
+            let _ = child.0.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("{cmd:?} did not get ready: stdout {line:?}, stderr {err}");
+        }
+        (child, words.collect())
+    }
+
+    /// `sys.executable` of the `python3` on PATH (pyenv's shared-library
+    /// build here), so that we run the real binary, not a shim.
+    pub fn path_python() -> &'static Path {
+        static EXE: OnceLock<PathBuf> = OnceLock::new();
+        EXE.get_or_init(|| {
+            let out = Command::new("python3")
+                .args(["-c", "import sys; print(sys.executable)"])
+                .output()
+                .expect("python3 on PATH is needed for these tests");
+            let exe = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            assert!(
+                out.status.success() && !exe.is_empty(),
+                "python3 failed: {out:?}"
+            );
+            PathBuf::from(exe)
+        })
+    }
+
+    /// The interpreters to test against: the PATH one and, if installed,
+    /// Debian's static build.
+    pub fn interpreters() -> Vec<PathBuf> {
+        let mut v = vec![path_python().to_owned()];
+        if Path::new(SYSTEM_PYTHON).exists() {
+            v.push(SYSTEM_PYTHON.into());
+        } else {
+            println!("{SYSTEM_PYTHON} not installed: static build not tested");
+        }
+        v
+    }
+
+    /// Prints, after "ready": major minor micro hexversion, the addresses of
+    /// _PyRuntime, PyCode_Type and Py_Version, then the `threading.get_ident()`
+    /// of the main thread and of two waiting threads.
+    pub const THREADS_SCRIPT: &str = r#"
+import ctypes, sys, threading, time, types
+ev = threading.Event()
+ts = [threading.Thread(target=ev.wait, daemon=True) for _ in range(2)]
+for t in ts:
+    t.start()
+api = ctypes.pythonapi
+addr = lambda name: ctypes.addressof(ctypes.c_char.in_dll(api, name))
+print("ready", *sys.version_info[:3], sys.hexversion,
+      addr("_PyRuntime"), id(types.CodeType), addr("Py_Version"),
+      threading.get_ident(), *[t.ident for t in ts], flush=True)
+time.sleep(120)
+"#;
+
+    /// Compile `tests/tools/fake_python312.c` into `dir`.
+    pub fn build_fake_python(dir: &Path) -> PathBuf {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/fake_python312.c");
+        let out = dir.join("fake_python312");
+        let status = Command::new("cc")
+            .args(["-O0", "-pthread", "-rdynamic", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("cc is needed for these tests");
+        assert!(status.success(), "cc failed on {}", src.display());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
+    use profiler_common::TlsKind;
+    use std::collections::BTreeSet;
+    use std::process::Command;
+
+    #[test]
+    fn start_time_parsing() {
+        let stat =
+            "1234 (a) b) (c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("1 (x) S 1 2"), None);
+        assert_eq!(parse_start_time("garbage"), None);
+        assert_eq!(parse_start_time(""), None);
+        let own = start_time(std::process::id()).unwrap();
+        assert!(own > 0);
+    }
+
+    #[test]
+    fn version_display_and_names() {
+        assert_eq!(PyVersion::from_hex(0x030b07f0).to_string(), "3.11.7");
+        assert_eq!(PyVersion::from_hex(0x030c01f0).to_string(), "3.12.1");
+        assert_eq!(PyVersion::from_hex(0x030b00c1).to_string(), "3.11.0rc1");
+        assert_eq!(PyVersion::from_hex(0x030d00a3).to_string(), "3.13.0a3");
+        assert_eq!(
+            version_from_file_name("libpython3.10.so.1.0").as_deref(),
+            Some("3.10")
+        );
+        assert_eq!(version_from_file_name("python3.9d").as_deref(), Some("3.9"));
+        assert_eq!(version_from_file_name("python3").as_deref(), None);
+        assert_eq!(version_from_file_name("uwsgi"), None);
+    }
+
+    #[test]
+    fn command_line_of_self() {
+        let cl = command_line(std::process::id()).unwrap();
+        assert!(!cl.is_empty());
+        assert_eq!(command_line(0x3fff_ffff), None);
+    }
+
+    fn check_real_python(python: &Path) -> PythonProcess {
+        let (child, w) = spawn_ready(Command::new(python).args(["-c", THREADS_SCRIPT]));
+        let n = |i: usize| -> u64 { w[i].parse().unwrap() };
+        let pid = child.pid();
+        let p = inspect(pid).unwrap_or_else(|e| panic!("{}: {e}", python.display()));
+        let what = python.display();
+
+        assert_eq!(p.pid, pid);
+        assert_eq!(
+            (
+                u64::from(p.version.major),
+                u64::from(p.version.minor),
+                u64::from(p.version.micro)
+            ),
+            (n(0), n(1), n(2)),
+            "{what}"
+        );
+        assert_eq!(u64::from(p.version.hex), n(3), "{what}");
+        assert_eq!(p.runtime_addr, n(4), "{what}: _PyRuntime");
+        assert_eq!(p.pycode_type, n(5), "{what}: PyCode_Type");
+        assert_eq!(p.start_time, start_time(pid).unwrap());
+        assert_eq!(p.exe, std::fs::canonicalize(python).unwrap());
+        // comm is the name exec'd (python3 may be a symlink), cut to 15 bytes.
+        let exec_name = python.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(p.command, exec_name.chars().take(15).collect::<String>());
+
+        // Py_Version is readable in memory where ctypes says it is.
+        let mem = ProcessMemory::new(pid);
+        assert_eq!(
+            mem.read_u64(n(6)).unwrap(),
+            n(3),
+            "{what}: Py_Version in memory"
+        );
+        // Structure sanity: an interpreter, and PyCode_Type's basic size.
+        assert_ne!(mem.read_u64(p.runtime_addr + 40).unwrap(), 0);
+        assert_eq!(mem.read_u64(p.pycode_type + TYPE_BASICSIZE).unwrap(), 184);
+
+        // TLS: glibc, at the known offsets, proven on all three threads.
+        assert_eq!(p.tls.kind, TlsKind::Glibc as u32, "{what}");
+        assert_eq!(
+            (p.tls.first_block, p.tls.second_level),
+            (0x310, 0x510),
+            "{what}"
+        );
+        assert_eq!((p.tls_check.threads, p.tls_check.matched), (3, 3), "{what}");
+        assert!(!p.tls_check.scanned);
+        let walked: BTreeSet<u64> = tls::thread_states(&mem, p.runtime_addr)
+            .unwrap()
+            .iter()
+            .map(|t| t.thread_id)
+            .collect();
+        let idents: BTreeSet<u64> = (7..10).map(n).collect();
+        assert_eq!(
+            walked, idents,
+            "{what}: tstate thread_ids are the threading idents"
+        );
+        println!(
+            "{what}: Python {} _PyRuntime {:#x} in {} key {} {}",
+            p.version,
+            p.runtime_addr,
+            p.interp_binary.display(),
+            p.tls.key,
+            tls::describe(&p.tls)
+        );
+        p
+    }
+
+    #[test]
+    fn inspects_shared_library_python() {
+        let p = check_real_python(path_python());
+        let lib = p
+            .interp_binary
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        // pyenv builds --enable-shared; a static python3 on PATH is fine too.
+        assert!(
+            lib.starts_with("libpython3.11") || p.interp_binary == p.exe,
+            "{}",
+            p.interp_binary.display()
+        );
+    }
+
+    #[test]
+    fn inspects_static_system_python() {
+        let python = Path::new(SYSTEM_PYTHON);
+        if !python.exists() {
+            println!("{SYSTEM_PYTHON} not installed: skipped");
+            return;
+        }
+        let p = check_real_python(python);
+        assert_eq!(p.interp_binary, python);
+    }
+
+    #[test]
+    fn every_interpreter_inspects() {
+        // The list the other tests rely on is non-empty and all are 3.11.
+        for python in interpreters() {
+            let (child, _) = spawn_ready(Command::new(&python).args(["-c", THREADS_SCRIPT]));
+            assert_eq!(inspect(child.pid()).unwrap().version.minor, 11);
+        }
+    }
+
+    #[test]
+    fn missing_process() {
+        let err = inspect(0x3fff_ffff).unwrap_err();
+        assert!(
+            matches!(err, InspectError::NoSuchProcess(0x3fff_ffff)),
+            "{err}"
+        );
+        // A pid that existed and was reaped.
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        let err = inspect(pid).unwrap_err();
+        assert!(
+            matches!(err, InspectError::NoSuchProcess(p) if p == pid),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sleep_is_not_python() {
+        let child = ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
+        // Let exec finish so that maps and comm are sleep's.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while command(child.pid()).unwrap() != "sleep" && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let err = inspect(child.pid()).unwrap_err();
+        assert!(
+            matches!(&err, InspectError::NotPython(p, c) if *p == child.pid() && c == "sleep"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not a Python process"));
+    }
+
+    #[test]
+    fn kernel_thread_is_not_python() {
+        // kthreadd is pid 2 in the root pid namespace; skip elsewhere.
+        if command(2).ok().as_deref() != Some("kthreadd") {
+            return;
+        }
+        assert!(matches!(inspect(2), Err(InspectError::NotPython(2, _))));
+    }
+
+    fn fake(args: &[&str]) -> (tempfile::TempDir, ChildGuard, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = build_fake_python(dir.path());
+        let (child, words) = spawn_ready(Command::new(exe).args(args));
+        (dir, child, words)
+    }
+
+    #[test]
+    fn python_312_is_unsupported() {
+        let (_dir, child, _) = fake(&[]);
+        let err = inspect(child.pid()).unwrap_err();
+        assert!(
+            matches!(&err, InspectError::UnsupportedVersion { pid, version } if *pid == child.pid() && version == "3.12.1"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("3.12.1"), "{err}");
+        assert!(!err.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn python_310_is_unsupported() {
+        let (_dir, child, _) = fake(&["0x030a0cf0"]);
+        let err = inspect(child.pid()).unwrap_err();
+        assert!(err.to_string().contains("3.10.12"), "{err}");
+    }
+
+    #[test]
+    fn uninitialized_runtime() {
+        let (_dir, child, _) = fake(&["0x030b07f0", "uninit"]);
+        let err = inspect(child.pid()).unwrap_err();
+        assert!(
+            matches!(err, InspectError::NotInitialized(p) if p == child.pid()),
+            "{err}"
+        );
+    }
+
+    /// A PIE executable exporting _PyRuntime, with CPython's key in glibc's
+    /// second-level blocks (real interpreters get a small key).
+    #[test]
+    fn fake_interpreter_with_second_level_key() {
+        let (_dir, child, w) = fake(&["0x030b07f0", "threads", "40"]);
+        let key: u32 = w[0].parse().unwrap();
+        let runtime: u64 = w[1].parse().unwrap();
+        assert!(key >= 32);
+        let p = inspect(child.pid()).unwrap();
+        assert_eq!(p.runtime_addr, runtime);
+        assert_eq!(p.version.to_string(), "3.11.7");
+        assert_eq!(p.tls.key, key);
+        assert_eq!(p.tls.kind, TlsKind::Glibc as u32);
+        assert_eq!((p.tls.first_block, p.tls.second_level), (0x310, 0x510));
+        assert_eq!((p.tls_check.threads, p.tls_check.matched), (2, 2));
+        assert_eq!(p.interp_binary, p.exe);
+        assert_eq!(p.command, "fake_python312");
+    }
+
+    #[test]
+    fn unbound_thread_states_fail_clearly() {
+        let (_dir, child, _) = fake(&["0x030b07f0", "unbound"]);
+        let err = inspect(child.pid()).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, InspectError::Tls { .. }), "{msg}");
+        assert!(
+            msg.contains("glibc(1stblock@0x310") && msg.contains("musl(tsd@0x80)"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+    }
+
+    /// Run by `permission_denied_names_cap_sys_ptrace` in a child as an
+    /// unprivileged user; does nothing otherwise.
+    #[test]
+    fn permission_probe() {
+        let Ok(pid) = std::env::var("PYEBPF_PERMISSION_PROBE_PID") else {
+            return;
+        };
+        match inspect(pid.parse().unwrap()) {
+            Err(e @ InspectError::Permission { .. }) => println!("PROBE-PERMISSION {e}"),
+            other => println!("PROBE-OTHER {other:?}"),
+        }
+    }
+
+    #[test]
+    fn permission_denied_names_cap_sys_ptrace() {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // Needs root to drop to another user.
+        }
+        let (child, _) = spawn_ready(Command::new(path_python()).args(["-c", THREADS_SCRIPT]));
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "process::python::tests::permission_probe",
+                "--nocapture",
+            ])
+            .env("PYEBPF_PERMISSION_PROBE_PID", child.pid().to_string())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() && text.is_empty() {
+            println!("cannot run the test binary as nobody ({out:?}): skipped");
+            return;
+        }
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("PROBE-"))
+            .unwrap_or_else(|| panic!("probe did not run: {text}"));
+        println!("as nobody: {line}");
+        assert!(line.starts_with("PROBE-PERMISSION"), "{line}");
+        assert!(line.contains("CAP_SYS_PTRACE"), "{line}");
+    }
+}

@@ -1,1 +1,327 @@
-//! TODO
+//! CPython 3.11 `co_linetable` decoding: instruction index -> line number.
+//!
+//! The table comes from target memory, so it is untrusted: every byte is
+//! bounds-checked, varints are capped, and line arithmetic is done in i64 and
+//! range-checked. A malformed table yields `None` from the point it breaks.
+//!
+//! Each entry is a header byte (bit 7 set) `1 cccc lll`: code `c`, covering
+//! `l + 1` code units, followed by data bytes (bit 7 clear). Like CPython's
+//! own `advance()` (codeobject.c), only the line delta is parsed; the rest of
+//! the entry is skipped by scanning to the next header byte.
+
+/// Varints longer than this many bytes are malformed (CPython writes at most
+/// 6 bytes for a 32-bit value; shifts past that would overflow).
+const MAX_VARINT_BYTES: u32 = 6;
+/// `co_firstlineno` and line numbers are C `int`s.
+const MAX_LINE: i64 = i32::MAX as i64;
+
+const CODE_NO_LINE: u8 = 15;
+const CODE_LONG: u8 = 14;
+const CODE_NO_COLUMNS: u8 = 13;
+const CODE_ONE_LINE0: u8 = 10;
+const CODE_ONE_LINE2: u8 = 12;
+
+/// Decoder state: position in the table, line and start address of the
+/// next entry. Written as plain loops because the tests call it ~10^9 times
+/// in debug builds.
+struct Decoder<'a> {
+    table: &'a [u8],
+    pos: usize,
+    line: i64,
+    addr: u64,
+}
+
+impl<'a> Decoder<'a> {
+    fn new(table: &'a [u8], first_line: u32) -> Self {
+        Decoder {
+            table,
+            pos: 0,
+            line: i64::from(first_line),
+            addr: 0,
+        }
+    }
+
+    /// Signed varint at `pos`, or `None` if truncated or too long.
+    fn svarint(&self, mut pos: usize) -> Option<i64> {
+        let t = self.table;
+        let mut b = *t.get(pos)?;
+        let mut v = u64::from(b & 63);
+        let mut shift = 0u32;
+        while b & 64 != 0 {
+            shift += 6;
+            pos += 1;
+            // Data bytes never have bit 7 set: one that does ends the entry.
+            if shift >= 6 * MAX_VARINT_BYTES || pos >= t.len() || t[pos] & 128 != 0 {
+                return None;
+            }
+            b = t[pos];
+            v |= u64::from(b & 63) << shift;
+        }
+        // v < 2^36, so the casts are exact.
+        Some(if v & 1 != 0 {
+            -((v >> 1) as i64)
+        } else {
+            (v >> 1) as i64
+        })
+    }
+
+    /// Decode the next entry: returns its end address (exclusive) and its
+    /// line (`None` for code 15), or `None` at the end or on a malformed
+    /// table (after which it stays at the end).
+    fn next_entry(&mut self) -> Option<(u64, Option<i64>)> {
+        let t = self.table;
+        if self.pos >= t.len() {
+            return None;
+        }
+        let head = t[self.pos];
+        let code = (head >> 3) & 15;
+        // Only the first byte can lack bit 7: later entries are found by
+        // scanning for it.
+        let delta = if head & 128 == 0 {
+            None
+        } else if code == CODE_LONG || code == CODE_NO_COLUMNS {
+            self.svarint(self.pos + 1)
+        } else if (CODE_ONE_LINE0..=CODE_ONE_LINE2).contains(&code) {
+            Some(i64::from(code - CODE_ONE_LINE0))
+        } else {
+            Some(0)
+        };
+        // |delta| < 2^35 per entry, so overflow needs > 2^28 entries; checked anyway.
+        let Some(line) = delta.and_then(|d| self.line.checked_add(d)) else {
+            self.pos = t.len();
+            return None;
+        };
+        self.line = line;
+        self.addr += u64::from(head & 7) + 1;
+        // Skip the entry's data bytes, as CPython does.
+        self.pos += 1;
+        while self.pos < t.len() && t[self.pos] & 128 == 0 {
+            self.pos += 1;
+        }
+        Some((self.addr, (code != CODE_NO_LINE).then_some(line)))
+    }
+}
+
+/// A decoded line as the caller sees it: `None` outside `0..=i32::MAX`.
+fn valid_line(line: Option<i64>) -> Option<u32> {
+    line.filter(|l| (0..=MAX_LINE).contains(l))
+        .and_then(|l| u32::try_from(l).ok())
+}
+
+/// Line of code unit `instr` (as in `frame.f_lineno`): `first_line` for -1
+/// (frame not started), `None` for a unit with no line, an index past the
+/// table, or a malformed table.
+pub fn line_for_instr(linetable: &[u8], first_line: u32, instr: i64) -> Option<u32> {
+    if instr == -1 {
+        return Some(first_line);
+    }
+    let instr = u64::try_from(instr).ok()?;
+    let mut d = Decoder::new(linetable, first_line);
+    while let Some((end, line)) = d.next_entry() {
+        if instr < end {
+            return valid_line(line);
+        }
+    }
+    None
+}
+
+/// Lines of code units `0..n_units` in one pass (`line_for_instr` is O(table)
+/// per call). Allocates `n_units` entries: the caller bounds it.
+pub fn lines_for_all(linetable: &[u8], first_line: u32, n_units: usize) -> Vec<Option<u32>> {
+    let mut out = Vec::with_capacity(n_units);
+    let mut d = Decoder::new(linetable, first_line);
+    while out.len() < n_units {
+        let Some((end, line)) = d.next_entry() else {
+            break;
+        };
+        let line = valid_line(line);
+        while (out.len() as u64) < end && out.len() < n_units {
+            out.push(line);
+        }
+    }
+    out.resize(n_units, None);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::python::code::test_python::python3;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    /// Entry header byte.
+    fn h(code: u8, units: u8) -> u8 {
+        0x80 | (code << 3) | (units - 1)
+    }
+
+    #[test]
+    fn hand_built_table() {
+        // 2 units at first line (code 10 + column bytes), 1 unit line+2
+        // (code 12), 3 units with no line, 2 units line-3 (code 13: svarint 7 = -3),
+        // 1 unit line+100 (code 14: svarint 200 = 8 + 3*64, then 3 varints).
+        let t = [
+            h(10, 2),
+            1,
+            2,
+            h(12, 1),
+            0,
+            0,
+            h(15, 3),
+            h(13, 2),
+            7,
+            h(14, 1),
+            0x48,
+            3,
+            0,
+            1,
+            2,
+        ];
+        let want = [
+            Some(10),
+            Some(10),
+            Some(12),
+            None,
+            None,
+            None,
+            Some(9),
+            Some(9),
+            Some(109),
+        ];
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(line_for_instr(&t, 10, i as i64), *w, "unit {i}");
+        }
+        assert_eq!(lines_for_all(&t, 10, want.len()), want);
+        assert_eq!(line_for_instr(&t, 10, -1), Some(10));
+        assert_eq!(line_for_instr(&t, 10, want.len() as i64), None);
+        assert_eq!(line_for_instr(&t, 10, -2), None);
+        assert_eq!(line_for_instr(&t, 10, i64::MAX), None);
+        assert_eq!(line_for_instr(&t, 10, i64::MIN), None);
+        assert_eq!(line_for_instr(&[], 10, -1), Some(10));
+        assert_eq!(line_for_instr(&[], 10, 0), None);
+        // More units asked for than the table covers: padded with None.
+        assert_eq!(lines_for_all(&t, 10, 11)[9..], [None, None]);
+        assert_eq!(lines_for_all(&t, 10, 1), [Some(10)]);
+    }
+
+    #[test]
+    fn code_15_keeps_the_line() {
+        // Line +5, no line, then a same-line entry: line stays first+5.
+        let t = [h(13, 1), 10, h(15, 1), h(0, 1), 0];
+        assert_eq!(lines_for_all(&t, 1, 3), [Some(6), None, Some(6)]);
+    }
+
+    #[test]
+    fn absurd_lines_are_none() {
+        // Line goes negative: -(2^35-1) from svarint of 6 bytes of 63.
+        let neg = [h(13, 1), 0x7f, 0x7f, 0x7f, 0x7f, 0x7f, 0x3f];
+        assert_eq!(line_for_instr(&neg, 1, 0), None);
+        // Beyond i32::MAX.
+        let big = [h(13, 1), 0x7e, 0x7f, 0x7f, 0x7f, 0x7f, 0x3f];
+        assert_eq!(line_for_instr(&big, 1, 0), None);
+        // A 7-byte varint is malformed.
+        let long = [h(13, 1), 0x40, 0x40, 0x40, 0x40, 0x40, 0x40, 0];
+        assert_eq!(line_for_instr(&long, 1, 0), None);
+        // Truncated varint.
+        assert_eq!(line_for_instr(&[h(13, 1), 0x42], 1, 0), None);
+        assert_eq!(line_for_instr(&[h(14, 1)], 1, 0), None);
+        // First byte is not a header.
+        assert_eq!(line_for_instr(&[0x10, h(0, 1), 0], 1, 0), None);
+    }
+
+    /// xorshift64: no rand crate needed for a robustness loop.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn random_and_truncated_tables_never_panic() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut checked = 0u64;
+        for round in 0..5_000 {
+            let len = (rng.next() % 64) as usize;
+            let mut t: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            if round % 2 == 0 {
+                // Mostly well-formed-looking: headers with bit 7 and varints.
+                for (i, b) in t.iter_mut().enumerate() {
+                    if i % 3 == 0 {
+                        *b |= 0x80;
+                    } else {
+                        *b &= 0x7f;
+                    }
+                }
+            }
+            let first = rng.next() as u32;
+            let all = lines_for_all(&t, first, 600);
+            assert_eq!(all.len(), 600);
+            for cut in 0..=t.len() {
+                for instr in [-1, 0, 1, 7, 63, 599, 1 << 40] {
+                    let got = line_for_instr(&t[..cut], first, instr);
+                    if cut == t.len() && (0..600).contains(&instr) {
+                        assert_eq!(got, all[instr as usize]);
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 100_000);
+    }
+
+    /// Every code unit of every code object of the standard library, against
+    /// `co_positions()` of the interpreter that compiled it.
+    #[test]
+    fn matches_cpython_on_stdlib() {
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/tools/linetable_truth.py"
+        );
+        let mut child = Command::new(python3())
+            .arg(script)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run linetable_truth.py");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (mut objects, mut units, mut no_line, mut done) = (0u64, 0u64, 0u64, None);
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("read truth stream");
+            let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
+            if let Some(n) = v.get("done") {
+                done = n.as_u64();
+                continue;
+            }
+            let first = v["first"].as_u64().expect("first") as u32;
+            let n = v["n"].as_u64().expect("n") as usize;
+            let hex = v["table"].as_str().expect("table");
+            let table: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                .collect();
+            let lines = v["lines"].as_array().expect("lines");
+            assert_eq!(lines.len(), n);
+            let all = lines_for_all(&table, first, n);
+            for (i, want) in lines.iter().enumerate() {
+                let want = want.as_u64().map(|l| l as u32);
+                let got = line_for_instr(&table, first, i as i64);
+                assert_eq!(got, want, "unit {i} of object {objects}: {line}");
+                assert_eq!(all[i], want, "lines_for_all unit {i}: {line}");
+                no_line += u64::from(want.is_none());
+            }
+            assert_eq!(line_for_instr(&table, first, -1), Some(first));
+            assert_eq!(line_for_instr(&table, first, n as i64), None);
+            units += n as u64;
+            objects += 1;
+        }
+        let status = child.wait().expect("wait for python");
+        assert!(status.success(), "linetable_truth.py failed: {status}");
+        assert_eq!(done, Some(objects), "truth stream cut short");
+        println!("linetable: checked {objects} code objects, {units} code units ({no_line} without a line)");
+        assert!(objects > 1000, "only {objects} code objects checked");
+        assert!(no_line > 0, "corpus never exercised code 15");
+    }
+}

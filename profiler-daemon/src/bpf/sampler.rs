@@ -1,0 +1,260 @@
+//! Loads the BPF sampler, attaches it to the CPU clock on every online CPU,
+//! and gives access to its maps.
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
+use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+use aya::programs::PerfEvent;
+use aya::{Ebpf, EbpfLoader};
+use profiler_common::{ProcInfo, COUNTERS_LEN, HEADER_LEN, MAX_FRAMES, RAW_FRAME_LEN};
+
+use super::btf;
+use super::counters::Counters;
+
+/// The compiled BPF object, built by `build.rs` with the pinned nightly.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum SamplerError {
+    #[error("this pyebpf was built without its BPF programs (AYA_BUILD_SKIP was set)")]
+    NotBuilt,
+    #[error("cannot find task_struct.thread.fsbase in kernel BTF: {0}")]
+    Btf(#[from] btf::BtfError),
+    #[error("loading the BPF sampler failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("BPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("BPF map {0} missing from the object")]
+    MissingMap(&'static str),
+    #[error("BPF program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("cannot list CPUs: {0}")]
+    Cpus(String),
+    #[error("--max-depth must be between 1 and {max}, got {got}")]
+    MaxDepth { got: u32, max: usize },
+    #[error("--rate must be between 1 and 10000 Hz, got {0}")]
+    Rate(u64),
+}
+
+/// What to sample and how often.
+#[derive(Clone, Copy, Debug)]
+pub struct SamplerConfig {
+    pub rate_hz: u64,
+    pub max_depth: u32,
+    /// Ring-buffer size in bytes (rounded up to a power of two).
+    pub ring_bytes: u32,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            rate_hz: 99,
+            max_depth: profiler_common::DEFAULT_MAX_DEPTH,
+            ring_bytes: 8 << 20,
+        }
+    }
+}
+
+/// Kernel-measured run time of the sampler's programs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunStats {
+    pub run_time: Duration,
+    /// Invocations of the entry program (one per perf event).
+    pub samples: u64,
+    /// Invocations of the walker program (one per `FRAMES_PER_PROG` frames).
+    pub walks: u64,
+}
+
+/// A loaded and attached sampler. Dropping it detaches everything.
+pub struct Sampler {
+    ebpf: Ebpf,
+    procs: HashMap<MapData, u32, ProcInfo>,
+    counters: PerCpuArray<MapData, u64>,
+    /// Kept open: the kernel empties a program array when its last user fd closes.
+    _walker: ProgramArray<MapData>,
+    ring: Option<RingBuf<MapData>>,
+    _stats: Option<OwnedFd>,
+    config: SamplerConfig,
+}
+
+fn map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SamplerError> {
+    ebpf.take_map(name).ok_or(SamplerError::MissingMap(name))
+}
+
+fn perf_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut PerfEvent, SamplerError> {
+    ebpf.program_mut(name)
+        .ok_or(SamplerError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| SamplerError::Program { name, source })
+}
+
+impl Sampler {
+    /// Loads the programs and attaches them on every online CPU.
+    pub fn start(config: SamplerConfig) -> Result<Sampler, SamplerError> {
+        if OBJECT.is_empty() {
+            return Err(SamplerError::NotBuilt);
+        }
+        if config.max_depth == 0 || config.max_depth as usize > MAX_FRAMES {
+            return Err(SamplerError::MaxDepth {
+                got: config.max_depth,
+                max: MAX_FRAMES,
+            });
+        }
+        if !(1..=10_000).contains(&config.rate_hz) {
+            return Err(SamplerError::Rate(config.rate_hz));
+        }
+        let fsbase = btf::task_fsbase_offset()?;
+        let ncpus = aya::util::nr_cpus().map_err(|(m, e)| SamplerError::Cpus(format!("{m}: {e}")))?;
+        let ring_bytes = config.ring_bytes.max(1 << 16).next_power_of_two();
+        // Run-time statistics feed the cost metrics; not fatal if refused.
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("FSBASE_OFFSET", &fsbase, true)
+            .override_global("MAX_DEPTH", &config.max_depth, true)
+            .map_max_entries("SCRATCH", ncpus as u32)
+            .map_max_entries("EVENTS", ring_bytes)
+            .load(OBJECT)?;
+
+        let walk = perf_program(&mut ebpf, "walk")?;
+        walk.load().map_err(|source| SamplerError::Program {
+            name: "walk",
+            source,
+        })?;
+        let walk_fd = walk
+            .fd()
+            .map_err(|source| SamplerError::Program {
+                name: "walk",
+                source,
+            })?
+            .try_clone()
+            .map_err(|e| SamplerError::Program {
+                name: "walk",
+                source: aya::programs::ProgramError::IOError(e),
+            })?;
+        let mut walker = ProgramArray::try_from(map(&mut ebpf, "WALKER")?).map_err(|source| {
+            SamplerError::Map {
+                name: "WALKER",
+                source,
+            }
+        })?;
+        walker
+            .set(0, &walk_fd, 0)
+            .map_err(|source| SamplerError::Map {
+                name: "WALKER",
+                source,
+            })?;
+
+        let procs = HashMap::try_from(map(&mut ebpf, "PROCS")?)
+            .map_err(|source| SamplerError::Map { name: "PROCS", source })?;
+        let counters = PerCpuArray::try_from(map(&mut ebpf, "COUNTERS")?).map_err(|source| {
+            SamplerError::Map {
+                name: "COUNTERS",
+                source,
+            }
+        })?;
+        let ring = RingBuf::try_from(map(&mut ebpf, "EVENTS")?)
+            .map_err(|source| SamplerError::Map { name: "EVENTS", source })?;
+
+        let sample = perf_program(&mut ebpf, "sample")?;
+        sample.load().map_err(|source| SamplerError::Program {
+            name: "sample",
+            source,
+        })?;
+        let cpus = aya::util::online_cpus()
+            .map_err(|(m, e)| SamplerError::Cpus(format!("{m}: {e}")))?;
+        for cpu in cpus {
+            sample
+                .attach(
+                    PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                    PerfEventScope::AllProcessesOneCpu { cpu },
+                    SamplePolicy::Frequency(config.rate_hz),
+                    false,
+                )
+                .map_err(|source| SamplerError::Program {
+                    name: "sample",
+                    source,
+                })?;
+        }
+        Ok(Sampler {
+            ebpf,
+            procs,
+            counters,
+            _walker: walker,
+            ring: Some(ring),
+            _stats: stats,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> SamplerConfig {
+        self.config
+    }
+
+    /// Starts sampling process `pid` (root-namespace tgid).
+    pub fn add_process(&mut self, pid: u32, info: ProcInfo) -> Result<(), SamplerError> {
+        self.procs
+            .insert(pid, info, 0)
+            .map_err(|source| SamplerError::Map { name: "PROCS", source })
+    }
+
+    /// Stops sampling `pid`; not an error if it was not there.
+    pub fn remove_process(&mut self, pid: u32) {
+        let _ = self.procs.remove(&pid);
+    }
+
+    /// The ring buffer, taken once by the reader task.
+    pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
+        self.ring.take()
+    }
+
+    /// Sum of every counter over all CPUs.
+    pub fn counters(&self) -> Result<Counters, SamplerError> {
+        let mut slots = vec![0u64; COUNTERS_LEN as usize];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters
+                .get(&(i as u32), 0)
+                .map_err(|source| SamplerError::Map {
+                    name: "COUNTERS",
+                    source,
+                })?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(Counters::from_slots(&slots))
+    }
+
+    /// Kernel BPF statistics for both programs (zero if stats are off).
+    pub fn run_stats(&self) -> RunStats {
+        let info = |name: &str| {
+            self.ebpf
+                .program(name)
+                .and_then(|p| p.info().ok())
+                .map(|i| (i.run_time(), i.run_count()))
+                .unwrap_or_default()
+        };
+        let (t1, n1) = info("sample");
+        let (t2, n2) = info("walk");
+        RunStats {
+            run_time: t1 + t2,
+            samples: n1,
+            walks: n2,
+        }
+    }
+
+    /// Size of the largest record the sampler can send.
+    pub fn max_record_len(&self) -> usize {
+        HEADER_LEN + self.config.max_depth as usize * RAW_FRAME_LEN
+    }
+}

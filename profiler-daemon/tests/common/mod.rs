@@ -1,0 +1,171 @@
+//! Shared harness for the end-to-end tests: real interpreters, real BPF.
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+pub fn scenarios() -> PathBuf {
+    repo_root().join("tests/workloads/scenarios.py")
+}
+
+pub fn pyebpf() -> &'static str {
+    env!("CARGO_BIN_EXE_pyebpf")
+}
+
+/// BPF tests need root. Without it they fail when PYEBPF_REQUIRE_BPF_TESTS is
+/// set (CI), and are reported as skipped otherwise.
+pub fn bpf_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        if std::env::var_os("PYEBPF_REQUIRE_BPF_TESTS").is_some() {
+            panic!("BPF tests must run as root (PYEBPF_REQUIRE_BPF_TESTS is set)");
+        }
+        eprintln!("SKIPPED: BPF test needs root");
+    }
+    root
+}
+
+/// The two interpreters every behaviour is checked on.
+#[derive(Clone, Copy, Debug)]
+pub enum Interp {
+    /// `python3` on PATH: pyenv's shared-library build (libpython3.11.so).
+    Shared,
+    /// Debian's `/usr/bin/python3.11`: static, non-PIE.
+    Static,
+}
+
+impl Interp {
+    pub fn path(self) -> &'static Path {
+        static SHARED: OnceLock<PathBuf> = OnceLock::new();
+        match self {
+            Interp::Static => Path::new("/usr/bin/python3.11"),
+            Interp::Shared => SHARED.get_or_init(|| {
+                // Resolve the real binary: a pyenv shim would exec it under
+                // another pid.
+                let out = Command::new("python3")
+                    .args(["-c", "import sys; print(sys.executable)"])
+                    .output()
+                    .expect("python3 on PATH");
+                PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+            }),
+        }
+    }
+}
+
+/// A running workload; killed on drop.
+pub struct Workload {
+    pub child: Child,
+}
+
+impl Workload {
+    pub fn start(interp: Interp, args: &[&str]) -> Workload {
+        let mut child = Command::new(interp.path())
+            .arg(scenarios())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start python");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read ready");
+        assert_eq!(line.trim(), "ready", "workload did not start");
+        Workload { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `pyebpf record` and returns its output and the profile text.
+pub fn record(pids: &[u32], args: &[&str]) -> (Output, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("profile.folded");
+    let mut cmd = Command::new(pyebpf());
+    cmd.arg("record").arg("--quiet");
+    for p in pids {
+        cmd.arg("--pid").arg(p.to_string());
+    }
+    cmd.args(args).arg("--format").arg("folded").arg("--output").arg(&out);
+    let output = cmd.output().expect("run pyebpf");
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    (output, text)
+}
+
+/// Folded lines as (frames root first, count).
+pub fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (stack, count) = l.rsplit_once(' ').expect("count");
+            (
+                stack.split(';').map(str::to_string).collect(),
+                count.parse().expect("count is a number"),
+            )
+        })
+        .collect()
+}
+
+/// `# HOT:name` / `# CALL:name` markers of the workload: name -> line.
+pub fn markers() -> HashMap<String, u32> {
+    let src = std::fs::read_to_string(scenarios()).expect("read scenarios");
+    let mut m = HashMap::new();
+    for (i, line) in src.lines().enumerate() {
+        if let Some(pos) = line.find("# HOT:").or_else(|| line.find("# CALL:")) {
+            let tag = line[pos + 2..].trim().replace(':', "=");
+            m.insert(tag, i as u32 + 1);
+        }
+    }
+    m
+}
+
+/// `qualname (scenarios.py:LINE)` for a marker such as `HOT=plain`.
+pub fn frame(qualname: &str, marker: &str) -> String {
+    let line = markers()
+        .get(marker)
+        .copied()
+        .unwrap_or_else(|| panic!("no marker {marker}"));
+    format!("{qualname} ({}:{line})", scenarios().display())
+}
+
+/// Total samples of stacks whose leaf is `leaf`.
+pub fn leaf_count(stacks: &[(Vec<String>, u64)], leaf: &str) -> u64 {
+    stacks
+        .iter()
+        .filter(|(s, _)| s.last().map(String::as_str) == Some(leaf))
+        .map(|(_, c)| c)
+        .sum()
+}
+
+pub fn total(stacks: &[(Vec<String>, u64)]) -> u64 {
+    stacks.iter().map(|(_, c)| c).sum()
+}
+
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "pyebpf failed: {}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

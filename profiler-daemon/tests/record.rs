@@ -1,0 +1,254 @@
+//! End to end: `pyebpf record` loads the real BPF programs and profiles real
+//! Python 3.11 processes on both interpreters. Expected lines come from the
+//! markers in tests/workloads/scenarios.py.
+mod common;
+
+use common::*;
+
+/// Leaf, its caller, and that every such stack starts at the module.
+fn check_scenario(
+    stacks: &[(Vec<String>, u64)],
+    leaf: &str,
+    parent: Option<&str>,
+    min_samples: u64,
+) {
+    let matching: Vec<_> = stacks
+        .iter()
+        .filter(|(s, _)| s.last().map(String::as_str) == Some(leaf))
+        .collect();
+    let n: u64 = matching.iter().map(|(_, c)| c).sum();
+    assert!(
+        n >= min_samples,
+        "expected >= {min_samples} samples with leaf {leaf}, got {n}; stacks:\n{}",
+        dump(stacks)
+    );
+    let root = frame("<module>", "CALL=main");
+    for (s, _) in &matching {
+        assert_eq!(s[0], root, "stack does not start at the module: {s:?}");
+        if let Some(p) = parent {
+            assert_eq!(s[s.len() - 2], p, "wrong caller in {s:?}");
+        }
+    }
+}
+
+fn dump(stacks: &[(Vec<String>, u64)]) -> String {
+    let mut v: Vec<_> = stacks.iter().collect();
+    v.sort_by_key(|(_, c)| std::cmp::Reverse(*c));
+    v.iter()
+        .take(15)
+        .map(|(s, c)| format!("{c} {}", s.join(";")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn names_and_lines(interp: Interp) {
+    if !bpf_available() {
+        return;
+    }
+    let w = Workload::start(interp, &["all"]);
+    let (out, text) = record(&[w.pid()], &["--duration", "8", "--rate", "499"]);
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let total = total(&stacks);
+    eprintln!("{interp:?}: {total} samples in {} stacks", stacks.len());
+    let min = 20;
+    check_scenario(&stacks, &frame("plain_function", "HOT=plain"), Some(&frame("loop_forever", "CALL=loop")), min);
+    check_scenario(&stacks, &frame("Worker.method", "HOT=method"), Some(&frame("loop_forever", "CALL=loop")), min);
+    check_scenario(&stacks, &frame("outer.<locals>.inner", "HOT=nested"), Some(&frame("outer", "CALL=nested")), min);
+    check_scenario(&stacks, &frame("<lambda>", "HOT=lambda"), Some(&frame("call_lambda", "CALL=lambda")), min);
+    check_scenario(
+        &stacks,
+        &frame("comprehension.<locals>.<listcomp>", "HOT=comprehension"),
+        Some(&frame("comprehension", "HOT=comprehension")),
+        min,
+    );
+    check_scenario(&stacks, &frame("counting_generator", "HOT=generator"), Some(&frame("consume_generator", "CALL=generator")), min);
+    check_scenario(&stacks, &frame("busy_coroutine", "HOT=coroutine"), Some(&frame("coroutine_main", "CALL=coroutine")), min);
+    check_scenario(&stacks, &frame("café", "HOT=latin1"), None, min);
+    check_scenario(&stacks, &frame("функция", "HOT=ucs2"), None, min);
+    check_scenario(&stacks, &frame("𠀀", "HOT=ucs4"), None, min);
+    assert!(!text.contains("[unknown"), "unknown frames:\n{}", dump(&stacks));
+    assert!(!text.contains("[truncated]") && !text.contains("[partial"));
+}
+
+#[test]
+fn bpf_names_and_lines_shared_libpython() {
+    names_and_lines(Interp::Shared);
+}
+
+#[test]
+fn bpf_names_and_lines_static_debian() {
+    names_and_lines(Interp::Static);
+}
+
+/// Three functions burning CPU 1:2:3 come out within 5 points each.
+#[test]
+fn bpf_cpu_split_matches_truth() {
+    if !bpf_available() {
+        return;
+    }
+    let w = Workload::start(Interp::Shared, &["split"]);
+    let (out, text) = record(&[w.pid()], &["--duration", "6", "--rate", "999"]);
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let total = total(&stacks) as f64;
+    // ~3000+ samples: the standard error of a share is under 1 point, so
+    // 5 points is more than 5 sigma.
+    assert!(total > 1500.0, "too few samples: {total}");
+    for (name, truth) in [("split_a", 1.0 / 6.0), ("split_b", 2.0 / 6.0), ("split_c", 3.0 / 6.0)] {
+        let n = leaf_count(&stacks, &frame(name, &format!("HOT={name}"))) as f64;
+        let share = n / total;
+        eprintln!("{name}: {share:.3} (truth {truth:.3})");
+        assert!((share - truth).abs() < 0.05, "{name}: {share:.3} vs {truth:.3}\n{}", dump(&stacks));
+    }
+}
+
+fn deepest(stacks: &[(Vec<String>, u64)], leaf: &str) -> Vec<String> {
+    stacks
+        .iter()
+        .filter(|(s, _)| s.last().map(String::as_str) == Some(leaf))
+        .map(|(s, _)| s.clone())
+        .max_by_key(|s| s.len())
+        .unwrap_or_default()
+}
+
+#[test]
+fn bpf_recursion_1500_is_whole() {
+    if !bpf_available() {
+        return;
+    }
+    let w = Workload::start(Interp::Shared, &["recurse:1500"]);
+    let (out, text) = record(&[w.pid()], &["--duration", "3", "--rate", "199"]);
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let s = deepest(&stacks, &frame("recurse", "HOT=recurse"));
+    assert!(!s.is_empty(), "no recursion samples:\n{}", dump(&stacks));
+    assert_eq!(s[0], frame("<module>", "CALL=main"));
+    let calls = s.iter().filter(|f| **f == frame("recurse", "CALL=recurse")).count();
+    assert_eq!(calls, 1500, "every recursive call site is present");
+    assert!(!text.contains("[truncated]"));
+}
+
+#[test]
+fn bpf_recursion_3000_is_flagged_truncated() {
+    if !bpf_available() {
+        return;
+    }
+    let w = Workload::start(Interp::Static, &["recurse:3000"]);
+    let (out, text) = record(&[w.pid()], &["--duration", "3", "--rate", "199"]);
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let s = deepest(&stacks, &frame("recurse", "HOT=recurse"));
+    assert_eq!(s.first().map(String::as_str), Some("[truncated]"), "{s:?}");
+    assert_eq!(s.len(), 1 + 2048, "cut exactly at the default --max-depth");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("truncated at --max-depth 2048: "), "{stderr}");
+    assert!(!stderr.contains("truncated at --max-depth 2048: 0 "), "{stderr}");
+}
+
+/// A thread hashing with the GIL released is sampled with its own stack.
+#[test]
+fn bpf_gil_released_thread_has_its_own_stack() {
+    if !bpf_available() {
+        return;
+    }
+    let w = Workload::start(Interp::Shared, &["hash-thread", "plain"]);
+    let (out, text) = record(&[w.pid()], &["--duration", "4", "--rate", "499"]);
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let total = total(&stacks) as f64;
+    let hash = leaf_count(&stacks, &frame("hash_worker", "HOT=hash")) as f64;
+    let plain = leaf_count(&stacks, &frame("plain_function", "HOT=plain")) as f64;
+    eprintln!("hash {hash} plain {plain} of {total}");
+    // Both threads want a whole CPU each on a 2-CPU machine.
+    assert!(hash / total > 0.2, "hashing thread under-sampled:\n{}", dump(&stacks));
+    assert!(plain / total > 0.2, "main thread under-sampled:\n{}", dump(&stacks));
+    for (s, _) in stacks.iter().filter(|(s, _)| s.last().is_some_and(|l| l.starts_with("hash_worker"))) {
+        assert!(s[0].starts_with("Thread._bootstrap ("), "hash stack root: {s:?}");
+    }
+}
+
+#[test]
+fn bpf_threads_and_two_processes() {
+    if !bpf_available() {
+        return;
+    }
+    let a = Workload::start(Interp::Shared, &["thread:method", "thread:nested", "plain"]);
+    let b = Workload::start(Interp::Static, &["comprehension"]);
+    let (out, text) = record(&[a.pid(), b.pid()], &["--duration", "5", "--rate", "499"]);
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().trim().to_string();
+    let root_a = format!("process {} ({})", a.pid(), comm(a.pid()));
+    let root_b = format!("process {} ({})", b.pid(), comm(b.pid()));
+    for (s, _) in &stacks {
+        assert!(s[0] == root_a || s[0] == root_b, "no process root: {s:?}");
+    }
+    let in_proc = |root: &str, leaf: &str| -> u64 {
+        stacks
+            .iter()
+            .filter(|(s, _)| s[0] == root && s.last().map(String::as_str) == Some(leaf))
+            .map(|(_, c)| c)
+            .sum()
+    };
+    for leaf in [
+        frame("Worker.method", "HOT=method"),
+        frame("outer.<locals>.inner", "HOT=nested"),
+        frame("plain_function", "HOT=plain"),
+    ] {
+        assert!(in_proc(&root_a, &leaf) > 20, "{leaf} missing in A:\n{}", dump(&stacks));
+        assert_eq!(in_proc(&root_b, &leaf), 0);
+    }
+    let lc = frame("comprehension.<locals>.<listcomp>", "HOT=comprehension");
+    assert!(in_proc(&root_b, &lc) > 20, "listcomp missing in B:\n{}", dump(&stacks));
+    assert_eq!(in_proc(&root_a, &lc), 0);
+}
+
+#[test]
+fn bpf_target_exiting_mid_record_keeps_samples() {
+    if !bpf_available() {
+        return;
+    }
+    let w = Workload::start(Interp::Shared, &["exit-after:1.5", "plain"]);
+    let started = std::time::Instant::now();
+    let (out, text) = record(&[w.pid()], &["--duration", "20", "--rate", "499"]);
+    assert_success(&out);
+    assert!(started.elapsed().as_secs() < 15, "did not stop when the target exited");
+    let stacks = parse_folded(&text);
+    assert!(leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 50, "{text}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("exited during recording (samples kept): {}", w.pid())), "{stderr}");
+}
+
+#[test]
+fn bpf_all_formats_from_a_real_recording() {
+    if !bpf_available() {
+        return;
+    }
+    let w = Workload::start(Interp::Static, &["plain"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (fmt, file) in [("svg", "p.svg"), ("pprof", "p.pb.gz"), ("speedscope", "p.json")] {
+        let path = dir.path().join(file);
+        let out = std::process::Command::new(pyebpf())
+            .args(["record", "--quiet", "--duration", "2", "--rate", "199", "--pid"])
+            .arg(w.pid().to_string())
+            .args(["--format", fmt, "--output"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        let bytes = std::fs::read(&path).unwrap();
+        match fmt {
+            "svg" => {
+                let s = String::from_utf8(bytes).unwrap();
+                assert!(s.contains("<svg") && s.contains("plain_function"), "svg lacks the hot function");
+            }
+            "pprof" => assert_eq!(&bytes[..2], &[0x1f, 0x8b], "pprof is gzipped"),
+            _ => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                let names = v["shared"]["frames"].to_string();
+                assert!(names.contains("plain_function"), "{names}");
+            }
+        }
+    }
+}

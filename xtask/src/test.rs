@@ -1,0 +1,44 @@
+//! `cargo xtask test`: bootstrap, build, fmt, clippy, tests; stops at the first failure.
+
+use crate::bootstrap;
+use crate::util::{banner, cargo, is_root};
+use anyhow::{Context, Result};
+
+pub fn run(extra: &[String]) -> Result<()> {
+    let test_cmd = cargo(&["test", "--release", "--workspace"])
+        .args(extra)
+        .env("PYEBPF_REQUIRE_BPF_TESTS", "1");
+    let stages = [
+        cargo(&["build", "--release"]),
+        cargo(&["fmt", "--all", "--", "--check"]),
+        cargo(&[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+        test_cmd,
+    ];
+    let total = stages.len() + 1;
+
+    banner(&format!("[1/{total}] bootstrap"));
+    bootstrap::run().context("stage `bootstrap` failed")?;
+
+    for (i, stage) in stages.into_iter().enumerate() {
+        let name = stage.display();
+        banner(&format!("[{}/{total}] {name}", i + 2));
+        if name.starts_with("cargo test") && !is_root() {
+            println!(
+                "WARNING: not root: the BPF tests need root (CAP_BPF, CAP_PERFMON) and will fail"
+            );
+            println!("         (PYEBPF_REQUIRE_BPF_TESTS=1 stops them from skipping)");
+        }
+        stage
+            .run()
+            .with_context(|| format!("stage `{name}` failed"))?;
+    }
+    banner("all stages passed");
+    Ok(())
+}
