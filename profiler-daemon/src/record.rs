@@ -157,7 +157,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
             }
             _ = tick.tick() => {
                 alive.retain(|pid, start| {
-                    let same = python::start_time(*pid).ok() == Some(*start);
+                    let same = python::is_alive(*pid, *start);
                     if !same {
                         sampler.remove_process(*pid);
                         exited.push(*pid);

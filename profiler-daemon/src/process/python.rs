@@ -159,6 +159,26 @@ pub fn parse_start_time(stat: &str) -> Option<u64> {
     rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
 }
 
+#[cfg(test)]
+mod alive_tests {
+    use super::*;
+
+    #[test]
+    fn zombie_and_reused_pids_are_not_alive() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let start = start_time(pid).unwrap();
+        assert!(is_alive(pid, start));
+        assert!(!is_alive(pid, start + 1), "another start time is another process");
+        child.kill().unwrap();
+        // Not reaped yet: a zombie until wait().
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!is_alive(pid, start));
+        child.wait().unwrap();
+        assert!(!is_alive(pid, start));
+    }
+}
+
 /// The start time of `pid`, see [`PythonProcess::start_time`].
 pub fn start_time(pid: u32) -> Result<u64, InspectError> {
     let stat = read_proc(pid, "stat")?;
@@ -166,6 +186,19 @@ pub fn start_time(pid: u32) -> Result<u64, InspectError> {
         path: format!("/proc/{pid}/stat").into(),
         source: io::Error::new(io::ErrorKind::InvalidData, "no start time field"),
     })
+}
+
+/// Whether `pid` is still the process that started at `start_time` and has
+/// not exited: a zombie (exited, not yet reaped) or a reused pid is not.
+pub fn is_alive(pid: u32, start_time: u64) -> bool {
+    let Ok(stat) = read_proc(pid, "stat") else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_ascii_whitespace().next());
+    !matches!(state, None | Some("Z") | Some("X") | Some("x"))
+        && parse_start_time(&stat) == Some(start_time)
 }
 
 /// `/proc/PID/comm` without its newline.

@@ -21,9 +21,9 @@ const CODE_NO_COLUMNS: u8 = 13;
 const CODE_ONE_LINE0: u8 = 10;
 const CODE_ONE_LINE2: u8 = 12;
 
-/// Decoder state: position in the table, line and start address of the
-/// next entry. Written as plain loops because the tests call it ~10^9 times
-/// in debug builds.
+/// Decoder state: position in the table, current line, end of the last
+/// entry. Plain loops and indexing, no iterator adapters: `line_for_instr`
+/// is O(table) per call and debug-build tests call it millions of times.
 struct Decoder<'a> {
     table: &'a [u8],
     pos: usize,
@@ -273,10 +273,39 @@ mod tests {
         assert!(checked > 100_000);
     }
 
-    /// Every code unit of every code object of the standard library, against
-    /// `co_positions()` of the interpreter that compiled it.
+    /// One code object from `tests/tools/linetable_truth.py`.
+    #[derive(serde::Deserialize)]
+    struct Truth {
+        first: u32,
+        table: String,
+        n: usize,
+        lines: Vec<Option<u32>>,
+    }
+
+    /// `line_for_instr` is O(table) per call, so checking it on every unit is
+    /// quadratic: ~2*10^9 steps for the stdlib, about a minute in a debug
+    /// build. Debug builds check it on every unit of objects under this
+    /// `units * table bytes` budget (most objects) and on a sample of the
+    /// rest; release builds, or PYEBPF_LINETABLE_EXHAUSTIVE=1, on all units.
+    /// `lines_for_all` (same decoder) is checked on every unit regardless.
+    const DEBUG_BUDGET: usize = 50_000;
+
+    fn units_to_check(n: usize, table_len: usize, exhaustive: bool, rng: &mut Rng) -> Vec<usize> {
+        if exhaustive || n.saturating_mul(table_len) <= DEBUG_BUDGET {
+            return (0..n).collect();
+        }
+        let mut v: Vec<usize> = (0..8.min(n)).collect();
+        v.push(n - 1);
+        v.extend((0..8).map(|_| (rng.next() % n as u64) as usize));
+        v
+    }
+
+    /// Every code object of the standard library, against `co_positions()`
+    /// of the interpreter that compiled it.
     #[test]
     fn matches_cpython_on_stdlib() {
+        let exhaustive = !cfg!(debug_assertions)
+            || std::env::var_os("PYEBPF_LINETABLE_EXHAUSTIVE").is_some_and(|v| v == "1");
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../tests/tools/linetable_truth.py"
@@ -287,41 +316,47 @@ mod tests {
             .spawn()
             .expect("run linetable_truth.py");
         let stdout = child.stdout.take().expect("piped stdout");
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         let (mut objects, mut units, mut no_line, mut done) = (0u64, 0u64, 0u64, None);
+        let (mut instr_units, mut instr_full) = (0u64, 0u64);
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("read truth stream");
-            let v: serde_json::Value = serde_json::from_str(&line).expect("json line");
-            if let Some(n) = v.get("done") {
-                done = n.as_u64();
+            if line.starts_with("{\"done\"") {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("json");
+                done = v["done"].as_u64();
                 continue;
             }
-            let first = v["first"].as_u64().expect("first") as u32;
-            let n = v["n"].as_u64().expect("n") as usize;
-            let hex = v["table"].as_str().expect("table");
-            let table: Vec<u8> = (0..hex.len())
+            let t: Truth = serde_json::from_str(&line).expect("json line");
+            let table: Vec<u8> = (0..t.table.len())
                 .step_by(2)
-                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+                .map(|i| u8::from_str_radix(&t.table[i..i + 2], 16).expect("hex"))
                 .collect();
-            let lines = v["lines"].as_array().expect("lines");
-            assert_eq!(lines.len(), n);
-            let all = lines_for_all(&table, first, n);
-            for (i, want) in lines.iter().enumerate() {
-                let want = want.as_u64().map(|l| l as u32);
-                let got = line_for_instr(&table, first, i as i64);
-                assert_eq!(got, want, "unit {i} of object {objects}: {line}");
-                assert_eq!(all[i], want, "lines_for_all unit {i}: {line}");
-                no_line += u64::from(want.is_none());
+            assert_eq!(t.lines.len(), t.n);
+            let all = lines_for_all(&table, t.first, t.n);
+            assert_eq!(all, t.lines, "lines_for_all, object {objects}: {line}");
+            let check = units_to_check(t.n, table.len(), exhaustive, &mut rng);
+            instr_full += u64::from(check.len() == t.n);
+            for &i in &check {
+                let got = line_for_instr(&table, t.first, i as i64);
+                assert_eq!(got, t.lines[i], "unit {i} of object {objects}: {line}");
             }
-            assert_eq!(line_for_instr(&table, first, -1), Some(first));
-            assert_eq!(line_for_instr(&table, first, n as i64), None);
-            units += n as u64;
+            instr_units += check.len() as u64;
+            assert_eq!(line_for_instr(&table, t.first, -1), Some(t.first));
+            assert_eq!(line_for_instr(&table, t.first, t.n as i64), None);
+            no_line += t.lines.iter().filter(|l| l.is_none()).count() as u64;
+            units += t.n as u64;
             objects += 1;
         }
         let status = child.wait().expect("wait for python");
         assert!(status.success(), "linetable_truth.py failed: {status}");
         assert_eq!(done, Some(objects), "truth stream cut short");
-        println!("linetable: checked {objects} code objects, {units} code units ({no_line} without a line)");
+        println!(
+            "linetable: {objects} code objects, {units} code units ({no_line} without a line) \
+             checked with lines_for_all; line_for_instr checked on {instr_units} units, \
+             every unit of {instr_full} objects (exhaustive: {exhaustive})"
+        );
         assert!(objects > 1000, "only {objects} code objects checked");
+        assert!(instr_full > 1000, "only {instr_full} objects fully checked");
         assert!(no_line > 0, "corpus never exercised code 15");
     }
 }
