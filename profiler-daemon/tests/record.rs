@@ -252,3 +252,67 @@ fn bpf_all_formats_from_a_real_recording() {
         }
     }
 }
+
+/// Without --duration, recording runs until Ctrl-C (SIGINT) and then writes
+/// the profile.
+#[test]
+fn bpf_records_until_ctrl_c() {
+    if !bpf_available() {
+        return;
+    }
+    let w = Workload::start(Interp::Shared, &["plain"]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.folded");
+    let child = std::process::Command::new(pyebpf())
+        .args(["record", "--quiet", "--rate", "199", "--pid"])
+        .arg(w.pid().to_string())
+        .arg("--output")
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_success(&out);
+    let stacks = parse_folded(&std::fs::read_to_string(&path).unwrap());
+    assert!(leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 50);
+}
+
+/// A process in its own PID and mount namespace, running an interpreter from
+/// a path that does not exist on the host, is found and symbolised.
+#[test]
+fn bpf_process_in_other_mount_and_pid_namespace() {
+    if !bpf_available() {
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs none /mnt && cp /usr/bin/python3.11 /mnt/hidden-python && exec /mnt/hidden-python {} plain",
+        scenarios().display()
+    );
+    let mut unshare = std::process::Command::new("unshare")
+        .args(["--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux)");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(unshare.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    // The interpreter is unshare's child, as the host sees it.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
+    let pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(!std::path::Path::new("/mnt/hidden-python").exists());
+    let (out, text) = record(&[pid], &["--duration", "2", "--rate", "499"]);
+    let _ = unshare.kill();
+    // SAFETY: kill(2) on the namespaced interpreter so it does not outlive the test.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = unshare.wait();
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    assert!(leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 100, "{text}");
+}
