@@ -11,6 +11,7 @@
 pub mod aggregate;
 pub mod bpf;
 pub mod caps;
+pub mod daemon;
 pub mod process;
 pub mod profile;
 pub mod python;
