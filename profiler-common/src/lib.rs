@@ -165,6 +165,19 @@ impl Default for ProcInfo {
     }
 }
 
+/// A process lifecycle event from the exec/exit tracepoints.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcEvent {
+    /// [`PROC_EVENT_EXEC`] or [`PROC_EVENT_EXIT`].
+    pub kind: u32,
+    /// tgid in the root PID namespace.
+    pub pid: u32,
+}
+
+pub const PROC_EVENT_EXEC: u32 = 1;
+pub const PROC_EVENT_EXIT: u32 = 2;
+
 /// Where a sample's walk failed. Index into the `READ_ERRORS` counters.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -315,6 +328,7 @@ mod pod {
     unsafe impl aya::Pod for PyOffsets {}
     unsafe impl aya::Pod for SampleHeader {}
     unsafe impl aya::Pod for RawFrame {}
+    unsafe impl aya::Pod for ProcEvent {}
 }
 
 #[cfg(test)]

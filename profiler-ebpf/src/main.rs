@@ -16,12 +16,12 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id,
         bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     },
-    macros::{map, perf_event},
+    macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
-    programs::PerfEventContext,
+    programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
-    code_checksum, code_size_units, Counter, Frame311, ProcInfo, RawFrame, ReadStep, SampleBuf,
+    code_checksum, code_size_units, Counter, Frame311, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf,
     TlsKind, WalkState, CODE_READ_LEN, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR,
     FLAG_TRUNCATED, FRAMES_PER_PROG, HEADER_LEN, MAX_FRAMES, MAX_FRAME_OWNER, RAW_FRAME_LEN,
     READ_ERROR_BASE,
@@ -296,6 +296,38 @@ fn emit(buf: &SampleBuf) {
         Ok(()) => count(Counter::Sampled as u32),
         Err(_) => count(Counter::RingBufFull as u32),
     }
+}
+
+/// Exec and exit of processes, for the daemon's discovery.
+#[map]
+static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
+
+#[inline(always)]
+fn proc_event(kind: u32, pid: u32) {
+    // A full buffer loses the event; the daemon's /proc rescan catches up.
+    let _ = PROC_EVENTS.output::<ProcEvent>(&ProcEvent { kind, pid }, 0);
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // The pid now runs another program: its old layout must not be used.
+    let _ = PROCS.remove(&tgid);
+    proc_event(profiler_common::PROC_EVENT_EXEC, tgid);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // Threads other than the leader exiting do not end the process.
+    if tgid == tid {
+        // Forget it at once, so a reused pid never inherits this layout.
+        let _ = PROCS.remove(&tgid);
+        proc_event(profiler_common::PROC_EVENT_EXIT, tgid);
+    }
+    0
 }
 
 #[cfg(not(test))]

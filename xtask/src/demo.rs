@@ -37,8 +37,18 @@ pub fn run() -> Result<()> {
     }
     let pyebpf = pyebpf.to_string_lossy().into_owned();
 
-    println!("$ python3 {EXAMPLE} &");
-    let child = Command::new("python3")
+    // pyenv's `python3` shim may fork instead of exec, so the pid of the shim
+    // is not the interpreter's: start the real binary.
+    let out = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .context("cannot run python3")?;
+    let python = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || python.is_empty() {
+        bail!("python3 did not report its executable");
+    }
+    println!("$ {python} {EXAMPLE} &");
+    let child = Command::new(&python)
         .arg(EXAMPLE)
         .current_dir(&root)
         .stdout(Stdio::null())

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use aya::maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
-use aya::programs::PerfEvent;
+use aya::programs::{PerfEvent, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
 use profiler_common::{ProcInfo, COUNTERS_LEN, HEADER_LEN, MAX_FRAMES, RAW_FRAME_LEN};
 
@@ -52,6 +52,8 @@ pub struct SamplerConfig {
     pub max_depth: u32,
     /// Ring-buffer size in bytes (rounded up to a power of two).
     pub ring_bytes: u32,
+    /// Also report process exec/exit (for the daemon's discovery).
+    pub process_events: bool,
 }
 
 impl Default for SamplerConfig {
@@ -60,6 +62,7 @@ impl Default for SamplerConfig {
             rate_hz: 99,
             max_depth: profiler_common::DEFAULT_MAX_DEPTH,
             ring_bytes: 8 << 20,
+            process_events: false,
         }
     }
 }
@@ -82,6 +85,7 @@ pub struct Sampler {
     /// Kept open: the kernel empties a program array when its last user fd closes.
     _walker: ProgramArray<MapData>,
     ring: Option<RingBuf<MapData>>,
+    proc_events: Option<RingBuf<MapData>>,
     _stats: Option<OwnedFd>,
     config: SamplerConfig,
 }
@@ -98,6 +102,25 @@ fn perf_program<'a>(
         .ok_or(SamplerError::MissingProgram(name))?
         .try_into()
         .map_err(|source| SamplerError::Program { name, source })
+}
+
+/// Attaches the exec and exit raw tracepoints.
+fn attach_process_events(ebpf: &mut Ebpf) -> Result<(), SamplerError> {
+    for (name, tp) in [
+        ("on_exec", "sched_process_exec"),
+        ("on_exit", "sched_process_exit"),
+    ] {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .ok_or(SamplerError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| SamplerError::Program { name, source })?;
+        prog.load()
+            .map_err(|source| SamplerError::Program { name, source })?;
+        prog.attach(tp)
+            .map_err(|source| SamplerError::Program { name, source })?;
+    }
+    Ok(())
 }
 
 impl Sampler {
@@ -167,6 +190,20 @@ impl Sampler {
         let ring = RingBuf::try_from(map(&mut ebpf, "EVENTS")?)
             .map_err(|source| SamplerError::Map { name: "EVENTS", source })?;
 
+        let proc_events = if config.process_events {
+            attach_process_events(&mut ebpf)?;
+            Some(
+                RingBuf::try_from(map(&mut ebpf, "PROC_EVENTS")?).map_err(|source| {
+                    SamplerError::Map {
+                        name: "PROC_EVENTS",
+                        source,
+                    }
+                })?,
+            )
+        } else {
+            None
+        };
+
         let sample = perf_program(&mut ebpf, "sample")?;
         sample.load().map_err(|source| SamplerError::Program {
             name: "sample",
@@ -193,6 +230,7 @@ impl Sampler {
             counters,
             _walker: walker,
             ring: Some(ring),
+            proc_events,
             _stats: stats,
             config,
         })
@@ -217,6 +255,12 @@ impl Sampler {
     /// The ring buffer, taken once by the reader task.
     pub fn take_ring(&mut self) -> Option<RingBuf<MapData>> {
         self.ring.take()
+    }
+
+    /// Process exec/exit events ([`profiler_common::ProcEvent`]), taken once;
+    /// `None` unless `process_events` was set.
+    pub fn take_proc_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.proc_events.take()
     }
 
     /// Sum of every counter over all CPUs.

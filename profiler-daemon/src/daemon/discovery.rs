@@ -1,1 +1,869 @@
-//! TODO
+//! Finding the processes to profile: the pids in `/proc`, and a [`Tracker`]
+//! that remembers what was decided for each process so that a periodic
+//! rescan only inspects new ones.
+//!
+//! A process is identified by its pid *and* its start time, so a reused pid is
+//! a new process. A scan costs one read of `/proc/PID/stat` per pid; only new
+//! processes (and retries that are due) are handed to the caller to inspect.
+//!
+//! The daemon's loop:
+//!
+//! ```text
+//! let pids = list_pids();
+//! for c in tracker.new_candidates(&pids) { handle(c) }   // every scan
+//! for c in tracker.due_retries(now) { handle(c) }        // also between scans,
+//!                                                        // at tracker.next_retry()
+//! tracker.prune(&pids.iter().copied().collect());
+//! for c in tracker.take_ended() { stop profiling c }
+//!
+//! handle(c): match python::inspect(c.pid) {
+//!     Ok(p) => labels, filter::decide → tracker.mark(c, Seen::Profiled / Seen::Excluded),
+//!     Err(e) => tracker.record_error(c, &e, now),   // retries NotInitialized with backoff
+//! }
+//! ```
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::process::python::{self, InspectError};
+
+/// The pids of all processes (thread-group leaders) in `/proc`, sorted.
+/// Entries that vanish while listing are skipped; an unreadable `/proc` gives
+/// an empty list.
+pub fn list_pids() -> Vec<u32> {
+    let dir = match std::fs::read_dir("/proc") {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!("cannot list /proc: {e}");
+            return Vec::new();
+        }
+    };
+    let mut pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// A process to look at: a pid at one start time (clock ticks after boot,
+/// `/proc/PID/stat` field 22).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Candidate {
+    pub pid: u32,
+    pub start_time: u64,
+}
+
+/// What was decided for a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Being profiled.
+    Profiled,
+    /// Not a (supported) Python process, or a kernel thread or zombie. Looked
+    /// at again only if its command changes (an `exec`).
+    NotPython,
+    /// Python, but excluded by `PYEBPF_DISABLE` or the configured rules.
+    Excluded,
+    /// Inspection failed (e.g. the interpreter is not initialized yet) and is
+    /// retried at `next_retry`; `attempts` failures so far.
+    Failed { attempts: u32, next_retry: Instant },
+    /// Failed for longer than the retry schedule allows; like `NotPython`,
+    /// looked at again only after an `exec`.
+    GaveUp,
+}
+
+/// Retry delays after the first six failures, fast enough that a freshly
+/// exec'd interpreter is profiled within a second of being found.
+const FAST_RETRIES_MS: [u64; 6] = [20, 50, 100, 200, 500, 1000];
+/// Then one retry every 5 s ...
+const SLOW_RETRY: Duration = Duration::from_secs(5);
+/// ... for 30 s, after which the process is given up.
+const SLOW_RETRIES: u32 = 6;
+/// A "not Python" answer for a process whose command starts with `python` is
+/// retried this many times (it may be between `exec` and the dynamic loader
+/// mapping `libpython`).
+const PYTHON_NAMED_RETRIES: u32 = 3;
+/// At most this many ended processes are kept for [`Tracker::take_ended`].
+const MAX_ENDED: usize = 4096;
+
+/// The delay before the retry that follows failure number `attempt` (1 for
+/// the first failure): 20 ms, 50 ms, 100 ms, 200 ms, 500 ms, 1 s, then 5 s six
+/// times (30 s); `None` once the schedule is exhausted (give up).
+pub fn retry_delay(attempt: u32) -> Option<Duration> {
+    let fast = FAST_RETRIES_MS.len() as u32;
+    match attempt {
+        0 => Some(Duration::ZERO),
+        n if n <= fast => Some(Duration::from_millis(FAST_RETRIES_MS[(n - 1) as usize])),
+        n if n <= fast + SLOW_RETRIES => Some(SLOW_RETRY),
+        _ => None,
+    }
+}
+
+/// `PF_KTHREAD` in the `flags` field of `/proc/PID/stat`.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// `/proc/PID/comm` is at most 15 bytes; kept zero-padded.
+type Comm = [u8; 16];
+
+/// What one scan reads from `/proc/PID/stat`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProcStat {
+    start_time: u64,
+    comm: Comm,
+    kernel_thread: bool,
+    /// Exited (zombie or dead), not reaped yet.
+    exited: bool,
+}
+
+fn comm_bytes(s: &[u8]) -> Comm {
+    let mut c = [0u8; 16];
+    let n = s.len().min(16);
+    c[..n].copy_from_slice(&s[..n]);
+    c
+}
+
+/// Parse a `/proc/PID/stat` line. The command (field 2, in parentheses) may
+/// contain spaces and parentheses: the fields after it are counted from the
+/// last `)`.
+fn parse_stat(stat: &str) -> Option<ProcStat> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    let mut rest = stat[close + 1..].split_ascii_whitespace();
+    // Fields 3 (state) .. : state is 3, flags is 9, starttime is 22.
+    let state = rest.next()?;
+    let flags: u64 = rest.nth(9 - 4)?.parse().ok()?;
+    let start_time = rest.nth(22 - 10)?.parse().ok()?;
+    Some(ProcStat {
+        start_time,
+        comm: comm_bytes(comm.as_bytes()),
+        kernel_thread: flags & PF_KTHREAD != 0,
+        exited: matches!(state, "Z" | "X" | "x"),
+    })
+}
+
+fn read_stat(pid: u32) -> Option<ProcStat> {
+    let raw = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&String::from_utf8_lossy(&raw))
+}
+
+/// One remembered process.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    start_time: u64,
+    comm: Comm,
+    /// `None`: handed out by [`Tracker::new_candidates`], not decided yet.
+    state: Option<Seen>,
+}
+
+/// How many tracked processes are in each state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackerCounts {
+    pub pending: usize,
+    pub profiled: usize,
+    pub not_python: usize,
+    pub excluded: usize,
+    pub failed: usize,
+    pub gave_up: usize,
+}
+
+/// Which processes were already seen and what was decided for them; one
+/// small entry per live process (drop the dead ones with [`Tracker::prune`]).
+#[derive(Debug)]
+pub struct Tracker {
+    entries: HashMap<u32, Entry>,
+    own_pid: u32,
+    ended: Vec<Candidate>,
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tracker {
+    pub fn new() -> Tracker {
+        Tracker {
+            entries: HashMap::new(),
+            own_pid: std::process::id(),
+            ended: Vec::new(),
+        }
+    }
+
+    /// The processes among `pids` that need inspecting: never seen, seen
+    /// under another start time (a reused pid), seen but not decided yet, or
+    /// decided "not Python" but since exec'd into another command. Our own
+    /// process, kernel threads and zombies are never returned (the latter two
+    /// are remembered as [`Seen::NotPython`]); pids that vanished are skipped.
+    /// Processes waiting for a retry are left to [`Tracker::due_retries`].
+    pub fn new_candidates(&mut self, pids: &[u32]) -> Vec<Candidate> {
+        let own = self.own_pid;
+        pids.iter()
+            .filter(|&&pid| pid != own)
+            .filter_map(|&pid| self.observe(pid, read_stat(pid)?))
+            .collect()
+    }
+
+    fn observe(&mut self, pid: u32, stat: ProcStat) -> Option<Candidate> {
+        let c = Candidate {
+            pid,
+            start_time: stat.start_time,
+        };
+        let skip = stat.kernel_thread || stat.exited;
+        if let Some(e) = self.entries.get_mut(&pid) {
+            if e.start_time == stat.start_time {
+                let exec_d = e.comm != stat.comm;
+                e.comm = stat.comm;
+                return match e.state {
+                    _ if skip => None,
+                    None => Some(c),
+                    Some(Seen::NotPython | Seen::GaveUp) if exec_d => {
+                        e.state = None;
+                        Some(c)
+                    }
+                    Some(_) => None,
+                };
+            }
+        }
+        // New, or the pid was reused.
+        let old = self.entries.insert(
+            pid,
+            Entry {
+                start_time: stat.start_time,
+                comm: stat.comm,
+                state: skip.then_some(Seen::NotPython),
+            },
+        );
+        if let Some(old) = old {
+            self.ended_if_profiled(pid, &old);
+        }
+        (!skip).then_some(c)
+    }
+
+    fn ended_if_profiled(&mut self, pid: u32, e: &Entry) {
+        if e.state == Some(Seen::Profiled) {
+            if self.ended.len() >= MAX_ENDED {
+                self.ended.remove(0);
+            }
+            self.ended.push(Candidate {
+                pid,
+                start_time: e.start_time,
+            });
+        }
+    }
+
+    /// Record what was decided for `c`. Ignored if `c.pid` now belongs to a
+    /// newer process than `c`.
+    pub fn mark(&mut self, c: Candidate, state: Seen) {
+        match self.entries.get_mut(&c.pid) {
+            Some(e) if e.start_time == c.start_time => e.state = Some(state),
+            Some(_) => {}
+            None => {
+                let comm = std::fs::read(format!("/proc/{}/comm", c.pid))
+                    .map(|b| comm_bytes(b.strip_suffix(b"\n").unwrap_or(&b)))
+                    .unwrap_or_default();
+                self.entries.insert(
+                    c.pid,
+                    Entry {
+                        start_time: c.start_time,
+                        comm,
+                        state: Some(state),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The state recorded for `c`, if `c` is the process tracked under its pid.
+    pub fn state(&self, c: Candidate) -> Option<Seen> {
+        self.entries
+            .get(&c.pid)
+            .filter(|e| e.start_time == c.start_time)
+            .and_then(|e| e.state)
+    }
+
+    /// The process tracked under `pid`, and its state (`None`: undecided).
+    pub fn get(&self, pid: u32) -> Option<(Candidate, Option<Seen>)> {
+        self.entries.get(&pid).map(|e| {
+            (
+                Candidate {
+                    pid,
+                    start_time: e.start_time,
+                },
+                e.state,
+            )
+        })
+    }
+
+    /// Record one more failure of `c` and schedule its retry (see
+    /// [`retry_delay`]); [`Seen::GaveUp`] once the schedule is exhausted.
+    /// Returns the new state.
+    pub fn retry_later(&mut self, c: Candidate, now: Instant) -> Seen {
+        let attempts = match self.state(c) {
+            Some(Seen::Failed { attempts, .. }) => attempts + 1,
+            _ => 1,
+        };
+        let state = match retry_delay(attempts) {
+            Some(d) => Seen::Failed {
+                attempts,
+                next_retry: now + d,
+            },
+            None => Seen::GaveUp,
+        };
+        self.mark(c, state);
+        state
+    }
+
+    /// Record the outcome of a failed `python::inspect(c.pid)`:
+    /// - the process is gone: forgotten (returns `None`);
+    /// - not Python, another Python version, or an incompatible build:
+    ///   [`Seen::NotPython`] (but a process named `python*` is retried a few
+    ///   times first: it may not have mapped `libpython` yet);
+    /// - not initialized yet, and other possibly transient errors (memory,
+    ///   TLS, ELF, `/proc` reads, permission): retried with backoff.
+    pub fn record_error(&mut self, c: Candidate, err: &InspectError, now: Instant) -> Option<Seen> {
+        let state = match err {
+            InspectError::NoSuchProcess(_) => {
+                if self.get(c.pid).is_some_and(|(t, _)| t == c) {
+                    self.entries.remove(&c.pid);
+                }
+                return None;
+            }
+            InspectError::NotPython(_, comm) if comm.starts_with("python") => match self.state(c) {
+                Some(Seen::Failed { attempts, .. }) if attempts >= PYTHON_NAMED_RETRIES => {
+                    self.mark(c, Seen::NotPython);
+                    Seen::NotPython
+                }
+                _ => self.retry_later(c, now),
+            },
+            InspectError::NotPython(..)
+            | InspectError::UnsupportedVersion { .. }
+            | InspectError::MissingSymbol { .. }
+            | InspectError::Incompatible { .. } => {
+                self.mark(c, Seen::NotPython);
+                Seen::NotPython
+            }
+            InspectError::NotInitialized(_)
+            | InspectError::Permission { .. }
+            | InspectError::Tls { .. }
+            | InspectError::Memory(_)
+            | InspectError::Elf(_)
+            | InspectError::Proc { .. } => self.retry_later(c, now),
+        };
+        Some(state)
+    }
+
+    /// The failed processes whose retry is due at `now`, by pid. Processes
+    /// that exited (or whose pid was reused) meanwhile are dropped instead.
+    /// A returned candidate stays due until it is marked again.
+    pub fn due_retries(&mut self, now: Instant) -> Vec<Candidate> {
+        let mut due: Vec<Candidate> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                matches!(e.state, Some(Seen::Failed { next_retry, .. }) if next_retry <= now)
+            })
+            .map(|(&pid, e)| Candidate {
+                pid,
+                start_time: e.start_time,
+            })
+            .collect();
+        due.retain(|c| {
+            let alive = python::is_alive(c.pid, c.start_time);
+            if !alive {
+                self.entries.remove(&c.pid);
+            }
+            alive
+        });
+        due.sort_unstable();
+        due
+    }
+
+    /// When the earliest pending retry is due, if any (to sleep until then).
+    pub fn next_retry(&self) -> Option<Instant> {
+        self.entries
+            .values()
+            .filter_map(|e| match e.state {
+                Some(Seen::Failed { next_retry, .. }) => Some(next_retry),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Drop what is known about `pid` (it will be a new candidate if seen
+    /// again).
+    pub fn forget(&mut self, pid: u32) {
+        self.entries.remove(&pid);
+    }
+
+    /// Drop the processes whose pid is not in `live` (the pids of the scan
+    /// just made); profiled ones are reported by [`Tracker::take_ended`].
+    pub fn prune(&mut self, live: &HashSet<u32>) {
+        let gone: Vec<u32> = self
+            .entries
+            .keys()
+            .filter(|pid| !live.contains(pid))
+            .copied()
+            .collect();
+        for pid in gone {
+            if let Some(e) = self.entries.remove(&pid) {
+                self.ended_if_profiled(pid, &e);
+            }
+        }
+        if self.entries.capacity() > 2 * self.entries.len() + 1024 {
+            self.entries.shrink_to_fit();
+        }
+    }
+
+    /// Profiled processes the tracker saw end (pruned, or their pid reused),
+    /// oldest first, for the caller to stop sampling them. At most
+    /// 4096 are kept between calls.
+    pub fn take_ended(&mut self) -> Vec<Candidate> {
+        std::mem::take(&mut self.ended)
+    }
+
+    /// Number of tracked processes.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// How many tracked processes are in each state.
+    pub fn counts(&self) -> TrackerCounts {
+        let mut n = TrackerCounts::default();
+        for e in self.entries.values() {
+            match e.state {
+                None => n.pending += 1,
+                Some(Seen::Profiled) => n.profiled += 1,
+                Some(Seen::NotPython) => n.not_python += 1,
+                Some(Seen::Excluded) => n.excluded += 1,
+                Some(Seen::Failed { .. }) => n.failed += 1,
+                Some(Seen::GaveUp) => n.gave_up += 1,
+            }
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::process::python::test_support::{build_fake_python, spawn_ready, ChildGuard};
+    use std::process::Command;
+
+    fn stat(start_time: u64, comm: &str) -> ProcStat {
+        ProcStat {
+            start_time,
+            comm: comm_bytes(comm.as_bytes()),
+            kernel_thread: false,
+            exited: false,
+        }
+    }
+
+    fn cand(pid: u32, start_time: u64) -> Candidate {
+        Candidate { pid, start_time }
+    }
+
+    #[test]
+    fn stat_parsing() {
+        let line =
+            "1234 (a) b) (c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 10";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.start_time, 987654);
+        assert_eq!(&s.comm[..9], b"a) b) (c)");
+        assert!(!s.kernel_thread && !s.exited);
+        // kthreadd: flags 0x208040 has PF_KTHREAD.
+        let k = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 3 0 0";
+        let s = parse_stat(k).unwrap();
+        assert!(s.kernel_thread);
+        assert_eq!(s.start_time, 3);
+        let z = "99 (defunct) Z 1 99 99 0 -1 4227084 0 0 0 0 0 0 0 0 20 0 1 0 555 0 0";
+        assert!(parse_stat(z).unwrap().exited);
+        assert_eq!(parse_stat("1 (x) S 1 2"), None);
+        assert_eq!(parse_stat(""), None);
+        // Our own stat parses and agrees with python::start_time.
+        let own = read_stat(std::process::id()).unwrap();
+        assert_eq!(
+            own.start_time,
+            python::start_time(std::process::id()).unwrap()
+        );
+        assert!(!own.kernel_thread);
+        // kthreadd, where it is pid 2.
+        if let Some(s) = read_stat(2).filter(|s| s.comm.starts_with(b"kthreadd\0")) {
+            assert!(s.kernel_thread);
+        }
+    }
+
+    #[test]
+    fn schedule() {
+        let ms = |n| retry_delay(n).map(|d| d.as_millis());
+        let got: Vec<_> = (1..=14).map(ms).collect();
+        let mut want: Vec<Option<u128>> = [20, 50, 100, 200, 500, 1000].map(Some).to_vec();
+        want.extend([Some(5000); 6]);
+        want.extend([None, None]);
+        assert_eq!(got, want);
+        // The fast part sums to under 2 s: a process that needs up to ~0.9 s
+        // to initialise is picked up within 1 s of being found.
+        let fast: u128 = (1..=5).filter_map(ms).sum();
+        assert!(fast < 1000, "{fast}");
+        let total: u128 = (1..=12).filter_map(ms).sum();
+        assert!((30_000..35_000).contains(&total), "{total}");
+    }
+
+    #[test]
+    fn seen_processes_are_not_candidates_again() {
+        let mut t = Tracker::new();
+        assert_eq!(t.observe(10, stat(100, "python3")), Some(cand(10, 100)));
+        // Undecided: handed out again.
+        assert_eq!(t.observe(10, stat(100, "python3")), Some(cand(10, 100)));
+        t.mark(cand(10, 100), Seen::Profiled);
+        assert_eq!(t.observe(10, stat(100, "python3")), None);
+        // A command change (setproctitle) does not disturb a profiled process.
+        assert_eq!(t.observe(10, stat(100, "gunicorn: work")), None);
+        assert_eq!(t.state(cand(10, 100)), Some(Seen::Profiled));
+
+        t.observe(11, stat(200, "bash"));
+        t.mark(cand(11, 200), Seen::NotPython);
+        t.observe(12, stat(300, "python3"));
+        t.mark(cand(12, 300), Seen::Excluded);
+        assert_eq!(t.observe(11, stat(200, "bash")), None);
+        assert_eq!(t.observe(12, stat(300, "python3")), None);
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            t.counts(),
+            TrackerCounts {
+                profiled: 1,
+                not_python: 1,
+                excluded: 1,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn exec_after_not_python_is_a_new_candidate() {
+        let mut t = Tracker::new();
+        // `sh -c 'exec python3 app.py'` seen before its exec.
+        let c = t.observe(20, stat(500, "sh")).unwrap();
+        t.mark(c, Seen::NotPython);
+        assert_eq!(t.observe(20, stat(500, "sh")), None);
+        assert_eq!(t.observe(20, stat(500, "python3")), Some(c));
+        assert_eq!(t.get(20), Some((c, None)));
+        t.mark(c, Seen::GaveUp);
+        assert_eq!(t.observe(20, stat(500, "python3")), None);
+        assert_eq!(t.observe(20, stat(500, "python3.11")), Some(c));
+    }
+
+    #[test]
+    fn reused_pid_is_a_new_process() {
+        let mut t = Tracker::new();
+        let old = t.observe(30, stat(100, "python3")).unwrap();
+        t.mark(old, Seen::Profiled);
+        let new = t.observe(30, stat(900, "python3")).unwrap();
+        assert_eq!(new, cand(30, 900));
+        assert_eq!(t.get(30), Some((new, None)));
+        assert_eq!(t.state(old), None);
+        // The old one ended; the caller is told once.
+        assert_eq!(t.take_ended(), vec![old]);
+        assert!(t.take_ended().is_empty());
+        // A late mark for the old process does not touch the new one.
+        t.mark(old, Seen::Excluded);
+        assert_eq!(t.get(30), Some((new, None)));
+        // Reuse while a retry is pending also resets.
+        t.mark(
+            new,
+            Seen::Failed {
+                attempts: 2,
+                next_retry: Instant::now(),
+            },
+        );
+        assert_eq!(t.observe(30, stat(901, "x")), Some(cand(30, 901)));
+        assert!(t.take_ended().is_empty(), "only profiled processes end");
+    }
+
+    #[test]
+    fn kernel_threads_and_zombies_are_skipped() {
+        let mut t = Tracker::new();
+        let mut k = stat(3, "kthreadd");
+        k.kernel_thread = true;
+        assert_eq!(t.observe(2, k), None);
+        assert_eq!(t.observe(2, k), None);
+        assert_eq!(t.get(2), Some((cand(2, 3), Some(Seen::NotPython))));
+        let mut z = stat(50, "python3");
+        z.exited = true;
+        assert_eq!(t.observe(40, z), None);
+        // A tracked process that becomes a zombie is left as it was.
+        let c = t.observe(41, stat(60, "python3")).unwrap();
+        let mut z = stat(60, "python3");
+        z.exited = true;
+        assert_eq!(t.observe(41, z), None);
+        assert_eq!(t.get(41), Some((c, None)));
+        // Our own pid is never a candidate.
+        let own = std::process::id();
+        assert!(!t.new_candidates(&[own]).iter().any(|c| c.pid == own));
+        assert!(t.get(own).is_none());
+    }
+
+    #[test]
+    fn retries_follow_the_schedule() {
+        let mut t = Tracker::new();
+        let c = t.observe(50, stat(7, "python3")).unwrap();
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut delays = Vec::new();
+        loop {
+            match t.retry_later(c, now) {
+                Seen::Failed {
+                    attempts,
+                    next_retry,
+                } => {
+                    assert_eq!(attempts as usize, delays.len() + 1);
+                    assert_eq!(t.next_retry(), Some(next_retry));
+                    delays.push((next_retry - now).as_millis());
+                    // Not due before next_retry (checked without /proc: the
+                    // entry is not Failed-due so nothing is looked up).
+                    assert!(t.due_pids(next_retry - Duration::from_millis(1)).is_empty());
+                    assert_eq!(t.due_pids(next_retry), vec![50]);
+                    now = next_retry;
+                }
+                Seen::GaveUp => break,
+                s => panic!("{s:?}"),
+            }
+        }
+        assert_eq!(
+            delays,
+            [20, 50, 100, 200, 500, 1000, 5000, 5000, 5000, 5000, 5000, 5000]
+        );
+        assert_eq!(t.state(c), Some(Seen::GaveUp));
+        assert_eq!(t.next_retry(), None);
+        assert!((now - t0) >= Duration::from_secs(30));
+    }
+
+    #[test]
+    fn error_outcomes() {
+        let mut t = Tracker::new();
+        let now = Instant::now();
+        let c = t.observe(60, stat(1, "python3")).unwrap();
+        let s = t.record_error(c, &InspectError::NotInitialized(60), now);
+        assert!(matches!(s, Some(Seen::Failed { attempts: 1, .. })));
+        let s = t.record_error(c, &InspectError::NotInitialized(60), now);
+        assert!(matches!(s, Some(Seen::Failed { attempts: 2, .. })));
+        assert_eq!(
+            t.record_error(c, &InspectError::NoSuchProcess(60), now),
+            None
+        );
+        assert!(t.get(60).is_none());
+
+        let c = t.observe(61, stat(1, "node")).unwrap();
+        let s = t.record_error(c, &InspectError::NotPython(61, "node".into()), now);
+        assert_eq!(s, Some(Seen::NotPython));
+        let c = t.observe(62, stat(1, "python3.12")).unwrap();
+        let e = InspectError::UnsupportedVersion {
+            pid: 62,
+            version: "3.12.1".into(),
+        };
+        assert_eq!(t.record_error(c, &e, now), Some(Seen::NotPython));
+
+        // "python" that is not Python (yet): a few quick retries, then no.
+        let c = t.observe(63, stat(1, "python3")).unwrap();
+        let e = InspectError::NotPython(63, "python3".into());
+        let got: Vec<_> = (0..4)
+            .map(|_| t.record_error(c, &e, now).unwrap())
+            .collect();
+        assert!(matches!(got[0], Seen::Failed { attempts: 1, .. }));
+        assert!(matches!(got[2], Seen::Failed { attempts: 3, .. }));
+        assert_eq!(got[3], Seen::NotPython);
+    }
+
+    #[test]
+    fn prune_drops_dead_processes() {
+        let mut t = Tracker::new();
+        for (pid, state) in [
+            (70, Seen::Profiled),
+            (71, Seen::NotPython),
+            (72, Seen::Profiled),
+            (73, Seen::Excluded),
+        ] {
+            let c = t.observe(pid, stat(pid as u64, "p")).unwrap();
+            t.mark(c, state);
+        }
+        t.prune(&[71, 72].into_iter().collect());
+        assert_eq!(t.len(), 2);
+        assert!(t.get(70).is_none() && t.get(73).is_none());
+        assert_eq!(t.take_ended(), vec![cand(70, 70)]);
+        // Seen again after being pruned: new.
+        assert_eq!(t.observe(70, stat(70, "p")), Some(cand(70, 70)));
+        t.prune(&HashSet::new());
+        assert!(t.is_empty());
+        assert_eq!(t.take_ended(), vec![cand(72, 72)]);
+    }
+
+    #[test]
+    fn forget_makes_a_process_new_again() {
+        let mut t = Tracker::new();
+        let c = t.observe(80, stat(1, "python3")).unwrap();
+        t.mark(c, Seen::Excluded);
+        t.forget(80);
+        assert_eq!(t.observe(80, stat(1, "python3")), Some(c));
+    }
+
+    #[test]
+    fn due_retries_drop_dead_processes() {
+        let mut t = Tracker::new();
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let c = cand(pid, python::start_time(pid).unwrap());
+        child.wait().unwrap();
+        let now = Instant::now();
+        t.mark(
+            c,
+            Seen::Failed {
+                attempts: 1,
+                next_retry: now,
+            },
+        );
+        assert!(t.due_retries(now).is_empty());
+        assert!(t.get(pid).is_none());
+    }
+
+    #[test]
+    fn list_pids_sees_us_and_a_child() {
+        let child = ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
+        let pids = list_pids();
+        assert!(pids.contains(&std::process::id()));
+        assert!(pids.contains(&child.pid()));
+        assert!(pids.windows(2).all(|w| w[0] < w[1]));
+        // A whole-host scan: every candidate is a live user process.
+        let mut t = Tracker::new();
+        let cands = t.new_candidates(&pids);
+        assert!(cands.iter().any(|c| c.pid == child.pid()));
+        assert!(!cands.iter().any(|c| c.pid == std::process::id()));
+        assert!(cands.len() <= pids.len());
+    }
+
+    /// The not-yet-initialised fake interpreter is retried on schedule.
+    #[test]
+    fn uninitialised_interpreter_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = build_fake_python(dir.path());
+        let (child, _) = spawn_ready(Command::new(exe).args(["0x030b07f0", "uninit"]));
+        let pid = child.pid();
+        let mut t = Tracker::new();
+        let c = *t
+            .new_candidates(&[pid])
+            .first()
+            .expect("the fake is a candidate");
+        let t0 = Instant::now();
+        let err = python::inspect(pid).unwrap_err();
+        assert!(matches!(err, InspectError::NotInitialized(_)), "{err}");
+        let s = t.record_error(c, &err, t0).unwrap();
+        assert!(matches!(s, Seen::Failed { attempts: 1, .. }));
+        assert!(
+            t.new_candidates(&[pid]).is_empty(),
+            "retries are not rescans"
+        );
+        assert!(t.due_retries(t0).is_empty());
+        assert_eq!(t.due_retries(t0 + Duration::from_millis(20)), vec![c]);
+        let err = python::inspect(pid).unwrap_err();
+        let s = t
+            .record_error(c, &err, t0 + Duration::from_millis(20))
+            .unwrap();
+        assert_eq!(
+            s,
+            Seen::Failed {
+                attempts: 2,
+                next_retry: t0 + Duration::from_millis(70)
+            }
+        );
+        // It exits: the due retry is dropped instead of returned.
+        drop(child);
+        assert!(t.due_retries(t0 + Duration::from_secs(1)).is_empty());
+        assert!(t.get(pid).is_none());
+    }
+
+    /// `python3` (here pyenv's shim, a script that execs the real
+    /// interpreter) is found by scanning and profiled after retries.
+    #[test]
+    fn real_python_is_discovered() {
+        let child = ChildGuard(
+            Command::new("python3")
+                .args(["-c", "import time; time.sleep(30)"])
+                .spawn()
+                .expect("python3 on PATH"),
+        );
+        let pid = child.pid();
+        let started = Instant::now();
+        let mut t = Tracker::new();
+        let mut outcomes = Vec::new();
+        let profiled = loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "not profiled: {outcomes:?}"
+            );
+            let pids = list_pids();
+            assert!(pids.contains(&pid));
+            let mut work = t.new_candidates(&pids);
+            // Decide the rest of the host without inspecting it.
+            work.retain(|c| {
+                if c.pid != pid {
+                    t.mark(*c, Seen::NotPython);
+                }
+                c.pid == pid
+            });
+            work.extend(t.due_retries(Instant::now()));
+            let mut done = None;
+            for c in work {
+                match python::inspect(c.pid) {
+                    Ok(p) => {
+                        assert_eq!(p.start_time, c.start_time);
+                        t.mark(c, Seen::Profiled);
+                        done = Some((c, p));
+                    }
+                    Err(e) => {
+                        outcomes.push(e.to_string());
+                        t.record_error(c, &e, Instant::now());
+                    }
+                }
+            }
+            t.prune(&pids.iter().copied().collect());
+            if let Some(d) = done {
+                break d;
+            }
+            let wait = t
+                .next_retry()
+                .map(|at| at.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_millis(10))
+                .min(Duration::from_millis(10));
+            std::thread::sleep(wait);
+        };
+        println!(
+            "profiled {} ({}) after {:?}; earlier: {outcomes:?}",
+            pid,
+            profiled.1.version,
+            started.elapsed()
+        );
+        assert_eq!(profiled.1.version.minor, 11);
+        // Profiled: later scans leave it alone.
+        assert!(t.new_candidates(&[pid]).is_empty());
+        assert_eq!(t.state(profiled.0), Some(Seen::Profiled));
+        drop(child);
+        let pids = list_pids();
+        t.prune(&pids.iter().copied().collect());
+        assert_eq!(t.take_ended(), vec![profiled.0]);
+    }
+
+    impl Tracker {
+        /// Pids due at `now`, without the liveness check of `due_retries`.
+        fn due_pids(&self, now: Instant) -> Vec<u32> {
+            self.entries
+                .iter()
+                .filter(|(_, e)| {
+                    matches!(e.state, Some(Seen::Failed { next_retry, .. }) if next_retry <= now)
+                })
+                .map(|(&p, _)| p)
+                .collect()
+        }
+    }
+}

@@ -1,1 +1,953 @@
-//! TODO
+//! The daemon's HTTP API, meant for localhost (no authentication, no TLS).
+//!
+//! | Path | Answer |
+//! |---|---|
+//! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /profile?pid=PID&seconds=N` | gzipped pprof of the last N seconds |
+//! | `GET /profile?service=NAME&seconds=N` | same, every process of a service merged |
+//! | `GET /flamegraph.svg?...` | SVG flamegraph (same parameters) |
+//! | `GET /folded?...` | folded stacks (same parameters) |
+//! | `GET /processes` | JSON array of the profiled processes |
+//! | `GET /healthz` | `ok`: the daemon is alive |
+//! | `GET /readyz` | `ready`, or 503 and why not |
+//!
+//! `seconds` defaults to 10 and must be within 1 ..= the retention. Exactly
+//! one of `pid` and `service` must be given; unknown or repeated parameters
+//! are refused. Every error is a one-line `text/plain` body: 400 for bad
+//! parameters, 404 for an unknown process or path, 405 for methods other than
+//! GET and HEAD, 414 for a query string over [`MAX_QUERY_LEN`] bytes, 503 when
+//! the daemon is not ready.
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::sync::Semaphore;
+
+use super::{ApiSource, QueryError, Selector};
+use crate::profile::{folded, pprof, svg, Profile};
+
+/// Longest query string accepted, in bytes (longer: 414).
+pub const MAX_QUERY_LEN: usize = 2048;
+/// `seconds` when the query does not say.
+pub const DEFAULT_SECONDS: u32 = 10;
+/// Profiles built at once; further requests wait their turn.
+const MAX_CONCURRENT_PROFILES: usize = 4;
+
+const TEXT_PLAIN: &str = "text/plain; charset=utf-8";
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Clone)]
+struct AppState {
+    source: Arc<dyn ApiSource>,
+    /// Bounds the blocking threads busy building profiles.
+    profile_slots: Arc<Semaphore>,
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then stops
+/// accepting and waits for the requests in flight (graceful shutdown).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    source: Arc<dyn ApiSource>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "HTTP API listening");
+    }
+    axum::serve(listener, router(source))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The API's routes over `source` (what [`serve`] serves).
+pub fn router(source: Arc<dyn ApiSource>) -> Router {
+    let state = AppState {
+        source,
+        profile_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_PROFILES)),
+    };
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/profile", get(profile_pprof))
+        .route("/flamegraph.svg", get(profile_svg))
+        .route("/folded", get(profile_folded))
+        .route("/processes", get(processes))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(guard))
+        .with_state(state)
+}
+
+/// A one-line plain-text response.
+fn text(status: StatusCode, msg: &str) -> Response {
+    let mut body = one_line(msg);
+    body.push('\n');
+    (status, [(header::CONTENT_TYPE, TEXT_PLAIN)], body).into_response()
+}
+
+/// `s` with control characters (newlines included) escaped, so that an error
+/// message stays on one line whatever it quotes.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            let _ = write!(out, "{}", c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Refuses over-long query strings and logs every request.
+async fn guard(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let query_len = uri.query().map_or(0, str::len);
+    let resp = if query_len > MAX_QUERY_LEN {
+        text(
+            StatusCode::URI_TOO_LONG,
+            &format!("query string too long: {query_len} bytes (at most {MAX_QUERY_LEN})"),
+        )
+    } else {
+        next.run(req).await
+    };
+    tracing::debug!(
+        %method,
+        path = uri.path(),
+        query_len,
+        status = resp.status().as_u16(),
+        elapsed_ms = start.elapsed().as_secs_f64() * 1e3,
+        "HTTP request"
+    );
+    resp
+}
+
+async fn not_found() -> Response {
+    text(
+        StatusCode::NOT_FOUND,
+        "not found: try /profile, /flamegraph.svg, /folded, /processes, /metrics, /healthz, /readyz",
+    )
+}
+
+async fn method_not_allowed() -> Response {
+    text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed: only GET and HEAD",
+    )
+}
+
+async fn healthz() -> Response {
+    text(StatusCode::OK, "ok")
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    match st.source.ready() {
+        Ok(()) => text(StatusCode::OK, "ready"),
+        Err(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("not ready: {why}"),
+        ),
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let body = st.source.metrics_text();
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        body,
+    )
+        .into_response()
+}
+
+async fn processes(State(st): State<AppState>) -> Response {
+    Json(st.source.processes()).into_response()
+}
+
+/// What a profile query asks for.
+#[derive(Debug, PartialEq, Eq)]
+struct ProfileQuery {
+    selector: Selector,
+    seconds: u32,
+}
+
+/// `v` for an error message: quoted, escaped, cut to 64 characters.
+fn quoted(v: &str) -> String {
+    const MAX: usize = 64;
+    if v.chars().count() > MAX {
+        let cut: String = v.chars().take(MAX).collect();
+        format!("{cut:?}...")
+    } else {
+        format!("{v:?}")
+    }
+}
+
+/// A decimal number of ASCII digits only (no sign, no spaces).
+fn parse_number(v: &str) -> Option<u32> {
+    if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+/// Validates the parameters of `/profile`, `/flamegraph.svg` and `/folded`.
+fn parse_profile_query(pairs: &[(String, String)], retention: u32) -> Result<ProfileQuery, String> {
+    let mut pid = None;
+    let mut service = None;
+    let mut seconds = None;
+    for (k, v) in pairs {
+        let slot = match k.as_str() {
+            "pid" => &mut pid,
+            "service" => &mut service,
+            "seconds" => &mut seconds,
+            _ => {
+                return Err(format!(
+                    "unknown parameter {}: expected pid or service, and seconds",
+                    quoted(k)
+                ))
+            }
+        };
+        if slot.is_some() {
+            return Err(format!("parameter {k} given more than once"));
+        }
+        *slot = Some(v.as_str());
+    }
+    let seconds = match seconds {
+        None => DEFAULT_SECONDS.min(retention.max(1)),
+        Some(v) => match parse_number(v) {
+            Some(n) if (1..=retention).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "bad seconds {}: expected a whole number from 1 to {retention}",
+                    quoted(v)
+                ))
+            }
+        },
+    };
+    let selector = match (pid, service) {
+        (Some(_), Some(_)) => return Err("give either pid or service, not both".to_string()),
+        (None, None) => return Err("missing parameter: pid or service".to_string()),
+        (Some(v), None) => match parse_number(v) {
+            Some(n) if n > 0 => Selector::Pid(n),
+            _ => {
+                return Err(format!(
+                    "bad pid {}: expected a process id (a positive whole number)",
+                    quoted(v)
+                ))
+            }
+        },
+        (None, Some(v)) => {
+            if v.is_empty() {
+                return Err("bad service \"\": expected a service name".to_string());
+            }
+            Selector::Service(v.to_string())
+        }
+    };
+    Ok(ProfileQuery { selector, seconds })
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Pprof,
+    Svg,
+    Folded,
+}
+
+/// What a selector reads as in titles: `pid 42` or `service web`.
+fn describe(sel: &Selector) -> String {
+    match sel {
+        Selector::Pid(pid) => format!("pid {pid}"),
+        Selector::Service(s) => format!("service {s}"),
+    }
+}
+
+/// The download name of a pprof: `pyebpf-<pid|service>-<N>s.pb.gz`, the
+/// service reduced to `[A-Za-z0-9._-]` so the header stays plain ASCII.
+fn pprof_filename(sel: &Selector, seconds: u32) -> String {
+    let who = match sel {
+        Selector::Pid(pid) => pid.to_string(),
+        Selector::Service(s) => {
+            let clean: String = s
+                .chars()
+                .take(64)
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            if clean.is_empty() {
+                "service".to_string()
+            } else {
+                clean
+            }
+        }
+    };
+    format!("pyebpf-{who}-{seconds}s.pb.gz")
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c if c.is_control() => out.push('?'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A small SVG saying there is nothing to draw (inferno refuses empty graphs).
+fn empty_svg(title: &str) -> Vec<u8> {
+    let title = xml_escape(title);
+    format!(
+        concat!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"no\"?>\n",
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" version=\"1.1\" width=\"600\" height=\"80\" viewBox=\"0 0 600 80\">\n",
+            "<rect x=\"0\" y=\"0\" width=\"100%\" height=\"100%\" fill=\"#eeeeee\"/>\n",
+            "<text x=\"300\" y=\"30\" text-anchor=\"middle\" font-family=\"Verdana, sans-serif\" font-size=\"16\">{}</text>\n",
+            "<text x=\"300\" y=\"58\" text-anchor=\"middle\" font-family=\"Verdana, sans-serif\" font-size=\"14\">no samples</text>\n",
+            "</svg>\n"
+        ),
+        title
+    )
+    .into_bytes()
+}
+
+/// `p` in the format of `kind` (CPU work: run off the async threads).
+fn encode(kind: Kind, p: &Profile, q: &ProfileQuery) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    match kind {
+        Kind::Pprof => pprof::write(p, &mut out)?,
+        Kind::Folded => folded::write(p, &mut out)?,
+        Kind::Svg => {
+            let title = format!("pyebpf: {}, last {} s", describe(&q.selector), q.seconds);
+            if p.total_samples() == 0 {
+                out = empty_svg(&title);
+            } else {
+                svg::write(p, &title, &mut out)?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn query_error(e: QueryError) -> Response {
+    let status = match e {
+        QueryError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        QueryError::NotFound(_) => StatusCode::NOT_FOUND,
+        QueryError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    text(status, &e.to_string())
+}
+
+async fn profile_response(
+    st: AppState,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    kind: Kind,
+) -> Response {
+    let pairs = match query {
+        Ok(Query(pairs)) => pairs,
+        Err(_) => return text(StatusCode::BAD_REQUEST, "malformed query string"),
+    };
+    let q = match parse_profile_query(&pairs, st.source.retention_secs()) {
+        Ok(q) => q,
+        Err(msg) => return text(StatusCode::BAD_REQUEST, &msg),
+    };
+    let Ok(_permit) = st.profile_slots.clone().acquire_owned().await else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let source = st.source.clone();
+    let job = tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let result = source
+            .profile(&q.selector, q.seconds)
+            .map(|p| (encode(kind, &p, &q), p.total_samples()));
+        (q, result, started.elapsed())
+    });
+    let (q, result, took) = match job.await {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::error!(error = %e, "profile request failed");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error building the profile",
+            );
+        }
+    };
+    let (bytes, samples) = match result {
+        Err(e) => return query_error(e),
+        Ok((Err(e), _)) => {
+            tracing::error!(error = %format!("{e:#}"), ?kind, "encoding profile failed");
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error encoding the profile",
+            );
+        }
+        Ok((Ok(bytes), samples)) => (bytes, samples),
+    };
+    tracing::debug!(
+        selector = ?q.selector,
+        seconds = q.seconds,
+        ?kind,
+        samples,
+        bytes = bytes.len(),
+        build_ms = took.as_secs_f64() * 1e3,
+        "profile built"
+    );
+    let mut resp = Response::new(Body::from(bytes));
+    let headers = resp.headers_mut();
+    let content_type = match kind {
+        Kind::Pprof => "application/octet-stream",
+        Kind::Svg => "image/svg+xml",
+        Kind::Folded => TEXT_PLAIN,
+    };
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Kind::Pprof = kind {
+        let disposition = format!(
+            "attachment; filename=\"{}\"",
+            pprof_filename(&q.selector, q.seconds)
+        );
+        if let Ok(v) = HeaderValue::from_str(&disposition) {
+            headers.insert(header::CONTENT_DISPOSITION, v);
+        }
+    }
+    resp
+}
+
+async fn profile_pprof(
+    State(st): State<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    profile_response(st, q, Kind::Pprof).await
+}
+
+async fn profile_svg(
+    State(st): State<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    profile_response(st, q, Kind::Svg).await
+}
+
+async fn profile_folded(
+    State(st): State<AppState>,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    profile_response(st, q, Kind::Folded).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use prost::Message as _;
+
+    use super::*;
+    use crate::daemon::{ProcessLabels, ProcessView};
+    use crate::profile::Frame;
+
+    const RETENTION: u32 = 300;
+
+    fn py(name: &str, file: &str, line: u32) -> Frame {
+        Frame::Python {
+            qualname: name.into(),
+            filename: file.into(),
+            line,
+            first_line: 1,
+        }
+    }
+
+    /// 10 samples in three stacks.
+    fn hand_profile() -> Profile {
+        let mut p = Profile::new(100);
+        p.duration = Duration::from_secs(10);
+        let main = py("<module>", "/srv/app.py", 3);
+        p.add(vec![main.clone(), py("handle", "/srv/app.py", 10)], 6);
+        p.add(
+            vec![
+                main.clone(),
+                py("handle", "/srv/app.py", 11),
+                py("json.dumps", "/usr/lib/python3.11/json/__init__.py", 231),
+            ],
+            3,
+        );
+        p.add(vec![main], 1);
+        p
+    }
+
+    struct Fake {
+        ready: Mutex<Result<(), String>>,
+        /// Every (selector, seconds) asked of `profile`.
+        asked: Mutex<Vec<(Selector, u32)>>,
+    }
+
+    impl ApiSource for Fake {
+        fn processes(&self) -> Vec<ProcessView> {
+            vec![ProcessView {
+                labels: ProcessLabels {
+                    pid: 42,
+                    command: "python3".into(),
+                    service: "web".into(),
+                    exe: "/usr/bin/python3.11".into(),
+                    cmdline: "python3 app.py".into(),
+                    container_id: Some("abc".into()),
+                    ..Default::default()
+                },
+                python_version: "3.11.7".into(),
+                status: "profiled",
+                since: 1_700_000_000,
+                samples: 10,
+            }]
+        }
+
+        fn profile(&self, selector: &Selector, seconds: u32) -> Result<Profile, QueryError> {
+            self.asked.lock().unwrap().push((selector.clone(), seconds));
+            match selector {
+                Selector::Pid(42) => Ok(hand_profile()),
+                Selector::Pid(7) => Ok(Profile::new(100)),
+                Selector::Service(s) if s == "web" || s == "we b\"/ü" => Ok(hand_profile()),
+                Selector::Service(s) if s == "starting" => {
+                    Err(QueryError::NotReady("first discovery not done".into()))
+                }
+                Selector::Pid(pid) => Err(QueryError::NotFound(format!(
+                    "no profiled process with pid {pid}"
+                ))),
+                Selector::Service(s) => Err(QueryError::NotFound(format!(
+                    "no profiled process of service {s:?}"
+                ))),
+            }
+        }
+
+        fn metrics_text(&self) -> String {
+            "# HELP pyebpf_test A test.\n# TYPE pyebpf_test gauge\npyebpf_test 1\n".into()
+        }
+
+        fn ready(&self) -> Result<(), String> {
+            self.ready.lock().unwrap().clone()
+        }
+
+        fn retention_secs(&self) -> u32 {
+            RETENTION
+        }
+    }
+
+    struct Server {
+        base: String,
+        fake: Arc<Fake>,
+        client: reqwest::Client,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    async fn start() -> Server {
+        let fake = Arc::new(Fake {
+            ready: Mutex::new(Ok(())),
+            asked: Mutex::new(Vec::new()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, fake.clone(), async {
+            let _ = rx.await;
+        }));
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        Server {
+            base,
+            fake,
+            client,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    impl Server {
+        async fn get(&self, path: &str) -> reqwest::Response {
+            self.client
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .unwrap()
+        }
+
+        /// Status, content type and body text of a GET.
+        async fn get_text(&self, path: &str) -> (u16, String, String) {
+            let r = self.get(path).await;
+            let status = r.status().as_u16();
+            let ct = content_type(&r);
+            (status, ct, r.text().await.unwrap())
+        }
+
+        fn last_asked(&self) -> Option<(Selector, u32)> {
+            self.fake.asked.lock().unwrap().last().cloned()
+        }
+
+        async fn shutdown(mut self) {
+            self.stop.take().unwrap().send(()).unwrap();
+            let done = tokio::time::timeout(Duration::from_secs(10), self.task)
+                .await
+                .expect("serve did not stop after shutdown");
+            done.unwrap().unwrap();
+        }
+    }
+
+    fn content_type(r: &reqwest::Response) -> String {
+        r.headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    fn gunzip_pprof(bytes: &[u8]) -> pprof::proto::Profile {
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(bytes)
+            .read_to_end(&mut raw)
+            .unwrap();
+        pprof::proto::Profile::decode(&raw[..]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn health_ready_metrics_processes() {
+        let s = start().await;
+        assert_eq!(
+            s.get_text("/healthz").await,
+            (200, TEXT_PLAIN.into(), "ok\n".into())
+        );
+        assert_eq!(
+            s.get_text("/readyz").await,
+            (200, TEXT_PLAIN.into(), "ready\n".into())
+        );
+        *s.fake.ready.lock().unwrap() = Err("sampler\nnot loaded".into());
+        assert_eq!(
+            s.get_text("/readyz").await,
+            (
+                503,
+                TEXT_PLAIN.into(),
+                "not ready: sampler\\nnot loaded\n".into()
+            )
+        );
+        // Liveness does not depend on readiness.
+        assert_eq!(s.get_text("/healthz").await.0, 200);
+
+        let (status, ct, body) = s.get_text("/metrics").await;
+        assert_eq!(status, 200);
+        assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
+        assert_eq!(body, s.fake.metrics_text());
+
+        let (status, ct, body) = s.get_text("/processes").await;
+        assert_eq!(status, 200);
+        assert_eq!(ct, "application/json");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let arr = v.as_array().unwrap();
+        assert_eq!(arr.len(), 1);
+        assert_eq!(arr[0]["labels"]["pid"], 42);
+        assert_eq!(arr[0]["labels"]["service"], "web");
+        assert_eq!(arr[0]["labels"]["container_id"], "abc");
+        assert_eq!(arr[0]["python_version"], "3.11.7");
+        assert_eq!(arr[0]["status"], "profiled");
+        assert_eq!(arr[0]["samples"], 10);
+        s.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn pprof_by_pid_and_service() {
+        let s = start().await;
+        let r = s.get("/profile?pid=42").await;
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(content_type(&r), "application/octet-stream");
+        assert_eq!(
+            r.headers()["content-disposition"],
+            "attachment; filename=\"pyebpf-42-10s.pb.gz\""
+        );
+        let m = gunzip_pprof(&r.bytes().await.unwrap());
+        // Default seconds.
+        assert_eq!(s.last_asked(), Some((Selector::Pid(42), 10)));
+        assert_eq!(m.sample.len(), 3);
+        let total: i64 = m.sample.iter().map(|x| x.value[0]).sum();
+        assert_eq!(total, 10);
+        let mut counts: Vec<i64> = m.sample.iter().map(|x| x.value[0]).collect();
+        counts.sort();
+        assert_eq!(counts, vec![1, 3, 6]);
+        let deepest = m.sample.iter().find(|x| x.value[0] == 3).unwrap();
+        assert_eq!(deepest.location_id.len(), 3);
+        let names: Vec<&str> = m
+            .function
+            .iter()
+            .map(|f| m.string_table[f.name as usize].as_str())
+            .collect();
+        assert!(names.contains(&"json.dumps"), "{names:?}");
+
+        let r = s.get("/profile?service=web&seconds=60").await;
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(
+            r.headers()["content-disposition"],
+            "attachment; filename=\"pyebpf-web-60s.pb.gz\""
+        );
+        assert_eq!(s.last_asked(), Some((Selector::Service("web".into()), 60)));
+        let m = gunzip_pprof(&r.bytes().await.unwrap());
+        assert_eq!(m.sample.iter().map(|x| x.value[0]).sum::<i64>(), 10);
+
+        // A service name that cannot go in a header as is.
+        let r = s
+            .get("/profile?service=we%20b%22%2F%C3%BC&seconds=300")
+            .await;
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(
+            r.headers()["content-disposition"],
+            "attachment; filename=\"pyebpf-we_b___-300s.pb.gz\""
+        );
+        assert_eq!(
+            s.last_asked(),
+            Some((Selector::Service("we b\"/ü".into()), 300))
+        );
+
+        // HEAD answers like GET without a body.
+        let r = s
+            .client
+            .head(format!("{}/profile?pid=42", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert_eq!(content_type(&r), "application/octet-stream");
+        assert!(r.bytes().await.unwrap().is_empty());
+        s.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn flamegraph_and_folded() {
+        let s = start().await;
+        let (status, ct, body) = s.get_text("/flamegraph.svg?pid=42&seconds=5").await;
+        assert_eq!(status, 200);
+        assert_eq!(ct, "image/svg+xml");
+        assert!(body.starts_with("<?xml"));
+        assert!(body.trim_end().ends_with("</svg>"));
+        assert!(body.contains("pyebpf: pid 42, last 5 s"));
+        assert!(body.contains("json.dumps"));
+
+        // Empty profile: a valid SVG that says so, not an error.
+        let (status, ct, body) = s.get_text("/flamegraph.svg?pid=7").await;
+        assert_eq!(status, 200);
+        assert_eq!(ct, "image/svg+xml");
+        assert!(body.starts_with("<?xml"));
+        assert!(body.contains("<svg"));
+        assert!(body.trim_end().ends_with("</svg>"));
+        assert!(body.contains("no samples"));
+        assert!(body.contains("pyebpf: pid 7, last 10 s"));
+
+        let (status, ct, body) = s.get_text("/folded?service=web&seconds=1").await;
+        assert_eq!(status, 200);
+        assert_eq!(ct, TEXT_PLAIN);
+        let lines: Vec<&str> = body.lines().collect();
+        assert_eq!(
+            lines,
+            vec![
+                "<module> (/srv/app.py:3) 1",
+                "<module> (/srv/app.py:3);handle (/srv/app.py:10) 6",
+                "<module> (/srv/app.py:3);handle (/srv/app.py:11);json.dumps (/usr/lib/python3.11/json/__init__.py:231) 3",
+            ]
+        );
+        assert_eq!(s.last_asked(), Some((Selector::Service("web".into()), 1)));
+
+        let (status, _, body) = s.get_text("/folded?pid=7").await;
+        assert_eq!((status, body.as_str()), (200, ""));
+        s.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn error_paths() {
+        let s = start().await;
+        let asked_before = s.fake.asked.lock().unwrap().len();
+        for (path, want) in [
+            ("/profile?pid=abc", "bad pid \"abc\""),
+            ("/profile?pid=-1", "bad pid"),
+            ("/profile?pid=+1", "bad pid"),
+            ("/profile?pid=0", "bad pid"),
+            ("/profile?pid=99999999999", "bad pid"),
+            ("/profile?pid=", "bad pid"),
+            ("/profile?pid=1&service=x", "either pid or service"),
+            ("/profile?pid=1&pid=2", "pid given more than once"),
+            ("/profile?pid=1&seconds=0", "bad seconds \"0\""),
+            ("/profile?pid=1&seconds=99999", "from 1 to 300"),
+            ("/profile?pid=1&seconds=301", "from 1 to 300"),
+            ("/profile?pid=1&seconds=1.5", "bad seconds"),
+            (
+                "/profile?pid=1&seconds=10&seconds=20",
+                "seconds given more than once",
+            ),
+            ("/profile?seconds=0", "bad seconds"),
+            ("/profile", "missing parameter: pid or service"),
+            ("/profile?", "missing parameter"),
+            ("/profile?seconds=5", "missing parameter"),
+            ("/profile?service=", "bad service"),
+            ("/profile?pid=1&debug=1", "unknown parameter \"debug\""),
+            ("/profile?pid=%0a%22x", "bad pid \"\\n\\\"x\""),
+            ("/flamegraph.svg?pid=abc", "bad pid"),
+            ("/folded?pid=1&service=x", "either pid or service"),
+            ("/folded?pid&service", "either pid or service"),
+            ("/folded?%ff%fe=1", "unknown parameter"),
+        ] {
+            let (status, ct, body) = s.get_text(path).await;
+            assert_eq!(status, 400, "{path}: {body}");
+            assert_eq!(ct, TEXT_PLAIN, "{path}");
+            assert!(body.contains(want), "{path}: {body:?}");
+            assert!(
+                body.ends_with('\n') && body.lines().count() == 1,
+                "{path}: {body:?}"
+            );
+        }
+        // None of them reached the source.
+        assert_eq!(s.fake.asked.lock().unwrap().len(), asked_before);
+
+        // Unknown process / service.
+        for path in [
+            "/profile?pid=1",
+            "/flamegraph.svg?service=nope",
+            "/folded?pid=5",
+        ] {
+            let (status, ct, body) = s.get_text(path).await;
+            assert_eq!(status, 404, "{path}: {body}");
+            assert_eq!(ct, TEXT_PLAIN);
+            assert!(body.starts_with("no profiled process"), "{body}");
+        }
+        // Not ready.
+        let (status, _, body) = s.get_text("/profile?service=starting").await;
+        assert_eq!(status, 503);
+        assert_eq!(body, "not ready: first discovery not done\n");
+
+        // Unknown paths.
+        for path in ["/", "/nope", "/profile/42", "/metrics/x", "/flamegraph"] {
+            let (status, ct, body) = s.get_text(path).await;
+            assert_eq!(status, 404, "{path}");
+            assert_eq!(ct, TEXT_PLAIN);
+            assert!(body.starts_with("not found"), "{body}");
+        }
+
+        // Methods other than GET and HEAD.
+        for path in ["/profile?pid=42", "/metrics", "/healthz", "/processes"] {
+            let r = s
+                .client
+                .post(format!("{}{path}", s.base))
+                .body("x")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 405, "{path}");
+            let allow = r.headers()["allow"].to_str().unwrap().to_string();
+            assert!(allow.contains("GET") && allow.contains("HEAD"), "{allow}");
+            assert_eq!(
+                r.text().await.unwrap(),
+                "method not allowed: only GET and HEAD\n"
+            );
+        }
+        for m in ["PUT", "DELETE", "PATCH", "OPTIONS"] {
+            let r = s
+                .client
+                .request(m.parse().unwrap(), format!("{}/metrics", s.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 405, "{m}");
+        }
+
+        // Over-long query strings.
+        let long = format!("/profile?service={}", "a".repeat(MAX_QUERY_LEN));
+        let (status, ct, body) = s.get_text(&long).await;
+        assert_eq!(status, 414);
+        assert_eq!(ct, TEXT_PLAIN);
+        assert!(body.starts_with("query string too long"), "{body}");
+        // Just under the limit is fine (and unknown: 404).
+        let ok = format!("/profile?service={}", "a".repeat(MAX_QUERY_LEN - 8));
+        assert_eq!(s.get_text(&ok).await.0, 404);
+
+        // The server still works after all that.
+        assert_eq!(s.get_text("/healthz").await.0, 200);
+        s.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn graceful_shutdown_ends_serve() {
+        let s = start().await;
+        // A kept-alive idle connection must not hold the shutdown.
+        assert_eq!(s.get_text("/healthz").await.0, 200);
+        let base = s.base.clone();
+        let client = s.client.clone();
+        s.shutdown().await;
+        // Nothing listens any more.
+        assert!(client.get(format!("{base}/healthz")).send().await.is_err());
+    }
+
+    #[test]
+    fn query_parsing() {
+        let q = |s: &str| -> Vec<(String, String)> {
+            s.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (k.to_string(), v.to_string())
+                })
+                .collect()
+        };
+        assert_eq!(
+            parse_profile_query(&q("pid=12"), 300),
+            Ok(ProfileQuery {
+                selector: Selector::Pid(12),
+                seconds: 10
+            })
+        );
+        assert_eq!(
+            parse_profile_query(&q("seconds=300&service=a b"), 300),
+            Ok(ProfileQuery {
+                selector: Selector::Service("a b".into()),
+                seconds: 300
+            })
+        );
+        // Default clamped to a retention shorter than it.
+        assert_eq!(
+            parse_profile_query(&q("pid=1"), 5).map(|q| q.seconds),
+            Ok(5)
+        );
+        assert!(parse_profile_query(&q("pid=1&seconds=6"), 5).is_err());
+        assert!(parse_profile_query(&q("pid=4294967295"), 5).is_ok());
+        assert!(parse_profile_query(&q("pid=4294967296"), 5).is_err());
+        // Long values are cut in messages.
+        let long = format!("pid={}", "x".repeat(1000));
+        let msg = parse_profile_query(&q(&long), 5).unwrap_err();
+        assert!(msg.len() < 200, "{msg}");
+    }
+
+    #[test]
+    fn filenames_and_svg() {
+        assert_eq!(pprof_filename(&Selector::Pid(3), 10), "pyebpf-3-10s.pb.gz");
+        assert_eq!(
+            pprof_filename(&Selector::Service("api.v2-x_y".into()), 1),
+            "pyebpf-api.v2-x_y-1s.pb.gz"
+        );
+        assert_eq!(
+            pprof_filename(&Selector::Service("".into()), 1),
+            "pyebpf-service-1s.pb.gz"
+        );
+        let svg = String::from_utf8(empty_svg("a<b>&\"c\"\n")).unwrap();
+        assert!(svg.contains("a&lt;b&gt;&amp;&quot;c&quot;?"));
+    }
+}

@@ -1,1 +1,1050 @@
-//! TODO
+//! The daemon's Prometheus metrics, every name prefixed `pyebpf_`.
+//!
+//! Counters fed from absolute totals kept elsewhere (the BPF per-CPU
+//! counters, the kernel's program run statistics, symbol cache totals) are
+//! advanced by the difference from the last value seen; a value lower than
+//! the last one is taken as a restart of its source and counted whole.
+//!
+//! Label sets known in advance (outcomes, read steps, results, export
+//! targets) are created at start, so every series exists from the first
+//! scrape, at zero. `pyebpf_function_samples` only has the series of the
+//! last [`Metrics::set_top_functions`] (none before).
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use profiler_common::{Counter, ReadStep};
+use prometheus::core::Collector;
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+use super::ProcessLabels;
+use crate::bpf::counters::Counters;
+use crate::bpf::sampler::RunStats;
+use crate::profile::{Frame, Profile};
+use crate::python::symbolizer::SymbolStats;
+
+/// What discovery decided about a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscoveryResult {
+    Profiled,
+    NotPython,
+    Excluded,
+    Failed,
+}
+
+impl DiscoveryResult {
+    pub const ALL: [DiscoveryResult; 4] = [
+        DiscoveryResult::Profiled,
+        DiscoveryResult::NotPython,
+        DiscoveryResult::Excluded,
+        DiscoveryResult::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiscoveryResult::Profiled => "profiled",
+            DiscoveryResult::NotPython => "not_python",
+            DiscoveryResult::Excluded => "excluded",
+            DiscoveryResult::Failed => "failed",
+        }
+    }
+}
+
+/// Where a window's profiles are exported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportTarget {
+    PprofDir,
+    Pyroscope,
+}
+
+impl ExportTarget {
+    pub const ALL: [ExportTarget; 2] = [ExportTarget::PprofDir, ExportTarget::Pyroscope];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportTarget::PprofDir => "pprof_dir",
+            ExportTarget::Pyroscope => "pyroscope",
+        }
+    }
+}
+
+/// How an export went: written/sent, failed, or dropped (queue full, given up).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportResult {
+    Ok,
+    Error,
+    Dropped,
+}
+
+impl ExportResult {
+    pub const ALL: [ExportResult; 3] =
+        [ExportResult::Ok, ExportResult::Error, ExportResult::Dropped];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportResult::Ok => "ok",
+            ExportResult::Error => "error",
+            ExportResult::Dropped => "dropped",
+        }
+    }
+}
+
+/// `(function, file, samples)` of one function in one process.
+pub type FunctionSamples = (String, String, u64);
+
+const SYMBOL_RESULTS: [&str; 5] = ["hit", "miss", "stale", "unreadable", "invalid"];
+
+/// Last absolute values seen by the delta setters.
+#[derive(Default)]
+struct Last {
+    outcomes: [u64; Counter::ALL.len()],
+    read_errors: [u64; ReadStep::ALL.len()],
+    symbols: [u64; SYMBOL_RESULTS.len()],
+    symbol_resets: u64,
+    run_time_ns: u64,
+    run_count: u64,
+}
+
+/// Advances `c` from `last` to the absolute total `now` (a decrease is a
+/// restart of the source: `now` counts whole).
+fn advance(c: &IntCounter, last: &mut u64, now: u64) {
+    let delta = if now >= *last { now - *last } else { now };
+    if delta > 0 {
+        c.inc_by(delta);
+    }
+    *last = now;
+}
+
+/// Every metric of the daemon, in its own registry.
+pub struct Metrics {
+    registry: Registry,
+    last: Mutex<Last>,
+    bpf_events: IntCounterVec,
+    bpf_read_errors: IntCounterVec,
+    ringbuf_dropped: IntCounter,
+    processes_profiled: IntGauge,
+    processes_discovered: IntCounterVec,
+    symbol_cache: IntCounterVec,
+    symbol_cache_resets: IntCounter,
+    stacks_evicted: IntCounter,
+    bpf_run_time: prometheus::Counter,
+    bpf_run_count: IntCounter,
+    bpf_ns_per_sample: prometheus::Gauge,
+    window_flush: Histogram,
+    export: IntCounterVec,
+    samples_received: IntCounter,
+    function_samples: IntGaugeVec,
+    function_series_dropped: IntGauge,
+}
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are static and distinct");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    register(registry, c)
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::new(name, help).expect("valid metric"))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// All metrics, registered, with `pyebpf_build_info{version}` set to
+    /// this crate's version.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let bpf_events = counter_vec(
+            &r,
+            "pyebpf_bpf_events_total",
+            "Outcomes of the BPF sampler's perf events, by outcome (events counts every run; \
+             the others say what became of it).",
+            &["outcome"],
+        );
+        let bpf_read_errors = counter_vec(
+            &r,
+            "pyebpf_bpf_read_errors_total",
+            "Stack walks the BPF sampler ended on a failed read of target memory, by the step \
+             that failed.",
+            &["step"],
+        );
+        let ringbuf_dropped = counter(
+            &r,
+            "pyebpf_ringbuf_dropped_samples_total",
+            "Samples lost because the BPF ring buffer was full (userspace not keeping up).",
+        );
+        let processes_profiled = register(
+            &r,
+            IntGauge::new(
+                "pyebpf_processes_profiled",
+                "Python processes being profiled now.",
+            )
+            .expect("valid metric"),
+        );
+        let processes_discovered = counter_vec(
+            &r,
+            "pyebpf_processes_discovered_total",
+            "Processes examined by discovery, by result: profiled, not_python, excluded (by the \
+             configured filters) or failed.",
+            &["result"],
+        );
+        let symbol_cache = counter_vec(
+            &r,
+            "pyebpf_symbol_cache_total",
+            "Code object lookups when symbolising frames, by result: hit or miss; stale, \
+             unreadable and invalid are the misses that gave an unknown frame.",
+            &["result"],
+        );
+        let symbol_cache_resets = counter(
+            &r,
+            "pyebpf_symbol_cache_resets_total",
+            "Times a per-process symbol cache was emptied on reaching its size cap.",
+        );
+        let stacks_evicted = counter(
+            &r,
+            "pyebpf_stacks_evicted_total",
+            "Distinct stacks evicted from the in-memory store to stay within its memory bound.",
+        );
+        let bpf_run_time = register(
+            &r,
+            prometheus::Counter::new(
+                "pyebpf_bpf_run_time_seconds_total",
+                "CPU time spent in the BPF sampler programs, per the kernel's program statistics \
+                 (zero unless kernel.bpf_stats_enabled is 1).",
+            )
+            .expect("valid metric"),
+        );
+        let bpf_run_count = counter(
+            &r,
+            "pyebpf_bpf_run_count_total",
+            "Runs of the BPF sampler's entry program (one per perf event), per the kernel's \
+             program statistics.",
+        );
+        let bpf_ns_per_sample = register(
+            &r,
+            prometheus::Gauge::new(
+                "pyebpf_bpf_ns_per_sample",
+                "Mean BPF CPU time per sample, in nanoseconds, between the last two updates \
+                 (entry and walker programs together).",
+            )
+            .expect("valid metric"),
+        );
+        let window_flush = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "pyebpf_window_flush_seconds",
+                    "Time to close a profiling window: symbolise, aggregate and hand its \
+                     profiles to the exporters.",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ]),
+            )
+            .expect("valid metric"),
+        );
+        let export = counter_vec(
+            &r,
+            "pyebpf_export_total",
+            "Profile exports, by target (pprof_dir, pyroscope) and result (ok, error, dropped).",
+            &["target", "result"],
+        );
+        let samples_received = counter(
+            &r,
+            "pyebpf_samples_received_total",
+            "Stack samples read from the BPF ring buffer by userspace.",
+        );
+        let function_samples = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "pyebpf_function_samples",
+                    "Own (leaf) samples of a Python function in the last closed window, for \
+                     each process's top functions (capped series count).",
+                ),
+                &["pid", "service", "function", "file"],
+            )
+            .expect("valid metric"),
+        );
+        let function_series_dropped = register(
+            &r,
+            IntGauge::new(
+                "pyebpf_function_series_dropped",
+                "pyebpf_function_samples series left out of the last update by the series cap.",
+            )
+            .expect("valid metric"),
+        );
+        let build_info = register(
+            &r,
+            IntGaugeVec::new(
+                Opts::new("pyebpf_build_info", "pyebpf build information; always 1."),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
+
+        for k in Counter::ALL {
+            bpf_events.with_label_values(&[k.name()]);
+        }
+        for s in ReadStep::ALL {
+            bpf_read_errors.with_label_values(&[s.name()]);
+        }
+        for d in DiscoveryResult::ALL {
+            processes_discovered.with_label_values(&[d.as_str()]);
+        }
+        for s in SYMBOL_RESULTS {
+            symbol_cache.with_label_values(&[s]);
+        }
+        for t in ExportTarget::ALL {
+            for res in ExportResult::ALL {
+                export.with_label_values(&[t.as_str(), res.as_str()]);
+            }
+        }
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        Metrics {
+            registry: r,
+            last: Mutex::new(Last::default()),
+            bpf_events,
+            bpf_read_errors,
+            ringbuf_dropped,
+            processes_profiled,
+            processes_discovered,
+            symbol_cache,
+            symbol_cache_resets,
+            stacks_evicted,
+            bpf_run_time,
+            bpf_run_count,
+            bpf_ns_per_sample,
+            window_flush,
+            export,
+            samples_received,
+            function_samples,
+            function_series_dropped,
+        }
+    }
+
+    /// The registry, to add collectors of other parts.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, Last> {
+        // A panic elsewhere cannot leave `Last` inconsistent enough to matter.
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Updates `pyebpf_bpf_events_total`, `pyebpf_bpf_read_errors_total` and
+    /// `pyebpf_ringbuf_dropped_samples_total` (the `ringbuf_full` outcome)
+    /// from a snapshot of the sampler's absolute counters.
+    pub fn set_bpf_counters(&self, c: &Counters) {
+        let mut last = self.last();
+        for k in Counter::ALL {
+            let i = k as usize;
+            let before = last.outcomes[i];
+            advance(
+                &self.bpf_events.with_label_values(&[k.name()]),
+                &mut last.outcomes[i],
+                c.outcomes[i],
+            );
+            if k == Counter::RingBufFull {
+                let mut b = before;
+                advance(&self.ringbuf_dropped, &mut b, c.outcomes[i]);
+            }
+        }
+        for s in ReadStep::ALL {
+            let i = s as usize;
+            advance(
+                &self.bpf_read_errors.with_label_values(&[s.name()]),
+                &mut last.read_errors[i],
+                c.read_errors[i],
+            );
+        }
+    }
+
+    /// Updates `pyebpf_symbol_cache_total` and
+    /// `pyebpf_symbol_cache_resets_total` from absolute totals. They must be
+    /// monotonic (e.g. summed over every symbolizer ever, exited processes
+    /// included): a decrease is taken as a restart. For per-process stats
+    /// that come and go, use [`Metrics::add_symbol_stats`] with differences.
+    pub fn set_symbol_stats(&self, s: &SymbolStats) {
+        let mut last = self.last();
+        for (i, (name, now)) in SYMBOL_RESULTS.iter().zip(symbol_values(s)).enumerate() {
+            advance(
+                &self.symbol_cache.with_label_values(&[name]),
+                &mut last.symbols[i],
+                now,
+            );
+        }
+        advance(&self.symbol_cache_resets, &mut last.symbol_resets, s.resets);
+    }
+
+    /// Adds `s`, counts since the previous call (not totals), to the symbol
+    /// cache counters.
+    pub fn add_symbol_stats(&self, s: &SymbolStats) {
+        for (name, n) in SYMBOL_RESULTS.iter().zip(symbol_values(s)) {
+            self.symbol_cache.with_label_values(&[name]).inc_by(n);
+        }
+        self.symbol_cache_resets.inc_by(s.resets);
+    }
+
+    /// Updates `pyebpf_bpf_run_time_seconds_total`, `pyebpf_bpf_run_count_total`
+    /// and `pyebpf_bpf_ns_per_sample` from the kernel's absolute program
+    /// statistics. The gauge keeps its value when no sample ran since the
+    /// previous update.
+    pub fn set_run_stats(&self, s: &RunStats) {
+        let mut last = self.last();
+        let now_ns = u64::try_from(s.run_time.as_nanos()).unwrap_or(u64::MAX);
+        let dt = if now_ns >= last.run_time_ns {
+            now_ns - last.run_time_ns
+        } else {
+            now_ns
+        };
+        let dn = if s.samples >= last.run_count {
+            s.samples - last.run_count
+        } else {
+            s.samples
+        };
+        if dt > 0 {
+            self.bpf_run_time.inc_by(dt as f64 / 1e9);
+        }
+        if dn > 0 {
+            self.bpf_run_count.inc_by(dn);
+            self.bpf_ns_per_sample.set(dt as f64 / dn as f64);
+        }
+        last.run_time_ns = now_ns;
+        last.run_count = s.samples;
+    }
+
+    /// Sets `pyebpf_processes_profiled`.
+    pub fn set_processes_profiled(&self, n: usize) {
+        self.processes_profiled
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one process examined by discovery.
+    pub fn inc_discovered(&self, result: DiscoveryResult) {
+        self.processes_discovered
+            .with_label_values(&[result.as_str()])
+            .inc();
+    }
+
+    /// Adds to `pyebpf_stacks_evicted_total`.
+    pub fn add_stacks_evicted(&self, n: u64) {
+        self.stacks_evicted.inc_by(n);
+    }
+
+    /// Adds to `pyebpf_samples_received_total`.
+    pub fn add_samples_received(&self, n: u64) {
+        self.samples_received.inc_by(n);
+    }
+
+    /// Records how long closing a window took.
+    pub fn observe_window_flush(&self, took: Duration) {
+        self.window_flush.observe(took.as_secs_f64());
+    }
+
+    /// Counts one export.
+    pub fn inc_export(&self, target: ExportTarget, result: ExportResult) {
+        self.export
+            .with_label_values(&[target.as_str(), result.as_str()])
+            .inc();
+    }
+
+    /// Replaces every `pyebpf_function_samples` series with `top` (per
+    /// process, its functions as from [`top_functions`]). At most
+    /// `max_series` series are kept, the largest across all processes (ties
+    /// by pid, function, file); `pyebpf_function_series_dropped` says how many
+    /// were left out. Repeated (pid, function, file) entries are summed.
+    pub fn set_top_functions(
+        &self,
+        top: &[(ProcessLabels, Vec<FunctionSamples>)],
+        max_series: usize,
+    ) {
+        let mut merged: BTreeMap<(u32, &str, &str), (&str, u64)> = BTreeMap::new();
+        for (labels, functions) in top {
+            for (function, file, samples) in functions {
+                let e = merged
+                    .entry((labels.pid, function.as_str(), file.as_str()))
+                    .or_insert((labels.service.as_str(), 0));
+                e.1 = e.1.saturating_add(*samples);
+            }
+        }
+        let mut series: Vec<_> = merged.into_iter().collect();
+        // Stable sort: equal counts stay in (pid, function, file) order.
+        series.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+        let dropped = series.len().saturating_sub(max_series);
+        series.truncate(max_series);
+
+        self.function_samples.reset();
+        for ((pid, function, file), (service, samples)) in series {
+            self.function_samples
+                .with_label_values(&[&pid.to_string(), service, function, file])
+                .set(i64::try_from(samples).unwrap_or(i64::MAX));
+        }
+        self.function_series_dropped
+            .set(i64::try_from(dropped).unwrap_or(i64::MAX));
+    }
+
+    /// Every metric in the Prometheus text format (version 0.0.4).
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# error encoding metrics: {e}\n"))
+    }
+}
+
+fn symbol_values(s: &SymbolStats) -> [u64; SYMBOL_RESULTS.len()] {
+    [s.hits, s.misses, s.stale, s.unreadable, s.invalid]
+}
+
+/// The `k` Python functions with the most own (leaf) samples in `profile`,
+/// as `(qualname, file, samples)`, largest first, ties by name then file.
+/// Stacks whose leaf is not a Python frame are not counted.
+pub fn top_functions(profile: &Profile, k: usize) -> Vec<FunctionSamples> {
+    let mut own: HashMap<(&str, &str), u64> = HashMap::new();
+    for (stack, &count) in &profile.stacks {
+        if let Some(Frame::Python {
+            qualname, filename, ..
+        }) = stack.last()
+        {
+            if count > 0 {
+                let e = own.entry((qualname, filename)).or_insert(0);
+                *e = e.saturating_add(count);
+            }
+        }
+    }
+    let mut v: Vec<_> = own.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(k);
+    v.into_iter()
+        .map(|((f, file), n)| (f.to_string(), file.to_string(), n))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::UnknownReason;
+
+    /// `name{labels} value` lines of `text` as (name, labels, value), label
+    /// values unescaped; panics on a line that does not parse.
+    fn parse(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+        let mut out = Vec::new();
+        for line in text.lines() {
+            if line.is_empty() || line.starts_with('#') {
+                if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+                    continue;
+                }
+                assert!(line.is_empty(), "bad comment line {line:?}");
+                continue;
+            }
+            let name_end = line
+                .find(|c: char| c == '{' || c == ' ')
+                .unwrap_or_else(|| panic!("no value: {line:?}"));
+            let name = &line[..name_end];
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad name in {line:?}"
+            );
+            let mut rest = &line[name_end..];
+            let mut labels = Vec::new();
+            if let Some(r) = rest.strip_prefix('{') {
+                let mut chars = r.char_indices();
+                loop {
+                    // label name
+                    let mut key = String::new();
+                    let mut c = chars.next().expect("unterminated labels");
+                    if c.1 == '}' {
+                        rest = &r[c.0 + 1..];
+                        break;
+                    }
+                    while c.1 != '=' {
+                        key.push(c.1);
+                        c = chars.next().expect("label without =");
+                    }
+                    assert_eq!(chars.next().map(|c| c.1), Some('"'), "{line:?}");
+                    let mut val = String::new();
+                    loop {
+                        let (_, ch) = chars.next().expect("unterminated value");
+                        match ch {
+                            '"' => break,
+                            '\\' => match chars.next().expect("dangling escape").1 {
+                                'n' => val.push('\n'),
+                                '\\' => val.push('\\'),
+                                '"' => val.push('"'),
+                                e => panic!("bad escape \\{e} in {line:?}"),
+                            },
+                            '\n' => panic!("raw newline"),
+                            ch => val.push(ch),
+                        }
+                    }
+                    labels.push((key, val));
+                    let (i, sep) = chars.next().expect("unterminated labels");
+                    if sep == '}' {
+                        rest = &r[i + 1..];
+                        break;
+                    }
+                    assert_eq!(sep, ',', "{line:?}");
+                }
+            }
+            let value = rest
+                .strip_prefix(' ')
+                .unwrap_or_else(|| panic!("no space before value: {line:?}"));
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                v => v
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            };
+            out.push((name.to_string(), labels, value));
+        }
+        out
+    }
+
+    fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        parse(text).into_iter().find_map(|(n, l, v)| {
+            let matches = n == name
+                && labels
+                    .iter()
+                    .all(|(k, val)| l.iter().any(|(k2, v2)| k2 == k && v2 == val));
+            matches.then_some(v)
+        })
+    }
+
+    fn labels(pid: u32, service: &str) -> ProcessLabels {
+        ProcessLabels {
+            pid,
+            service: service.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn every_metric_has_help() {
+        let m = Metrics::new();
+        m.set_top_functions(
+            &[(labels(1, "web"), vec![("f".into(), "/a.py".into(), 3)])],
+            10,
+        );
+        let text = m.render();
+        parse(&text);
+        for name in [
+            "pyebpf_bpf_events_total",
+            "pyebpf_bpf_read_errors_total",
+            "pyebpf_ringbuf_dropped_samples_total",
+            "pyebpf_processes_profiled",
+            "pyebpf_processes_discovered_total",
+            "pyebpf_symbol_cache_total",
+            "pyebpf_symbol_cache_resets_total",
+            "pyebpf_stacks_evicted_total",
+            "pyebpf_bpf_run_time_seconds_total",
+            "pyebpf_bpf_run_count_total",
+            "pyebpf_bpf_ns_per_sample",
+            "pyebpf_window_flush_seconds",
+            "pyebpf_export_total",
+            "pyebpf_samples_received_total",
+            "pyebpf_function_samples",
+            "pyebpf_function_series_dropped",
+            "pyebpf_build_info",
+        ] {
+            let help = format!("# HELP {name} ");
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&help))
+                .unwrap_or_else(|| panic!("no HELP for {name}"));
+            assert!(line.len() > help.len() + 10, "{line}");
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name}");
+        }
+        for family in parse(&text) {
+            assert!(family.0.starts_with("pyebpf_"), "{}", family.0);
+        }
+        assert_eq!(
+            value(
+                &text,
+                "pyebpf_build_info",
+                &[("version", env!("CARGO_PKG_VERSION"))]
+            ),
+            Some(1.0)
+        );
+        // Known label sets exist at zero from the start.
+        for k in Counter::ALL {
+            assert_eq!(
+                value(&text, "pyebpf_bpf_events_total", &[("outcome", k.name())]),
+                Some(0.0)
+            );
+        }
+        for s in ReadStep::ALL {
+            assert_eq!(
+                value(&text, "pyebpf_bpf_read_errors_total", &[("step", s.name())]),
+                Some(0.0)
+            );
+        }
+        for t in ["pprof_dir", "pyroscope"] {
+            for r in ["ok", "error", "dropped"] {
+                assert_eq!(
+                    value(
+                        &text,
+                        "pyebpf_export_total",
+                        &[("target", t), ("result", r)]
+                    ),
+                    Some(0.0)
+                );
+            }
+        }
+        assert!(text.contains("# TYPE pyebpf_bpf_events_total counter"));
+        assert!(text.contains("# TYPE pyebpf_window_flush_seconds histogram"));
+        assert!(text.contains("# TYPE pyebpf_function_samples gauge"));
+    }
+
+    #[test]
+    fn counters_from_absolute_values() {
+        let m = Metrics::new();
+        let mut c = Counters::default();
+        c.outcomes[Counter::Events as usize] = 100;
+        c.outcomes[Counter::Sampled as usize] = 90;
+        c.outcomes[Counter::RingBufFull as usize] = 4;
+        c.read_errors[ReadStep::Code as usize] = 2;
+        m.set_bpf_counters(&c);
+        m.set_bpf_counters(&c); // unchanged: no double counting
+        let ev =
+            |m: &Metrics, o: &str| value(&m.render(), "pyebpf_bpf_events_total", &[("outcome", o)]);
+        assert_eq!(ev(&m, "events"), Some(100.0));
+        assert_eq!(ev(&m, "sampled"), Some(90.0));
+        assert_eq!(ev(&m, "ringbuf_full"), Some(4.0));
+        assert_eq!(ev(&m, "truncated"), Some(0.0));
+        assert_eq!(
+            value(
+                &m.render(),
+                "pyebpf_bpf_read_errors_total",
+                &[("step", "code_object")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&m.render(), "pyebpf_ringbuf_dropped_samples_total", &[]),
+            Some(4.0)
+        );
+
+        c.outcomes[Counter::Events as usize] = 150;
+        c.outcomes[Counter::RingBufFull as usize] = 10;
+        m.set_bpf_counters(&c);
+        assert_eq!(ev(&m, "events"), Some(150.0));
+        assert_eq!(ev(&m, "sampled"), Some(90.0));
+        assert_eq!(
+            value(&m.render(), "pyebpf_ringbuf_dropped_samples_total", &[]),
+            Some(10.0)
+        );
+
+        // The source restarted (sampler reloaded): new values count whole.
+        c.outcomes[Counter::Events as usize] = 30;
+        c.outcomes[Counter::RingBufFull as usize] = 1;
+        c.read_errors[ReadStep::Code as usize] = 0;
+        m.set_bpf_counters(&c);
+        assert_eq!(ev(&m, "events"), Some(180.0));
+        assert_eq!(
+            value(&m.render(), "pyebpf_ringbuf_dropped_samples_total", &[]),
+            Some(11.0)
+        );
+        assert_eq!(
+            value(
+                &m.render(),
+                "pyebpf_bpf_read_errors_total",
+                &[("step", "code_object")]
+            ),
+            Some(2.0)
+        );
+        // And go on from there.
+        c.outcomes[Counter::Events as usize] = 35;
+        m.set_bpf_counters(&c);
+        assert_eq!(ev(&m, "events"), Some(185.0));
+
+        // Symbol stats, absolute then differences.
+        let mut s = SymbolStats {
+            hits: 10,
+            misses: 5,
+            stale: 1,
+            unreadable: 2,
+            invalid: 0,
+            resets: 1,
+        };
+        m.set_symbol_stats(&s);
+        s.hits = 25;
+        m.set_symbol_stats(&s);
+        let sym = |m: &Metrics, r: &str| {
+            value(&m.render(), "pyebpf_symbol_cache_total", &[("result", r)])
+        };
+        assert_eq!(sym(&m, "hit"), Some(25.0));
+        assert_eq!(sym(&m, "miss"), Some(5.0));
+        assert_eq!(sym(&m, "stale"), Some(1.0));
+        assert_eq!(sym(&m, "unreadable"), Some(2.0));
+        assert_eq!(sym(&m, "invalid"), Some(0.0));
+        s.hits = 3; // restart
+        m.set_symbol_stats(&s);
+        assert_eq!(sym(&m, "hit"), Some(28.0));
+        m.add_symbol_stats(&SymbolStats {
+            invalid: 7,
+            ..Default::default()
+        });
+        assert_eq!(sym(&m, "invalid"), Some(7.0));
+        assert_eq!(sym(&m, "hit"), Some(28.0));
+        assert_eq!(
+            value(&m.render(), "pyebpf_symbol_cache_resets_total", &[]),
+            Some(1.0)
+        );
+
+        // Run stats.
+        m.set_run_stats(&RunStats {
+            run_time: Duration::from_micros(500),
+            samples: 100,
+            walks: 300,
+        });
+        let t = m.render();
+        assert_eq!(value(&t, "pyebpf_bpf_run_count_total", &[]), Some(100.0));
+        assert_eq!(value(&t, "pyebpf_bpf_ns_per_sample", &[]), Some(5000.0));
+        let secs = value(&t, "pyebpf_bpf_run_time_seconds_total", &[]).unwrap();
+        assert!((secs - 0.0005).abs() < 1e-12, "{secs}");
+        m.set_run_stats(&RunStats {
+            run_time: Duration::from_micros(700),
+            samples: 200,
+            walks: 600,
+        });
+        let t = m.render();
+        assert_eq!(value(&t, "pyebpf_bpf_run_count_total", &[]), Some(200.0));
+        assert_eq!(value(&t, "pyebpf_bpf_ns_per_sample", &[]), Some(2000.0));
+        // Nothing ran: the gauge keeps its value.
+        m.set_run_stats(&RunStats {
+            run_time: Duration::from_micros(700),
+            samples: 200,
+            walks: 600,
+        });
+        assert_eq!(
+            value(&m.render(), "pyebpf_bpf_ns_per_sample", &[]),
+            Some(2000.0)
+        );
+
+        // Plain counters, gauges and the histogram.
+        m.set_processes_profiled(3);
+        m.inc_discovered(DiscoveryResult::NotPython);
+        m.inc_discovered(DiscoveryResult::NotPython);
+        m.add_stacks_evicted(4);
+        m.add_samples_received(1000);
+        m.inc_export(ExportTarget::Pyroscope, ExportResult::Dropped);
+        m.observe_window_flush(Duration::from_millis(30));
+        let t = m.render();
+        assert_eq!(value(&t, "pyebpf_processes_profiled", &[]), Some(3.0));
+        assert_eq!(
+            value(
+                &t,
+                "pyebpf_processes_discovered_total",
+                &[("result", "not_python")]
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "pyebpf_processes_discovered_total",
+                &[("result", "profiled")]
+            ),
+            Some(0.0)
+        );
+        assert_eq!(value(&t, "pyebpf_stacks_evicted_total", &[]), Some(4.0));
+        assert_eq!(
+            value(&t, "pyebpf_samples_received_total", &[]),
+            Some(1000.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "pyebpf_export_total",
+                &[("target", "pyroscope"), ("result", "dropped")]
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "pyebpf_window_flush_seconds_count", &[]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "pyebpf_window_flush_seconds_bucket", &[("le", "0.05")]),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "pyebpf_window_flush_seconds_bucket", &[("le", "0.025")]),
+            Some(0.0)
+        );
+    }
+
+    fn py(name: &str, file: &str) -> Frame {
+        Frame::Python {
+            qualname: name.into(),
+            filename: file.into(),
+            line: 1,
+            first_line: 1,
+        }
+    }
+
+    #[test]
+    fn top_functions_by_own_samples() {
+        let mut p = Profile::new(100);
+        let root = py("<module>", "/a.py");
+        p.add(vec![root.clone(), py("f", "/a.py")], 5);
+        p.add(vec![root.clone(), py("g", "/a.py"), py("f", "/a.py")], 4);
+        p.add(vec![root.clone(), py("g", "/a.py")], 3);
+        p.add(vec![root.clone(), py("f", "/b.py")], 3);
+        p.add(vec![root.clone()], 1);
+        p.add(vec![root.clone(), py("h", "/a.py")], 0);
+        // Non-Python leaves are not functions.
+        p.add(
+            vec![
+                root.clone(),
+                Frame::Unknown {
+                    reason: UnknownReason::Stale,
+                },
+            ],
+            50,
+        );
+        p.add(vec![Frame::Truncated, py("f", "/a.py")], 1);
+        p.add(vec![], 7);
+
+        let all = top_functions(&p, 10);
+        assert_eq!(
+            all,
+            vec![
+                ("f".to_string(), "/a.py".to_string(), 10),
+                ("f".to_string(), "/b.py".to_string(), 3),
+                ("g".to_string(), "/a.py".to_string(), 3),
+                ("<module>".to_string(), "/a.py".to_string(), 1),
+            ]
+        );
+        assert_eq!(top_functions(&p, 2), all[..2].to_vec());
+        assert!(top_functions(&p, 0).is_empty());
+        assert!(top_functions(&Profile::new(100), 5).is_empty());
+    }
+
+    #[test]
+    fn top_function_series_are_capped() {
+        let m = Metrics::new();
+        let f = |name: &str, n: u64| (name.to_string(), "/app.py".to_string(), n);
+        let top = vec![
+            (labels(1, "web"), vec![f("a", 50), f("b", 5), f("c", 1)]),
+            (labels(2, "worker"), vec![f("x", 20), f("y", 5)]),
+        ];
+        m.set_top_functions(&top, 3);
+        let t = m.render();
+        let series: Vec<_> = parse(&t)
+            .into_iter()
+            .filter(|(n, _, _)| n == "pyebpf_function_samples")
+            .collect();
+        assert_eq!(series.len(), 3, "{t}");
+        assert_eq!(
+            value(
+                &t,
+                "pyebpf_function_samples",
+                &[
+                    ("pid", "1"),
+                    ("service", "web"),
+                    ("function", "a"),
+                    ("file", "/app.py")
+                ]
+            ),
+            Some(50.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "pyebpf_function_samples",
+                &[("pid", "2"), ("service", "worker"), ("function", "x")]
+            ),
+            Some(20.0)
+        );
+        // Tie at 5: pid 1 first.
+        assert_eq!(
+            value(
+                &t,
+                "pyebpf_function_samples",
+                &[("pid", "1"), ("function", "b")]
+            ),
+            Some(5.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "pyebpf_function_samples",
+                &[("pid", "2"), ("function", "y")]
+            ),
+            None
+        );
+        assert_eq!(value(&t, "pyebpf_function_series_dropped", &[]), Some(2.0));
+
+        // The next update replaces every series.
+        m.set_top_functions(&[(labels(3, "batch"), vec![f("z", 9)])], 3);
+        let t = m.render();
+        let series: Vec<_> = parse(&t)
+            .into_iter()
+            .filter(|(n, _, _)| n == "pyebpf_function_samples")
+            .collect();
+        assert_eq!(series.len(), 1);
+        assert_eq!(
+            value(
+                &t,
+                "pyebpf_function_samples",
+                &[("pid", "3"), ("function", "z")]
+            ),
+            Some(9.0)
+        );
+        assert_eq!(value(&t, "pyebpf_function_series_dropped", &[]), Some(0.0));
+
+        m.set_top_functions(&top, 0);
+        let t = m.render();
+        assert!(!t.lines().any(|l| l.starts_with("pyebpf_function_samples{")));
+        assert_eq!(value(&t, "pyebpf_function_series_dropped", &[]), Some(5.0));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let m = Metrics::new();
+        let nasty = [
+            ("quote\"d", "/srv/a\\b.py"),
+            ("new\nline", "/srv/ü/модуль.py"),
+            ("<lambda>", "{weird}, \"file\"\n"),
+        ];
+        let funcs: Vec<FunctionSamples> = nasty
+            .iter()
+            .enumerate()
+            .map(|(i, (f, file))| (f.to_string(), file.to_string(), i as u64 + 1))
+            .collect();
+        m.set_top_functions(&[(labels(9, "svc \"x\"\nÿ"), funcs)], 100);
+        let t = m.render();
+        let parsed = parse(&t);
+        for (i, (f, file)) in nasty.iter().enumerate() {
+            let (_, l, v) = parsed
+                .iter()
+                .find(|(n, l, _)| {
+                    n == "pyebpf_function_samples"
+                        && l.iter().any(|(k, val)| k == "function" && val == f)
+                })
+                .unwrap_or_else(|| panic!("{f:?} not found in {t}"));
+            assert_eq!(*v, i as f64 + 1.0);
+            assert!(l.contains(&("file".to_string(), file.to_string())));
+            assert!(l.contains(&("service".to_string(), "svc \"x\"\nÿ".to_string())));
+        }
+    }
+}

@@ -20,6 +20,7 @@ pub mod filter;
 pub mod http;
 pub mod labels;
 pub mod metrics;
+pub mod store;
 
 /// Labels of a profiled process, attached to everything exported for it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]

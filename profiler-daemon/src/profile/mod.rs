@@ -32,6 +32,9 @@ pub enum Frame {
     /// Synthetic root of a stack whose walk stopped on a failed read: the
     /// frames nearer the root are missing.
     Partial,
+    /// Stands for samples whose stack was new while the daemon's per-process
+    /// stack table was full (counted in `pyebpf_stacks_overflowed_total`).
+    Overflow,
 }
 
 /// Why a frame is shown as unknown.
@@ -86,6 +89,7 @@ impl fmt::Display for Frame {
             Frame::Unknown { reason } => write!(f, "[unknown code object: {}]", reason.as_str()),
             Frame::Truncated => f.write_str("[truncated]"),
             Frame::Partial => f.write_str("[partial stack: read failed]"),
+            Frame::Overflow => f.write_str("[stack table full]"),
         }
     }
 }

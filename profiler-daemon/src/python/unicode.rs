@@ -22,7 +22,7 @@ pub enum StrError {
     Memory(#[from] MemoryError),
     #[error("str at {addr:#x}: invalid kind {kind} (state byte {state:#04x})")]
     BadKind { addr: u64, kind: u8, state: u8 },
-    #[error("str at {addr:#x}: length {len} exceeds the limit of {max} code points")]
+    #[error("str at {addr:#x}: length {len} is outside the accepted 0..={max} code points")]
     TooLong { addr: u64, len: i64, max: usize },
 }
 

@@ -1,0 +1,554 @@
+//! Per-process stacks in one-second buckets, bounded in memory.
+//!
+//! Each distinct raw stack of a process is interned once and symbolised at
+//! that moment (while its code objects are alive); buckets then only hold
+//! `(stack id, count)` pairs. Queries merge the buckets they cover, so any
+//! `seconds` up to the retention is answered at once, without waiting for a
+//! window to close.
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use profiler_common::RawFrame;
+
+use super::{ProcessLabels, ProcessView, QueryError, Selector};
+use crate::bpf::events::RawSample;
+use crate::process::memory::ProcessMemory;
+use crate::profile::{Frame, Profile};
+use crate::python::symbolizer::{SymbolStats, Symbolizer};
+
+/// Limits of the store.
+#[derive(Clone, Copy, Debug)]
+pub struct StoreLimits {
+    pub retention_secs: u32,
+    pub max_processes: usize,
+    pub max_stacks_per_process: usize,
+}
+
+/// Counters of what the store had to refuse or drop.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Samples added.
+    pub samples: u64,
+    /// Samples from a pid the store does not hold.
+    pub foreign_samples: u64,
+    /// Samples whose stack was new while the stack table was full: counted
+    /// under a synthetic `[stack table full]` stack instead.
+    pub stacks_overflowed: u64,
+    /// Stacks dropped by garbage collection after their buckets expired.
+    pub stacks_collected: u64,
+    /// Processes refused because `max_processes` were held.
+    pub processes_refused: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct RawKey {
+    truncated: bool,
+    partial: bool,
+    frames: Box<[RawFrame]>,
+}
+
+struct Bucket {
+    second: u64,
+    counts: HashMap<u32, u64>,
+}
+
+/// One profiled process.
+struct Entry {
+    labels: ProcessLabels,
+    start_time: u64,
+    python_version: String,
+    since: SystemTime,
+    exited_at: Option<u64>,
+    symbols: Symbolizer<ProcessMemory>,
+    intern: HashMap<RawKey, u32>,
+    /// Symbolised stacks by id, root first; `None` for free slots.
+    stacks: Vec<Option<Arc<[Frame]>>>,
+    free: Vec<u32>,
+    overflow_id: Option<u32>,
+    buckets: VecDeque<Bucket>,
+    samples: u64,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Entry {
+    fn symbolise(&mut self, key: &RawKey) -> Arc<[Frame]> {
+        let mut v = Vec::with_capacity(key.frames.len() + 1);
+        if key.truncated {
+            v.push(Frame::Truncated);
+        } else if key.partial {
+            v.push(Frame::Partial);
+        }
+        v.extend(key.frames.iter().rev().map(|f| self.symbols.frame(f)));
+        v.into()
+    }
+
+    fn store_stack(&mut self, frames: Arc<[Frame]>) -> u32 {
+        match self.free.pop() {
+            Some(id) => {
+                self.stacks[id as usize] = Some(frames);
+                id
+            }
+            None => {
+                self.stacks.push(Some(frames));
+                (self.stacks.len() - 1) as u32
+            }
+        }
+    }
+
+    fn live_stacks(&self) -> usize {
+        self.stacks.len() - self.free.len()
+    }
+
+    /// Stack id for a sample, interning (and symbolising) it if new.
+    fn stack_id(&mut self, key: RawKey, cap: usize, stats: &mut StoreStats) -> u32 {
+        if let Some(id) = self.intern.get(&key) {
+            return *id;
+        }
+        if self.live_stacks() >= cap {
+            stats.stacks_overflowed += 1;
+            if let Some(id) = self.overflow_id {
+                return id;
+            }
+            let id = self.store_stack(vec![Frame::Overflow].into());
+            self.overflow_id = Some(id);
+            return id;
+        }
+        let frames = self.symbolise(&key);
+        let id = self.store_stack(frames);
+        self.intern.insert(key, id);
+        id
+    }
+
+    fn add(&mut self, second: u64, id: u32) {
+        self.samples += 1;
+        match self.buckets.back_mut() {
+            Some(b) if b.second == second => *b.counts.entry(id).or_insert(0) += 1,
+            Some(b) if b.second > second => {
+                // A late sample (clock step): count it in the newest bucket.
+                *b.counts.entry(id).or_insert(0) += 1;
+            }
+            _ => {
+                let mut counts = HashMap::new();
+                counts.insert(id, 1);
+                self.buckets.push_back(Bucket { second, counts });
+            }
+        }
+    }
+
+    /// Drops buckets before `oldest` and the stacks no bucket refers to.
+    fn expire(&mut self, oldest: u64) -> u64 {
+        let mut dropped = false;
+        while self.buckets.front().is_some_and(|b| b.second < oldest) {
+            self.buckets.pop_front();
+            dropped = true;
+        }
+        if !dropped {
+            return 0;
+        }
+        let mut used = vec![false; self.stacks.len()];
+        for b in &self.buckets {
+            for id in b.counts.keys() {
+                if let Some(u) = used.get_mut(*id as usize) {
+                    *u = true;
+                }
+            }
+        }
+        let mut collected = 0;
+        self.intern.retain(|_, id| {
+            let keep = used.get(*id as usize).copied().unwrap_or(false);
+            if !keep {
+                collected += 1;
+            }
+            keep
+        });
+        for (id, slot) in self.stacks.iter_mut().enumerate() {
+            if slot.is_some() && !used[id] {
+                *slot = None;
+                self.free.push(id as u32);
+                if self.overflow_id == Some(id as u32) {
+                    self.overflow_id = None;
+                }
+            }
+        }
+        collected
+    }
+
+    /// Counts per stack over buckets with `second >= from` and `< until`.
+    fn counts(&self, from: u64, until: u64) -> HashMap<u32, u64> {
+        let mut out = HashMap::new();
+        for b in self.buckets.iter().filter(|b| b.second >= from && b.second < until) {
+            for (id, c) in &b.counts {
+                *out.entry(*id).or_insert(0) += c;
+            }
+        }
+        out
+    }
+
+    fn add_to_profile(&self, profile: &mut Profile, from: u64, until: u64) {
+        for (id, c) in self.counts(from, until) {
+            if let Some(Some(frames)) = self.stacks.get(id as usize) {
+                profile.add(frames.to_vec(), c);
+            }
+        }
+    }
+}
+
+/// Everything the daemon holds about profiled processes.
+pub struct Store {
+    limits: StoreLimits,
+    rate_hz: u32,
+    entries: HashMap<u32, Entry>,
+    pub stats: StoreStats,
+    /// Symbol statistics of processes already removed.
+    retired_symbols: SymbolStats,
+}
+
+/// What a new process brings to the store.
+pub struct NewProcess {
+    pub labels: ProcessLabels,
+    pub start_time: u64,
+    pub python_version: String,
+    pub pycode_type: u64,
+}
+
+impl Store {
+    pub fn new(limits: StoreLimits, rate_hz: u32) -> Self {
+        Store {
+            limits,
+            rate_hz,
+            entries: HashMap::new(),
+            stats: StoreStats::default(),
+            retired_symbols: SymbolStats::default(),
+        }
+    }
+
+    pub fn set_limits(&mut self, limits: StoreLimits) {
+        self.limits = limits;
+    }
+
+    pub fn retention_secs(&self) -> u32 {
+        self.limits.retention_secs
+    }
+
+    /// Starts holding a process; `false` if `max_processes` are held. A pid
+    /// already held (reused by a new process) is replaced.
+    pub fn add_process(&mut self, p: NewProcess, now: SystemTime) -> bool {
+        let pid = p.labels.pid;
+        if let Some(old) = self.entries.remove(&pid) {
+            self.retire(old);
+        }
+        if self.entries.len() >= self.limits.max_processes {
+            self.stats.processes_refused += 1;
+            return false;
+        }
+        self.entries.insert(
+            pid,
+            Entry {
+                symbols: Symbolizer::new(ProcessMemory::new(pid), p.pycode_type),
+                labels: p.labels,
+                start_time: p.start_time,
+                python_version: p.python_version,
+                since: now,
+                exited_at: None,
+                intern: HashMap::new(),
+                stacks: Vec::new(),
+                free: Vec::new(),
+                overflow_id: None,
+                buckets: VecDeque::new(),
+                samples: 0,
+            },
+        );
+        true
+    }
+
+    fn retire(&mut self, e: Entry) {
+        let s = e.symbols.stats;
+        let r = &mut self.retired_symbols;
+        r.hits += s.hits;
+        r.misses += s.misses;
+        r.stale += s.stale;
+        r.unreadable += s.unreadable;
+        r.invalid += s.invalid;
+        r.resets += s.resets;
+    }
+
+    pub fn holds(&self, pid: u32, start_time: u64) -> bool {
+        self.entries
+            .get(&pid)
+            .is_some_and(|e| e.start_time == start_time && e.exited_at.is_none())
+    }
+
+    /// Live (not exited) processes: pid and start time.
+    pub fn live(&self) -> Vec<(u32, u64)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.exited_at.is_none())
+            .map(|(pid, e)| (*pid, e.start_time))
+            .collect()
+    }
+
+    /// Marks a process exited; its data stays queryable until it expires.
+    pub fn mark_exited(&mut self, pid: u32, now: SystemTime) {
+        if let Some(e) = self.entries.get_mut(&pid) {
+            e.exited_at.get_or_insert(unix_secs(now));
+        }
+    }
+
+    pub fn add_sample(&mut self, s: RawSample, now: SystemTime) {
+        let cap = self.limits.max_stacks_per_process;
+        let Some(e) = self.entries.get_mut(&s.pid) else {
+            self.stats.foreign_samples += 1;
+            return;
+        };
+        self.stats.samples += 1;
+        let key = RawKey {
+            truncated: s.truncated,
+            partial: s.read_error.is_some(),
+            frames: s.frames.into_boxed_slice(),
+        };
+        let id = e.stack_id(key, cap, &mut self.stats);
+        e.add(unix_secs(now), id);
+    }
+
+    /// Drops data older than the retention, and exited processes with none left.
+    pub fn expire(&mut self, now: SystemTime) {
+        let oldest = unix_secs(now).saturating_sub(u64::from(self.limits.retention_secs));
+        let mut gone = Vec::new();
+        for (pid, e) in &mut self.entries {
+            self.stats.stacks_collected += e.expire(oldest);
+            if e.exited_at.is_some() && e.buckets.is_empty() {
+                gone.push(*pid);
+            }
+        }
+        for pid in gone {
+            if let Some(e) = self.entries.remove(&pid) {
+                self.retire(e);
+            }
+        }
+    }
+
+    /// Symbolisation statistics over every process ever held.
+    pub fn symbol_stats(&self) -> SymbolStats {
+        let mut t = self.retired_symbols;
+        for s in self.entries.values().map(|e| e.symbols.stats) {
+            t.hits += s.hits;
+            t.misses += s.misses;
+            t.stale += s.stale;
+            t.unreadable += s.unreadable;
+            t.invalid += s.invalid;
+            t.resets += s.resets;
+        }
+        t
+    }
+
+    pub fn processes_profiled(&self) -> usize {
+        self.entries.values().filter(|e| e.exited_at.is_none()).count()
+    }
+
+    pub fn views(&self) -> Vec<ProcessView> {
+        let mut v: Vec<_> = self
+            .entries
+            .values()
+            .map(|e| ProcessView {
+                labels: e.labels.clone(),
+                python_version: e.python_version.clone(),
+                status: if e.exited_at.is_some() {
+                    "exited"
+                } else {
+                    "profiled"
+                },
+                since: unix_secs(e.since),
+                samples: e.buckets.iter().flat_map(|b| b.counts.values()).sum(),
+            })
+            .collect();
+        v.sort_by_key(|p| p.labels.pid);
+        v
+    }
+
+    /// The last `seconds` seconds (the current, partial second included).
+    pub fn query(
+        &self,
+        selector: &Selector,
+        seconds: u32,
+        now: SystemTime,
+    ) -> Result<Profile, QueryError> {
+        if seconds == 0 || seconds > self.limits.retention_secs {
+            return Err(QueryError::BadRequest(format!(
+                "seconds must be between 1 and {} (the retention)",
+                self.limits.retention_secs
+            )));
+        }
+        let until = unix_secs(now) + 1;
+        let from = until.saturating_sub(u64::from(seconds));
+        let mut profile = Profile::new(self.rate_hz);
+        let mut found = false;
+        for e in self.select(selector) {
+            found = true;
+            e.add_to_profile(&mut profile, from, until);
+        }
+        if !found {
+            return Err(QueryError::NotFound(match selector {
+                Selector::Pid(p) => format!("process {p} is not profiled"),
+                Selector::Service(s) => format!("no profiled process has service {s:?}"),
+            }));
+        }
+        profile.start = Some(UNIX_EPOCH + std::time::Duration::from_secs(from));
+        profile.duration = std::time::Duration::from_secs(u64::from(seconds));
+        Ok(profile)
+    }
+
+    fn select<'a>(&'a self, selector: &'a Selector) -> impl Iterator<Item = &'a Entry> + 'a {
+        self.entries.values().filter(move |e| match selector {
+            Selector::Pid(p) => e.labels.pid == *p,
+            Selector::Service(s) => e.labels.service == *s,
+        })
+    }
+
+    /// One profile per process over `[from, until)` unix seconds, for window
+    /// exports; processes without samples there are left out.
+    pub fn window(&self, from: u64, until: u64) -> Vec<(ProcessLabels, Profile)> {
+        let mut out = Vec::new();
+        for e in self.entries.values() {
+            let mut p = Profile::new(self.rate_hz);
+            e.add_to_profile(&mut p, from, until);
+            if p.total_samples() > 0 {
+                p.start = Some(UNIX_EPOCH + std::time::Duration::from_secs(from));
+                p.duration = std::time::Duration::from_secs(until.saturating_sub(from));
+                out.push((e.labels.clone(), p));
+            }
+        }
+        out.sort_by_key(|(l, _)| l.pid);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn labels(pid: u32, service: &str) -> ProcessLabels {
+        ProcessLabels {
+            pid,
+            command: "python3".into(),
+            service: service.into(),
+            ..Default::default()
+        }
+    }
+
+    fn store(max_stacks: usize) -> Store {
+        Store::new(
+            StoreLimits {
+                retention_secs: 10,
+                max_processes: 2,
+                max_stacks_per_process: max_stacks,
+            },
+            100,
+        )
+    }
+
+    fn sample(pid: u32, code: u64) -> RawSample {
+        RawSample {
+            pid,
+            tid: pid,
+            cpu: 0,
+            ktime_ns: 0,
+            truncated: false,
+            read_error: None,
+            frames: vec![RawFrame {
+                code,
+                instr: 0,
+                checksum: 1,
+            }],
+        }
+    }
+
+    fn new_proc(pid: u32, service: &str) -> NewProcess {
+        NewProcess {
+            labels: labels(pid, service),
+            start_time: 1,
+            python_version: "3.11.7".into(),
+            pycode_type: 0,
+        }
+    }
+
+    #[test]
+    fn buckets_answer_any_span_up_to_retention() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(100);
+        assert!(s.add_process(new_proc(1, "a"), t0));
+        for i in 0..5 {
+            s.add_sample(sample(1, 8), t0 + Duration::from_secs(i));
+        }
+        let now = t0 + Duration::from_secs(4);
+        assert_eq!(s.query(&Selector::Pid(1), 1, now).unwrap().total_samples(), 1);
+        assert_eq!(s.query(&Selector::Pid(1), 3, now).unwrap().total_samples(), 3);
+        assert_eq!(s.query(&Selector::Pid(1), 10, now).unwrap().total_samples(), 5);
+        assert!(matches!(s.query(&Selector::Pid(1), 11, now), Err(QueryError::BadRequest(_))));
+        assert!(matches!(s.query(&Selector::Pid(2), 1, now), Err(QueryError::NotFound(_))));
+        assert_eq!(s.window(1_000, 1_002)[0].1.total_samples(), 2);
+    }
+
+    #[test]
+    fn unreadable_code_becomes_an_explicit_unknown_frame() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(100);
+        s.add_process(new_proc(std::process::id(), "a"), t0);
+        s.add_sample(sample(std::process::id(), 8), t0);
+        let p = s.query(&Selector::Pid(std::process::id()), 1, t0).unwrap();
+        let (stack, _) = p.stacks.iter().next().unwrap();
+        assert!(matches!(stack[0], Frame::Unknown { .. }));
+        assert_eq!(s.symbol_stats().unreadable, 1);
+    }
+
+    #[test]
+    fn stack_table_is_capped_with_a_visible_overflow() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(3);
+        s.add_process(new_proc(1, "a"), t0);
+        for code in 0..10 {
+            s.add_sample(sample(1, 8 + code * 8), t0);
+        }
+        assert_eq!(s.stats.stacks_overflowed, 7);
+        let p = s.query(&Selector::Pid(1), 1, t0).unwrap();
+        assert_eq!(p.total_samples(), 10);
+        assert_eq!(p.stacks.get(&vec![Frame::Overflow]), Some(&7));
+    }
+
+    #[test]
+    fn expiry_frees_stacks_and_exited_processes() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(100);
+        s.add_process(new_proc(1, "a"), t0);
+        s.add_sample(sample(1, 8), t0);
+        s.mark_exited(1, t0);
+        assert_eq!(s.views()[0].status, "exited");
+        s.expire(t0 + Duration::from_secs(5));
+        assert_eq!(s.views().len(), 1, "kept while its data is within retention");
+        s.expire(t0 + Duration::from_secs(11));
+        assert!(s.views().is_empty());
+        assert_eq!(s.stats.stacks_collected, 1);
+    }
+
+    #[test]
+    fn process_cap_and_pid_reuse() {
+        let t0 = UNIX_EPOCH;
+        let mut s = store(100);
+        assert!(s.add_process(new_proc(1, "a"), t0));
+        assert!(s.add_process(new_proc(2, "b"), t0));
+        assert!(!s.add_process(new_proc(3, "c"), t0));
+        assert_eq!(s.stats.processes_refused, 1);
+        s.add_sample(sample(1, 8), t0);
+        // pid 1 reused by another process: fresh entry, old data gone.
+        let mut reused = new_proc(1, "new");
+        reused.start_time = 2;
+        assert!(s.add_process(reused, t0));
+        assert!(s.holds(1, 2) && !s.holds(1, 1));
+        assert_eq!(s.query(&Selector::Pid(1), 1, t0).unwrap().total_samples(), 0);
+        assert!(s.query(&Selector::Service("new".into()), 1, t0).is_ok());
+    }
+}
