@@ -19,6 +19,33 @@ struct Cli {
 enum Command {
     /// Profile chosen Python 3.11 processes and write the profile to a file.
     Record(RecordArgs),
+    /// Profile every Python 3.11 process on the host, continuously, and serve
+    /// the results over HTTP (Prometheus, pprof, flamegraphs) and exports.
+    Daemon(DaemonArgs),
+    /// Configuration file tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file without starting anything.
+    Check {
+        /// The YAML file.
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// YAML configuration (see deploy/pyebpf.yaml); built-in defaults without it.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// HTTP address, overriding the configuration (default 127.0.0.1:7464).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -83,14 +110,21 @@ fn format_from_name(path: &Path) -> Format {
     }
 }
 
+/// Logs to stderr: `PYEBPF_LOG` overrides `level`; JSON when asked.
+fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PYEBPF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PYEBPF_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,7 +138,46 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let c = pyebpf::daemon::config::load(&file)?;
+            println!(
+                "{}: ok (listen {}, {} Hz, window {} s, retention {} s, {} include / {} exclude rules)",
+                file.display(),
+                c.listen,
+                c.sampling.rate_hz,
+                c.aggregation.window_secs,
+                c.aggregation.retention_secs,
+                c.discovery.include.len(),
+                c.discovery.exclude.len()
+            );
+            Ok(())
+        }
+        Command::Daemon(a) => {
+            let mut config = match &a.config {
+                Some(path) => pyebpf::daemon::config::load(path)?,
+                None => pyebpf::daemon::config::Config::default(),
+            };
+            if let Some(l) = a.listen {
+                config.listen = l;
+            }
+            init_logging(
+                &config.logging.level,
+                config.logging.format == pyebpf::daemon::config::LogFormat::Json,
+            );
+            pyebpf::caps::require("pyebpf daemon", &pyebpf::caps::record_requirements())?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(pyebpf::daemon::run::run(pyebpf::daemon::run::DaemonOptions {
+                config,
+                config_path: a.config,
+            }))
+        }
         Command::Record(a) => {
+            init_logging("warn", false);
             let duration = match a.duration {
                 Some(d) if !(d.is_finite() && d > 0.0 && d <= 86_400.0 * 365.0) => {
                     anyhow::bail!("--duration must be a positive number of seconds, got {d}")

@@ -77,8 +77,8 @@ const FAST_RETRIES_MS: [u64; 6] = [20, 50, 100, 200, 500, 1000];
 const SLOW_RETRY: Duration = Duration::from_secs(5);
 /// ... for 30 s, after which the process is given up.
 const SLOW_RETRIES: u32 = 6;
-/// A "not Python" answer for a process whose command starts with `python` is
-/// retried this many times (it may be between `exec` and the dynamic loader
+/// A "not Python" answer for a process whose command or executable name
+/// starts with `python` is retried this many times (it may be between `exec` and the dynamic loader
 /// mapping `libpython`).
 const PYTHON_NAMED_RETRIES: u32 = 3;
 /// At most this many ended processes are kept for [`Tracker::take_ended`].
@@ -95,6 +95,16 @@ pub fn retry_delay(attempt: u32) -> Option<Duration> {
         n if n <= fast + SLOW_RETRIES => Some(SLOW_RETRY),
         _ => None,
     }
+}
+
+/// Whether a process looks like an interpreter by name: its command, or the
+/// file name of its executable (for scripts, the interpreter).
+fn python_named(pid: u32, comm: &str) -> bool {
+    comm.starts_with("python")
+        || std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+            exe.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python"))
+        })
 }
 
 /// `PF_KTHREAD` in the `flags` field of `/proc/PID/stat`.
@@ -316,8 +326,10 @@ impl Tracker {
     /// Record the outcome of a failed `python::inspect(c.pid)`:
     /// - the process is gone: forgotten (returns `None`);
     /// - not Python, another Python version, or an incompatible build:
-    ///   [`Seen::NotPython`] (but a process named `python*` is retried a few
-    ///   times first: it may not have mapped `libpython` yet);
+    ///   [`Seen::NotPython`] (but a process whose command or executable is
+    ///   named `python*`, e.g. a `#!/usr/bin/python3` script, is retried a
+    ///   few times first: it may be between its `exec` and the dynamic loader
+    ///   mapping `libpython`);
     /// - not initialized yet, and other possibly transient errors (memory,
     ///   TLS, ELF, `/proc` reads, permission): retried with backoff.
     pub fn record_error(&mut self, c: Candidate, err: &InspectError, now: Instant) -> Option<Seen> {
@@ -328,7 +340,7 @@ impl Tracker {
                 }
                 return None;
             }
-            InspectError::NotPython(_, comm) if comm.starts_with("python") => match self.state(c) {
+            InspectError::NotPython(_, comm) if python_named(c.pid, comm) => match self.state(c) {
                 Some(Seen::Failed { attempts, .. }) if attempts >= PYTHON_NAMED_RETRIES => {
                     self.mark(c, Seen::NotPython);
                     Seen::NotPython
@@ -450,7 +462,9 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::process::python::test_support::{build_fake_python, spawn_ready, ChildGuard};
+    use crate::process::python::test_support::{
+        build_fake_python, path_python, spawn_ready, ChildGuard,
+    };
     use std::process::Command;
 
     fn stat(start_time: u64, comm: &str) -> ProcStat {
@@ -472,7 +486,7 @@ mod tests {
             "1234 (a) b) (c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 10";
         let s = parse_stat(line).unwrap();
         assert_eq!(s.start_time, 987654);
-        assert_eq!(&s.comm[..9], b"a) b) (c)");
+        assert_eq!(&s.comm[..9], b"a) b) (c\0");
         assert!(!s.kernel_thread && !s.exited);
         // kthreadd: flags 0x208040 has PF_KTHREAD.
         let k = "2 (kthreadd) S 0 0 0 0 -1 2129984 0 0 0 0 0 0 0 0 20 0 1 0 3 0 0";
@@ -645,36 +659,58 @@ mod tests {
     fn error_outcomes() {
         let mut t = Tracker::new();
         let now = Instant::now();
-        let c = t.observe(60, stat(1, "python3")).unwrap();
-        let s = t.record_error(c, &InspectError::NotInitialized(60), now);
+        let c = t.observe(0x3fff_ff60, stat(1, "python3")).unwrap();
+        let s = t.record_error(c, &InspectError::NotInitialized(0x3fff_ff60), now);
         assert!(matches!(s, Some(Seen::Failed { attempts: 1, .. })));
-        let s = t.record_error(c, &InspectError::NotInitialized(60), now);
+        let s = t.record_error(c, &InspectError::NotInitialized(0x3fff_ff60), now);
         assert!(matches!(s, Some(Seen::Failed { attempts: 2, .. })));
         assert_eq!(
-            t.record_error(c, &InspectError::NoSuchProcess(60), now),
+            t.record_error(c, &InspectError::NoSuchProcess(0x3fff_ff60), now),
             None
         );
-        assert!(t.get(60).is_none());
+        assert!(t.get(0x3fff_ff60).is_none());
 
-        let c = t.observe(61, stat(1, "node")).unwrap();
-        let s = t.record_error(c, &InspectError::NotPython(61, "node".into()), now);
+        let c = t.observe(0x3fff_ff61, stat(1, "node")).unwrap();
+        let s = t.record_error(c, &InspectError::NotPython(0x3fff_ff61, "node".into()), now);
         assert_eq!(s, Some(Seen::NotPython));
-        let c = t.observe(62, stat(1, "python3.12")).unwrap();
+        let c = t.observe(0x3fff_ff62, stat(1, "python3.12")).unwrap();
         let e = InspectError::UnsupportedVersion {
-            pid: 62,
+            pid: 0x3fff_ff62,
             version: "3.12.1".into(),
         };
         assert_eq!(t.record_error(c, &e, now), Some(Seen::NotPython));
 
         // "python" that is not Python (yet): a few quick retries, then no.
-        let c = t.observe(63, stat(1, "python3")).unwrap();
-        let e = InspectError::NotPython(63, "python3".into());
+        let c = t.observe(0x3fff_ff63, stat(1, "python3")).unwrap();
+        let e = InspectError::NotPython(0x3fff_ff63, "python3".into());
         let got: Vec<_> = (0..4)
             .map(|_| t.record_error(c, &e, now).unwrap())
             .collect();
         assert!(matches!(got[0], Seen::Failed { attempts: 1, .. }));
         assert!(matches!(got[2], Seen::Failed { attempts: 3, .. }));
         assert_eq!(got[3], Seen::NotPython);
+    }
+
+    #[test]
+    fn scripts_with_a_python_shebang_are_python_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("checkout-svc");
+        std::fs::write(
+            &script,
+            format!(
+                "#!{}\nprint('ready', flush=True)\nimport time; time.sleep(30)\n",
+                path_python().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let (child, _) = spawn_ready(&mut Command::new(&script));
+        let comm = python::command(child.pid()).unwrap();
+        assert_eq!(comm, "checkout-svc");
+        assert!(python_named(child.pid(), &comm));
+        assert!(!python_named(std::process::id(), "pyebpf"));
+        assert!(python_named(0x3fff_ffff, "python3"));
     }
 
     #[test]

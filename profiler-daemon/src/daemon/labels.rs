@@ -278,7 +278,12 @@ pub fn service_from_environ(environ: &[u8]) -> Option<String> {
 ///
 /// Only `/proc/PID/comm` is required (its absence means the process is gone);
 /// an unreadable executable link (kernel threads, no permission), environment
-/// or cgroup file leaves the corresponding labels empty.
+/// or cgroup file leaves the corresponding labels empty. A process that exits
+/// while being read may so get partial labels.
+///
+/// Right after an `exec`, until the kernel has laid out the new stack, the
+/// environment reads as empty; a Python process is past that point by the
+/// time its interpreter can be inspected.
 pub fn read_labels(pid: u32) -> Result<ProcessLabels, LabelError> {
     let comm = read_proc(pid, "comm")?;
     let command = String::from_utf8_lossy(&comm)
@@ -288,9 +293,9 @@ pub fn read_labels(pid: u32) -> Result<ProcessLabels, LabelError> {
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
     let cmdline = crate::process::python::command_line(pid).unwrap_or_default();
+    // Kernel threads have no environment (ESRCH), like exited processes.
     let service = match read_proc(pid, "environ") {
         Ok(env) => service_from_environ(&env),
-        Err(e @ LabelError::NoSuchProcess(_)) => return Err(e),
         Err(e) => {
             tracing::debug!(pid, "no service name from the environment: {e}");
             None
@@ -299,7 +304,6 @@ pub fn read_labels(pid: u32) -> Result<ProcessLabels, LabelError> {
     .unwrap_or_else(|| command.clone());
     let cgroup = match read_proc(pid, "cgroup") {
         Ok(text) => parse_cgroup(&String::from_utf8_lossy(&text)),
-        Err(e @ LabelError::NoSuchProcess(_)) => return Err(e),
         Err(e) => {
             tracing::debug!(pid, "no container labels: {e}");
             CgroupInfo::default()
@@ -646,7 +650,12 @@ mod tests {
             }
             let s = Sleeper(cmd.spawn().unwrap());
             let deadline = Instant::now() + Duration::from_secs(10);
-            while std::fs::read_to_string(format!("/proc/{}/comm", s.0.id())).unwrap() != "sleep\n"
+            // comm changes early in exec, the environment is set up later.
+            let pid = s.0.id();
+            while std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap() != "sleep\n"
+                || std::fs::read(format!("/proc/{pid}/environ"))
+                    .unwrap()
+                    .is_empty()
             {
                 assert!(Instant::now() < deadline, "sleep did not start");
                 std::thread::sleep(Duration::from_millis(5));

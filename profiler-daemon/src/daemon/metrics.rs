@@ -487,7 +487,7 @@ impl Metrics {
         }
         let mut series: Vec<_> = merged.into_iter().collect();
         // Stable sort: equal counts stay in (pid, function, file) order.
-        series.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+        series.sort_by_key(|s| std::cmp::Reverse(s.1 .1));
         let dropped = series.len().saturating_sub(max_series);
         series.truncate(max_series);
 
@@ -544,7 +544,9 @@ mod tests {
 
     /// `name{labels} value` lines of `text` as (name, labels, value), label
     /// values unescaped; panics on a line that does not parse.
-    fn parse(text: &str) -> Vec<(String, Vec<(String, String)>, f64)> {
+    type Sample = (String, Vec<(String, String)>, f64);
+
+    fn parse(text: &str) -> Vec<Sample> {
         let mut out = Vec::new();
         for line in text.lines() {
             if line.is_empty() || line.starts_with('#') {
@@ -555,7 +557,7 @@ mod tests {
                 continue;
             }
             let name_end = line
-                .find(|c: char| c == '{' || c == ' ')
+                .find(['{', ' '])
                 .unwrap_or_else(|| panic!("no value: {line:?}"));
             let name = &line[..name_end];
             assert!(

@@ -20,6 +20,8 @@ pub mod filter;
 pub mod http;
 pub mod labels;
 pub mod metrics;
+pub mod run;
+pub mod shared;
 pub mod store;
 
 /// Labels of a profiled process, attached to everything exported for it.

@@ -396,7 +396,7 @@ mod tests {
         assert_eq!(file_name("сервис", 1, 2), "______-1-2.pb.gz");
         assert_eq!(file_name("", 1, 2), "unknown-1-2.pb.gz");
         assert_eq!(file_name("..", 1, 2), "_.-1-2.pb.gz");
-        assert_eq!(file_name("../../etc/x", 1, 2), "_.._.._etc_x-1-2.pb.gz");
+        assert_eq!(file_name("../../etc/x", 1, 2), "_._.._etc_x-1-2.pb.gz");
         let long = "s".repeat(300);
         assert_eq!(
             file_name(&long, 1, 2).len(),

@@ -1,0 +1,495 @@
+//! The daemon's main loop: discovery, sampling, windows, exports, signals.
+//!
+//! One task owns the sampler, the discovery tracker and the exporters; the
+//! HTTP API reads the shared store. Inspections of new processes (ELF parsing,
+//! memory reads) run on the blocking pool so they never delay the ring buffer.
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use aya::maps::{MapData, RingBuf};
+use profiler_common::{ProcEvent, ProcInfo, PyOffsets, PROC_EVENT_EXEC, PROC_EVENT_EXIT};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+
+use super::config::Config;
+use super::discovery::{list_pids, Candidate, Seen, Tracker};
+use super::export::Exporters;
+use super::metrics::{top_functions, DiscoveryResult, Metrics};
+use super::shared::Shared;
+use super::store::{NewProcess, Store, StoreLimits};
+use super::{labels, ProcessLabels};
+use crate::bpf::events;
+use crate::bpf::sampler::{Sampler, SamplerConfig};
+use crate::process::python::{self, InspectError, PythonProcess};
+
+/// How the daemon was started.
+pub struct DaemonOptions {
+    pub config: Config,
+    /// Re-read on SIGHUP.
+    pub config_path: Option<PathBuf>,
+}
+
+/// Result of inspecting one candidate on the blocking pool.
+struct Inspected {
+    candidate: Candidate,
+    /// Triggered by an exec event (the new program may not be mapped yet).
+    after_exec: bool,
+    result: Result<(PythonProcess, ProcessLabels, bool), InspectError>,
+}
+
+fn inspect(candidate: Candidate, delay: Duration, after_exec: bool) -> Inspected {
+    if !delay.is_zero() {
+        std::thread::sleep(delay);
+    }
+    let result = python::inspect(candidate.pid).map(|p| {
+        let labels = labels::read_labels(candidate.pid).unwrap_or_else(|e| {
+            tracing::debug!(pid = candidate.pid, "labels: {e}");
+            ProcessLabels {
+                pid: candidate.pid,
+                command: p.command.clone(),
+                service: p.command.clone(),
+                ..Default::default()
+            }
+        });
+        let disabled = labels::disabled_by_env(candidate.pid);
+        (p, labels, disabled)
+    });
+    Inspected {
+        candidate,
+        after_exec,
+        result,
+    }
+}
+
+fn store_limits(c: &Config) -> StoreLimits {
+    StoreLimits {
+        retention_secs: u32::try_from(c.aggregation.retention_secs).unwrap_or(u32::MAX),
+        max_processes: c.aggregation.max_processes as usize,
+        max_stacks_per_process: c.aggregation.max_stacks_per_process as usize,
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// SAFETY wrapper: a RingBuf owns its map fd for as long as the AsyncFd owns it.
+fn poll_ring(ring: RingBuf<MapData>) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the fd stays open and unchanged while the AsyncFd owns the RingBuf.
+    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot poll a BPF ring buffer: {e}"))
+}
+
+/// Everything the main loop owns.
+struct Daemon {
+    config: Config,
+    config_path: Option<PathBuf>,
+    sampler: Sampler,
+    shared: Arc<Shared>,
+    tracker: Tracker,
+    inspections: JoinSet<Inspected>,
+    exporters: Exporters,
+    /// Start (unix seconds) of the window being filled.
+    window_start: u64,
+    /// Totals already reported to counters, to add deltas.
+    reported_samples: u64,
+    reported_overflow: u64,
+    decode_errors: u64,
+}
+
+impl Daemon {
+    fn spawn_inspection(&mut self, c: Candidate, delay: Duration, after_exec: bool) {
+        self.inspections
+            .spawn_blocking(move || inspect(c, delay, after_exec));
+    }
+
+    fn scan(&mut self) {
+        let pids = list_pids();
+        let live: HashSet<u32> = pids.iter().copied().collect();
+        self.tracker.prune(&live);
+        for ended in self.tracker.take_ended() {
+            self.stop_profiling(ended.pid);
+        }
+        // Safety net for missed exit events.
+        let stale: Vec<u32> = self
+            .shared
+            .store()
+            .live()
+            .into_iter()
+            .filter(|(pid, start)| !python::is_alive(*pid, *start))
+            .map(|(pid, _)| pid)
+            .collect();
+        for pid in stale {
+            self.stop_profiling(pid);
+            self.tracker.forget(pid);
+        }
+        for c in self.tracker.new_candidates(&pids) {
+            self.spawn_inspection(c, Duration::ZERO, false);
+        }
+    }
+
+    fn stop_profiling(&mut self, pid: u32) {
+        self.sampler.remove_process(pid);
+        self.shared.store().mark_exited(pid, SystemTime::now());
+    }
+
+    fn on_proc_event(&mut self, ev: ProcEvent) {
+        match ev.kind {
+            PROC_EVENT_EXEC => {
+                // The pid now runs a new program: whatever it was is over.
+                self.stop_profiling(ev.pid);
+                self.tracker.forget(ev.pid);
+                for c in self.tracker.new_candidates(&[ev.pid]) {
+                    // Give the dynamic loader a moment to map libpython.
+                    self.spawn_inspection(c, Duration::from_millis(20), true);
+                }
+            }
+            PROC_EVENT_EXIT => {
+                self.stop_profiling(ev.pid);
+                self.tracker.forget(ev.pid);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_inspected(&mut self, r: Inspected) {
+        let c = r.candidate;
+        let now = Instant::now();
+        let metrics = &self.shared.metrics;
+        match r.result {
+            Ok((p, labels, disabled)) => {
+                if p.start_time != c.start_time {
+                    // The pid was reused meanwhile: look again from scratch.
+                    self.tracker.forget(c.pid);
+                    return;
+                }
+                if disabled || !self.config.discovery.selects(&labels) {
+                    tracing::info!(pid = c.pid, command = %labels.command, disabled, "not profiled: excluded");
+                    self.tracker.mark(c, Seen::Excluded);
+                    metrics.inc_discovered(DiscoveryResult::Excluded);
+                    return;
+                }
+                let added = self.shared.store().add_process(
+                    NewProcess {
+                        labels: labels.clone(),
+                        start_time: p.start_time,
+                        python_version: p.version.to_string(),
+                        pycode_type: p.pycode_type,
+                    },
+                    SystemTime::now(),
+                );
+                if !added {
+                    tracing::warn!(pid = c.pid, "not profiled: aggregation.max_processes reached");
+                    self.tracker.mark(c, Seen::Excluded);
+                    metrics.inc_discovered(DiscoveryResult::Failed);
+                    return;
+                }
+                let info = ProcInfo {
+                    tls: p.tls,
+                    py: PyOffsets::PY311,
+                };
+                if let Err(e) = self.sampler.add_process(c.pid, info) {
+                    tracing::warn!(pid = c.pid, "cannot start sampling: {e}");
+                    self.shared.store().mark_exited(c.pid, SystemTime::now());
+                    self.tracker.retry_later(c, now);
+                    metrics.inc_discovered(DiscoveryResult::Failed);
+                    return;
+                }
+                tracing::info!(pid = c.pid, command = %labels.command, service = %labels.service,
+                    version = %p.version, "profiling");
+                self.tracker.mark(c, Seen::Profiled);
+                metrics.inc_discovered(DiscoveryResult::Profiled);
+            }
+            Err(e) => {
+                let state = if r.after_exec && matches!(e, InspectError::NotPython(..)) {
+                    // Right after exec the interpreter may not be mapped yet.
+                    match self.tracker.state(c) {
+                        Some(Seen::Failed { attempts, .. }) if attempts >= 4 => {
+                            self.tracker.mark(c, Seen::NotPython);
+                            Some(Seen::NotPython)
+                        }
+                        _ => Some(self.tracker.retry_later(c, now)),
+                    }
+                } else {
+                    self.tracker.record_error(c, &e, now)
+                };
+                match state {
+                    Some(Seen::NotPython) => metrics.inc_discovered(DiscoveryResult::NotPython),
+                    Some(Seen::GaveUp) => {
+                        tracing::info!(pid = c.pid, "gave up: {e}");
+                        metrics.inc_discovered(DiscoveryResult::Failed)
+                    }
+                    _ => tracing::debug!(pid = c.pid, "will retry: {e}"),
+                }
+            }
+        }
+    }
+
+    fn drain_samples(&mut self, ring: &mut RingBuf<MapData>) {
+        let now = SystemTime::now();
+        let mut store = self.shared.store();
+        while let Some(item) = ring.next() {
+            match events::decode(&item) {
+                Ok(s) => store.add_sample(s, now),
+                Err(e) => {
+                    self.decode_errors += 1;
+                    tracing::debug!("bad ring-buffer record: {e}");
+                }
+            }
+        }
+    }
+
+    /// Once a second: expire old data and refresh the health metrics.
+    fn tick(&mut self) {
+        let metrics = &self.shared.metrics;
+        let (samples, overflow, symbols, profiled) = {
+            let mut store = self.shared.store();
+            store.expire(SystemTime::now());
+            (
+                store.stats.samples,
+                store.stats.stacks_overflowed,
+                store.symbol_stats(),
+                store.processes_profiled(),
+            )
+        };
+        metrics.add_samples_received(samples.saturating_sub(self.reported_samples));
+        metrics.add_stacks_evicted(overflow.saturating_sub(self.reported_overflow));
+        self.reported_samples = samples;
+        self.reported_overflow = overflow;
+        metrics.set_symbol_stats(&symbols);
+        metrics.set_processes_profiled(profiled);
+        match self.sampler.counters() {
+            Ok(c) => metrics.set_bpf_counters(&c),
+            Err(e) => tracing::warn!("cannot read BPF counters: {e}"),
+        }
+        metrics.set_run_stats(&self.sampler.run_stats());
+    }
+
+    /// Closes the window `[window_start, until)`: exports it and refreshes
+    /// the per-function metrics.
+    fn flush_window(&mut self, until: u64) {
+        let started = Instant::now();
+        let from = self.window_start;
+        if until <= from {
+            return;
+        }
+        let windows = self.shared.store().window(from, until);
+        let k = self.config.metrics.top_functions as usize;
+        let top: Vec<_> = windows
+            .iter()
+            .map(|(l, p)| (l.clone(), top_functions(p, k)))
+            .collect();
+        self.shared
+            .metrics
+            .set_top_functions(&top, self.config.metrics.max_function_series as usize);
+        self.exporters.export(windows, from, until, &self.shared.metrics);
+        self.window_start = until;
+        self.shared.metrics.observe_window_flush(started.elapsed());
+    }
+
+    /// SIGHUP: re-read the configuration and apply what can change live.
+    fn reload(&mut self) {
+        let Some(path) = self.config_path.clone() else {
+            tracing::info!("SIGHUP: no --config file to reload");
+            return;
+        };
+        let new = match super::config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: keeping the current configuration: {e}");
+                return;
+            }
+        };
+        if new.sampling != self.config.sampling || new.listen != self.config.listen {
+            tracing::warn!("SIGHUP: sampling and listen settings take effect after a restart");
+        }
+        if new.logging != self.config.logging {
+            tracing::warn!("SIGHUP: logging settings take effect after a restart");
+        }
+        self.shared.store().set_limits(store_limits(&new));
+        if new.outputs != self.config.outputs {
+            match Exporters::new(&new.outputs) {
+                Ok(e) => {
+                    let old = std::mem::replace(&mut self.exporters, e);
+                    tokio::spawn(old.shutdown(Duration::from_secs(10)));
+                }
+                Err(e) => tracing::error!("SIGHUP: outputs unchanged: {e}"),
+            }
+        }
+        let rules_changed = new.discovery != self.config.discovery;
+        self.config = new;
+        if rules_changed {
+            // Decide every process again under the new rules, keeping the
+            // ones that still qualify (and their data) as they are.
+            let keep: Vec<_> = {
+                let store = self.shared.store();
+                store
+                    .views()
+                    .into_iter()
+                    .filter(|v| v.status == "profiled")
+                    .map(|v| v.labels)
+                    .collect()
+            };
+            self.tracker = Tracker::new();
+            for l in keep {
+                let Ok(start_time) = python::start_time(l.pid) else {
+                    continue;
+                };
+                let c = Candidate {
+                    pid: l.pid,
+                    start_time,
+                };
+                if self.config.discovery.selects(&l) {
+                    self.tracker.new_candidates(&[l.pid]);
+                    self.tracker.mark(c, Seen::Profiled);
+                } else {
+                    tracing::info!(pid = l.pid, "no longer selected by the rules");
+                    self.stop_profiling(l.pid);
+                }
+            }
+            self.scan();
+        }
+        tracing::info!("configuration reloaded from {}", path.display());
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
+    let config = opts.config;
+    let mut sampler = Sampler::start(SamplerConfig {
+        rate_hz: config.sampling.rate_hz,
+        max_depth: config.sampling.max_depth,
+        ring_bytes: config.sampling.ring_buffer_bytes,
+        process_events: true,
+    })?;
+    let mut ring = poll_ring(sampler.take_ring().context("sample ring buffer")?)?;
+    let mut proc_ring = poll_ring(sampler.take_proc_events().context("process event ring buffer")?)?;
+
+    let store = Store::new(store_limits(&config), config.sampling.rate_hz as u32);
+    let shared = Arc::new(Shared::new(store, Metrics::new()));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!("HTTP API on http://{addr}");
+    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let http = tokio::spawn(super::http::serve(
+        listener,
+        shared.clone(),
+        async move {
+            let _ = http_stopped.await;
+        },
+    ));
+
+    let exporters = Exporters::new(&config.outputs)?;
+    let rescan_every = Duration::from_secs(config.discovery.rescan_interval_secs);
+    let window_every = Duration::from_secs(config.aggregation.window_secs);
+    let mut d = Daemon {
+        config,
+        config_path: opts.config_path,
+        sampler,
+        shared: shared.clone(),
+        tracker: Tracker::new(),
+        inspections: JoinSet::new(),
+        exporters,
+        window_start: unix_secs(SystemTime::now()),
+        reported_samples: 0,
+        reported_overflow: 0,
+        decode_errors: 0,
+    };
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut rescan = tokio::time::interval(rescan_every);
+    let mut window = tokio::time::interval_at(tokio::time::Instant::now() + window_every, window_every);
+    let mut ready = false;
+    d.scan();
+    rescan.reset();
+
+    loop {
+        if !ready && d.inspections.is_empty() {
+            ready = true;
+            shared.set_ready(Ok(()));
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            tracing::info!("ready: {} processes profiled", shared.store().processes_profiled());
+        }
+        let retry_at = d.tracker.next_retry().map(tokio::time::Instant::from_std);
+        tokio::select! {
+            g = ring.readable_mut() => {
+                let mut g = g.context("polling the sample ring buffer")?;
+                d.drain_samples(g.get_inner_mut());
+                g.clear_ready();
+            }
+            g = proc_ring.readable_mut() => {
+                let mut g = g.context("polling the process event ring buffer")?;
+                let mut events = Vec::new();
+                while let Some(item) = g.get_inner_mut().next() {
+                    if item.len() >= std::mem::size_of::<ProcEvent>() {
+                        // SAFETY: ProcEvent is plain data and the length is checked.
+                        events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) });
+                    }
+                }
+                g.clear_ready();
+                for ev in events {
+                    d.on_proc_event(ev);
+                }
+            }
+            Some(r) = d.inspections.join_next() => {
+                match r {
+                    Ok(i) => d.on_inspected(i),
+                    Err(e) => tracing::error!("an inspection task failed: {e}"),
+                }
+            }
+            _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
+                let now = Instant::now();
+                for c in d.tracker.due_retries(now) {
+                    // Parked until the inspection answers, so it is not
+                    // handed out twice; the answer reschedules it.
+                    if let Some(Seen::Failed { attempts, .. }) = d.tracker.state(c) {
+                        d.tracker.mark(c, Seen::Failed { attempts, next_retry: now + Duration::from_secs(3600) });
+                    }
+                    d.spawn_inspection(c, Duration::ZERO, false);
+                }
+            }
+            _ = second.tick() => d.tick(),
+            _ = rescan.tick() => d.scan(),
+            _ = window.tick() => d.flush_window(unix_secs(SystemTime::now())),
+            _ = sighup.recv() => {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                d.reload();
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+
+    tracing::info!("stopping: flushing the last window");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    shared.set_ready(Err("shutting down".into()));
+    for (pid, _) in shared.store().live() {
+        d.sampler.remove_process(pid);
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    d.drain_samples(ring.get_mut());
+    d.tick();
+    // The current, partial second is part of the last window.
+    d.flush_window(unix_secs(SystemTime::now()) + 1);
+    let exporters = std::mem::replace(&mut d.exporters, Exporters::none());
+    exporters.shutdown(Duration::from_secs(10)).await;
+    let _ = stop_http.send(());
+    match http.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
+        Err(e) => tracing::warn!("HTTP server task: {e}"),
+    }
+    Ok(())
+}
