@@ -304,7 +304,16 @@ pub fn code_checksum(hdr: &[u8; CODE_READ_LEN]) -> u32 {
     let kw_stack = w(48);
     let first_nlocals = w(56);
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in [size, consts, names, exc, flags, args, kw_stack, first_nlocals] {
+    for v in [
+        size,
+        consts,
+        names,
+        exc,
+        flags,
+        args,
+        kw_stack,
+        first_nlocals,
+    ] {
         h ^= v;
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
         h ^= h >> 29;
@@ -341,8 +350,9 @@ mod tests {
         assert_eq!(RAW_FRAME_LEN, 16);
         assert_eq!(core::mem::size_of::<ProcInfo>(), 32);
         assert_eq!(FRAME_READ_LEN, 72);
-        assert_eq!(MAX_FRAMES % FRAMES_PER_PROG, 0);
-        assert!(MAX_FRAMES / FRAMES_PER_PROG <= 33);
+        const { assert!(MAX_FRAMES.is_multiple_of(FRAMES_PER_PROG)) };
+        // The entry program's tail call plus 32 more reach every frame.
+        const { assert!(MAX_FRAMES / FRAMES_PER_PROG <= 33) };
     }
 
     #[test]

@@ -9,7 +9,11 @@ use pyebpf::profile::Format;
 use pyebpf::record::{self, RecordOptions};
 
 #[derive(Parser)]
-#[command(name = "pyebpf", version, about = "eBPF profiler for Python 3.11 services")]
+#[command(
+    name = "pyebpf",
+    version,
+    about = "eBPF profiler for Python 3.11 services"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -171,10 +175,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(pyebpf::daemon::run::run(pyebpf::daemon::run::DaemonOptions {
-                config,
-                config_path: a.config,
-            }))
+            rt.block_on(pyebpf::daemon::run::run(
+                pyebpf::daemon::run::DaemonOptions {
+                    config,
+                    config_path: a.config,
+                },
+            ))
         }
         Command::Record(a) => {
             init_logging("warn", false);

@@ -81,7 +81,10 @@ impl RecordSummary {
         );
         if !self.exited.is_empty() {
             let p: Vec<String> = self.exited.iter().map(u32::to_string).collect();
-            s += &format!("  exited during recording (samples kept): {}\n", p.join(", "));
+            s += &format!(
+                "  exited during recording (samples kept): {}\n",
+                p.join(", ")
+            );
         }
         s
     }
@@ -128,9 +131,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
             .add_process(t.pid, info)
             .with_context(|| format!("cannot register process {}", t.pid))?;
     }
-    let ring = sampler
-        .take_ring()
-        .context("ring buffer already taken")?;
+    let ring = sampler.take_ring().context("ring buffer already taken")?;
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for
     // as long as the AsyncFd owns the RingBuf.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -191,7 +192,8 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     let counters = sampler.counters()?;
     drop(sampler);
 
-    let (mut profile, unknown_frames) = agg.to_profile(opts.sampler.rate_hz as u32, targets.len() > 1);
+    let (mut profile, unknown_frames) =
+        agg.to_profile(opts.sampler.rate_hz as u32, targets.len() > 1);
     profile.start = Some(wall_start);
     profile.duration = started.elapsed();
     write_profile(&profile, opts)?;

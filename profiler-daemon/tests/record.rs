@@ -52,22 +52,56 @@ fn names_and_lines(interp: Interp) {
     let total = total(&stacks);
     eprintln!("{interp:?}: {total} samples in {} stacks", stacks.len());
     let min = 20;
-    check_scenario(&stacks, &frame("plain_function", "HOT=plain"), Some(&frame("loop_forever", "CALL=loop")), min);
-    check_scenario(&stacks, &frame("Worker.method", "HOT=method"), Some(&frame("loop_forever", "CALL=loop")), min);
-    check_scenario(&stacks, &frame("outer.<locals>.inner", "HOT=nested"), Some(&frame("outer", "CALL=nested")), min);
-    check_scenario(&stacks, &frame("<lambda>", "HOT=lambda"), Some(&frame("call_lambda", "CALL=lambda")), min);
+    check_scenario(
+        &stacks,
+        &frame("plain_function", "HOT=plain"),
+        Some(&frame("loop_forever", "CALL=loop")),
+        min,
+    );
+    check_scenario(
+        &stacks,
+        &frame("Worker.method", "HOT=method"),
+        Some(&frame("loop_forever", "CALL=loop")),
+        min,
+    );
+    check_scenario(
+        &stacks,
+        &frame("outer.<locals>.inner", "HOT=nested"),
+        Some(&frame("outer", "CALL=nested")),
+        min,
+    );
+    check_scenario(
+        &stacks,
+        &frame("<lambda>", "HOT=lambda"),
+        Some(&frame("call_lambda", "CALL=lambda")),
+        min,
+    );
     check_scenario(
         &stacks,
         &frame("comprehension.<locals>.<listcomp>", "HOT=comprehension"),
         Some(&frame("comprehension", "HOT=comprehension")),
         min,
     );
-    check_scenario(&stacks, &frame("counting_generator", "HOT=generator"), Some(&frame("consume_generator", "CALL=generator")), min);
-    check_scenario(&stacks, &frame("busy_coroutine", "HOT=coroutine"), Some(&frame("coroutine_main", "CALL=coroutine")), min);
+    check_scenario(
+        &stacks,
+        &frame("counting_generator", "HOT=generator"),
+        Some(&frame("consume_generator", "CALL=generator")),
+        min,
+    );
+    check_scenario(
+        &stacks,
+        &frame("busy_coroutine", "HOT=coroutine"),
+        Some(&frame("coroutine_main", "CALL=coroutine")),
+        min,
+    );
     check_scenario(&stacks, &frame("café", "HOT=latin1"), None, min);
     check_scenario(&stacks, &frame("функция", "HOT=ucs2"), None, min);
     check_scenario(&stacks, &frame("𠀀", "HOT=ucs4"), None, min);
-    assert!(!text.contains("[unknown"), "unknown frames:\n{}", dump(&stacks));
+    assert!(
+        !text.contains("[unknown"),
+        "unknown frames:\n{}",
+        dump(&stacks)
+    );
     assert!(!text.contains("[truncated]") && !text.contains("[partial"));
 }
 
@@ -95,11 +129,19 @@ fn bpf_cpu_split_matches_truth() {
     // ~3000+ samples: the standard error of a share is under 1 point, so
     // 5 points is more than 5 sigma.
     assert!(total > 1500.0, "too few samples: {total}");
-    for (name, truth) in [("split_a", 1.0 / 6.0), ("split_b", 2.0 / 6.0), ("split_c", 3.0 / 6.0)] {
+    for (name, truth) in [
+        ("split_a", 1.0 / 6.0),
+        ("split_b", 2.0 / 6.0),
+        ("split_c", 3.0 / 6.0),
+    ] {
         let n = leaf_count(&stacks, &frame(name, &format!("HOT={name}"))) as f64;
         let share = n / total;
         eprintln!("{name}: {share:.3} (truth {truth:.3})");
-        assert!((share - truth).abs() < 0.05, "{name}: {share:.3} vs {truth:.3}\n{}", dump(&stacks));
+        assert!(
+            (share - truth).abs() < 0.05,
+            "{name}: {share:.3} vs {truth:.3}\n{}",
+            dump(&stacks)
+        );
     }
 }
 
@@ -124,7 +166,10 @@ fn bpf_recursion_1500_is_whole() {
     let s = deepest(&stacks, &frame("recurse", "HOT=recurse"));
     assert!(!s.is_empty(), "no recursion samples:\n{}", dump(&stacks));
     assert_eq!(s[0], frame("<module>", "CALL=main"));
-    let calls = s.iter().filter(|f| **f == frame("recurse", "CALL=recurse")).count();
+    let calls = s
+        .iter()
+        .filter(|f| **f == frame("recurse", "CALL=recurse"))
+        .count();
     assert_eq!(calls, 1500, "every recursive call site is present");
     assert!(!text.contains("[truncated]"));
 }
@@ -142,8 +187,14 @@ fn bpf_recursion_3000_is_flagged_truncated() {
     assert_eq!(s.first().map(String::as_str), Some("[truncated]"), "{s:?}");
     assert_eq!(s.len(), 1 + 2048, "cut exactly at the default --max-depth");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("truncated at --max-depth 2048: "), "{stderr}");
-    assert!(!stderr.contains("truncated at --max-depth 2048: 0 "), "{stderr}");
+    assert!(
+        stderr.contains("truncated at --max-depth 2048: "),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("truncated at --max-depth 2048: 0 "),
+        "{stderr}"
+    );
 }
 
 /// A thread hashing with the GIL released is sampled with its own stack.
@@ -161,10 +212,24 @@ fn bpf_gil_released_thread_has_its_own_stack() {
     let plain = leaf_count(&stacks, &frame("plain_function", "HOT=plain")) as f64;
     eprintln!("hash {hash} plain {plain} of {total}");
     // Both threads want a whole CPU each on a 2-CPU machine.
-    assert!(hash / total > 0.2, "hashing thread under-sampled:\n{}", dump(&stacks));
-    assert!(plain / total > 0.2, "main thread under-sampled:\n{}", dump(&stacks));
-    for (s, _) in stacks.iter().filter(|(s, _)| s.last().is_some_and(|l| l.starts_with("hash_worker"))) {
-        assert!(s[0].starts_with("Thread._bootstrap ("), "hash stack root: {s:?}");
+    assert!(
+        hash / total > 0.2,
+        "hashing thread under-sampled:\n{}",
+        dump(&stacks)
+    );
+    assert!(
+        plain / total > 0.2,
+        "main thread under-sampled:\n{}",
+        dump(&stacks)
+    );
+    for (s, _) in stacks
+        .iter()
+        .filter(|(s, _)| s.last().is_some_and(|l| l.starts_with("hash_worker")))
+    {
+        assert!(
+            s[0].starts_with("Thread._bootstrap ("),
+            "hash stack root: {s:?}"
+        );
     }
 }
 
@@ -178,7 +243,12 @@ fn bpf_threads_and_two_processes() {
     let (out, text) = record(&[a.pid(), b.pid()], &["--duration", "5", "--rate", "499"]);
     assert_success(&out);
     let stacks = parse_folded(&text);
-    let comm = |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap().trim().to_string();
+    let comm = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
     let root_a = format!("process {} ({})", a.pid(), comm(a.pid()));
     let root_b = format!("process {} ({})", b.pid(), comm(b.pid()));
     for (s, _) in &stacks {
@@ -196,11 +266,19 @@ fn bpf_threads_and_two_processes() {
         frame("outer.<locals>.inner", "HOT=nested"),
         frame("plain_function", "HOT=plain"),
     ] {
-        assert!(in_proc(&root_a, &leaf) > 20, "{leaf} missing in A:\n{}", dump(&stacks));
+        assert!(
+            in_proc(&root_a, &leaf) > 20,
+            "{leaf} missing in A:\n{}",
+            dump(&stacks)
+        );
         assert_eq!(in_proc(&root_b, &leaf), 0);
     }
     let lc = frame("comprehension.<locals>.<listcomp>", "HOT=comprehension");
-    assert!(in_proc(&root_b, &lc) > 20, "listcomp missing in B:\n{}", dump(&stacks));
+    assert!(
+        in_proc(&root_b, &lc) > 20,
+        "listcomp missing in B:\n{}",
+        dump(&stacks)
+    );
     assert_eq!(in_proc(&root_a, &lc), 0);
 }
 
@@ -213,11 +291,23 @@ fn bpf_target_exiting_mid_record_keeps_samples() {
     let started = std::time::Instant::now();
     let (out, text) = record(&[w.pid()], &["--duration", "20", "--rate", "499"]);
     assert_success(&out);
-    assert!(started.elapsed().as_secs() < 15, "did not stop when the target exited");
+    assert!(
+        started.elapsed().as_secs() < 15,
+        "did not stop when the target exited"
+    );
     let stacks = parse_folded(&text);
-    assert!(leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 50, "{text}");
+    assert!(
+        leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 50,
+        "{text}"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("exited during recording (samples kept): {}", w.pid())), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "exited during recording (samples kept): {}",
+            w.pid()
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -227,10 +317,22 @@ fn bpf_all_formats_from_a_real_recording() {
     }
     let w = Workload::start(Interp::Static, &["plain"]);
     let dir = tempfile::tempdir().unwrap();
-    for (fmt, file) in [("svg", "p.svg"), ("pprof", "p.pb.gz"), ("speedscope", "p.json")] {
+    for (fmt, file) in [
+        ("svg", "p.svg"),
+        ("pprof", "p.pb.gz"),
+        ("speedscope", "p.json"),
+    ] {
         let path = dir.path().join(file);
         let out = std::process::Command::new(pyebpf())
-            .args(["record", "--quiet", "--duration", "2", "--rate", "199", "--pid"])
+            .args([
+                "record",
+                "--quiet",
+                "--duration",
+                "2",
+                "--rate",
+                "199",
+                "--pid",
+            ])
             .arg(w.pid().to_string())
             .args(["--format", fmt, "--output"])
             .arg(&path)
@@ -241,7 +343,10 @@ fn bpf_all_formats_from_a_real_recording() {
         match fmt {
             "svg" => {
                 let s = String::from_utf8(bytes).unwrap();
-                assert!(s.contains("<svg") && s.contains("plain_function"), "svg lacks the hot function");
+                assert!(
+                    s.contains("<svg") && s.contains("plain_function"),
+                    "svg lacks the hot function"
+                );
             }
             "pprof" => assert_eq!(&bytes[..2], &[0x1f, 0x8b], "pprof is gzipped"),
             _ => {
@@ -292,7 +397,16 @@ fn bpf_process_in_other_mount_and_pid_namespace() {
         scenarios().display()
     );
     let mut unshare = std::process::Command::new("unshare")
-        .args(["--mount", "--pid", "--fork", "--propagation", "private", "sh", "-c", &script])
+        .args([
+            "--mount",
+            "--pid",
+            "--fork",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("unshare (util-linux)");
@@ -304,7 +418,8 @@ fn bpf_process_in_other_mount_and_pid_namespace() {
     .unwrap();
     assert_eq!(line.trim(), "ready");
     // The interpreter is unshare's child, as the host sees it.
-    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
     let pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
     assert!(!std::path::Path::new("/mnt/hidden-python").exists());
     let (out, text) = record(&[pid], &["--duration", "2", "--rate", "499"]);
@@ -314,5 +429,8 @@ fn bpf_process_in_other_mount_and_pid_namespace() {
     let _ = unshare.wait();
     assert_success(&out);
     let stacks = parse_folded(&text);
-    assert!(leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 100, "{text}");
+    assert!(
+        leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 100,
+        "{text}"
+    );
 }

@@ -21,7 +21,11 @@ fn record_pid(pid: u32) -> Output {
 fn assert_refused(out: &Output, needles: &[&str]) {
     assert!(!out.status.success(), "should have failed");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected:\n{err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected:\n{err}"
+    );
     for n in needles {
         assert!(err.contains(n), "{n:?} not in: {err}");
     }
@@ -78,7 +82,10 @@ fn other_python_version_is_refused() {
         &mut line,
     )
     .unwrap();
-    assert_refused(&record_pid(c.0.id()), &["Python 3.12.1", "only Python 3.11"]);
+    assert_refused(
+        &record_pid(c.0.id()),
+        &["Python 3.12.1", "only Python 3.11"],
+    );
 }
 
 #[test]
@@ -88,12 +95,21 @@ fn missing_capabilities_are_named() {
     }
     let w = Workload::start(Interp::Shared, &["idle"]);
     let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
     // A copy the unprivileged user can reach whatever the checkout's permissions.
     let exe = dir.path().join("pyebpf");
     std::fs::copy(pyebpf(), &exe).unwrap();
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(&exe)
         .args(["record", "--duration", "1", "--pid"])
         .arg(w.pid().to_string())
@@ -101,5 +117,8 @@ fn missing_capabilities_are_named() {
         .arg(dir.path().join("p.folded"))
         .output()
         .expect("setpriv (util-linux) is needed for this test");
-    assert_refused(&out, &["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "missing:"]);
+    assert_refused(
+        &out,
+        &["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE", "missing:"],
+    );
 }

@@ -13,16 +13,16 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
-    code_checksum, code_size_units, Counter, Frame311, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf,
-    TlsKind, WalkState, CODE_READ_LEN, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR,
+    code_checksum, code_size_units, Counter, Frame311, ProcEvent, ProcInfo, RawFrame, ReadStep,
+    SampleBuf, TlsKind, WalkState, CODE_READ_LEN, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR,
     FLAG_TRUNCATED, FRAMES_PER_PROG, HEADER_LEN, MAX_FRAMES, MAX_FRAME_OWNER, RAW_FRAME_LEN,
     READ_ERROR_BASE,
 };
@@ -133,9 +133,8 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
     // SAFETY: bpf_get_current_task returns the current task_struct; the read
     // is bounded by the kernel helper.
     let task = unsafe { bpf_get_current_task() };
-    let fsbase: u64 =
-        unsafe { bpf_probe_read_kernel((task + (off & 0xffff)) as *const u64) }
-            .map_err(|_| ReadStep::FsBase)?;
+    let fsbase: u64 = unsafe { bpf_probe_read_kernel((task + (off & 0xffff)) as *const u64) }
+        .map_err(|_| ReadStep::FsBase)?;
     if fsbase == 0 {
         return Ok(false);
     }
@@ -155,8 +154,8 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
     if cframe == 0 {
         return Ok(false);
     }
-    let frame = read_u64(cframe + u64::from(info.py.cframe_current_frame))
-        .map_err(|_| ReadStep::CFrame)?;
+    let frame =
+        read_u64(cframe + u64::from(info.py.cframe_current_frame)).map_err(|_| ReadStep::CFrame)?;
     if frame == 0 {
         return Ok(false);
     }

@@ -125,7 +125,10 @@ mod tests {
     fn rejects_inconsistent_lengths() {
         assert_eq!(decode(&[0u8; 4]), Err(DecodeError::Short(4)));
         let r = record(3, 0, &[RawFrame::default()]);
-        assert!(matches!(decode(&r), Err(DecodeError::Length { claimed: 3, .. })));
+        assert!(matches!(
+            decode(&r),
+            Err(DecodeError::Length { claimed: 3, .. })
+        ));
         let r = record(u32::MAX, 0, &[]);
         assert!(decode(&r).is_err());
     }

@@ -139,7 +139,8 @@ impl Sampler {
             return Err(SamplerError::Rate(config.rate_hz));
         }
         let fsbase = btf::task_fsbase_offset()?;
-        let ncpus = aya::util::nr_cpus().map_err(|(m, e)| SamplerError::Cpus(format!("{m}: {e}")))?;
+        let ncpus =
+            aya::util::nr_cpus().map_err(|(m, e)| SamplerError::Cpus(format!("{m}: {e}")))?;
         let ring_bytes = config.ring_bytes.max(1 << 16).next_power_of_two();
         // Run-time statistics feed the cost metrics; not fatal if refused.
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
@@ -179,16 +180,22 @@ impl Sampler {
                 source,
             })?;
 
-        let procs = HashMap::try_from(map(&mut ebpf, "PROCS")?)
-            .map_err(|source| SamplerError::Map { name: "PROCS", source })?;
+        let procs =
+            HashMap::try_from(map(&mut ebpf, "PROCS")?).map_err(|source| SamplerError::Map {
+                name: "PROCS",
+                source,
+            })?;
         let counters = PerCpuArray::try_from(map(&mut ebpf, "COUNTERS")?).map_err(|source| {
             SamplerError::Map {
                 name: "COUNTERS",
                 source,
             }
         })?;
-        let ring = RingBuf::try_from(map(&mut ebpf, "EVENTS")?)
-            .map_err(|source| SamplerError::Map { name: "EVENTS", source })?;
+        let ring =
+            RingBuf::try_from(map(&mut ebpf, "EVENTS")?).map_err(|source| SamplerError::Map {
+                name: "EVENTS",
+                source,
+            })?;
 
         let proc_events = if config.process_events {
             attach_process_events(&mut ebpf)?;
@@ -209,8 +216,8 @@ impl Sampler {
             name: "sample",
             source,
         })?;
-        let cpus = aya::util::online_cpus()
-            .map_err(|(m, e)| SamplerError::Cpus(format!("{m}: {e}")))?;
+        let cpus =
+            aya::util::online_cpus().map_err(|(m, e)| SamplerError::Cpus(format!("{m}: {e}")))?;
         for cpu in cpus {
             sample
                 .attach(
@@ -244,7 +251,10 @@ impl Sampler {
     pub fn add_process(&mut self, pid: u32, info: ProcInfo) -> Result<(), SamplerError> {
         self.procs
             .insert(pid, info, 0)
-            .map_err(|source| SamplerError::Map { name: "PROCS", source })
+            .map_err(|source| SamplerError::Map {
+                name: "PROCS",
+                source,
+            })
     }
 
     /// Stops sampling `pid`; not an error if it was not there.
@@ -267,13 +277,13 @@ impl Sampler {
     pub fn counters(&self) -> Result<Counters, SamplerError> {
         let mut slots = vec![0u64; COUNTERS_LEN as usize];
         for (i, slot) in slots.iter_mut().enumerate() {
-            let per_cpu = self
-                .counters
-                .get(&(i as u32), 0)
-                .map_err(|source| SamplerError::Map {
-                    name: "COUNTERS",
-                    source,
-                })?;
+            let per_cpu =
+                self.counters
+                    .get(&(i as u32), 0)
+                    .map_err(|source| SamplerError::Map {
+                        name: "COUNTERS",
+                        source,
+                    })?;
             *slot = per_cpu.iter().sum();
         }
         Ok(Counters::from_slots(&slots))

@@ -357,8 +357,9 @@ pub struct Pyroscope {
     /// 120. The oldest are dropped (and counted) beyond it.
     #[serde(deserialize_with = "ranged::<_, _, 1, 10_000>")]
     pub max_queue_windows: u32,
-    /// Longest back-off between retries of a failed upload, in seconds,
-    /// `1..=86400`; default 300.
+    /// How long one window's upload is retried (with exponential back-off,
+    /// 1 s up to 30 s between attempts) before it is dropped and counted, in
+    /// seconds, `1..=86400`; default 300.
     #[serde(deserialize_with = "ranged::<_, _, 1, 86_400>")]
     pub max_retry_secs: u64,
     /// HTTP basic authentication; default none.
@@ -753,12 +754,13 @@ fn http_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 fn application_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     checked_str(d, "an application name", |s| {
         non_empty(s)?;
+        // Pyroscope accepts [A-Za-z0-9_.\-/]+ as an application name.
         match s
             .chars()
-            .find(|c| c.is_whitespace() || matches!(c, '{' | '}' | ',' | '=' | '"'))
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/')))
         {
             Some(c) => Err(format!(
-                "`{s}` contains {c:?}, which Pyroscope names cannot"
+                "`{s}` contains {c:?}; Pyroscope application names allow only A-Z a-z 0-9 _ . - /"
             )),
             None => Ok(s.to_string()),
         }

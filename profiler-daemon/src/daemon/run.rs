@@ -76,7 +76,9 @@ fn store_limits(c: &Config) -> StoreLimits {
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// SAFETY wrapper: a RingBuf owns its map fd for as long as the AsyncFd owns it.
@@ -185,7 +187,10 @@ impl Daemon {
                     SystemTime::now(),
                 );
                 if !added {
-                    tracing::warn!(pid = c.pid, "not profiled: aggregation.max_processes reached");
+                    tracing::warn!(
+                        pid = c.pid,
+                        "not profiled: aggregation.max_processes reached"
+                    );
                     self.tracker.mark(c, Seen::Excluded);
                     metrics.inc_discovered(DiscoveryResult::Failed);
                     return;
@@ -288,7 +293,8 @@ impl Daemon {
         self.shared
             .metrics
             .set_top_functions(&top, self.config.metrics.max_function_series as usize);
-        self.exporters.export(windows, from, until, &self.shared.metrics);
+        self.exporters
+            .export(windows, from, until, &self.shared.metrics);
         self.window_start = until;
         self.shared.metrics.observe_window_flush(started.elapsed());
     }
@@ -369,7 +375,11 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         process_events: true,
     })?;
     let mut ring = poll_ring(sampler.take_ring().context("sample ring buffer")?)?;
-    let mut proc_ring = poll_ring(sampler.take_proc_events().context("process event ring buffer")?)?;
+    let mut proc_ring = poll_ring(
+        sampler
+            .take_proc_events()
+            .context("process event ring buffer")?,
+    )?;
 
     let store = Store::new(store_limits(&config), config.sampling.rate_hz as u32);
     let shared = Arc::new(Shared::new(store, Metrics::new()));
@@ -379,13 +389,9 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!("HTTP API on http://{addr}");
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(super::http::serve(
-        listener,
-        shared.clone(),
-        async move {
-            let _ = http_stopped.await;
-        },
-    ));
+    let http = tokio::spawn(super::http::serve(listener, shared.clone(), async move {
+        let _ = http_stopped.await;
+    }));
 
     let exporters = Exporters::new(&config.outputs)?;
     let rescan_every = Duration::from_secs(config.discovery.rescan_interval_secs);
@@ -409,7 +415,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let mut sighup = signal(SignalKind::hangup())?;
     let mut second = tokio::time::interval(Duration::from_secs(1));
     let mut rescan = tokio::time::interval(rescan_every);
-    let mut window = tokio::time::interval_at(tokio::time::Instant::now() + window_every, window_every);
+    let mut window =
+        tokio::time::interval_at(tokio::time::Instant::now() + window_every, window_every);
     let mut ready = false;
     d.scan();
     rescan.reset();
@@ -419,7 +426,10 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             ready = true;
             shared.set_ready(Ok(()));
             let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-            tracing::info!("ready: {} processes profiled", shared.store().processes_profiled());
+            tracing::info!(
+                "ready: {} processes profiled",
+                shared.store().processes_profiled()
+            );
         }
         let retry_at = d.tracker.next_retry().map(tokio::time::Instant::from_std);
         tokio::select! {

@@ -71,7 +71,9 @@ struct Entry {
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl Entry {
@@ -180,7 +182,11 @@ impl Entry {
     /// Counts per stack over buckets with `second >= from` and `< until`.
     fn counts(&self, from: u64, until: u64) -> HashMap<u32, u64> {
         let mut out = HashMap::new();
-        for b in self.buckets.iter().filter(|b| b.second >= from && b.second < until) {
+        for b in self
+            .buckets
+            .iter()
+            .filter(|b| b.second >= from && b.second < until)
+        {
             for (id, c) in &b.counts {
                 *out.entry(*id).or_insert(0) += c;
             }
@@ -346,7 +352,10 @@ impl Store {
     }
 
     pub fn processes_profiled(&self) -> usize {
-        self.entries.values().filter(|e| e.exited_at.is_none()).count()
+        self.entries
+            .values()
+            .filter(|e| e.exited_at.is_none())
+            .count()
     }
 
     pub fn views(&self) -> Vec<ProcessView> {
@@ -485,11 +494,26 @@ mod tests {
             s.add_sample(sample(1, 8), t0 + Duration::from_secs(i));
         }
         let now = t0 + Duration::from_secs(4);
-        assert_eq!(s.query(&Selector::Pid(1), 1, now).unwrap().total_samples(), 1);
-        assert_eq!(s.query(&Selector::Pid(1), 3, now).unwrap().total_samples(), 3);
-        assert_eq!(s.query(&Selector::Pid(1), 10, now).unwrap().total_samples(), 5);
-        assert!(matches!(s.query(&Selector::Pid(1), 11, now), Err(QueryError::BadRequest(_))));
-        assert!(matches!(s.query(&Selector::Pid(2), 1, now), Err(QueryError::NotFound(_))));
+        assert_eq!(
+            s.query(&Selector::Pid(1), 1, now).unwrap().total_samples(),
+            1
+        );
+        assert_eq!(
+            s.query(&Selector::Pid(1), 3, now).unwrap().total_samples(),
+            3
+        );
+        assert_eq!(
+            s.query(&Selector::Pid(1), 10, now).unwrap().total_samples(),
+            5
+        );
+        assert!(matches!(
+            s.query(&Selector::Pid(1), 11, now),
+            Err(QueryError::BadRequest(_))
+        ));
+        assert!(matches!(
+            s.query(&Selector::Pid(2), 1, now),
+            Err(QueryError::NotFound(_))
+        ));
         assert_eq!(s.window(1_000, 1_002)[0].1.total_samples(), 2);
     }
 
@@ -528,7 +552,11 @@ mod tests {
         s.mark_exited(1, t0);
         assert_eq!(s.views()[0].status, "exited");
         s.expire(t0 + Duration::from_secs(5));
-        assert_eq!(s.views().len(), 1, "kept while its data is within retention");
+        assert_eq!(
+            s.views().len(),
+            1,
+            "kept while its data is within retention"
+        );
         s.expire(t0 + Duration::from_secs(11));
         assert!(s.views().is_empty());
         assert_eq!(s.stats.stacks_collected, 1);
@@ -548,7 +576,10 @@ mod tests {
         reused.start_time = 2;
         assert!(s.add_process(reused, t0));
         assert!(s.holds(1, 2) && !s.holds(1, 1));
-        assert_eq!(s.query(&Selector::Pid(1), 1, t0).unwrap().total_samples(), 0);
+        assert_eq!(
+            s.query(&Selector::Pid(1), 1, t0).unwrap().total_samples(),
+            0
+        );
         assert!(s.query(&Selector::Service("new".into()), 1, t0).is_ok());
     }
 }

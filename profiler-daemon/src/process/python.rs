@@ -165,11 +165,17 @@ mod alive_tests {
 
     #[test]
     fn zombie_and_reused_pids_are_not_alive() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = child.id();
         let start = start_time(pid).unwrap();
         assert!(is_alive(pid, start));
-        assert!(!is_alive(pid, start + 1), "another start time is another process");
+        assert!(
+            !is_alive(pid, start + 1),
+            "another start time is another process"
+        );
         child.kill().unwrap();
         // Not reaped yet: a zombie until wait().
         std::thread::sleep(std::time::Duration::from_millis(100));

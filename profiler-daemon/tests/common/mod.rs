@@ -106,7 +106,11 @@ pub fn record(pids: &[u32], args: &[&str]) -> (Output, String) {
     for p in pids {
         cmd.arg("--pid").arg(p.to_string());
     }
-    cmd.args(args).arg("--format").arg("folded").arg("--output").arg(&out);
+    cmd.args(args)
+        .arg("--format")
+        .arg("folded")
+        .arg("--output")
+        .arg(&out);
     let output = cmd.output().expect("run pyebpf");
     let text = std::fs::read_to_string(&out).unwrap_or_default();
     (output, text)

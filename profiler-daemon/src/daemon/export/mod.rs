@@ -113,7 +113,10 @@ impl Exporters {
         let dropped = |s: &pyroscope::PushStatsSnapshot| {
             s.dropped_queue_full + s.dropped_gave_up + s.dropped_rejected
         };
-        add(dropped(&now).saturating_sub(dropped(&last)), ExportResult::Dropped);
+        add(
+            dropped(&now).saturating_sub(dropped(&last)),
+            ExportResult::Dropped,
+        );
         *last = now;
     }
 
@@ -122,7 +125,10 @@ impl Exporters {
         if let Some(p) = self.pyroscope {
             let r = p.shutdown(deadline).await;
             if r.unsent > 0 {
-                tracing::warn!("pyroscope: {} window(s) could not be sent before shutdown", r.unsent);
+                tracing::warn!(
+                    "pyroscope: {} window(s) could not be sent before shutdown",
+                    r.unsent
+                );
             }
         }
     }

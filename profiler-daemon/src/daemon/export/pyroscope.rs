@@ -668,6 +668,9 @@ fn name_param(app: &str, w: &WindowProfile) -> String {
         .labels
         .pairs()
         .into_iter()
+        // A pid would start a new series for every process: Pyroscope
+        // groups by service, container and pod instead.
+        .filter(|(k, _)| *k != "pid")
         .filter_map(|(k, v)| Some(format!("{}={}", label_name(k)?, label_value(&v)?)))
         .collect();
     format!("{app}{{{}}}", labels.join(","))
@@ -921,7 +924,7 @@ mod tests {
         assert_eq!(
             r.param("name"),
             Some(
-                "myapp{pid=42,command=py_th_o_n _x_,service_name=web,\
+                "myapp{command=py_th_o_n _x_,service_name=web,\
                  container_id=abc123,qos_class=burstable}"
             )
         );
