@@ -179,6 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 pyebpf::daemon::run::DaemonOptions {
                     config,
                     config_path: a.config,
+                    serve_http: true,
                 },
             ))
         }

@@ -33,6 +33,62 @@ pub struct DaemonOptions {
     pub config: Config,
     /// Re-read on SIGHUP.
     pub config_path: Option<PathBuf>,
+    /// Serve the HTTP API on `config.listen` (`pyebpf top` samples without it).
+    pub serve_http: bool,
+}
+
+/// Requests to the running loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Control {
+    Reload,
+    Stop,
+}
+
+/// A running daemon loop.
+pub struct Handle {
+    pub shared: Arc<Shared>,
+    /// Where the HTTP API listens, when served.
+    pub http_addr: Option<SocketAddr>,
+    control: tokio::sync::mpsc::Sender<Control>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Handle {
+    /// Re-reads the configuration file (SIGHUP).
+    pub async fn reload(&self) {
+        let _ = self.control.send(Control::Reload).await;
+    }
+
+    /// Stops sampling, flushes the last window to its outputs, and waits.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.control.send(Control::Stop).await;
+        self.task.await.context("the daemon loop panicked")?
+    }
+
+    /// Whether the loop ended by itself (an error).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the configuration.
+pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut h = start(opts).await?;
+    loop {
+        tokio::select! {
+            _ = sighup.recv() => h.reload().await,
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            r = &mut h.task => {
+                // The loop only ends by itself on an error.
+                return r.context("the daemon loop panicked")?;
+            }
+        }
+    }
+    h.stop().await
 }
 
 /// Result of inspecting one candidate on the blocking pool.
@@ -365,8 +421,8 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
+/// Loads the sampler, starts the HTTP API (if asked) and the main loop.
+pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     let config = opts.config;
     let mut sampler = Sampler::start(SamplerConfig {
         rate_hz: config.sampling.rate_hz,
@@ -374,8 +430,8 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         ring_bytes: config.sampling.ring_buffer_bytes,
         process_events: true,
     })?;
-    let mut ring = poll_ring(sampler.take_ring().context("sample ring buffer")?)?;
-    let mut proc_ring = poll_ring(
+    let ring = poll_ring(sampler.take_ring().context("sample ring buffer")?)?;
+    let proc_ring = poll_ring(
         sampler
             .take_proc_events()
             .context("process event ring buffer")?,
@@ -383,20 +439,25 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
 
     let store = Store::new(store_limits(&config), config.sampling.rate_hz as u32);
     let shared = Arc::new(Shared::new(store, Metrics::new()));
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr: SocketAddr = listener.local_addr()?;
-    tracing::info!("HTTP API on http://{addr}");
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(super::http::serve(listener, shared.clone(), async move {
-        let _ = http_stopped.await;
-    }));
+    let (http, http_addr) = if opts.serve_http {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr: SocketAddr = listener.local_addr()?;
+        tracing::info!("HTTP API on http://{addr}");
+        let task = tokio::spawn(super::http::serve(listener, shared.clone(), async move {
+            let _ = http_stopped.await;
+        }));
+        (Some(task), Some(addr))
+    } else {
+        (None, None)
+    };
 
     let exporters = Exporters::new(&config.outputs)?;
     let rescan_every = Duration::from_secs(config.discovery.rescan_interval_secs);
     let window_every = Duration::from_secs(config.aggregation.window_secs);
-    let mut d = Daemon {
+    let d = Daemon {
         config,
         config_path: opts.config_path,
         sampler,
@@ -410,9 +471,39 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
         decode_errors: 0,
     };
 
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
+    let (control, control_rx) = tokio::sync::mpsc::channel(4);
+    let task = tokio::spawn(main_loop(
+        d,
+        ring,
+        proc_ring,
+        control_rx,
+        rescan_every,
+        window_every,
+        http.map(|t| (t, stop_http)),
+    ));
+    Ok(Handle {
+        shared,
+        http_addr,
+        control,
+        task,
+    })
+}
+
+type HttpTask = (
+    tokio::task::JoinHandle<std::io::Result<()>>,
+    tokio::sync::oneshot::Sender<()>,
+);
+
+async fn main_loop(
+    mut d: Daemon,
+    mut ring: AsyncFd<RingBuf<MapData>>,
+    mut proc_ring: AsyncFd<RingBuf<MapData>>,
+    mut control: tokio::sync::mpsc::Receiver<Control>,
+    rescan_every: Duration,
+    window_every: Duration,
+    http: Option<HttpTask>,
+) -> anyhow::Result<()> {
+    let shared = d.shared.clone();
     let mut second = tokio::time::interval(Duration::from_secs(1));
     let mut rescan = tokio::time::interval(rescan_every);
     let mut window =
@@ -472,13 +563,14 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
             _ = second.tick() => d.tick(),
             _ = rescan.tick() => d.scan(),
             _ = window.tick() => d.flush_window(unix_secs(SystemTime::now())),
-            _ = sighup.recv() => {
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
-                d.reload();
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-            }
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            c = control.recv() => match c {
+                Some(Control::Reload) => {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                    d.reload();
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+                }
+                Some(Control::Stop) | None => break,
+            },
         }
     }
 
@@ -495,11 +587,13 @@ pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     d.flush_window(unix_secs(SystemTime::now()) + 1);
     let exporters = std::mem::replace(&mut d.exporters, Exporters::none());
     exporters.shutdown(Duration::from_secs(10)).await;
-    let _ = stop_http.send(());
-    match http.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
-        Err(e) => tracing::warn!("HTTP server task: {e}"),
+    if let Some((task, stop)) = http {
+        let _ = stop.send(());
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("HTTP server: {e}"),
+            Err(e) => tracing::warn!("HTTP server task: {e}"),
+        }
     }
     Ok(())
 }
