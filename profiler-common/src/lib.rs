@@ -88,6 +88,12 @@ pub struct Frame311 {
     pub _pad: [u8; 2],
 }
 
+/// Offsets of the `Frame311` fields the walker uses.
+pub const FRAME_CODE_OFF: usize = 32;
+pub const FRAME_PREVIOUS_OFF: usize = 48;
+pub const FRAME_PREV_INSTR_OFF: usize = 56;
+pub const FRAME_OWNER_OFF: usize = 69;
+
 /// Largest valid `Frame311::owner`.
 pub const MAX_FRAME_OWNER: u8 = 2;
 
@@ -141,14 +147,61 @@ pub struct SampleBuf {
     pub frames: [RawFrame; MAX_FRAMES],
 }
 
-/// Walk state kept between tail calls.
+/// Bytes of target memory copied at once when frames lie next to each other
+/// (CPython 3.11 keeps most frames contiguous in the thread's data stack):
+/// one read then serves every frame inside it.
+pub const FRAME_BLOCK: usize = 2048;
+/// Slots of the per-sample code-object cache (a power of two).
+pub const CODE_CACHE_SLOTS: usize = 64;
+
+/// A code object already read during this sample. The frames of a stopped
+/// thread hold strong references to their code objects, so within one sample
+/// an address always means the same object.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
+pub struct CodeSlot {
+    pub addr: u64,
+    pub checksum: u32,
+    /// `ob_size`: code units.
+    pub units: i32,
+    /// The sample (`WalkState::seq`) this slot was filled in.
+    pub seq: u32,
+    pub _pad: u32,
+}
+
+/// Walk state kept between tail calls.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
 pub struct WalkState {
     pub frame: u64,
     pub max_depth: u32,
-    pub _pad: u32,
+    /// Sample number on this CPU; cache slots of other samples are invalid.
+    pub seq: u32,
     pub info: ProcInfo,
+    /// Target address of the block copied in the per-CPU block buffer.
+    pub block_base: u64,
+    /// 0 when the block buffer holds nothing valid for this sample.
+    pub block_valid: u32,
+    pub _pad: u32,
+    pub cache: [CodeSlot; CODE_CACHE_SLOTS],
+    /// Scratch for one code-object header (kept off the 512-byte BPF stack).
+    pub code_hdr: [u8; CODE_READ_LEN],
+}
+
+impl Default for WalkState {
+    fn default() -> Self {
+        WalkState {
+            frame: 0,
+            max_depth: 0,
+            seq: 0,
+            info: ProcInfo::default(),
+            block_base: 0,
+            block_valid: 0,
+            _pad: 0,
+            cache: [CodeSlot::default(); CODE_CACHE_SLOTS],
+            code_hdr: [0; CODE_READ_LEN],
+        }
+    }
 }
 
 impl Default for ProcInfo {
@@ -350,6 +403,16 @@ mod tests {
         assert_eq!(RAW_FRAME_LEN, 16);
         assert_eq!(core::mem::size_of::<ProcInfo>(), 32);
         assert_eq!(FRAME_READ_LEN, 72);
+        assert_eq!(core::mem::offset_of!(Frame311, f_code), FRAME_CODE_OFF);
+        assert_eq!(
+            core::mem::offset_of!(Frame311, previous),
+            FRAME_PREVIOUS_OFF
+        );
+        assert_eq!(
+            core::mem::offset_of!(Frame311, prev_instr),
+            FRAME_PREV_INSTR_OFF
+        );
+        assert_eq!(core::mem::offset_of!(Frame311, owner), FRAME_OWNER_OFF);
         const { assert!(MAX_FRAMES.is_multiple_of(FRAMES_PER_PROG)) };
         // The entry program's tail call plus 32 more reach every frame.
         const { assert!(MAX_FRAMES / FRAMES_PER_PROG <= 33) };

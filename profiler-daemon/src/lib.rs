@@ -8,6 +8,7 @@
 //! - [`bpf`]: loading the sampler, reading its ring buffer and counters.
 //! - [`profile`]: aggregated stacks and the output formats.
 //! - [`record`]: the `pyebpf record` command.
+//! - [`top`]: the `pyebpf top` command.
 pub mod aggregate;
 pub mod bpf;
 pub mod caps;
@@ -16,3 +17,4 @@ pub mod process;
 pub mod profile;
 pub mod python;
 pub mod record;
+pub mod top;

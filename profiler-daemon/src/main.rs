@@ -26,6 +26,19 @@ enum Command {
     /// Profile every Python 3.11 process on the host, continuously, and serve
     /// the results over HTTP (Prometheus, pprof, flamegraphs) and exports.
     Daemon(DaemonArgs),
+    /// Live view of the hottest Python functions on this host, refreshed
+    /// every second.
+    ///
+    /// Reads from a running `pyebpf daemon` (the one on 127.0.0.1:7464, or
+    /// --daemon URL) when there is one: that needs no privileges at all.
+    /// Otherwise samples by itself (or with --local), which needs CAP_BPF,
+    /// CAP_PERFMON and CAP_SYS_PTRACE (or root), like `pyebpf record`.
+    ///
+    /// Keys: o/t/n sort by own/total/name, l line-level rows, w whole run vs
+    /// last --window seconds, p or space pause, / filter by text, Tab process
+    /// view (Enter shows one process, Esc clears filters), ? help, q or
+    /// Ctrl-C quit.
+    Top(TopArgs),
     /// Configuration file tools.
     Config {
         #[command(subcommand)]
@@ -50,6 +63,48 @@ struct DaemonArgs {
     /// HTTP address, overriding the configuration (default 127.0.0.1:7464).
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<std::net::SocketAddr>,
+}
+
+#[derive(clap::Args)]
+struct TopArgs {
+    /// Only this process (repeatable).
+    #[arg(long = "pid", short = 'p', value_name = "PID")]
+    pids: Vec<u32>,
+    /// Only processes with this service label (OTEL_SERVICE_NAME, else
+    /// DD_SERVICE, else the command).
+    #[arg(long, value_name = "NAME")]
+    service: Option<String>,
+    /// Samples per second per CPU when sampling locally [default: 99]; in
+    /// daemon mode the daemon's rate applies.
+    #[arg(long, short = 'r', value_name = "HZ", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    rate: Option<u64>,
+    /// Length of the "last N seconds" view (`w` toggles it with the whole run).
+    #[arg(long, short = 'w', value_name = "SECS", default_value_t = pyebpf::top::DEFAULT_WINDOW_SECS,
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    window: u32,
+    /// Read from the pyebpf daemon whose HTTP API is at URL (e.g.
+    /// http://127.0.0.1:7464). Needs no privileges.
+    #[arg(long, value_name = "URL", conflicts_with = "local")]
+    daemon: Option<String>,
+    /// Sample locally even if a daemon is running. Needs CAP_BPF, CAP_PERFMON
+    /// and CAP_SYS_PTRACE (or root).
+    #[arg(long)]
+    local: bool,
+    /// Start with one row per source line instead of per function (`l` toggles).
+    #[arg(long)]
+    line: bool,
+    /// Print one snapshot after --duration seconds and exit, instead of the
+    /// interactive view (for scripts).
+    #[arg(long)]
+    once: bool,
+    /// With --once: seconds to sample (local mode: the whole run) or to look
+    /// back (daemon mode).
+    #[arg(long, short = 'd', value_name = "SECS", requires = "once",
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    duration: Option<u32>,
+    /// With --once: print the snapshot as JSON (the daemon's /api/top format).
+    #[arg(long, requires = "once")]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -182,6 +237,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     serve_http: true,
                 },
             ))
+        }
+        Command::Top(a) => {
+            let once = a.once.then(|| pyebpf::top::Once {
+                duration_secs: a.duration.unwrap_or(pyebpf::top::DEFAULT_ONCE_SECS),
+                json: a.json,
+            });
+            if once.is_some() {
+                // The interactive view owns the terminal: no log lines there.
+                init_logging("warn", false);
+            }
+            pyebpf::top::run(pyebpf::top::TopOptions {
+                pids: a.pids,
+                service: a.service,
+                rate_hz: a.rate,
+                window_secs: a.window,
+                source: match (a.daemon, a.local) {
+                    (Some(url), _) => pyebpf::top::SourceChoice::Daemon(url),
+                    (None, true) => pyebpf::top::SourceChoice::Local,
+                    (None, false) => pyebpf::top::SourceChoice::Auto,
+                },
+                line_level: a.line,
+                once,
+            })
         }
         Command::Record(a) => {
             init_logging("warn", false);

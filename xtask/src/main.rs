@@ -1,11 +1,12 @@
 //! Project automation: `cargo xtask <command>` (alias in `.cargo/config.toml`).
 
+mod bench;
 mod bootstrap;
 mod demo;
 mod test;
 mod util;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
@@ -34,8 +35,8 @@ enum Command {
     },
     /// Bootstrap, build, then profile examples/busy.py and write a flamegraph.
     Demo,
-    /// Benchmarks (not yet implemented).
-    Bench,
+    /// Benchmarks against py-spy: writes BENCHMARKS.md and benchmarks.json (needs root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,7 +57,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
-        Command::Bench => bail!("`cargo xtask bench`: not yet implemented (issue 5)"),
+        Command::Bench(args) => bench::run(&args),
     }
 }
 

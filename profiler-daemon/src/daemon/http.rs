@@ -8,12 +8,16 @@
 //! | `GET /flamegraph.svg?...` | SVG flamegraph (same parameters) |
 //! | `GET /folded?...` | folded stacks (same parameters) |
 //! | `GET /processes` | JSON array of the profiled processes |
+//! | `GET /api/top?seconds=N&line=0\|1[&pid=PID...][&service=NAME]` | JSON snapshot for `pyebpf top` |
 //! | `GET /healthz` | `ok`: the daemon is alive |
 //! | `GET /readyz` | `ready`, or 503 and why not |
 //!
 //! `seconds` defaults to 10 and must be within 1 ..= the retention. Exactly
 //! one of `pid` and `service` must be given; unknown or repeated parameters
-//! are refused. Every error is a one-line `text/plain` body: 400 for bad
+//! are refused. `/api/top` differs: `seconds` may also be `all` (everything
+//! held), `pid` may be repeated (up to [`MAX_TOP_PIDS`]) and combined with
+//! `service` (a process must match both), neither is required (then every
+//! process), and `line` (default 0) chooses line-level rows. Every error is a one-line `text/plain` body: 400 for bad
 //! parameters, 404 for an unknown process or path, 405 for methods other than
 //! GET and HEAD, 414 for a query string over [`MAX_QUERY_LEN`] bytes, 503 when
 //! the daemon is not ready.
@@ -34,11 +38,14 @@ use tokio::sync::Semaphore;
 
 use super::{ApiSource, QueryError, Selector};
 use crate::profile::{folded, pprof, svg, Profile};
+use crate::top::model::TopQuery;
 
 /// Longest query string accepted, in bytes (longer: 414).
 pub const MAX_QUERY_LEN: usize = 2048;
 /// `seconds` when the query does not say.
 pub const DEFAULT_SECONDS: u32 = 10;
+/// Most `pid` parameters one `/api/top` request may give.
+pub const MAX_TOP_PIDS: usize = 64;
 /// Profiles built at once; further requests wait their turn.
 const MAX_CONCURRENT_PROFILES: usize = 4;
 
@@ -79,6 +86,7 @@ pub fn router(source: Arc<dyn ApiSource>) -> Router {
         .route("/flamegraph.svg", get(profile_svg))
         .route("/folded", get(profile_folded))
         .route("/processes", get(processes))
+        .route("/api/top", get(top))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
@@ -136,7 +144,7 @@ async fn guard(req: Request, next: Next) -> Response {
 async fn not_found() -> Response {
     text(
         StatusCode::NOT_FOUND,
-        "not found: try /profile, /flamegraph.svg, /folded, /processes, /metrics, /healthz, /readyz",
+        "not found: try /profile, /flamegraph.svg, /folded, /processes, /api/top, /metrics, /healthz, /readyz",
     )
 }
 
@@ -255,6 +263,115 @@ fn parse_profile_query(pairs: &[(String, String)], retention: u32) -> Result<Pro
         }
     };
     Ok(ProfileQuery { selector, seconds })
+}
+
+/// Validates the parameters of `/api/top`.
+fn parse_top_query(pairs: &[(String, String)], retention: u32) -> Result<TopQuery, String> {
+    let mut q = TopQuery {
+        seconds: Some(DEFAULT_SECONDS.min(retention.max(1))),
+        ..TopQuery::default()
+    };
+    let (mut seen_seconds, mut seen_line) = (false, false);
+    for (k, v) in pairs {
+        let once = |seen: &mut bool| {
+            if std::mem::replace(seen, true) {
+                Err(format!("parameter {k} given more than once"))
+            } else {
+                Ok(())
+            }
+        };
+        match k.as_str() {
+            "seconds" => {
+                once(&mut seen_seconds)?;
+                q.seconds = match (v.as_str(), parse_number(v)) {
+                    ("all", _) => None,
+                    (_, Some(n)) if (1..=retention).contains(&n) => Some(n),
+                    _ => {
+                        return Err(format!(
+                            "bad seconds {}: expected a whole number from 1 to {retention}, or all",
+                            quoted(v)
+                        ))
+                    }
+                };
+            }
+            "line" => {
+                once(&mut seen_line)?;
+                q.line_level = match v.as_str() {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(format!("bad line {}: expected 0 or 1", quoted(v))),
+                };
+            }
+            "pid" => match parse_number(v) {
+                Some(n) if n > 0 => {
+                    if q.pids.len() == MAX_TOP_PIDS {
+                        return Err(format!("too many pid parameters: at most {MAX_TOP_PIDS}"));
+                    }
+                    if !q.pids.contains(&n) {
+                        q.pids.push(n);
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "bad pid {}: expected a process id (a positive whole number)",
+                        quoted(v)
+                    ))
+                }
+            },
+            "service" => {
+                if q.service.is_some() {
+                    return Err("parameter service given more than once".to_string());
+                }
+                if v.is_empty() {
+                    return Err("bad service \"\": expected a service name".to_string());
+                }
+                q.service = Some(v.clone());
+            }
+            _ => {
+                return Err(format!(
+                    "unknown parameter {}: expected seconds, line, pid or service",
+                    quoted(k)
+                ))
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// `GET /api/top`: the JSON [`crate::top::model::TopSnapshot`] `pyebpf top`
+/// shows.
+async fn top(
+    State(st): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let pairs = match query {
+        Ok(Query(pairs)) => pairs,
+        Err(_) => return text(StatusCode::BAD_REQUEST, "malformed query string"),
+    };
+    let q = match parse_top_query(&pairs, st.source.retention_secs()) {
+        Ok(q) => q,
+        Err(msg) => return text(StatusCode::BAD_REQUEST, &msg),
+    };
+    let Ok(_permit) = st.profile_slots.clone().acquire_owned().await else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    let source = st.source.clone();
+    match tokio::task::spawn_blocking(move || source.top(&q)).await {
+        Ok(Ok(snapshot)) => {
+            let mut resp = Json(snapshot).into_response();
+            resp.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            resp
+        }
+        Ok(Err(e)) => query_error(e),
+        Err(e) => {
+            tracing::error!(error = %e, "top request failed");
+            text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error building the top snapshot",
+            )
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -466,6 +583,7 @@ mod tests {
     use super::*;
     use crate::daemon::{ProcessLabels, ProcessView};
     use crate::profile::Frame;
+    use crate::top::model::TopSnapshot;
 
     const RETENTION: u32 = 300;
 
@@ -886,6 +1004,81 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn api_top_snapshot_and_errors() {
+        let s = start().await;
+        let (status, ct, body) = s.get_text("/api/top?pid=42&line=1&seconds=60").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(ct, "application/json");
+        let snap: TopSnapshot = serde_json::from_str(&body).unwrap();
+        assert_eq!(s.last_asked(), Some((Selector::Pid(42), 60)));
+        assert_eq!(snap.total_samples, 10);
+        assert_eq!(snap.window_secs, 60);
+        assert_eq!(snap.rate_hz, 100);
+        assert_eq!(snap.processes_profiled, 1);
+        assert_eq!(snap.processes.len(), 1);
+        assert_eq!(snap.processes[0].service, "web");
+        let top = &snap.functions[0];
+        assert_eq!(
+            (top.qualname.as_str(), top.line, top.own),
+            ("handle", Some(10), 6)
+        );
+        // Defaults: 10 s, function level, every process; `all` is the retention.
+        let (status, _, body) = s.get_text("/api/top").await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(s.last_asked(), Some((Selector::Pid(42), 10)));
+        let snap: TopSnapshot = serde_json::from_str(&body).unwrap();
+        assert!(snap.functions.iter().all(|r| r.line.is_none()));
+        let handle = snap
+            .functions
+            .iter()
+            .find(|r| r.qualname == "handle")
+            .unwrap();
+        assert_eq!((handle.own, handle.total), (6, 9));
+        assert_eq!(s.get_text("/api/top?seconds=all&service=web").await.0, 200);
+        assert_eq!(s.last_asked(), Some((Selector::Pid(42), RETENTION)));
+        // Filters that select nothing: an empty snapshot, not an error.
+        let (status, _, body) = s.get_text("/api/top?pid=7&pid=8").await;
+        assert_eq!(status, 200);
+        let snap: TopSnapshot = serde_json::from_str(&body).unwrap();
+        assert!(snap.processes.is_empty() && snap.total_samples == 0);
+
+        let asked_before = s.fake.asked.lock().unwrap().len();
+        let many_pids: String = (1..=MAX_TOP_PIDS + 1)
+            .map(|p| format!("pid={p}&"))
+            .collect();
+        for (path, want) in [
+            ("/api/top?seconds=0", "bad seconds \"0\""),
+            ("/api/top?seconds=301", "from 1 to 300, or all"),
+            ("/api/top?seconds=ALL", "bad seconds"),
+            (
+                "/api/top?seconds=1&seconds=2",
+                "seconds given more than once",
+            ),
+            ("/api/top?line=2", "bad line \"2\": expected 0 or 1"),
+            ("/api/top?line=true", "bad line"),
+            ("/api/top?line=0&line=1", "line given more than once"),
+            ("/api/top?pid=abc", "bad pid \"abc\""),
+            ("/api/top?pid=0", "bad pid"),
+            ("/api/top?pid=", "bad pid"),
+            ("/api/top?service=", "bad service"),
+            (
+                "/api/top?service=a&service=b",
+                "service given more than once",
+            ),
+            ("/api/top?limit=5", "unknown parameter \"limit\""),
+            (&format!("/api/top?{many_pids}"), "too many pid parameters"),
+        ] {
+            let (status, ct, body) = s.get_text(path).await;
+            assert_eq!(status, 400, "{path}: {body}");
+            assert_eq!(ct, TEXT_PLAIN, "{path}");
+            assert!(body.contains(want), "{path}: {body:?}");
+            assert!(body.lines().count() == 1, "{path}: {body:?}");
+        }
+        assert_eq!(s.fake.asked.lock().unwrap().len(), asked_before);
+        s.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn graceful_shutdown_ends_serve() {
         let s = start().await;
         // A kept-alive idle connection must not hold the shutdown.
@@ -934,6 +1127,37 @@ mod tests {
         let long = format!("pid={}", "x".repeat(1000));
         let msg = parse_profile_query(&q(&long), 5).unwrap_err();
         assert!(msg.len() < 200, "{msg}");
+    }
+
+    #[test]
+    fn top_query_parsing() {
+        let q = |s: &str| -> Vec<(String, String)> {
+            s.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (k.to_string(), v.to_string())
+                })
+                .collect()
+        };
+        assert_eq!(
+            parse_top_query(&q(""), 300),
+            Ok(TopQuery {
+                seconds: Some(10),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            parse_top_query(&q("pid=3&line=1&pid=4&pid=3&service=web&seconds=all"), 300),
+            Ok(TopQuery {
+                seconds: None,
+                pids: vec![3, 4],
+                service: Some("web".into()),
+                line_level: true,
+            })
+        );
+        assert_eq!(parse_top_query(&q(""), 5).unwrap().seconds, Some(5));
+        assert!(parse_top_query(&q("seconds=6"), 5).is_err());
     }
 
     #[test]

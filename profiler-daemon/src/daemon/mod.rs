@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::profile::Profile;
+use crate::top::model::{Header, TopQuery, TopSnapshot};
 
 pub mod config;
 pub mod discovery;
@@ -122,4 +123,50 @@ pub trait ApiSource: Send + Sync + 'static {
     fn ready(&self) -> Result<(), String>;
     /// Retention in seconds (the largest `seconds` a query may ask for).
     fn retention_secs(&self) -> u32;
+    /// What `pyebpf top` shows (`GET /api/top`): functions and processes of
+    /// the last `q.seconds` seconds (everything held when `None`).
+    ///
+    /// The default builds it from [`ApiSource::processes`] and
+    /// [`ApiSource::profile`], with zero header counters; the daemon's
+    /// [`shared::Shared`] answers it directly from its store and metrics.
+    fn top(&self, q: &TopQuery) -> Result<TopSnapshot, QueryError> {
+        let retention = self.retention_secs();
+        let seconds = checked_top_seconds(q.seconds, retention)?;
+        let mut per_process = Vec::new();
+        let mut processes_profiled = 0;
+        for v in self.processes() {
+            if v.status == "profiled" {
+                processes_profiled += 1;
+            }
+            if !q.selects(&v.labels) {
+                continue;
+            }
+            match self.profile(&Selector::Pid(v.labels.pid), seconds) {
+                Ok(p) => per_process.push((v.labels, p)),
+                // Gone since the listing.
+                Err(QueryError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let rate_hz = per_process.first().map_or(0, |(_, p)| p.rate_hz);
+        let header = Header {
+            rate_hz,
+            processes_profiled,
+            window_secs: seconds,
+            ..Header::default()
+        };
+        Ok(crate::top::model::snapshot(&per_process, q, &header))
+    }
+}
+
+/// The window of a `top` query: `seconds` checked against the retention,
+/// `None` meaning the whole retention.
+pub fn checked_top_seconds(seconds: Option<u32>, retention: u32) -> Result<u32, QueryError> {
+    match seconds {
+        None => Ok(retention.max(1)),
+        Some(s) if (1..=retention).contains(&s) => Ok(s),
+        Some(s) => Err(QueryError::BadRequest(format!(
+            "bad seconds {s}: expected a whole number from 1 to {retention} (the retention)"
+        ))),
+    }
 }

@@ -3,7 +3,7 @@
 //! One task owns the sampler, the discovery tracker and the exporters; the
 //! HTTP API reads the shared store. Inspections of new processes (ELF parsing,
 //! memory reads) run on the blocking pool so they never delay the ring buffer.
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,10 +96,13 @@ struct Inspected {
     candidate: Candidate,
     /// Triggered by an exec event (the new program may not be mapped yet).
     after_exec: bool,
+    /// The pid's exec/exit generation when the inspection started (see
+    /// `Daemon::last_exec`).
+    exec_gen: u64,
     result: Result<(PythonProcess, ProcessLabels, bool), InspectError>,
 }
 
-fn inspect(candidate: Candidate, delay: Duration, after_exec: bool) -> Inspected {
+fn inspect(candidate: Candidate, delay: Duration, after_exec: bool, exec_gen: u64) -> Inspected {
     if !delay.is_zero() {
         std::thread::sleep(delay);
     }
@@ -119,6 +122,7 @@ fn inspect(candidate: Candidate, delay: Duration, after_exec: bool) -> Inspected
     Inspected {
         candidate,
         after_exec,
+        exec_gen,
         result,
     }
 }
@@ -159,18 +163,44 @@ struct Daemon {
     reported_samples: u64,
     reported_overflow: u64,
     decode_errors: u64,
+    /// Exec and exit events seen, and the count at each pid's last one (kept
+    /// until the next full scan): an inspection started before the pid's
+    /// latest exec or exit looked at a program that is gone, so its answer
+    /// is dropped (an exec starts a new inspection).
+    execs: u64,
+    last_exec: HashMap<u32, u64>,
 }
 
 impl Daemon {
     fn spawn_inspection(&mut self, c: Candidate, delay: Duration, after_exec: bool) {
+        let exec_gen = self.exec_gen(c.pid);
         self.inspections
-            .spawn_blocking(move || inspect(c, delay, after_exec));
+            .spawn_blocking(move || inspect(c, delay, after_exec, exec_gen));
+    }
+
+    fn exec_gen(&self, pid: u32) -> u64 {
+        self.last_exec.get(&pid).copied().unwrap_or(0)
+    }
+
+    /// Between full scans: pids never seen before. A process forked without
+    /// an exec (prefork servers' workers, multiprocessing's fork start
+    /// method) sends no event; it is found here within a second. Costs one
+    /// listing of /proc, and a stat of each new pid only.
+    fn scan_new(&mut self) {
+        let fresh: Vec<u32> = list_pids()
+            .into_iter()
+            .filter(|pid| self.tracker.get(*pid).is_none())
+            .collect();
+        for c in self.tracker.new_candidates(&fresh) {
+            self.spawn_inspection(c, Duration::ZERO, false);
+        }
     }
 
     fn scan(&mut self) {
         let pids = list_pids();
         let live: HashSet<u32> = pids.iter().copied().collect();
         self.tracker.prune(&live);
+        self.last_exec.retain(|pid, _| live.contains(pid));
         for ended in self.tracker.take_ended() {
             self.stop_profiling(ended.pid);
         }
@@ -201,6 +231,8 @@ impl Daemon {
         match ev.kind {
             PROC_EVENT_EXEC => {
                 // The pid now runs a new program: whatever it was is over.
+                self.execs += 1;
+                self.last_exec.insert(ev.pid, self.execs);
                 self.stop_profiling(ev.pid);
                 self.tracker.forget(ev.pid);
                 for c in self.tracker.new_candidates(&[ev.pid]) {
@@ -211,6 +243,8 @@ impl Daemon {
             PROC_EVENT_EXIT => {
                 self.stop_profiling(ev.pid);
                 self.tracker.forget(ev.pid);
+                self.execs += 1;
+                self.last_exec.insert(ev.pid, self.execs);
             }
             _ => {}
         }
@@ -218,6 +252,15 @@ impl Daemon {
 
     fn on_inspected(&mut self, r: Inspected) {
         let c = r.candidate;
+        if r.exec_gen != self.exec_gen(c.pid) {
+            // Started before an exec (or exit) of the pid: it may describe
+            // the old program. The exec event started a fresh inspection.
+            tracing::debug!(
+                pid = c.pid,
+                "dropped an inspection older than the last exec"
+            );
+            return;
+        }
         let now = Instant::now();
         let metrics = &self.shared.metrics;
         match r.result {
@@ -469,6 +512,8 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         reported_samples: 0,
         reported_overflow: 0,
         decode_errors: 0,
+        execs: 0,
+        last_exec: HashMap::new(),
     };
 
     let (control, control_rx) = tokio::sync::mpsc::channel(4);
@@ -560,13 +605,32 @@ async fn main_loop(
                     d.spawn_inspection(c, Duration::ZERO, false);
                 }
             }
-            _ = second.tick() => d.tick(),
+            _ = second.tick() => {
+                d.tick();
+                d.scan_new();
+            }
             _ = rescan.tick() => d.scan(),
             _ = window.tick() => d.flush_window(unix_secs(SystemTime::now())),
             c = control.recv() => match c {
                 Some(Control::Reload) => {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
+                    let (window_secs, rescan_secs) = (
+                        d.config.aggregation.window_secs,
+                        d.config.discovery.rescan_interval_secs,
+                    );
                     d.reload();
+                    // The intervals were made from the old configuration.
+                    if d.config.aggregation.window_secs != window_secs {
+                        // The window being filled closes at the new length.
+                        let every = Duration::from_secs(d.config.aggregation.window_secs);
+                        window = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                    }
+                    if d.config.discovery.rescan_interval_secs != rescan_secs {
+                        rescan = tokio::time::interval(Duration::from_secs(
+                            d.config.discovery.rescan_interval_secs,
+                        ));
+                        rescan.reset();
+                    }
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
                 }
                 Some(Control::Stop) | None => break,

@@ -1,17 +1,20 @@
 //! State the sampling loop shares with the HTTP API.
 use std::sync::{Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::metrics::Metrics;
 use super::store::Store;
-use super::{ApiSource, ProcessView, QueryError, Selector};
+use super::{checked_top_seconds, ApiSource, ProcessView, QueryError, Selector};
 use crate::profile::Profile;
+use crate::top::model::{self, Header, TopQuery, TopSnapshot};
 
 /// The store, the metrics and readiness, behind one `Arc`.
 pub struct Shared {
     store: Mutex<Store>,
     pub metrics: Metrics,
     ready: Mutex<Result<(), String>>,
+    /// When sampling started: the start of `top`'s whole-run window.
+    started: SystemTime,
 }
 
 impl Shared {
@@ -20,7 +23,20 @@ impl Shared {
             store: Mutex::new(store),
             metrics,
             ready: Mutex::new(Err("starting: first process scan not done".into())),
+            started: SystemTime::now(),
         }
+    }
+
+    /// When sampling started.
+    pub fn started(&self) -> SystemTime {
+        self.started
+    }
+
+    /// `(drops, errors)` for `top`'s header, from the BPF counters the main
+    /// loop copies into the metrics every second: samples lost to a full
+    /// ring buffer, and stack walks ended by a failed read or tail call.
+    pub fn bpf_drops_and_errors(&self) -> (u64, u64) {
+        bpf_drops_and_errors(&self.metrics.registry().gather())
     }
 
     /// The store; a panic while it was held cannot leave it half-updated in a
@@ -54,5 +70,133 @@ impl ApiSource for Shared {
 
     fn retention_secs(&self) -> u32 {
         self.store().retention_secs()
+    }
+
+    fn top(&self, q: &TopQuery) -> Result<TopSnapshot, QueryError> {
+        let now = SystemTime::now();
+        let (drops, errors) = self.bpf_drops_and_errors();
+        let store = self.store();
+        let retention = store.retention_secs();
+        let seconds = checked_top_seconds(q.seconds, retention)?;
+        let now_s = unix_secs(now);
+        let elapsed = now
+            .duration_since(self.started)
+            .map_or(0, |d| d.as_secs_f64().ceil() as u64);
+        let views = store.views();
+        let mut per_process = Vec::new();
+        let mut rate_hz = 0;
+        for v in views.iter().filter(|v| q.selects(&v.labels)) {
+            // `views` and `query` see the same store: the pid is there.
+            if let Ok(p) = store.query(&Selector::Pid(v.labels.pid), seconds, now) {
+                rate_hz = p.rate_hz;
+                per_process.push((v.labels.clone(), p));
+            }
+        }
+        if rate_hz == 0 {
+            // No process selected: any process's (empty) profile tells the rate.
+            if let Some(p) = views
+                .first()
+                .and_then(|v| store.query(&Selector::Pid(v.labels.pid), 1, now).ok())
+            {
+                rate_hz = p.rate_hz;
+            }
+        }
+        // Samples per second over the last complete seconds (up to 3).
+        let k = elapsed.clamp(1, 3);
+        let recent: u64 = store
+            .window(now_s.saturating_sub(k), now_s)
+            .iter()
+            .map(|(_, p)| p.total_samples())
+            .sum();
+        let header = Header {
+            rate_hz,
+            samples_per_sec: recent as f64 / k as f64,
+            processes_profiled: store.processes_profiled() as u64,
+            drops,
+            errors,
+            window_secs: match q.seconds {
+                Some(s) => s,
+                None => u32::try_from(elapsed.max(1))
+                    .unwrap_or(u32::MAX)
+                    .min(seconds),
+            },
+        };
+        drop(store);
+        Ok(model::snapshot(&per_process, q, &header))
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `(drops, errors)` from gathered metrics: `pyebpf_bpf_events_total` with
+/// outcome `ringbuf_full`, and with outcomes `read_failed` and
+/// `tail_call_failed`.
+fn bpf_drops_and_errors(families: &[prometheus::proto::MetricFamily]) -> (u64, u64) {
+    let (mut drops, mut errors) = (0, 0);
+    for mf in families
+        .iter()
+        .filter(|mf| mf.name() == "pyebpf_bpf_events_total")
+    {
+        for m in &mf.metric {
+            let value = m.counter.value() as u64;
+            let outcome = m
+                .label
+                .iter()
+                .find(|l| l.name() == "outcome")
+                .map(|l| l.value());
+            match outcome {
+                Some("ringbuf_full") => drops += value,
+                Some("read_failed") | Some("tail_call_failed") => errors += value,
+                _ => {}
+            }
+        }
+    }
+    (drops, errors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::counters::Counters;
+    use crate::daemon::store::StoreLimits;
+    use profiler_common::Counter;
+
+    #[test]
+    fn top_header_reads_bpf_counters_and_checks_seconds() {
+        let store = Store::new(
+            StoreLimits {
+                retention_secs: 60,
+                max_processes: 10,
+                max_stacks_per_process: 100,
+            },
+            99,
+        );
+        let shared = Shared::new(store, Metrics::new());
+        let mut slots = vec![0u64; profiler_common::COUNTERS_LEN as usize];
+        slots[Counter::RingBufFull as usize] = 7;
+        slots[Counter::ReadFailed as usize] = 2;
+        slots[Counter::TailCallFailed as usize] = 1;
+        slots[Counter::Sampled as usize] = 1000;
+        shared
+            .metrics
+            .set_bpf_counters(&Counters::from_slots(&slots));
+        assert_eq!(shared.bpf_drops_and_errors(), (7, 3));
+        let s = shared.top(&TopQuery::default()).unwrap();
+        assert_eq!((s.drops, s.errors), (7, 3));
+        assert_eq!(s.total_samples, 0);
+        assert!(s.functions.is_empty() && s.processes.is_empty());
+        assert!(s.window_secs >= 1 && s.window_secs <= 60);
+        let q = TopQuery {
+            seconds: Some(61),
+            ..Default::default()
+        };
+        assert!(matches!(shared.top(&q), Err(QueryError::BadRequest(_))));
+        let q = TopQuery {
+            seconds: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(shared.top(&q).unwrap().window_secs, 5);
     }
 }

@@ -35,6 +35,20 @@ pub fn bpf_available() -> bool {
     root
 }
 
+/// For BPF tests that measure CPU: `None` when BPF tests cannot run (see
+/// [`bpf_available`]); otherwise a guard that runs such tests of one test
+/// binary one at a time, so that on a 2-CPU machine one test's busy workloads
+/// do not starve another's of the CPU its sample counts depend on.
+pub fn serial_bpf_test() -> Option<std::sync::MutexGuard<'static, ()>> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if !bpf_available() {
+        return None;
+    }
+    // A test that panicked while holding the lock poisons it; the next test
+    // is still valid.
+    Some(LOCK.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
 /// The two interpreters every behaviour is checked on.
 #[derive(Clone, Copy, Debug)]
 pub enum Interp {

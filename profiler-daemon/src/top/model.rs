@@ -1,0 +1,600 @@
+//! What `pyebpf top` shows, computed from per-process profiles: pure data,
+//! no terminal and no BPF, so every rule here is unit-tested.
+//!
+//! - A *function row* is one Python function (or one line of it, in
+//!   line-level mode) in one process. `own` counts the samples where it was
+//!   the leaf (running its own code); `total` counts the samples whose stack
+//!   contains it anywhere, once per stack even when it recurses.
+//! - Synthetic frames (`[truncated]`, `[unknown code object: ...]`, process
+//!   roots, ...) are not functions: they never get a row, but their samples
+//!   still count in the totals the percentages are taken of.
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::ProcessLabels;
+use crate::profile::{Frame, Profile};
+
+/// What a `top` view asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TopQuery {
+    /// The last `seconds` seconds; `None`: everything held (the whole run in
+    /// local mode, the daemon's retention in daemon mode).
+    pub seconds: Option<u32>,
+    /// Only these processes (all when empty).
+    pub pids: Vec<u32>,
+    /// Only processes with this service label.
+    pub service: Option<String>,
+    /// One row per (function, line) instead of per function.
+    pub line_level: bool,
+}
+
+impl TopQuery {
+    /// Whether the pid and service filters keep this process.
+    pub fn selects(&self, labels: &ProcessLabels) -> bool {
+        (self.pids.is_empty() || self.pids.contains(&labels.pid))
+            && self.service.as_ref().is_none_or(|s| *s == labels.service)
+    }
+}
+
+/// One function (or line, in line-level mode) of one process.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionRow {
+    pub qualname: String,
+    pub filename: String,
+    /// The line, in line-level mode only.
+    pub line: Option<u32>,
+    /// `co_firstlineno`: where the function starts.
+    pub first_line: u32,
+    pub pid: u32,
+    pub command: String,
+    pub service: String,
+    /// Samples where this was the leaf frame.
+    pub own: u64,
+    /// Samples whose stack contains it (once per stack).
+    pub total: u64,
+}
+
+impl FunctionRow {
+    /// The line shown next to the file: the line in line-level mode, else
+    /// the function's first line.
+    pub fn shown_line(&self) -> u32 {
+        self.line.unwrap_or(self.first_line)
+    }
+
+    /// `qualname (file:line)`, as flamegraphs and `record` write frames.
+    pub fn label(&self) -> String {
+        format!(
+            "{} ({}:{})",
+            self.qualname,
+            self.filename,
+            self.shown_line()
+        )
+    }
+}
+
+/// One process and its samples in the window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub command: String,
+    pub service: String,
+    pub samples: u64,
+}
+
+/// Everything one refresh of `top` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TopSnapshot {
+    /// Samples per second per CPU: a sample stands for `1 / rate_hz` s of
+    /// CPU. 0 while unknown (nothing profiled yet).
+    pub rate_hz: u32,
+    /// Samples received per second lately, every profiled process counted.
+    pub samples_per_sec: f64,
+    /// Python processes being profiled now (whatever the filters).
+    pub processes_profiled: u64,
+    /// Samples lost since the sampler started (BPF ring buffer full).
+    pub drops: u64,
+    /// Stack walks that failed since the sampler started (read errors,
+    /// failed tail calls); those samples are kept, flagged partial.
+    pub errors: u64,
+    /// Samples of the selected processes in the window: what the
+    /// percentages are of.
+    pub total_samples: u64,
+    /// Seconds the window covers.
+    pub window_secs: u32,
+    /// Sorted by own samples, most first.
+    pub functions: Vec<FunctionRow>,
+    /// Sorted by samples, most first.
+    pub processes: Vec<ProcessRow>,
+}
+
+/// The header numbers [`snapshot`] does not compute from profiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Header {
+    pub rate_hz: u32,
+    pub samples_per_sec: f64,
+    pub processes_profiled: u64,
+    pub drops: u64,
+    pub errors: u64,
+    pub window_secs: u32,
+}
+
+/// How rows are ordered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SortKey {
+    /// Own samples, most first.
+    #[default]
+    Own,
+    /// Total samples, most first.
+    Total,
+    /// Qualified name, A to Z.
+    Name,
+}
+
+impl SortKey {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SortKey::Own => "own",
+            SortKey::Total => "total",
+            SortKey::Name => "name",
+        }
+    }
+}
+
+/// Identity of a row within one process.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct Key {
+    qualname: Arc<str>,
+    filename: Arc<str>,
+    line: Option<u32>,
+    first_line: u32,
+}
+
+fn key_of(f: &Frame, line_level: bool) -> Option<Key> {
+    match f {
+        Frame::Python {
+            qualname,
+            filename,
+            line,
+            first_line,
+        } => Some(Key {
+            qualname: qualname.clone(),
+            filename: filename.clone(),
+            line: line_level.then_some(*line),
+            first_line: *first_line,
+        }),
+        _ => None,
+    }
+}
+
+/// Builds the view of `per_process` (one profile per process) that `query`
+/// asks for. Processes outside the pid/service filters are left out; the
+/// others are listed even without samples. The window in `query` is the
+/// caller's business (the profiles already cover it).
+pub fn snapshot(
+    per_process: &[(ProcessLabels, Profile)],
+    query: &TopQuery,
+    header: &Header,
+) -> TopSnapshot {
+    let mut functions = Vec::new();
+    let mut processes = Vec::new();
+    let mut total_samples = 0;
+    for (labels, profile) in per_process.iter().filter(|(l, _)| query.selects(l)) {
+        let mut own: HashMap<Key, u64> = HashMap::new();
+        let mut total: HashMap<Key, u64> = HashMap::new();
+        let mut samples = 0;
+        let mut seen = HashSet::new();
+        for (stack, &count) in &profile.stacks {
+            samples += count;
+            if let Some(k) = stack.last().and_then(|f| key_of(f, query.line_level)) {
+                *own.entry(k).or_insert(0) += count;
+            }
+            seen.clear();
+            for k in stack.iter().filter_map(|f| key_of(f, query.line_level)) {
+                if seen.insert(k.clone()) {
+                    *total.entry(k).or_insert(0) += count;
+                }
+            }
+        }
+        total_samples += samples;
+        processes.push(ProcessRow {
+            pid: labels.pid,
+            command: labels.command.clone(),
+            service: labels.service.clone(),
+            samples,
+        });
+        for (k, t) in total {
+            functions.push(FunctionRow {
+                own: own.get(&k).copied().unwrap_or(0),
+                total: t,
+                qualname: k.qualname.to_string(),
+                filename: k.filename.to_string(),
+                line: k.line,
+                first_line: k.first_line,
+                pid: labels.pid,
+                command: labels.command.clone(),
+                service: labels.service.clone(),
+            });
+        }
+    }
+    sort_functions(&mut functions, SortKey::Own);
+    sort_processes(&mut processes);
+    TopSnapshot {
+        rate_hz: header.rate_hz,
+        samples_per_sec: header.samples_per_sec,
+        processes_profiled: header.processes_profiled,
+        drops: header.drops,
+        errors: header.errors,
+        total_samples,
+        window_secs: header.window_secs,
+        functions,
+        processes,
+    }
+}
+
+fn by_name(a: &FunctionRow, b: &FunctionRow) -> Ordering {
+    a.qualname
+        .cmp(&b.qualname)
+        .then_with(|| a.filename.cmp(&b.filename))
+        .then_with(|| a.shown_line().cmp(&b.shown_line()))
+        .then_with(|| a.pid.cmp(&b.pid))
+}
+
+/// Orders rows by `key`; ties are broken by the other counts, then by name
+/// and pid, so the order is deterministic.
+pub fn sort_functions(rows: &mut [FunctionRow], key: SortKey) {
+    match key {
+        SortKey::Own => rows.sort_by(|a, b| {
+            b.own
+                .cmp(&a.own)
+                .then_with(|| b.total.cmp(&a.total))
+                .then_with(|| by_name(a, b))
+        }),
+        SortKey::Total => rows.sort_by(|a, b| {
+            b.total
+                .cmp(&a.total)
+                .then_with(|| b.own.cmp(&a.own))
+                .then_with(|| by_name(a, b))
+        }),
+        SortKey::Name => rows.sort_by(by_name),
+    }
+}
+
+/// Most samples first, then by pid.
+pub fn sort_processes(rows: &mut [ProcessRow]) {
+    rows.sort_by(|a, b| b.samples.cmp(&a.samples).then_with(|| a.pid.cmp(&b.pid)));
+}
+
+/// Whether `row` matches the text filter: a case-insensitive substring of
+/// its qualified name or its file. An empty filter matches everything.
+pub fn matches_filter(row: &FunctionRow, filter: &str) -> bool {
+    if filter.is_empty() {
+        return true;
+    }
+    let needle = filter.to_lowercase();
+    row.qualname.to_lowercase().contains(&needle) || row.filename.to_lowercase().contains(&needle)
+}
+
+/// The rows matching `filter`, ordered by `key`.
+pub fn filtered_sorted(rows: &[FunctionRow], filter: &str, key: SortKey) -> Vec<FunctionRow> {
+    let mut v: Vec<FunctionRow> = rows
+        .iter()
+        .filter(|r| matches_filter(r, filter))
+        .cloned()
+        .collect();
+    sort_functions(&mut v, key);
+    v
+}
+
+/// `part` as a percentage of `whole` (0 when there is nothing).
+pub fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 * 100.0 / whole as f64
+    }
+}
+
+/// CPU seconds `samples` stand for at `rate_hz`.
+pub fn seconds_of(samples: u64, rate_hz: u32) -> f64 {
+    samples as f64 / f64::from(rate_hz.max(1))
+}
+
+/// A duration for a narrow column: `812ms`, `4.25s`, `1m05s`, `2h03m`.
+pub fn format_duration(secs: f64) -> String {
+    if secs < 1.0 {
+        format!("{:.0}ms", secs * 1000.0)
+    } else if secs < 60.0 {
+        format!("{secs:.2}s")
+    } else if secs < 3600.0 {
+        let s = secs.round() as u64;
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        let m = (secs / 60.0).round() as u64;
+        format!("{}h{:02}m", m / 60, m % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn py(name: &str, line: u32, first: u32) -> Frame {
+        Frame::Python {
+            qualname: name.into(),
+            filename: "/srv/app.py".into(),
+            line,
+            first_line: first,
+        }
+    }
+
+    fn labels(pid: u32, service: &str) -> ProcessLabels {
+        ProcessLabels {
+            pid,
+            command: "python3".into(),
+            service: service.into(),
+            ..Default::default()
+        }
+    }
+
+    fn header() -> Header {
+        Header {
+            rate_hz: 100,
+            samples_per_sec: 12.5,
+            processes_profiled: 3,
+            drops: 1,
+            errors: 2,
+            window_secs: 10,
+        }
+    }
+
+    /// main -> handle(line 10) leaf: 6; main -> handle(11) -> dumps: 3;
+    /// main leaf: 1; [truncated] -> handle(10): 2; unknown leaf under main: 4.
+    fn web() -> Profile {
+        let mut p = Profile::new(100);
+        let main = py("<module>", 3, 1);
+        p.add(vec![main.clone(), py("handle", 10, 9)], 6);
+        p.add(
+            vec![main.clone(), py("handle", 11, 9), py("dumps", 231, 200)],
+            3,
+        );
+        p.add(vec![main.clone()], 1);
+        p.add(vec![Frame::Truncated, py("handle", 10, 9)], 2);
+        p.add(
+            vec![
+                main,
+                Frame::Unknown {
+                    reason: crate::profile::UnknownReason::Stale,
+                },
+            ],
+            4,
+        );
+        p
+    }
+
+    fn find<'a>(s: &'a TopSnapshot, name: &str, line: Option<u32>) -> &'a FunctionRow {
+        s.functions
+            .iter()
+            .find(|r| r.qualname == name && r.line == line)
+            .unwrap_or_else(|| panic!("no row {name} {line:?} in {:#?}", s.functions))
+    }
+
+    #[test]
+    fn own_and_total_at_function_level() {
+        let q = TopQuery::default();
+        let s = snapshot(&[(labels(42, "web"), web())], &q, &header());
+        assert_eq!(s.total_samples, 16);
+        assert_eq!(s.rate_hz, 100);
+        assert_eq!((s.drops, s.errors, s.processes_profiled), (1, 2, 3));
+        assert_eq!(s.window_secs, 10);
+        // Synthetic frames are not functions.
+        assert_eq!(s.functions.len(), 3, "{:#?}", s.functions);
+        let handle = find(&s, "handle", None);
+        assert_eq!((handle.own, handle.total), (8, 11));
+        assert_eq!(handle.first_line, 9);
+        assert_eq!(handle.shown_line(), 9);
+        assert_eq!(handle.label(), "handle (/srv/app.py:9)");
+        let main = find(&s, "<module>", None);
+        assert_eq!((main.own, main.total), (1, 14));
+        let dumps = find(&s, "dumps", None);
+        assert_eq!((dumps.own, dumps.total), (3, 3));
+        assert_eq!((dumps.pid, dumps.service.as_str()), (42, "web"));
+        // Sorted by own.
+        let names: Vec<_> = s.functions.iter().map(|r| r.qualname.as_str()).collect();
+        assert_eq!(names, ["handle", "dumps", "<module>"]);
+        assert_eq!(
+            s.processes,
+            vec![ProcessRow {
+                pid: 42,
+                command: "python3".into(),
+                service: "web".into(),
+                samples: 16
+            }]
+        );
+    }
+
+    #[test]
+    fn line_level_splits_by_line() {
+        let q = TopQuery {
+            line_level: true,
+            ..Default::default()
+        };
+        let s = snapshot(&[(labels(42, "web"), web())], &q, &header());
+        let h10 = find(&s, "handle", Some(10));
+        let h11 = find(&s, "handle", Some(11));
+        assert_eq!((h10.own, h10.total), (8, 8));
+        assert_eq!((h11.own, h11.total), (0, 3));
+        assert_eq!(h11.label(), "handle (/srv/app.py:11)");
+        assert_eq!(s.functions.len(), 4);
+    }
+
+    #[test]
+    fn recursion_counts_once_per_stack() {
+        let mut p = Profile::new(100);
+        let r = py("recurse", 5, 4);
+        p.add(
+            vec![py("<module>", 1, 1), r.clone(), r.clone(), r.clone()],
+            7,
+        );
+        // Function level: the three frames are one function.
+        let s = snapshot(&[(labels(1, "a"), p)], &TopQuery::default(), &header());
+        let row = find(&s, "recurse", None);
+        assert_eq!((row.own, row.total), (7, 7));
+        // Different lines of one function on one stack: once per line.
+        let mut p = Profile::new(100);
+        p.add(vec![py("f", 2, 1), py("f", 3, 1)], 5);
+        let s = snapshot(
+            &[(labels(1, "a"), p.clone())],
+            &TopQuery::default(),
+            &header(),
+        );
+        let f = find(&s, "f", None);
+        assert_eq!((f.own, f.total), (5, 5));
+        let q = TopQuery {
+            line_level: true,
+            ..Default::default()
+        };
+        let s = snapshot(&[(labels(1, "a"), p)], &q, &header());
+        assert_eq!(find(&s, "f", Some(2)).total, 5);
+        assert_eq!(find(&s, "f", Some(2)).own, 0);
+        assert_eq!(find(&s, "f", Some(3)).own, 5);
+    }
+
+    #[test]
+    fn filters_by_pid_and_service_and_keeps_idle_processes() {
+        let data = vec![
+            (labels(1, "web"), web()),
+            (labels(2, "worker"), web()),
+            (labels(3, "web"), Profile::new(100)),
+        ];
+        let all = snapshot(&data, &TopQuery::default(), &header());
+        assert_eq!(all.total_samples, 32);
+        assert_eq!(all.processes.len(), 3);
+        assert_eq!(all.processes[2].pid, 3, "idle process last");
+        assert_eq!(all.processes[2].samples, 0);
+        // The same function in two processes: two rows.
+        assert_eq!(
+            all.functions
+                .iter()
+                .filter(|r| r.qualname == "handle")
+                .count(),
+            2
+        );
+        let q = TopQuery {
+            pids: vec![2, 3],
+            ..Default::default()
+        };
+        let s = snapshot(&data, &q, &header());
+        assert_eq!(s.total_samples, 16);
+        assert!(s.functions.iter().all(|r| r.pid == 2));
+        let pids: Vec<u32> = s.processes.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [2, 3]);
+        let q = TopQuery {
+            service: Some("web".into()),
+            ..Default::default()
+        };
+        let s = snapshot(&data, &q, &header());
+        let pids: Vec<u32> = s.processes.iter().map(|p| p.pid).collect();
+        assert_eq!(pids, [1, 3]);
+        // Both filters: both must hold.
+        let q = TopQuery {
+            pids: vec![2],
+            service: Some("web".into()),
+            ..Default::default()
+        };
+        let s = snapshot(&data, &q, &header());
+        assert!(s.processes.is_empty() && s.functions.is_empty());
+        assert_eq!(s.total_samples, 0);
+    }
+
+    #[test]
+    fn sorting_and_text_filter() {
+        let s = snapshot(
+            &[(labels(42, "web"), web())],
+            &TopQuery::default(),
+            &header(),
+        );
+        let names = |rows: &[FunctionRow]| -> Vec<String> {
+            rows.iter().map(|r| r.qualname.clone()).collect()
+        };
+        let total = filtered_sorted(&s.functions, "", SortKey::Total);
+        assert_eq!(names(&total), ["<module>", "handle", "dumps"]);
+        let by_name = filtered_sorted(&s.functions, "", SortKey::Name);
+        assert_eq!(names(&by_name), ["<module>", "dumps", "handle"]);
+        let own = filtered_sorted(&s.functions, "", SortKey::Own);
+        assert_eq!(names(&own), ["handle", "dumps", "<module>"]);
+        // Case-insensitive, qualname or file.
+        assert_eq!(
+            names(&filtered_sorted(&s.functions, "HAND", SortKey::Own)),
+            ["handle"]
+        );
+        assert_eq!(
+            filtered_sorted(&s.functions, "APP.PY", SortKey::Own).len(),
+            3
+        );
+        assert!(filtered_sorted(&s.functions, "nope", SortKey::Own).is_empty());
+        assert_eq!(SortKey::Name.as_str(), "name");
+    }
+
+    #[test]
+    fn ties_sort_deterministically() {
+        let row = |name: &str, pid: u32, own: u64| FunctionRow {
+            qualname: name.into(),
+            filename: "f.py".into(),
+            line: None,
+            first_line: 1,
+            pid,
+            command: "c".into(),
+            service: "s".into(),
+            own,
+            total: own,
+        };
+        let mut v = vec![
+            row("b", 2, 5),
+            row("a", 9, 5),
+            row("b", 1, 5),
+            row("z", 1, 6),
+        ];
+        sort_functions(&mut v, SortKey::Own);
+        let got: Vec<(String, u32)> = v.iter().map(|r| (r.qualname.clone(), r.pid)).collect();
+        assert_eq!(
+            got,
+            [
+                ("z".to_string(), 1),
+                ("a".to_string(), 9),
+                ("b".to_string(), 1),
+                ("b".to_string(), 2)
+            ]
+        );
+    }
+
+    #[test]
+    fn numbers_for_display() {
+        assert_eq!(percent(1, 4), 25.0);
+        assert_eq!(percent(1, 0), 0.0);
+        assert_eq!(seconds_of(250, 100), 2.5);
+        assert_eq!(seconds_of(5, 0), 5.0);
+        assert_eq!(format_duration(0.0101), "10ms");
+        assert_eq!(format_duration(4.254), "4.25s");
+        assert_eq!(format_duration(65.0), "1m05s");
+        assert_eq!(format_duration(7380.0), "2h03m");
+    }
+
+    #[test]
+    fn snapshot_round_trips_through_json() {
+        let s = snapshot(
+            &[(labels(42, "web"), web())],
+            &TopQuery::default(),
+            &header(),
+        );
+        let json = serde_json::to_string(&s).unwrap();
+        let back: TopSnapshot = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, s);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["functions"][0]["qualname"], "handle");
+        assert_eq!(v["functions"][0]["line"], serde_json::Value::Null);
+        assert_eq!(v["processes"][0]["samples"], 16);
+    }
+}

@@ -1,0 +1,457 @@
+//! Where `pyebpf top` gets its snapshots: one trait, two sources.
+//!
+//! - [`RemoteSource`]: a running `pyebpf daemon`, through `GET /api/top` on
+//!   its localhost HTTP API. Nothing is loaded; no privileges are needed.
+//! - [`LocalSource`]: `top` runs the daemon's discovery and sampling loop
+//!   itself (without HTTP), which needs CAP_BPF, CAP_PERFMON and
+//!   CAP_SYS_PTRACE (or root).
+//!
+//! Without `--daemon` or `--local`, [`open`] asks the daemon's default
+//! address first and samples locally only when nothing answers there, so a
+//! host never runs two copies of the BPF programs by accident.
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use tokio::runtime::Runtime;
+
+use super::model::{TopQuery, TopSnapshot};
+use super::{SourceChoice, TopOptions, DEFAULT_DAEMON_URL, DEFAULT_RATE_HZ};
+use crate::daemon::config::Config;
+use crate::daemon::run::{self, DaemonOptions, Handle};
+use crate::daemon::ApiSource;
+
+/// Where the data comes from, for the header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Sampling in this process.
+    Local,
+    /// Reading from the daemon at this base URL.
+    Daemon(String),
+}
+
+impl Mode {
+    /// `local`, or `daemon http://127.0.0.1:7464`.
+    pub fn describe(&self) -> String {
+        match self {
+            Mode::Local => "local".to_string(),
+            Mode::Daemon(url) => format!("daemon {url}"),
+        }
+    }
+}
+
+/// A source of `top` snapshots.
+pub trait TopSource {
+    fn mode(&self) -> &Mode;
+    /// The current snapshot for `q`.
+    fn snapshot(&mut self, q: &TopQuery) -> anyhow::Result<TopSnapshot>;
+    /// An error once the source can no longer answer (the local sampling
+    /// loop ended); `top` then exits with it.
+    fn health(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// Stops whatever the source runs.
+    fn shutdown(self: Box<Self>) -> anyhow::Result<()>;
+}
+
+/// Opens the source `opts` asks for (see the module documentation).
+pub fn open(opts: &TopOptions, rt: Arc<Runtime>) -> anyhow::Result<Box<dyn TopSource>> {
+    let rate = opts.rate_hz.unwrap_or(DEFAULT_RATE_HZ);
+    let retention = local_retention(opts);
+    match &opts.source {
+        SourceChoice::Daemon(url) => {
+            let src = RemoteSource::new(url, rt)?;
+            // Fail now, with the reason, rather than show an empty screen.
+            src.probe().map_err(|e| anyhow!("{e}"))?;
+            Ok(Box::new(src))
+        }
+        SourceChoice::Local => Ok(Box::new(LocalSource::start(rt, rate, retention)?)),
+        SourceChoice::Auto => {
+            let src = RemoteSource::new(DEFAULT_DAEMON_URL, rt.clone())?;
+            match src.probe() {
+                Ok(()) => Ok(Box::new(src)),
+                Err(Probe::Unreachable(_)) => {
+                    Ok(Box::new(LocalSource::start(rt, rate, retention)?))
+                }
+                Err(e) => Err(anyhow!(
+                    "{e}; use --local to sample without it, or --daemon URL for another daemon"
+                )),
+            }
+        }
+    }
+}
+
+/// Local mode keeps everything since start for the whole-run view (at least
+/// an hour, and at least the `--window`/`--duration` asked for).
+fn local_retention(opts: &TopOptions) -> u64 {
+    let once = opts.once.map_or(0, |o| o.duration_secs);
+    u64::from(opts.window_secs.max(once).max(3600)).min(86_400)
+}
+
+/// The loop of `pyebpf daemon`, run in this process without HTTP.
+pub struct LocalSource {
+    rt: Arc<Runtime>,
+    handle: Option<Handle>,
+    mode: Mode,
+}
+
+impl LocalSource {
+    /// Checks the privileges, loads the sampler and starts discovery.
+    pub fn start(rt: Arc<Runtime>, rate_hz: u64, retention_secs: u64) -> anyhow::Result<Self> {
+        crate::caps::require(
+            "pyebpf top (local mode)",
+            &crate::caps::record_requirements(),
+        )
+        .map_err(|e| {
+            anyhow!(
+                "{e} Or run `pyebpf daemon` on this host: top then reads from it \
+                 and needs no privileges."
+            )
+        })?;
+        let mut config = Config::default();
+        config.sampling.rate_hz = rate_hz;
+        config.aggregation.retention_secs = retention_secs;
+        config.aggregation.window_secs = config.aggregation.window_secs.min(retention_secs);
+        let handle = rt
+            .block_on(run::start(DaemonOptions {
+                config,
+                config_path: None,
+                serve_http: false,
+            }))
+            .context("cannot start sampling")?;
+        Ok(LocalSource {
+            rt,
+            handle: Some(handle),
+            mode: Mode::Local,
+        })
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(h) = self.handle.take() else {
+            return Ok(());
+        };
+        // The timer must be made inside the runtime.
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(5), h.stop()).await })
+        {
+            Ok(r) => r,
+            Err(_) => Err(anyhow!("the sampling loop did not stop within 5 s")),
+        }
+    }
+}
+
+impl TopSource for LocalSource {
+    fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    fn snapshot(&mut self, q: &TopQuery) -> anyhow::Result<TopSnapshot> {
+        let h = self
+            .handle
+            .as_ref()
+            .ok_or_else(|| anyhow!("sampling has stopped"))?;
+        h.shared.top(q).map_err(|e| anyhow!("{e}"))
+    }
+
+    fn health(&mut self) -> anyhow::Result<()> {
+        match &self.handle {
+            Some(h) if h.is_finished() => {
+                let r = self.stop();
+                Err(r
+                    .err()
+                    .unwrap_or_else(|| anyhow!("the sampling loop ended")))
+                .context("sampling stopped")
+            }
+            Some(_) => Ok(()),
+            None => Err(anyhow!("sampling has stopped")),
+        }
+    }
+
+    fn shutdown(mut self: Box<Self>) -> anyhow::Result<()> {
+        self.stop()
+    }
+}
+
+/// How asking a daemon went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Probe {
+    /// Nothing answers there (connection refused, timeout).
+    #[error("no pyebpf daemon answers at {0}")]
+    Unreachable(String),
+    /// Something answers, but not with a snapshot.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A running daemon's `/api/top`.
+pub struct RemoteSource {
+    rt: Arc<Runtime>,
+    client: reqwest::Client,
+    /// Base URL without a trailing slash.
+    base: String,
+    mode: Mode,
+}
+
+/// `URL` as given to `--daemon`: `http://` is added when no scheme is given,
+/// and a trailing `/` removed.
+pub fn normalize_url(url: &str) -> anyhow::Result<String> {
+    let url = url.trim();
+    if url.is_empty() {
+        anyhow::bail!("--daemon: empty URL");
+    }
+    let with_scheme = if url.contains("://") {
+        url.to_string()
+    } else {
+        format!("http://{url}")
+    };
+    if !with_scheme.starts_with("http://") && !with_scheme.starts_with("https://") {
+        anyhow::bail!("--daemon {url:?}: expected an http:// URL such as {DEFAULT_DAEMON_URL}");
+    }
+    Ok(with_scheme.trim_end_matches('/').to_string())
+}
+
+/// The `/api/top` query parameters for `q`.
+pub fn query_params(q: &TopQuery) -> Vec<(&'static str, String)> {
+    let mut v = vec![
+        (
+            "seconds",
+            q.seconds
+                .map_or_else(|| "all".to_string(), |s| s.to_string()),
+        ),
+        ("line", if q.line_level { "1" } else { "0" }.to_string()),
+    ];
+    v.extend(q.pids.iter().map(|p| ("pid", p.to_string())));
+    if let Some(s) = &q.service {
+        v.push(("service", s.clone()));
+    }
+    v
+}
+
+impl RemoteSource {
+    pub fn new(url: &str, rt: Arc<Runtime>) -> anyhow::Result<Self> {
+        let base = normalize_url(url)?;
+        let client = reqwest::Client::builder()
+            // The API is meant for localhost: never through a proxy.
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(5))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(RemoteSource {
+            rt,
+            client,
+            mode: Mode::Daemon(base.clone()),
+            base,
+        })
+    }
+
+    /// One small request that tells whether a daemon with `/api/top` is there.
+    pub fn probe(&self) -> Result<(), Probe> {
+        let q = TopQuery {
+            seconds: Some(1),
+            pids: vec![1],
+            ..TopQuery::default()
+        };
+        self.fetch(&q, Duration::from_millis(1500)).map(|_| ())
+    }
+
+    fn fetch(&self, q: &TopQuery, timeout: Duration) -> Result<TopSnapshot, Probe> {
+        let url = format!("{}/api/top", self.base);
+        let req = self
+            .client
+            .get(&url)
+            .query(&query_params(q))
+            .timeout(timeout);
+        let base = &self.base;
+        self.rt.block_on(async move {
+            let resp = req.send().await.map_err(|e| {
+                if e.is_connect() || e.is_timeout() {
+                    Probe::Unreachable(base.clone())
+                } else {
+                    Probe::Failed(format!("{url}: {e}"))
+                }
+            })?;
+            let status = resp.status();
+            let body = resp
+                .bytes()
+                .await
+                .map_err(|e| Probe::Failed(format!("{url}: reading the answer: {e}")))?;
+            if !status.is_success() {
+                let text = String::from_utf8_lossy(&body);
+                let why = text.lines().next().unwrap_or("").trim();
+                return Err(Probe::Failed(
+                    if status == reqwest::StatusCode::NOT_FOUND && why.starts_with("not found") {
+                        format!("the pyebpf daemon at {base} has no /api/top (an older version?)")
+                    } else {
+                        format!("the pyebpf daemon at {base} answered {status}: {why}")
+                    },
+                ));
+            }
+            serde_json::from_slice(&body).map_err(|e| {
+                Probe::Failed(format!("{url}: not a top snapshot (is this pyebpf?): {e}"))
+            })
+        })
+    }
+}
+
+impl TopSource for RemoteSource {
+    fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    fn snapshot(&mut self, q: &TopQuery) -> anyhow::Result<TopSnapshot> {
+        self.fetch(q, Duration::from_secs(5))
+            .map_err(|e| anyhow!("{e}"))
+    }
+
+    fn shutdown(self: Box<Self>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::{ProcessView, QueryError, Selector};
+    use crate::profile::{Frame, Profile};
+
+    #[test]
+    fn urls_and_params() {
+        assert_eq!(
+            normalize_url("127.0.0.1:7464").unwrap(),
+            "http://127.0.0.1:7464"
+        );
+        assert_eq!(
+            normalize_url("http://localhost:1/").unwrap(),
+            "http://localhost:1"
+        );
+        assert!(normalize_url("").is_err());
+        assert!(normalize_url("ftp://x").is_err());
+        let q = TopQuery {
+            seconds: None,
+            pids: vec![3, 4],
+            service: Some("a b".into()),
+            line_level: true,
+        };
+        assert_eq!(
+            query_params(&q),
+            [
+                ("seconds", "all".to_string()),
+                ("line", "1".to_string()),
+                ("pid", "3".to_string()),
+                ("pid", "4".to_string()),
+                ("service", "a b".to_string())
+            ]
+        );
+        assert_eq!(
+            query_params(&TopQuery {
+                seconds: Some(7),
+                ..Default::default()
+            }),
+            [("seconds", "7".to_string()), ("line", "0".to_string())]
+        );
+        let opts = TopOptions::default();
+        assert_eq!(local_retention(&opts), 3600);
+        let opts = TopOptions {
+            window_secs: 7200,
+            ..TopOptions::default()
+        };
+        assert_eq!(local_retention(&opts), 7200);
+    }
+
+    /// One process with three samples of `hot`.
+    struct One;
+
+    impl ApiSource for One {
+        fn processes(&self) -> Vec<ProcessView> {
+            vec![ProcessView {
+                labels: crate::daemon::ProcessLabels {
+                    pid: 9,
+                    command: "python3".into(),
+                    service: "svc".into(),
+                    ..Default::default()
+                },
+                python_version: "3.11.9".into(),
+                status: "profiled",
+                since: 0,
+                samples: 3,
+            }]
+        }
+        fn profile(&self, _: &Selector, _: u32) -> Result<Profile, QueryError> {
+            let mut p = Profile::new(50);
+            p.add(
+                vec![Frame::Python {
+                    qualname: "hot".into(),
+                    filename: "/a b/ü.py".into(),
+                    line: 4,
+                    first_line: 3,
+                }],
+                3,
+            );
+            Ok(p)
+        }
+        fn metrics_text(&self) -> String {
+            String::new()
+        }
+        fn ready(&self) -> Result<(), String> {
+            Ok(())
+        }
+        fn retention_secs(&self) -> u32 {
+            30
+        }
+    }
+
+    /// The remote source against the real router, over loopback.
+    #[test]
+    fn remote_source_reads_the_api_and_reports_errors() {
+        let rt = Arc::new(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap(),
+        );
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(crate::daemon::http::serve(listener, Arc::new(One), async {
+            let _ = rx.await;
+        }));
+        let mut src = RemoteSource::new(&addr.to_string(), rt.clone()).unwrap();
+        src.probe().unwrap();
+        assert_eq!(src.mode().describe(), format!("daemon http://{addr}"));
+        let q = TopQuery {
+            seconds: Some(10),
+            service: Some("svc".into()),
+            line_level: true,
+            ..Default::default()
+        };
+        let s = src.snapshot(&q).unwrap();
+        assert_eq!(s.total_samples, 3);
+        assert_eq!(s.rate_hz, 50);
+        assert_eq!(s.functions[0].filename, "/a b/ü.py");
+        assert_eq!(s.functions[0].line, Some(4));
+        // Beyond the retention: the daemon's 400 message comes through.
+        let err = src
+            .snapshot(&TopQuery {
+                seconds: Some(31),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("400") && err.contains("from 1 to 30"), "{err}");
+        tx.send(()).unwrap();
+        rt.block_on(server).unwrap().unwrap();
+        // Nobody there any more (a new client: the old one may hold a
+        // kept-alive connection the server closed).
+        let fresh = RemoteSource::new(&addr.to_string(), rt.clone()).unwrap();
+        match fresh.probe() {
+            Err(Probe::Unreachable(u)) => assert_eq!(u, format!("http://{addr}")),
+            other => panic!("{other:?}"),
+        }
+        Box::new(src).shutdown().unwrap();
+    }
+}

@@ -1,0 +1,1997 @@
+//! End to end: the real `pyebpf daemon`, real Python 3.11 processes, real
+//! HTTP (issue 3, "Tests").
+//!
+//! Every daemon here is system-wide: it profiles every Python 3.11 process on
+//! the host, the workloads of tests running in parallel included. So each test
+//! has its own daemon on its own port and only looks at its own pids (or, for
+//! pushes, its own service name). Each daemon logs to a file that is printed
+//! when the test fails; daemons and workloads are killed on drop.
+//!
+//! pprof output is checked with tests/tools/decode_pprof.py, which decodes it
+//! with Python's protobuf and the public schema (tests/tools/profile.proto),
+//! not with this crate's code.
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The requirement: a new process is listed within this long of its start.
+const DISCOVERY: Duration = Duration::from_secs(2);
+const POLL: Duration = Duration::from_millis(100);
+/// The daemon's default sampling rate, and the pprof period it implies.
+const RATE_HZ: i64 = 99;
+const PERIOD_NS: i64 = 1_000_000_000 / RATE_HZ;
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+// ---------------------------------------------------------------- HTTP client
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Head (request or status line and headers) and the bytes after it.
+fn split_head(raw: &[u8]) -> Option<(String, &[u8])> {
+    let end = find(raw, b"\r\n\r\n")?;
+    Some((
+        String::from_utf8_lossy(&raw[..end]).into_owned(),
+        &raw[end + 4..],
+    ))
+}
+
+fn parse_headers<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<(String, String)> {
+    lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect()
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = find(b, b"\r\n") {
+        let size_text = String::from_utf8_lossy(&b[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16).expect("chunk size");
+        if size == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + size]);
+        b = &b[eol + 2 + size + 2..];
+    }
+    out
+}
+
+/// `GET path` over HTTP/1.1, one connection per request.
+fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<Resp> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    let (head, rest) = split_head(&raw).ok_or_else(|| bad("no end of headers"))?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers = parse_headers(lines);
+    let mut r = Resp {
+        status,
+        headers,
+        body: Vec::new(),
+    };
+    r.body = if r
+        .header("transfer-encoding")
+        .is_some_and(|v| v.contains("chunked"))
+    {
+        dechunk(rest)
+    } else if let Some(n) = r.header("content-length").and_then(|v| v.parse().ok()) {
+        rest[..n].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Ok(r)
+}
+
+// -------------------------------------------------------------- Prometheus
+
+type PromSample = (String, BTreeMap<String, String>, f64);
+
+/// `name{k="v",...} value` lines of a text exposition.
+fn prom_parse(text: &str) -> Vec<PromSample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = line[..name_end].to_string();
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(r) = rest.strip_prefix('{') {
+            let mut chars = r.char_indices();
+            let mut key = String::new();
+            let mut end = r.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '}' => {
+                        end = i + 1;
+                        break;
+                    }
+                    ',' | ' ' => {}
+                    '=' => {
+                        let mut val = String::new();
+                        chars.next(); // opening quote
+                        while let Some((_, c)) = chars.next() {
+                            match c {
+                                '\\' => match chars.next() {
+                                    Some((_, 'n')) => val.push('\n'),
+                                    Some((_, c)) => val.push(c),
+                                    None => {}
+                                },
+                                '"' => break,
+                                c => val.push(c),
+                            }
+                        }
+                        labels.insert(std::mem::take(&mut key), val);
+                    }
+                    c => key.push(c),
+                }
+            }
+            rest = &r[end..];
+        }
+        let value = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN);
+        out.push((name, labels, value));
+    }
+    out
+}
+
+/// Sum of the series of `name` whose labels include all of `want`.
+fn prom_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
+    prom_parse(text)
+        .into_iter()
+        .filter(|(n, l, _)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+// ----------------------------------------------------------------- pprof
+
+/// Decodes a (gzipped) pprof with tests/tools/decode_pprof.py.
+fn decode_pprof(bytes: &[u8]) -> Value {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(bytes).unwrap();
+    f.flush().unwrap();
+    let out = Command::new(Interp::Shared.path())
+        .arg(repo_root().join("tests/tools/decode_pprof.py"))
+        .arg(f.path())
+        .output()
+        .expect("run decode_pprof.py");
+    assert!(
+        out.status.success(),
+        "decode_pprof.py failed ({}); needs `pip install -r tests/requirements.txt`:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("decode_pprof.py prints JSON")
+}
+
+/// Samples in a decoded pprof.
+fn pprof_total(p: &Value) -> i64 {
+    p["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["values"][0].as_i64().unwrap())
+        .sum()
+}
+
+// ----------------------------------------------------------- hot functions
+
+/// A scenario of tests/workloads/scenarios.py and where it burns its CPU.
+#[derive(Clone, Copy, Debug)]
+struct Hot {
+    scenario: &'static str,
+    qualname: &'static str,
+    marker: &'static str,
+    /// The leaf's caller (qualname, marker of the call site).
+    caller: (&'static str, &'static str),
+}
+
+const PLAIN: Hot = Hot {
+    scenario: "plain",
+    qualname: "plain_function",
+    marker: "HOT=plain",
+    caller: ("loop_forever", "CALL=loop"),
+};
+const METHOD: Hot = Hot {
+    scenario: "method",
+    qualname: "Worker.method",
+    marker: "HOT=method",
+    caller: ("loop_forever", "CALL=loop"),
+};
+const NESTED: Hot = Hot {
+    scenario: "nested",
+    qualname: "outer.<locals>.inner",
+    marker: "HOT=nested",
+    caller: ("outer", "CALL=nested"),
+};
+
+fn line_of(marker: &str) -> u32 {
+    *markers()
+        .get(marker)
+        .unwrap_or_else(|| panic!("no marker {marker}"))
+}
+
+fn script() -> String {
+    scenarios().display().to_string()
+}
+
+impl Hot {
+    /// The leaf as folded output shows it: `qualname (file:line)`.
+    fn frame(&self) -> String {
+        frame(self.qualname, self.marker)
+    }
+
+    /// The leaf as decode_pprof.py shows it: [name, file, line].
+    fn pprof_frame(&self) -> Value {
+        json!([self.qualname, script(), line_of(self.marker)])
+    }
+}
+
+/// Checks a decoded pprof from the daemon: sample types, period, values
+/// (count and count * period), and the hot function's frames with their
+/// file and lines; returns the hot function's samples.
+fn check_pprof(p: &Value, hot: Hot, min: i64) -> i64 {
+    assert_eq!(
+        p["sample_types"],
+        json!([["samples", "count"], ["cpu", "nanoseconds"]])
+    );
+    assert_eq!(p["period_type"], json!(["cpu", "nanoseconds"]));
+    assert_eq!(p["period"], json!(PERIOD_NS));
+    let leaf = hot.pprof_frame();
+    let caller = json!([hot.caller.0, script(), line_of(hot.caller.1)]);
+    let root = json!(["<module>", script(), line_of("CALL=main")]);
+    let mut n = 0;
+    for s in p["samples"].as_array().unwrap() {
+        let v = s["values"].as_array().unwrap();
+        let count = v[0].as_i64().unwrap();
+        assert!(count > 0, "sample without samples: {s}");
+        assert_eq!(v[1].as_i64().unwrap(), count * PERIOD_NS, "cpu value: {s}");
+        let stack = s["stack"].as_array().unwrap();
+        if stack.first() == Some(&leaf) {
+            n += count;
+            assert_eq!(stack[1], caller, "caller of the hot function: {s}");
+            assert_eq!(stack.last(), Some(&root), "root frame: {s}");
+        }
+    }
+    assert!(
+        n >= min,
+        "{} has {n} samples (want >= {min}) in the pprof:\n{p:#}",
+        hot.qualname
+    );
+    n
+}
+
+// ---------------------------------------------------------------- processes
+
+/// A process started by a test; killed (and reaped) on drop.
+struct Py {
+    child: Child,
+    /// The interpreter's pid as the host sees it.
+    pid: u32,
+    /// Taken just before the spawn.
+    spawned: Instant,
+    spawned_unix: u64,
+    stdout: Option<BufReader<ChildStdout>>,
+    /// argv joined by spaces, as the daemon's `cmdline` label should be.
+    cmdline: String,
+    /// Processes to SIGKILL first on drop (not our children).
+    also_kill: Vec<u32>,
+}
+
+impl Py {
+    fn spawn(program: &Path, scenario_args: &[&str], env: &[(&str, &str)]) -> Py {
+        let mut cmd = Command::new(program);
+        cmd.arg(scenarios())
+            .args(scenario_args)
+            .env_remove("OTEL_SERVICE_NAME")
+            .env_remove("DD_SERVICE")
+            .env_remove("PYEBPF_DISABLE")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let spawned = Instant::now();
+        let spawned_unix = unix_now();
+        let mut child = cmd.spawn().expect("start python");
+        let stdout = child.stdout.take().map(BufReader::new);
+        let pid = child.id();
+        Py {
+            child,
+            pid,
+            spawned,
+            spawned_unix,
+            stdout,
+            cmdline: format!(
+                "{} {} {}",
+                program.display(),
+                script(),
+                scenario_args.join(" ")
+            ),
+            also_kill: Vec::new(),
+        }
+    }
+
+    /// `/usr/bin/python3.11` copied into a tmpfs of a new mount namespace
+    /// (so its path does not exist on the host), run as pid 1 of a new pid
+    /// namespace. Its host pid is the only child of `unshare`.
+    fn spawn_hidden(scenario_args: &[&str]) -> Py {
+        let exe = "/mnt/hidden-python";
+        let args = scenario_args.join(" ");
+        let shell = format!(
+            "mount -t tmpfs none /mnt && cp /usr/bin/python3.11 {exe} && exec {exe} {} {args}",
+            script()
+        );
+        let spawned = Instant::now();
+        let spawned_unix = unix_now();
+        let mut child = Command::new("unshare")
+            .args([
+                "--mount",
+                "--pid",
+                "--fork",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &shell,
+            ])
+            .env_remove("OTEL_SERVICE_NAME")
+            .env_remove("DD_SERVICE")
+            .env_remove("PYEBPF_DISABLE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux)");
+        let stdout = child.stdout.take().map(BufReader::new);
+        let u = child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{u}/task/{u}/children")).unwrap_or_default();
+            if let Some(p) = children.split_whitespace().next() {
+                break p.parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "unshare started no child");
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        Py {
+            child,
+            pid,
+            spawned,
+            spawned_unix,
+            stdout,
+            cmdline: format!("{exe} {} {args}", script()),
+            also_kill: vec![pid],
+        }
+    }
+
+    /// Waits for the workload's "ready" line.
+    fn wait_ready(&mut self) {
+        let mut line = String::new();
+        self.stdout
+            .as_mut()
+            .expect("stdout")
+            .read_line(&mut line)
+            .expect("read ready");
+        assert_eq!(line.trim(), "ready", "workload {} did not start", self.pid);
+    }
+
+    fn kill(&mut self) {
+        for pid in self.also_kill.drain(..) {
+            signal(pid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn python_version(exe: &Path) -> String {
+    let out = Command::new(exe)
+        .args(["-c", "import platform; print(platform.python_version())"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+// ------------------------------------------------------------------ daemon
+
+/// A running `pyebpf daemon`; killed on drop, its log printed if the test
+/// is failing.
+struct Daemon {
+    name: String,
+    child: Child,
+    addr: SocketAddr,
+    dir: tempfile::TempDir,
+    log: PathBuf,
+    config: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with `config` (`{dir}` stands for a fresh directory
+    /// of its own) on a free port, and waits until /readyz says ready.
+    fn start(name: &str, config: &str) -> Daemon {
+        for attempt in 1..=3 {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("pyebpf-{name}-"))
+                .tempdir()
+                .unwrap();
+            let config_path = dir.path().join("pyebpf.yaml");
+            let text = config.replace("{dir}", &dir.path().display().to_string());
+            std::fs::write(&config_path, text).unwrap();
+            let log = dir.path().join("daemon.log");
+            let f = File::create(&log).unwrap();
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let child = Command::new(pyebpf())
+                .arg("daemon")
+                .arg("--config")
+                .arg(&config_path)
+                .arg("--listen")
+                .arg(addr.to_string())
+                .env("PYEBPF_LOG", "info,pyebpf::daemon::run=debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(f.try_clone().unwrap()))
+                .stderr(Stdio::from(f))
+                .spawn()
+                .expect("start pyebpf daemon");
+            let mut d = Daemon {
+                name: name.to_string(),
+                child,
+                addr,
+                dir,
+                log,
+                config: config_path,
+            };
+            let started = Instant::now();
+            match d.wait_ready(Duration::from_secs(60)) {
+                Ok(()) => {
+                    eprintln!("{name}: daemon ready in {:?}", started.elapsed());
+                    return d;
+                }
+                Err(e) if attempt < 3 && d.log_text().contains("cannot listen") => {
+                    eprintln!("{name}: {e}; retrying on another port");
+                }
+                Err(e) => panic!("{name}: daemon not ready: {e}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Err(format!("the daemon exited with {st}"));
+            }
+            if let Ok(r) = http_get(self.addr, "/readyz") {
+                if r.status == 200 {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not ready after {within:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        http_get(self.addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    fn get_ok(&self, path: &str) -> Resp {
+        let r = self.get(path);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+        r
+    }
+
+    fn processes(&self) -> Vec<Value> {
+        serde_json::from_slice::<Vec<Value>>(&self.get_ok("/processes").body)
+            .expect("/processes is a JSON array")
+    }
+
+    fn process(&self, pid: u32) -> Option<Value> {
+        let mut found: Vec<Value> = self
+            .processes()
+            .into_iter()
+            .filter(|p| p["labels"]["pid"] == json!(pid))
+            .collect();
+        assert!(found.len() <= 1, "pid {pid} listed twice: {found:?}");
+        found.pop()
+    }
+
+    /// Polls /processes every 100 ms until each of `procs` is listed as
+    /// profiled since its spawn; returns each one's entry and how long after
+    /// its spawn it was first seen.
+    fn wait_listed(&self, procs: &[&Py], within: Duration) -> Vec<(Value, Duration)> {
+        let procs: Vec<_> = procs
+            .iter()
+            .map(|p| (p.pid, p.spawned, p.spawned_unix))
+            .collect();
+        self.wait_pids_listed(&procs, within)
+    }
+
+    /// [`Daemon::wait_listed`] for (pid, spawn instant, spawn unix seconds).
+    fn wait_pids_listed(
+        &self,
+        procs: &[(u32, Instant, u64)],
+        within: Duration,
+    ) -> Vec<(Value, Duration)> {
+        let mut seen: Vec<Option<(Value, Duration)>> = vec![None; procs.len()];
+        let start = Instant::now();
+        while seen.iter().any(Option::is_none) && start.elapsed() < within {
+            let list = self.processes();
+            let now = Instant::now();
+            for (i, (pid, spawned, spawned_unix)) in procs.iter().enumerate() {
+                if seen[i].is_some() {
+                    continue;
+                }
+                if let Some(v) = list.iter().find(|v| {
+                    v["labels"]["pid"] == json!(pid)
+                        && v["status"] == "profiled"
+                        && v["since"].as_u64().unwrap_or(0) >= *spawned_unix
+                }) {
+                    seen[i] = Some((v.clone(), now - *spawned));
+                }
+            }
+            std::thread::sleep(POLL);
+        }
+        seen.into_iter()
+            .zip(procs)
+            .map(|(s, (pid, ..))| {
+                s.unwrap_or_else(|| {
+                    panic!(
+                        "{}: pid {pid} not profiled {within:?} after its start",
+                        self.name
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn folded(&self, query: &str) -> (String, Vec<(Vec<String>, u64)>) {
+        let text = self.get_ok(&format!("/folded?{query}")).text();
+        let stacks = parse_folded(&text);
+        (text, stacks)
+    }
+
+    /// Polls `/folded?{query}` until `hot` has at least `min` samples there.
+    fn wait_hot(&self, query: &str, hot: Hot, min: u64, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let (text, stacks) = self.folded(query);
+            let n = leaf_count(&stacks, &hot.frame());
+            if n >= min {
+                return text;
+            }
+            assert!(
+                start.elapsed() < within,
+                "{}: {} has {n} samples (want >= {min}) in /folded?{query} after {within:?}:\n{text}",
+                self.name,
+                hot.frame()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn metrics(&self) -> String {
+        self.get_ok("/metrics").text()
+    }
+
+    /// SIGTERM, then waits (at most `within`) for the exit.
+    fn terminate(&mut self, within: Duration) -> (ExitStatus, Duration) {
+        let t = Instant::now();
+        signal(self.child.id(), libc::SIGTERM);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return (st, t.elapsed());
+            }
+            assert!(
+                t.elapsed() < within,
+                "{}: no exit {within:?} after SIGTERM",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(400)..];
+            eprintln!(
+                "===== {} daemon log ({} lines, last {} shown) =====\n{}\n===== end of {} daemon log =====",
+                self.name,
+                lines.len(),
+                tail.len(),
+                tail.join("\n"),
+                self.name
+            );
+        }
+    }
+}
+
+// ------------------------------------------------------------------ tests
+
+/// Processes started after the daemon, on both interpreters, with a service
+/// name, and in another mount and pid namespace from a path the host cannot
+/// see: each is listed within 2 s with the right labels, and its hot
+/// function is in /folded, /profile (decoded independently) and /metrics.
+#[test]
+fn bpf_new_processes_are_found_labelled_and_profiled() {
+    if !bpf_available() {
+        return;
+    }
+    let d = Daemon::start("discover", "aggregation:\n  window_secs: 2\n");
+    let shared = Interp::Shared.path();
+    let stat = Interp::Static.path();
+    let mut a = Py::spawn(shared, &[PLAIN.scenario], &[]);
+    let mut b = Py::spawn(stat, &[METHOD.scenario], &[]);
+    let mut c = Py::spawn(
+        shared,
+        &[NESTED.scenario],
+        &[("OTEL_SERVICE_NAME", "checkout")],
+    );
+    let mut h = Py::spawn_hidden(&[PLAIN.scenario]);
+    let procs = [&a, &b, &c, &h];
+    let found = d.wait_listed(&procs, Duration::from_secs(15));
+    for (p, (_, took)) in procs.iter().zip(&found) {
+        eprintln!(
+            "pid {} ({}) listed {took:?} after its start",
+            p.pid, p.cmdline
+        );
+    }
+    for (p, (v, took)) in procs.iter().zip(&found) {
+        assert!(
+            *took <= DISCOVERY,
+            "pid {} ({}) listed only {took:?} after its start: {v}",
+            p.pid,
+            p.cmdline
+        );
+    }
+    for p in [&mut a, &mut b, &mut c, &mut h] {
+        p.wait_ready();
+    }
+    assert!(
+        !Path::new("/mnt/hidden-python").exists(),
+        "the hidden interpreter's path must not exist on the host"
+    );
+
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap().display().to_string();
+    let shared_version = python_version(shared);
+    let static_version = python_version(stat);
+    let cases = [
+        (
+            &a,
+            PLAIN,
+            "python3",
+            "python3",
+            canonical(shared),
+            &shared_version,
+        ),
+        (
+            &b,
+            METHOD,
+            "python3.11",
+            "python3.11",
+            canonical(stat),
+            &static_version,
+        ),
+        (
+            &c,
+            NESTED,
+            "python3",
+            "checkout",
+            canonical(shared),
+            &shared_version,
+        ),
+        (
+            &h,
+            PLAIN,
+            "hidden-python",
+            "hidden-python",
+            "/mnt/hidden-python".to_string(),
+            &static_version,
+        ),
+    ];
+    for ((p, _, command, service, exe, version), (v, _)) in cases.iter().zip(&found) {
+        let l = &v["labels"];
+        assert_eq!(l["pid"], json!(p.pid), "{v}");
+        assert_eq!(l["command"], json!(command), "{v}");
+        assert_eq!(l["service"], json!(service), "{v}");
+        assert_eq!(l["exe"], json!(exe), "{v}");
+        assert_eq!(l["cmdline"], json!(p.cmdline), "{v}");
+        for k in ["container_id", "pod_uid", "qos_class", "ecs_task_id"] {
+            assert!(l.get(k).is_some(), "label {k} missing: {v}");
+        }
+        assert!(version.starts_with("3.11."), "{version}");
+        assert_eq!(v["python_version"], json!(version), "{v}");
+        assert_eq!(v["status"], "profiled");
+    }
+
+    // /folded: the hot leaf under its caller, from the module down.
+    for (p, hot, ..) in &cases {
+        let text = d.wait_hot(
+            &format!("pid={}&seconds=5", p.pid),
+            *hot,
+            20,
+            Duration::from_secs(15),
+        );
+        let caller = frame(hot.caller.0, hot.caller.1);
+        for (s, _) in parse_folded(&text)
+            .iter()
+            .filter(|(s, _)| s.last() == Some(&hot.frame()))
+        {
+            assert_eq!(s[0], frame("<module>", "CALL=main"), "{s:?}");
+            assert_eq!(s[s.len() - 2], caller, "{s:?}");
+        }
+        for other in [PLAIN, METHOD, NESTED] {
+            if other.qualname != hot.qualname {
+                assert!(
+                    !text.contains(other.qualname),
+                    "pid {} shows another process's function {}:\n{text}",
+                    p.pid,
+                    other.qualname
+                );
+            }
+        }
+    }
+    // By service: the one process named checkout.
+    d.wait_hot(
+        "service=checkout&seconds=5",
+        NESTED,
+        20,
+        Duration::from_secs(5),
+    );
+
+    // /profile: gzipped pprof, decoded by Python's protobuf.
+    for (p, hot, ..) in &cases {
+        let asked = unix_now() as i64;
+        let r = d.get_ok(&format!("/profile?pid={}&seconds=5", p.pid));
+        let answered = unix_now() as i64;
+        assert_eq!(&r.body[..2], &[0x1f, 0x8b], "gzipped");
+        let decoded = decode_pprof(&r.body);
+        let n = check_pprof(&decoded, *hot, 5);
+        // The last 5 s: the current second and the 4 before it.
+        assert_eq!(decoded["duration_nanos"], json!(5_000_000_000i64));
+        let start = decoded["time_nanos"].as_i64().unwrap() / 1_000_000_000;
+        assert!(
+            (asked - 4..=answered - 4).contains(&start),
+            "time_nanos {start}, asked at {asked}, answered at {answered}"
+        );
+        eprintln!("pid {}: {n} samples of {} in /profile", p.pid, hot.qualname);
+    }
+
+    // /metrics: each process's hot function among its top functions of the
+    // last closed window (2 s windows).
+    let start = Instant::now();
+    let mut text;
+    loop {
+        text = d.metrics();
+        let missing: Vec<_> = cases
+            .iter()
+            .filter(|(p, hot, _, service, ..)| {
+                prom_sum(
+                    &text,
+                    "pyebpf_function_samples",
+                    &[
+                        ("pid", &p.pid.to_string()),
+                        ("service", *service),
+                        ("function", hot.qualname),
+                        ("file", &script()),
+                    ],
+                ) < 1.0
+            })
+            .map(|(p, hot, ..)| (p.pid, hot.qualname))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no pyebpf_function_samples for {missing:?}:\n{}",
+            text.lines()
+                .filter(|l| l.starts_with("pyebpf_function_samples"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(prom_sum(&text, "pyebpf_samples_received_total", &[]) > 0.0);
+    assert!(prom_sum(&text, "pyebpf_processes_profiled", &[]) >= 4.0);
+}
+
+/// A bad configuration is refused with its file, line and column, both by
+/// `pyebpf config check` and by `pyebpf daemon --config`, before any BPF.
+#[test]
+fn bad_config_fails_with_its_line_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        // An unknown key (a typo) on line 5, column 3.
+        (
+            "typo.yaml",
+            "# sampling settings\nlisten: 127.0.0.1:7464\nsampling:\n  rate_hz: 99\n  rte_hz: 5\n",
+            5,
+            Some(3),
+            "rte_hz",
+        ),
+        // An out-of-range value on line 4, column 16.
+        (
+            "range.yaml",
+            "sampling:\n  rate_hz: 99\naggregation:\n  window_secs: 0\n",
+            4,
+            Some(16),
+            "window_secs",
+        ),
+        // Not YAML: line 3, column 15.
+        (
+            "syntax.yaml",
+            "sampling:\n  rate_hz: 99\n  max_depth: 5: 6\n",
+            3,
+            Some(15),
+            "mapping values",
+        ),
+    ];
+    for (file, text, line, column, what) in cases {
+        let path = dir.path().join(file);
+        std::fs::write(&path, text).unwrap();
+        let prefix = format!("{}:{line}:", path.display());
+        let check_message = |how: &str, stderr: &str| {
+            let at = stderr
+                .find(&prefix)
+                .unwrap_or_else(|| panic!("{how}: no `{prefix}COL` in:\n{stderr}"));
+            let rest = &stderr[at + prefix.len()..];
+            let col: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            assert!(!col.is_empty(), "{how}: no column after {prefix}: {stderr}");
+            if let Some(c) = column {
+                assert_eq!(col, c.to_string(), "{how}: column: {stderr}");
+            }
+            assert!(stderr.contains(what), "{how}: {stderr}");
+        };
+
+        let out = Command::new(pyebpf())
+            .args(["config", "check"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "config check accepted {file}");
+        check_message("config check", &stderr);
+
+        let mut child = Command::new(pyebpf())
+            .arg("daemon")
+            .arg("--config")
+            .arg(&path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("pyebpf daemon kept running with {file}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert!(!status.success(), "daemon started with {file}");
+        check_message("daemon --config", &stderr);
+    }
+    // And a good one passes the check.
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, "aggregation:\n  window_secs: 2\n").unwrap();
+    let out = Command::new(pyebpf())
+        .args(["config", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_success(&out);
+}
+
+/// SIGTERM flushes the window being filled (60 s long, far from closing) to
+/// outputs.pprof_dir, and the daemon exits 0 promptly.
+#[test]
+fn bpf_sigterm_writes_the_final_window() {
+    if !bpf_available() {
+        return;
+    }
+    let service = format!("sigterm-test-{}", std::process::id());
+    let mut d = Daemon::start(
+        "sigterm",
+        "aggregation:\n  window_secs: 60\noutputs:\n  pprof_dir:\n    path: {dir}/profiles\n",
+    );
+    let p = Py::spawn(
+        Interp::Shared.path(),
+        &[PLAIN.scenario],
+        &[("OTEL_SERVICE_NAME", &service)],
+    );
+    d.wait_listed(&[&p], Duration::from_secs(15));
+    let text = d.wait_hot(
+        &format!("pid={}&seconds=60", p.pid),
+        PLAIN,
+        30,
+        Duration::from_secs(15),
+    );
+    let before = total(&parse_folded(&text));
+    let dir = d.dir().join("profiles");
+    let ours = |dir: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|it| {
+                it.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| {
+                        f.file_name()
+                            .unwrap()
+                            .to_string_lossy()
+                            .starts_with(&format!("{service}-{}-", p.pid))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        ours(&dir).is_empty(),
+        "no window closed yet: {:?}",
+        ours(&dir)
+    );
+
+    let (status, took) = d.terminate(Duration::from_secs(15));
+    eprintln!("exit {status} {took:?} after SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert!(d.log_text().contains("flushing the last window"));
+
+    let files = ours(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let decoded = decode_pprof(&std::fs::read(&files[0]).unwrap());
+    check_pprof(&decoded, PLAIN, 30);
+    let comments = &decoded["comments"];
+    for want in [format!("pid={}", p.pid), format!("service_name={service}")] {
+        assert!(
+            comments.as_array().unwrap().contains(&json!(want)),
+            "{want} not in the comments: {comments}"
+        );
+    }
+    // The final window covers everything since the daemon started.
+    let n = pprof_total(&decoded);
+    assert!(
+        n >= before as i64,
+        "{n} samples in the final window, {before} seen before"
+    );
+}
+
+/// An exited process is listed as "exited" (its data still served), then
+/// dropped once its data is past the retention.
+#[test]
+fn bpf_exited_processes_are_dropped() {
+    if !bpf_available() {
+        return;
+    }
+    let d = Daemon::start(
+        "exited",
+        "aggregation:\n  window_secs: 1\n  retention_secs: 3\n",
+    );
+    let mut p = Py::spawn(
+        Interp::Shared.path(),
+        &["exit-after:4", PLAIN.scenario],
+        &[],
+    );
+    d.wait_listed(&[&p], Duration::from_secs(3));
+    let pid = p.pid;
+    d.wait_hot(
+        &format!("pid={pid}&seconds=3"),
+        PLAIN,
+        5,
+        Duration::from_secs(4),
+    );
+    let status = p.child.wait().unwrap();
+    let exited = Instant::now();
+    assert!(status.success(), "workload: {status}");
+
+    let mut seen_exited = None;
+    let gone = loop {
+        let t = exited.elapsed();
+        match d.process(pid) {
+            None => break t,
+            Some(v) if v["status"] == "exited" => {
+                if seen_exited.is_none() {
+                    seen_exited = Some(t);
+                    // Still served while within the retention.
+                    let (text, _) = d.folded(&format!("pid={pid}&seconds=3"));
+                    assert!(text.contains("plain_function"), "{text}");
+                }
+            }
+            Some(v) => assert_eq!(v["status"], "profiled", "{v}"),
+        }
+        assert!(
+            t < Duration::from_secs(10),
+            "pid {pid} still listed {t:?} after its exit"
+        );
+        std::thread::sleep(POLL);
+    };
+    eprintln!("exited: status \"exited\" after {seen_exited:?}, gone after {gone:?}");
+    let seen_exited = seen_exited.expect("never listed as exited");
+    assert!(seen_exited < Duration::from_secs(2), "{seen_exited:?}");
+    assert!(
+        gone < Duration::from_secs(3 + 4),
+        "dropped only {gone:?} after the exit (retention 3 s)"
+    );
+    let r = d.get(&format!("/folded?pid={pid}&seconds=3"));
+    assert_eq!(r.status, 404, "{}", r.text());
+}
+
+/// Makes the next process created in our pid namespace get `pid`, as root,
+/// through /proc/sys/kernel/ns_last_pid; `spawn` must create exactly one
+/// process. Retries if another process took the pid first.
+fn spawn_with_pid(pid: u32, spawn: impl Fn() -> Py) -> Py {
+    for attempt in 1..=20 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .expect("write /proc/sys/kernel/ns_last_pid (root)");
+        let p = spawn();
+        if p.pid == pid {
+            eprintln!("pid {pid} reused at attempt {attempt}");
+            return p;
+        }
+        drop(p);
+        std::thread::sleep(Duration::from_millis(20 * attempt));
+    }
+    panic!("could not get pid {pid} reused");
+}
+
+/// A pid reused by a new process running other code: the new process gets
+/// fresh symbols, never the old process's functions.
+#[test]
+fn bpf_reused_pid_gets_fresh_symbols() {
+    if !bpf_available() {
+        return;
+    }
+    let d = Daemon::start(
+        "pid-reuse",
+        "aggregation:\n  window_secs: 1\n  retention_secs: 60\n",
+    );
+    let old = Py::spawn(Interp::Shared.path(), &[PLAIN.scenario], &[]);
+    let pid = old.pid;
+    d.wait_listed(&[&old], Duration::from_secs(15));
+    d.wait_hot(
+        &format!("pid={pid}&seconds=5"),
+        PLAIN,
+        20,
+        Duration::from_secs(15),
+    );
+    drop(old);
+
+    // The same interpreter binary, running another function.
+    let new = spawn_with_pid(pid, || {
+        Py::spawn(Interp::Shared.path(), &[METHOD.scenario], &[])
+    });
+    let found = d.wait_listed(&[&new], Duration::from_secs(15));
+    eprintln!(
+        "reused pid {pid} listed again {:?} after its start",
+        found[0].1
+    );
+    assert!(found[0].1 <= DISCOVERY, "{:?}", found[0]);
+    let query = format!("pid={pid}&seconds=60");
+    d.wait_hot(&query, METHOD, 20, Duration::from_secs(15));
+    // Everything held for the pid (all of the retention) is the new process's.
+    let (text, stacks) = d.folded(&query);
+    assert!(
+        !text.contains("plain_function"),
+        "the old process's function under the reused pid:\n{text}"
+    );
+    // A module's code object is freed once its import is done, so a sample
+    // taken during an import may not be symbolised in time; anywhere else an
+    // unknown frame would be suspect.
+    for (s, _) in &stacks {
+        if s.iter().any(|f| f.starts_with("[unknown")) {
+            assert!(
+                s.iter().any(|f| f.starts_with("_find_and_load (")),
+                "unknown frame outside an import: {s:?}"
+            );
+        }
+    }
+    // Frames of the workload file are all the new process's code: the
+    // module (and its class body, while importing), main, the loop and
+    // Worker.method.
+    let ours = format!(" ({}:", script());
+    for (s, _) in &stacks {
+        for f in s.iter().filter(|f| f.contains(&ours)) {
+            let name = f.split(&ours).next().unwrap();
+            assert!(
+                [
+                    "<module>",
+                    "Worker",
+                    "main",
+                    "loop_forever",
+                    "Worker.method"
+                ]
+                .contains(&name),
+                "{f} in the reused pid's stacks:\n{text}"
+            );
+        }
+    }
+    let v = d.process(pid).unwrap();
+    assert_eq!(v["status"], "profiled", "{v}");
+    assert_eq!(v["labels"]["cmdline"], json!(new.cmdline), "{v}");
+}
+
+/// PYEBPF_DISABLE=1 in a process's environment, and an exclude rule on its
+/// command, keep a process from being profiled; others still are.
+#[test]
+fn bpf_opt_out_and_exclude_rules() {
+    if !bpf_available() {
+        return;
+    }
+    let d = Daemon::start(
+        "exclude",
+        "discovery:\n  exclude:\n    - command: pyebpf-excluded\n",
+    );
+    let links = tempfile::tempdir().unwrap();
+    let excluded_exe = links.path().join("pyebpf-excluded");
+    std::os::unix::fs::symlink(Interp::Static.path(), &excluded_exe).unwrap();
+
+    let mut control = Py::spawn(Interp::Shared.path(), &[PLAIN.scenario], &[]);
+    let mut disabled = Py::spawn(
+        Interp::Shared.path(),
+        &[PLAIN.scenario],
+        &[("PYEBPF_DISABLE", "1")],
+    );
+    let mut excluded = Py::spawn(&excluded_exe, &[PLAIN.scenario], &[]);
+    d.wait_listed(&[&control], Duration::from_secs(15));
+    for p in [&mut control, &mut disabled, &mut excluded] {
+        p.wait_ready();
+    }
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", excluded.pid)).unwrap();
+    assert_eq!(comm.trim(), "pyebpf-excluded");
+    // Give them the time a new process has to be listed, and more.
+    let until = Instant::now() + DISCOVERY + Duration::from_secs(1);
+    while Instant::now() < until {
+        for (p, why) in [
+            (&disabled, "PYEBPF_DISABLE=1"),
+            (&excluded, "excluded by command"),
+        ] {
+            assert!(
+                d.process(p.pid).is_none(),
+                "pid {} ({why}) is profiled: {:?}",
+                p.pid,
+                d.process(p.pid)
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+    for p in [&disabled, &excluded] {
+        let r = d.get(&format!("/profile?pid={}&seconds=5", p.pid));
+        assert_eq!(r.status, 404, "{}", r.text());
+    }
+    let m = d.metrics();
+    assert!(
+        prom_sum(
+            &m,
+            "pyebpf_processes_discovered_total",
+            &[("result", "excluded")]
+        ) >= 2.0,
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("discovered"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    d.wait_hot(
+        &format!("pid={}&seconds=5", control.pid),
+        PLAIN,
+        10,
+        Duration::from_secs(10),
+    );
+}
+
+/// Runs scenarios.py (argv[1], with the rest as its arguments) in a child
+/// forked without exec once a line arrives on stdin, as prefork servers
+/// (gunicorn, celery) and multiprocessing's fork start method make their
+/// workers; prints the child's pid.
+const FORKER: &str = r#"import os, runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+print("ready", flush=True)
+sys.stdin.readline()
+pid = os.fork()
+if pid == 0:
+    sys.stdout = open(os.devnull, "w")
+    runpy.run_path(script, run_name="__main__")
+    os._exit(0)
+print(pid, flush=True)
+os.waitpid(pid, 0)
+"#;
+
+/// A Python process forked (not exec'd) from a profiled one, like a
+/// gunicorn worker, is found as fast as an exec'd one.
+#[test]
+fn bpf_forked_python_child_is_found() {
+    if !bpf_available() {
+        return;
+    }
+    let d = Daemon::start("fork", "aggregation:\n  window_secs: 2\n");
+    let program = Interp::Shared.path();
+    let spawned = Instant::now();
+    let spawned_unix = unix_now();
+    let mut child = Command::new(program)
+        .arg("-c")
+        .arg(FORKER)
+        .arg(scenarios())
+        .arg(PLAIN.scenario)
+        .env_remove("OTEL_SERVICE_NAME")
+        .env_remove("DD_SERVICE")
+        .env_remove("PYEBPF_DISABLE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = child.stdout.take().map(BufReader::new);
+    let pid = child.id();
+    let mut parent = Py {
+        child,
+        pid,
+        spawned,
+        spawned_unix,
+        stdout,
+        cmdline: String::new(),
+        also_kill: Vec::new(),
+    };
+    parent.wait_ready();
+    d.wait_listed(&[&parent], Duration::from_secs(15));
+
+    let forked = Instant::now();
+    let forked_unix = unix_now();
+    writeln!(stdin).unwrap();
+    let mut line = String::new();
+    parent
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_line(&mut line)
+        .unwrap();
+    let worker: u32 = line.trim().parse().expect("the forked child's pid");
+    parent.also_kill.push(worker);
+    let found = d.wait_pids_listed(&[(worker, forked, forked_unix)], Duration::from_secs(15));
+    let (v, took) = &found[0];
+    eprintln!("forked pid {worker} listed {took:?} after the fork");
+    assert!(
+        *took <= DISCOVERY,
+        "forked pid {worker} listed only {took:?} after the fork: {v}"
+    );
+    assert_eq!(v["labels"]["command"], "python3", "{v}");
+    d.wait_hot(
+        &format!("pid={worker}&seconds=5"),
+        PLAIN,
+        10,
+        Duration::from_secs(10),
+    );
+}
+
+/// SIGHUP re-reads the configuration: a rule that excluded a process is
+/// dropped (it gets profiled), and new outputs and window length apply.
+#[test]
+fn bpf_sighup_reloads_rules_and_outputs() {
+    if !bpf_available() {
+        return;
+    }
+    let links = tempfile::tempdir().unwrap();
+    let exe = links.path().join("pyebpf-reload");
+    std::os::unix::fs::symlink(Interp::Static.path(), &exe).unwrap();
+    let service = format!("reload-{}", std::process::id());
+    let d = Daemon::start(
+        "reload",
+        "aggregation:\n  window_secs: 60\ndiscovery:\n  exclude:\n    - command: pyebpf-reload\n",
+    );
+    let mut p = Py::spawn(&exe, &[PLAIN.scenario], &[("OTEL_SERVICE_NAME", &service)]);
+    p.wait_ready();
+    std::thread::sleep(DISCOVERY);
+    assert!(d.process(p.pid).is_none(), "excluded, yet profiled");
+
+    let profiles = d.dir().join("profiles");
+    std::fs::write(
+        &d.config,
+        format!(
+            "aggregation:\n  window_secs: 1\noutputs:\n  pprof_dir:\n    path: {}\n",
+            profiles.display()
+        ),
+    )
+    .unwrap();
+    let hup = Instant::now();
+    let hup_unix = unix_now();
+    signal(d.child.id(), libc::SIGHUP);
+    let found = d.wait_pids_listed(&[(p.pid, hup, hup_unix)], Duration::from_secs(15));
+    eprintln!(
+        "reload: pid {} profiled {:?} after SIGHUP",
+        p.pid, found[0].1
+    );
+    assert!(found[0].1 <= DISCOVERY, "{:?}", found[0]);
+    // 1 s windows of the process are written to the new directory.
+    let prefix = format!("{service}-{}-", p.pid);
+    let start = Instant::now();
+    loop {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&profiles)
+            .map(|it| {
+                it.filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| {
+                        f.file_name()
+                            .unwrap()
+                            .to_string_lossy()
+                            .starts_with(&prefix)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        // `<service>-<pid>-<window start>.pb.gz`: by name is by time.
+        files.sort();
+        if files.len() >= 3 {
+            eprintln!(
+                "reload: {} windows written {:?} after SIGHUP",
+                files.len(),
+                hup.elapsed()
+            );
+            // The first window was started before the reload; the last
+            // one has the new length.
+            let decoded = decode_pprof(&std::fs::read(files.last().unwrap()).unwrap());
+            assert!(
+                decoded["duration_nanos"].as_i64().unwrap() <= 2_000_000_000,
+                "windows are not the new length: {}",
+                decoded["duration_nanos"]
+            );
+            check_pprof(&decoded, PLAIN, 1);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(8),
+            "{} windows of {prefix}* in {} {:?} after SIGHUP",
+            files.len(),
+            profiles.display(),
+            hup.elapsed()
+        );
+        std::thread::sleep(POLL);
+    }
+    assert!(d.log_text().contains("configuration reloaded"));
+}
+
+// ---------------------------------------------------------- Pyroscope push
+
+/// One request received by [`Receiver`].
+#[derive(Clone, Debug)]
+struct Ingest {
+    method: String,
+    path: String,
+    query: Vec<(String, String)>,
+    content_type: String,
+    /// The `profile` part of the multipart body.
+    profile: Vec<u8>,
+    part_headers: String,
+}
+
+impl Ingest {
+    fn param(&self, k: &str) -> Option<&str> {
+        let mut it = self.query.iter().filter(|(n, _)| n == k);
+        let v = it.next().map(|(_, v)| v.as_str());
+        assert!(it.next().is_none(), "{k} given twice");
+        v
+    }
+
+    /// `app{k=v,...}` of the `name` parameter.
+    fn name(&self) -> (String, BTreeMap<String, String>) {
+        let name = self.param("name").expect("name parameter");
+        let (app, rest) = name.split_once('{').expect("name has labels");
+        let inner = rest.strip_suffix('}').expect("name ends with }");
+        let labels = inner
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').expect("k=v");
+                (k.to_string(), v.to_string())
+            })
+            .collect();
+        (app.to_string(), labels)
+    }
+
+    fn service(&self) -> Option<String> {
+        self.name().1.get("service_name").cloned()
+    }
+
+    fn from(&self) -> u64 {
+        self.param("from").unwrap().parse().unwrap()
+    }
+
+    fn until(&self) -> u64 {
+        self.param("until").unwrap().parse().unwrap()
+    }
+
+    /// The pushed pprof, decoded with this crate's prost messages (the
+    /// independent decoder is used on a sample of them).
+    fn pprof(&self) -> pyebpf::profile::pprof::proto::Profile {
+        use prost::Message as _;
+        let mut raw = Vec::new();
+        flate2::read::GzDecoder::new(&self.profile[..])
+            .read_to_end(&mut raw)
+            .expect("gzipped pprof");
+        pyebpf::profile::pprof::proto::Profile::decode(&raw[..]).expect("pprof")
+    }
+
+    fn comments(&self) -> Vec<String> {
+        let p = self.pprof();
+        p.comment
+            .iter()
+            .map(|i| p.string_table[*i as usize].clone())
+            .collect()
+    }
+
+    fn samples(&self) -> i64 {
+        self.pprof().sample.iter().map(|s| s.value[0]).sum()
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).expect("percent escape"));
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).expect("utf-8 query")
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|s| !s.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// The `profile` part of a multipart/form-data body: (part headers, content).
+fn multipart_profile(content_type: &str, body: &[u8]) -> Result<(String, Vec<u8>), String> {
+    let boundary = content_type
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("boundary="))
+        .ok_or("no boundary")?
+        .trim_matches('"');
+    let delim = format!("--{boundary}");
+    let close = format!("\r\n--{boundary}--");
+    if !body.starts_with(format!("{delim}\r\n").as_bytes()) {
+        return Err("body does not start with the boundary".into());
+    }
+    if find(body, close.as_bytes()).is_none() {
+        return Err("no closing boundary".into());
+    }
+    let mut rest = &body[delim.len() + 2..];
+    loop {
+        let (headers, content) = split_head(rest).ok_or("part without headers")?;
+        let end = find(content, format!("\r\n{delim}").as_bytes()).ok_or("unterminated part")?;
+        if headers.contains("name=\"profile\"") {
+            return Ok((headers, content[..end].to_vec()));
+        }
+        rest = &content[end + 2 + delim.len()..];
+        if rest.starts_with(b"--") {
+            return Err("no part named profile".into());
+        }
+        rest = &rest[2..];
+    }
+}
+
+/// An HTTP request: method, target (path and query), headers, body.
+type Request = (String, String, Vec<(String, String)>, Vec<u8>);
+
+/// Reads one HTTP/1.1 request (with a Content-Length body).
+fn read_request(s: &mut TcpStream) -> Result<Request, String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let (head, body_start) = loop {
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed in the headers".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            break (String::from_utf8_lossy(&buf[..end]).into_owned(), end + 4);
+        }
+    };
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or("").split(' ');
+    let method = request_line.next().unwrap_or("").to_string();
+    let target = request_line.next().unwrap_or("").to_string();
+    let headers = parse_headers(lines);
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or("no Content-Length")?;
+    let mut body = buf[body_start..].to_vec();
+    while body.len() < len {
+        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed in the body".into());
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    body.truncate(len);
+    Ok((method, target, headers, body))
+}
+
+/// A minimal Pyroscope ingest endpoint: records every request, answers 200.
+struct Receiver {
+    addr: SocketAddr,
+    got: Arc<Mutex<Vec<Ingest>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn start(listener: TcpListener) -> Receiver {
+        let addr = listener.local_addr().unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (got, errors, stop) = (got.clone(), errors.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(mut s) = conn else { continue };
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                    let result =
+                        read_request(&mut s).and_then(|(method, target, headers, body)| {
+                            let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+                            let content_type = headers
+                                .iter()
+                                .find(|(k, _)| k == "content-type")
+                                .map(|(_, v)| v.clone())
+                                .unwrap_or_default();
+                            let (part_headers, profile) = multipart_profile(&content_type, &body)?;
+                            Ok(Ingest {
+                                method,
+                                path: path.to_string(),
+                                query: parse_query(query),
+                                content_type,
+                                profile,
+                                part_headers,
+                            })
+                        });
+                    let status = match result {
+                        Ok(i) => {
+                            got.lock().unwrap().push(i);
+                            "200 OK"
+                        }
+                        Err(e) => {
+                            errors.lock().unwrap().push(e);
+                            "400 Bad Request"
+                        }
+                    };
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                }
+            })
+        };
+        Receiver {
+            addr,
+            got,
+            errors,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Requests for `service`, in arrival order.
+    fn for_service(&self, service: &str) -> Vec<Ingest> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|i| i.service().as_deref() == Some(service))
+            .cloned()
+            .collect()
+    }
+
+    fn total(&self) -> usize {
+        self.got.lock().unwrap().len()
+    }
+
+    fn errors(&self) -> Vec<String> {
+        self.errors.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pyroscope_config(addr: SocketAddr, extra: &str) -> String {
+    format!(
+        "aggregation:\n  window_secs: 1\n  retention_secs: 60\noutputs:\n  pyroscope:\n    \
+         url: http://{addr}\n    application_name: pyebpf-test\n    timeout_secs: 5\n{extra}"
+    )
+}
+
+/// Windows of one process, in the order they arrived: one after the other,
+/// none overlapping. (A window in which the process got no sample is not
+/// pushed for it, so there may be gaps.)
+fn check_window_order(windows: &[Ingest]) {
+    for pair in windows.windows(2) {
+        assert!(
+            pair[0].until() <= pair[1].from(),
+            "windows out of order or overlapping: [{}, {}) then [{}, {})",
+            pair[0].from(),
+            pair[0].until(),
+            pair[1].from(),
+            pair[1].until()
+        );
+    }
+}
+
+/// Checks one pushed window of process `p` with service `service`.
+fn check_ingest(w: &Ingest, p: &Py, service: &str) {
+    assert_eq!(w.method, "POST");
+    assert_eq!(w.path, "/ingest");
+    assert!(
+        w.content_type.starts_with("multipart/form-data; boundary="),
+        "{}",
+        w.content_type
+    );
+    assert!(
+        w.part_headers.contains("filename=\"profile.pprof\""),
+        "{}",
+        w.part_headers
+    );
+    let (app, labels) = w.name();
+    assert_eq!(app, "pyebpf-test");
+    assert_eq!(
+        labels.get("service_name").map(String::as_str),
+        Some(service)
+    );
+    assert_eq!(
+        labels.get("command").map(String::as_str),
+        Some("python3"),
+        "{labels:?}"
+    );
+    assert_eq!(w.param("spyName"), Some("pyebpf"));
+    assert_eq!(w.param("sampleRate"), Some("99"));
+    let (from, until) = (w.from(), w.until());
+    assert!(from < until, "from {from} until {until}");
+    assert!(
+        until >= p.spawned_unix && until <= unix_now() + 1,
+        "from {from} until {until}, process started at {}",
+        p.spawned_unix
+    );
+    let pprof = w.pprof();
+    assert_eq!(pprof.time_nanos, from as i64 * 1_000_000_000);
+    assert_eq!(pprof.duration_nanos, (until - from) as i64 * 1_000_000_000);
+    let comments = w.comments();
+    assert!(comments.contains(&format!("pid={}", p.pid)), "{comments:?}");
+    assert!(w.samples() > 0);
+}
+
+/// Windows pushed to a Pyroscope ingest endpoint: multipart pprof with the
+/// process's samples, its labels in `name`, and the window in from/until.
+#[test]
+fn bpf_push_to_pyroscope() {
+    if !bpf_available() {
+        return;
+    }
+    let rx = Receiver::start(TcpListener::bind("127.0.0.1:0").unwrap());
+    let service = format!("push-ok-{}", std::process::id());
+    let mut d = Daemon::start("push", &pyroscope_config(rx.addr, ""));
+    let p = Py::spawn(
+        Interp::Shared.path(),
+        &[PLAIN.scenario],
+        &[("OTEL_SERVICE_NAME", &service)],
+    );
+    d.wait_listed(&[&p], Duration::from_secs(15));
+    let start = Instant::now();
+    let windows = loop {
+        let w = rx.for_service(&service);
+        if w.len() >= 4 {
+            break w;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{} windows of {service} pushed ({} in all, errors {:?})",
+            w.len(),
+            rx.total(),
+            rx.errors()
+        );
+        std::thread::sleep(POLL);
+    };
+    assert!(rx.errors().is_empty(), "{:?}", rx.errors());
+    for w in &windows {
+        check_ingest(w, &p, &service);
+    }
+    check_window_order(&windows);
+    // The fullest window, through the independent decoder.
+    let best = windows.iter().max_by_key(|w| w.samples()).unwrap();
+    let decoded = decode_pprof(&best.profile);
+    check_pprof(&decoded, PLAIN, 3);
+    assert_eq!(pprof_total(&decoded), best.samples());
+
+    // SIGTERM pushes the last, partial window before exiting.
+    let term_unix = unix_now();
+    let (status, took) = d.terminate(Duration::from_secs(20));
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    let windows = rx.for_service(&service);
+    check_window_order(&windows);
+    let last = windows.last().unwrap();
+    assert!(
+        last.until() > term_unix,
+        "the last window pushed ends at {}, SIGTERM at {term_unix}",
+        last.until()
+    );
+    check_ingest(last, &p, &service);
+}
+
+/// The receiver is down when the first windows close, and comes up later on
+/// the same port: every window queued meanwhile (the queue holds them all)
+/// arrives, in order and without gaps, and sampling never stalled.
+#[test]
+fn bpf_push_survives_a_receiver_outage() {
+    if !bpf_available() {
+        return;
+    }
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let service = format!("push-outage-{}", std::process::id());
+    let mut d = Daemon::start(
+        "push-outage",
+        &pyroscope_config(
+            addr,
+            "    max_queue_windows: 500\n    max_retry_secs: 120\n",
+        ),
+    );
+    let mut p = Py::spawn(
+        Interp::Shared.path(),
+        &[PLAIN.scenario],
+        &[("OTEL_SERVICE_NAME", &service)],
+    );
+    d.wait_listed(&[&p], Duration::from_secs(15));
+
+    // Down for 5 s: sampling and window closing go on. The store is read
+    // directly (the samples counter in /metrics is only updated once a
+    // second, by the same loop).
+    let outage = Instant::now();
+    let held = |d: &Daemon| total(&d.folded(&format!("pid={}&seconds=60", p.pid)).1);
+    let received_before = prom_sum(&d.metrics(), "pyebpf_samples_received_total", &[]);
+    let mut last = held(&d);
+    while outage.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = held(&d);
+        assert!(
+            now > last,
+            "sampling stalled during the outage: {now} <= {last} samples of pid {}",
+            p.pid
+        );
+        last = now;
+    }
+    let received = prom_sum(&d.metrics(), "pyebpf_samples_received_total", &[]);
+    assert!(
+        received > received_before,
+        "pyebpf_samples_received_total stalled during the outage: {received} <= {received_before}"
+    );
+    let m = d.metrics();
+    let failed = prom_sum(
+        &m,
+        "pyebpf_export_total",
+        &[("target", "pyroscope"), ("result", "error")],
+    );
+    assert!(failed >= 1.0, "no failed push counted during the outage");
+    assert!(
+        prom_sum(
+            &m,
+            "pyebpf_function_samples",
+            &[("pid", &p.pid.to_string())]
+        ) > 0.0,
+        "windows stopped closing during the outage"
+    );
+
+    let rx = Receiver::start(TcpListener::bind(addr).expect("rebind the receiver's port"));
+    let up_unix = unix_now();
+    let up = Instant::now();
+    // Windows are sent in order: once one that closed after the receiver
+    // came up arrives, all the queued ones have been sent.
+    let windows = loop {
+        let w = rx.for_service(&service);
+        if w.iter().any(|w| w.from() > up_unix) {
+            break w;
+        }
+        assert!(
+            up.elapsed() < Duration::from_secs(45),
+            "pushes did not resume: {} windows of {service} ({} in all, errors {:?})",
+            w.len(),
+            rx.total(),
+            rx.errors()
+        );
+        std::thread::sleep(POLL);
+    };
+    eprintln!(
+        "outage: {} windows of {service} received, the last queued one {:?} after the receiver came up",
+        windows.len(),
+        up.elapsed()
+    );
+    assert!(rx.errors().is_empty(), "{:?}", rx.errors());
+    for w in &windows {
+        check_ingest(w, &p, &service);
+    }
+    check_window_order(&windows);
+    let outage_unix = up_unix - up.duration_since(outage).as_secs();
+    assert!(
+        windows
+            .iter()
+            .filter(|w| w.until() <= up_unix && w.from() >= outage_unix)
+            .count()
+            >= 3,
+        "windows of the outage missing"
+    );
+
+    // Nothing lost: once the workload is gone and the daemon has flushed
+    // and sent everything (SIGTERM), the windows pushed for it add up to
+    // every sample the daemon holds for it (all within the retention).
+    let pid = p.pid;
+    p.kill();
+    let start = Instant::now();
+    while d.process(pid).map_or(true, |v| v["status"] != "exited") {
+        assert!(start.elapsed() < Duration::from_secs(5), "exit not seen");
+        std::thread::sleep(POLL);
+    }
+    let held = |d: &Daemon| total(&d.folded(&format!("pid={pid}&seconds=60")).1);
+    let mut before = held(&d);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = held(&d);
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    let m = d.metrics();
+    assert_eq!(
+        prom_sum(
+            &m,
+            "pyebpf_export_total",
+            &[("target", "pyroscope"), ("result", "dropped")]
+        ),
+        0.0,
+        "windows dropped"
+    );
+    let (status, _) = d.terminate(Duration::from_secs(20));
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    let windows = rx.for_service(&service);
+    check_window_order(&windows);
+    let pushed: i64 = windows.iter().map(Ingest::samples).sum();
+    eprintln!(
+        "outage: {pushed} samples pushed in {} windows, {before} held",
+        windows.len()
+    );
+    assert_eq!(
+        pushed, before as i64,
+        "samples pushed vs held by the daemon"
+    );
+}

@@ -1,0 +1,116 @@
+//! Keeps `cargo xtask bench` working: runs it in its smallest form
+//! (`--smoke`: every measurement once, tiny, no criterion) into a scratch
+//! directory and checks that both reports are written and hold every
+//! section. No timing is asserted.
+//!
+//! Needs root (BPF, and py-spy reading another process). Without root it
+//! fails when PYEBPF_REQUIRE_BPF_TESTS is set, and is skipped otherwise.
+use std::path::PathBuf;
+use std::process::Command;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The newest working `pyebpf`: the one built in the same profile as this
+/// test (cargo builds every workspace binary for `cargo test --workspace`)
+/// or the release build.
+fn pyebpf() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    // target/<profile>/deps/bench_smoke-<hash>
+    let profile_dir = exe.parent()?.parent()?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    [
+        profile_dir.join("pyebpf"),
+        root.join("target/release/pyebpf"),
+    ]
+    .into_iter()
+    .filter(|p| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"pyebpf "))
+    })
+    .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
+}
+
+#[test]
+fn bench_smoke() {
+    let require = std::env::var_os("PYEBPF_REQUIRE_BPF_TESTS").is_some();
+    if !is_root() {
+        assert!(
+            !require,
+            "bench smoke test must run as root (PYEBPF_REQUIRE_BPF_TESTS is set)"
+        );
+        eprintln!("SKIPPED: the bench smoke test needs root");
+        return;
+    }
+    let Some(pyebpf) = pyebpf() else {
+        assert!(
+            !require,
+            "no pyebpf binary: build the workspace first (cargo build --release)"
+        );
+        eprintln!("SKIPPED: no pyebpf binary built yet");
+        return;
+    };
+    let out = std::env::temp_dir().join(format!("pyebpf-bench-smoke-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["bench", "--smoke", "--out"])
+        .arg(&out)
+        .arg("--pyebpf")
+        .arg(&pyebpf)
+        .status()
+        .expect("run xtask");
+    assert!(
+        status.success(),
+        "cargo xtask bench --smoke failed: {status}"
+    );
+
+    let md = std::fs::read_to_string(out.join("BENCHMARKS.md")).expect("BENCHMARKS.md");
+    for section in [
+        "## Machine and versions",
+        "## Targets",
+        "### Where pyebpf does not yet meet a target",
+        "## 1. Target slowdown",
+        "## 2. Profiler cost per sample",
+        "## 3. BPF walk cost by stack depth",
+        "## 4. Throughput",
+        "## 5. Memory",
+        "## 6. Accuracy",
+    ] {
+        assert!(
+            md.contains(section),
+            "BENCHMARKS.md lacks {section:?}:\n{md}"
+        );
+    }
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("benchmarks.json")).expect("benchmarks.json"),
+    )
+    .expect("valid JSON");
+    // Every measurement produced data (values themselves are not judged).
+    let rows = json["slowdown"]["rows"].as_array().expect("slowdown rows");
+    assert!(
+        rows.iter()
+            .any(|r| r["label"].as_str() == Some("pyebpf @ 999 Hz")
+                && r["samples"][0].as_u64() > Some(0)),
+        "{rows:?}"
+    );
+    let cost = json["cost"].as_array().expect("cost rows");
+    assert!(
+        cost.len() >= 2
+            && cost
+                .iter()
+                .all(|c| c["summary"]["median"].as_f64() > Some(0.0))
+    );
+    assert!(json["walk"]["rows"][0]["deepest_stack"].as_u64() > Some(10));
+    assert!(json["throughput"]["levels"][0]["samples_per_s"].as_f64() > Some(0.0));
+    assert!(json["memory"]["rss"].as_u64() > Some(0));
+    let acc = json["accuracy"]["rows"].as_array().expect("accuracy rows");
+    assert!(
+        acc.iter().all(|r| r["samples"][0].as_u64() > Some(0)),
+        "{acc:?}"
+    );
+    assert!(json["targets"].as_array().is_some_and(|t| !t.is_empty()));
+    let _ = std::fs::remove_dir_all(&out);
+}
