@@ -78,12 +78,7 @@ impl Aggregator {
     pub fn symbol_stats(&self) -> SymbolStats {
         let mut t = SymbolStats::default();
         for s in self.targets.values().map(|t| t.symbols.stats) {
-            t.hits += s.hits;
-            t.misses += s.misses;
-            t.stale += s.stale;
-            t.unreadable += s.unreadable;
-            t.invalid += s.invalid;
-            t.resets += s.resets;
+            t += s;
         }
         t
     }

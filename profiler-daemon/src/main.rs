@@ -97,8 +97,8 @@ struct TopArgs {
     /// interactive view (for scripts).
     #[arg(long)]
     once: bool,
-    /// With --once: seconds to sample (local mode: the whole run) or to look
-    /// back (daemon mode).
+    /// With --once: seconds to sample (local mode) or to look back (daemon
+    /// mode) [default: 5].
     #[arg(long, short = 'd', value_name = "SECS", requires = "once",
           value_parser = clap::value_parser!(u32).range(1..=86_400))]
     duration: Option<u32>,
@@ -243,8 +243,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 duration_secs: a.duration.unwrap_or(pyebpf::top::DEFAULT_ONCE_SECS),
                 json: a.json,
             });
-            if once.is_some() {
-                // The interactive view owns the terminal: no log lines there.
+            // The interactive view owns the terminal: no log lines there,
+            // unless stderr goes elsewhere (`2>top.log`).
+            use std::io::IsTerminal as _;
+            if once.is_some() || !std::io::stderr().is_terminal() {
                 init_logging("warn", false);
             }
             pyebpf::top::run(pyebpf::top::TopOptions {

@@ -748,6 +748,8 @@ fn bpf_new_processes_are_found_labelled_and_profiled() {
         !Path::new("/mnt/hidden-python").exists(),
         "the hidden interpreter's path must not exist on the host"
     );
+    assert_eq!(d.get_ok("/healthz").text().trim(), "ok");
+    assert_eq!(d.get_ok("/readyz").text().trim(), "ready");
 
     let canonical = |p: &Path| std::fs::canonicalize(p).unwrap().display().to_string();
     let shared_version = python_version(shared);
@@ -1851,7 +1853,8 @@ fn bpf_push_to_pyroscope() {
 
 /// The receiver is down when the first windows close, and comes up later on
 /// the same port: every window queued meanwhile (the queue holds them all)
-/// arrives, in order and without gaps, and sampling never stalled.
+/// arrives, in order, sampling never stalled, and the windows pushed add up
+/// to every sample the daemon took of the process.
 #[test]
 fn bpf_push_survives_a_receiver_outage() {
     if !bpf_available() {
@@ -1957,7 +1960,7 @@ fn bpf_push_survives_a_receiver_outage() {
     let pid = p.pid;
     p.kill();
     let start = Instant::now();
-    while d.process(pid).map_or(true, |v| v["status"] != "exited") {
+    while d.process(pid).is_none_or(|v| v["status"] != "exited") {
         assert!(start.elapsed() < Duration::from_secs(5), "exit not seen");
         std::thread::sleep(POLL);
     }

@@ -131,21 +131,27 @@ fn bpf_once_json_matches_a_known_cpu_split() {
             "same shape as record's frames"
         );
     }
-    // Totals: cpu_split is on every split stack, loop_forever on all.
+    // Totals: loop_forever is on every stack and cpu_split on every split_*
+    // stack. At line level each has a row per line on the stack (a call
+    // site, mostly), and every stack holds one frame of each: they add up.
     let total_of = |q: &str| -> u64 {
         s.functions
             .iter()
             .filter(|r| r.qualname == q)
             .map(|r| r.total)
-            .max()
-            .unwrap_or(0)
+            .sum()
     };
     assert!(
         total_of("loop_forever") as f64 > 0.95 * total,
         "{}",
         dump(&s)
     );
-    assert!(total_of("cpu_split") as f64 > 0.9 * total, "{}", dump(&s));
+    let split_total = total_of("cpu_split");
+    let split_own: u64 = ["split_a", "split_b", "split_c"]
+        .iter()
+        .map(|n| own_of(&s, w.pid(), n))
+        .sum();
+    assert!(split_total >= split_own, "{}", dump(&s));
 }
 
 /// A tmux server of its own (its own socket), killed on drop.
@@ -257,7 +263,7 @@ impl Tmux {
 
 impl Drop for Tmux {
     fn drop(&mut self) {
-        let _ = self.cmd().arg("kill-server").status();
+        let _ = self.cmd().arg("kill-server").stderr(Stdio::null()).status();
     }
 }
 
@@ -321,7 +327,7 @@ fn bpf_tui_in_tmux_keys_and_quit() {
     let before = t.file("stty.before");
     t.line(&format!("stty -g > {}", before.display()));
     t.line(&format!(
-        "{} top --local --rate 499 --window 5 --pid {} --pid {}",
+        "{} top --local --rate 999 --window 5 --pid {} --pid {}",
         pyebpf(),
         plain.pid(),
         split.pid()
@@ -336,7 +342,7 @@ fn bpf_tui_in_tmux_keys_and_quit() {
     });
     assert!(t.alternate_on(), "not on the alternate screen");
     assert!(screen.contains("mode local"), "{screen}");
-    assert!(screen.contains("rate 499 Hz"), "{screen}");
+    assert!(screen.contains("rate 999 Hz"), "{screen}");
     assert!(screen.contains("window last 5 s"), "{screen}");
     let screen = t.wait("a few seconds of data", 10, |s| {
         s.lines()
@@ -344,7 +350,9 @@ fn bpf_tui_in_tmux_keys_and_quit() {
             .and_then(|l| l.split("samples ").nth(1))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n > 300)
+            // Enough for the share to be within a few points, even when
+            // a loaded machine leaves the workloads a small slice of CPU.
+            .is_some_and(|n| n > 200)
     });
     let rows = data_rows(&screen, "OWN%");
     let pct = own_percent(&rows[0]);
@@ -466,24 +474,57 @@ fn bpf_tui_ctrl_c_and_sigterm_restore_the_terminal() {
     t.wait("plain_function again", 20, |s| {
         s.contains("plain_function (")
     });
-    let pids = Command::new("pgrep")
-        .args([
-            "-f",
-            "--",
-            &format!("top --local --rate 199 --pid {}$", w.pid()),
-        ])
-        .output()
-        .unwrap();
-    let pids = String::from_utf8_lossy(&pids.stdout).to_string();
-    let pid = pids.split_whitespace().next().expect("top's pid");
-    assert_eq!(pids.split_whitespace().count(), 1, "{pids}");
+    let pid = pid_of(&cmd);
     assert!(Command::new("kill")
-        .args(["-TERM", pid])
+        .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap()
         .success());
     t.wait("top to exit on SIGTERM", 10, |s| !s.contains("OWN%"));
     shell_is_back(&t, &before, "sigterm");
+
+    // The terminal itself going away (window closed, session killed): top
+    // ends rather than run on with nobody to show anything to.
+    t.line(&cmd);
+    t.wait("plain_function once more", 20, |s| {
+        s.contains("plain_function (")
+    });
+    let pid = pid_of(&cmd);
+    let _ = t.cmd().arg("kill-server").status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while is_running(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "top {pid} still running 10 s after its terminal went away"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pid of the one process whose command line is `cmd`.
+fn pid_of(cmd: &str) -> u32 {
+    let out = Command::new("pgrep")
+        .args(["-f", "-x", "--", cmd])
+        .output()
+        .unwrap();
+    let pids = String::from_utf8_lossy(&out.stdout).to_string();
+    let v: Vec<u32> = pids
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    assert_eq!(v.len(), 1, "processes running {cmd:?}: {pids}");
+    v[0]
+}
+
+/// Alive and not a zombie.
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
 }
 
 /// `pyebpf daemon`, killed on drop.

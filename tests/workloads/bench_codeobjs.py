@@ -1,12 +1,14 @@
 """Many distinct code objects, all on sampled stacks (daemon memory benchmark).
 
-Usage: bench_codeobjs.py TAG FUNCTIONS CHAIN
+Usage: bench_codeobjs.py TAG FUNCTIONS CHAIN [PAUSE]
 
 Creates FUNCTIONS distinct functions with exec(compile(...)), as
 FUNCTIONS / CHAIN call chains of CHAIN functions each (f_<c>_<i> calls
 f_<c>_<i+1>), then calls the chains round-robin forever. The last function of
 a chain burns a little CPU, so every sample holds a whole chain: all code
-objects are sampled within seconds. Prints "ready" once they exist.
+objects are sampled within seconds. PAUSE (seconds, default 0) is slept
+after each chain, so that many such processes together do not take every
+CPU. Prints "ready" once they exist.
 """
 import sys
 import time
@@ -35,12 +37,15 @@ def make_chains(functions, chain):
 
 def main(args):
     functions, chain = int(args[1]), int(args[2])
+    pause = float(args[3]) if len(args) > 3 else 0.0
     sys.setrecursionlimit(chain + 1000)
     heads = make_chains(functions, chain)
     print("ready", flush=True)
     while True:
         for head in heads:
             head()
+            if pause:
+                time.sleep(pause)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ impl Plan {
             Mode::Full => Plan {
                 mode,
                 work_secs: 3.0,
-                slowdown_reps: 5,
+                slowdown_reps: 4,
                 slowdown_rates: vec![99, 999],
                 slowdown_threads: vec![1, 4],
                 slowdown_pyspy_nonblocking: true,
@@ -100,9 +100,9 @@ impl Plan {
                 mem_procs: 50,
                 mem_functions: 10_000,
                 mem_chain: 500,
-                mem_timeout_secs: 180.0,
+                mem_timeout_secs: 240.0,
                 acc_rates: vec![99, 999],
-                acc_secs: 10.0,
+                acc_secs: 8.0,
                 acc_reps: 3,
                 criterion: Some((0.5, 2.0)),
             },
@@ -197,6 +197,8 @@ pub struct Ctx {
     /// include rule selects it, so other Python processes are left alone.
     pub tag: String,
     pub ncpus: usize,
+    /// Runs that failed (recorded in the report; the others go on).
+    pub failures: std::cell::RefCell<Vec<String>>,
 }
 
 impl Ctx {
@@ -222,6 +224,19 @@ impl Ctx {
         )?;
         p.wait_line("ready", std::time::Duration::from_secs(60))?;
         Ok(p)
+    }
+
+    /// `Some` of a run's result, or `None` after recording its failure.
+    pub fn soft<T>(&self, what: &str, r: Result<T>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let msg = format!("{what}: {e:#}");
+                println!("FAILED: {msg}");
+                self.failures.borrow_mut().push(msg);
+                None
+            }
+        }
     }
 
     pub fn scratch(&self, name: &str) -> PathBuf {
@@ -326,6 +341,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         dir: dir.clone(),
         tag: format!("pyebpf-bench-{}", std::process::id()),
         ncpus: ncpus(),
+        failures: Default::default(),
     };
     let meta = report::Meta::collect(&ctx, &built)?;
     println!(

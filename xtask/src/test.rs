@@ -35,6 +35,12 @@ pub fn run(extra: &[String]) -> Result<()> {
     for (i, stage) in stages.into_iter().enumerate() {
         let name = stage.display();
         banner(&format!("[{}/{total}] {name}", i + 2));
+        if name.starts_with("cargo test") && is_root() {
+            println!(
+                "running as root: the bpf_* tests load the real BPF programs and profile real \
+                 Python 3.11 processes; PYEBPF_REQUIRE_BPF_TESTS=1 makes any skip a failure"
+            );
+        }
         if name.starts_with("cargo test") && !is_root() {
             println!(
                 "WARNING: not root: the BPF tests need root (CAP_BPF, CAP_PERFMON) and will fail"

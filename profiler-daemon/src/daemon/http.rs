@@ -1010,7 +1010,8 @@ mod tests {
         assert_eq!(status, 200, "{body}");
         assert_eq!(ct, "application/json");
         let snap: TopSnapshot = serde_json::from_str(&body).unwrap();
-        assert_eq!(s.last_asked(), Some((Selector::Pid(42), 60)));
+        // 60 complete seconds and the current one.
+        assert_eq!(s.last_asked(), Some((Selector::Pid(42), 61)));
         assert_eq!(snap.total_samples, 10);
         assert_eq!(snap.window_secs, 60);
         assert_eq!(snap.rate_hz, 100);
@@ -1025,7 +1026,7 @@ mod tests {
         // Defaults: 10 s, function level, every process; `all` is the retention.
         let (status, _, body) = s.get_text("/api/top").await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(s.last_asked(), Some((Selector::Pid(42), 10)));
+        assert_eq!(s.last_asked(), Some((Selector::Pid(42), 11)));
         let snap: TopSnapshot = serde_json::from_str(&body).unwrap();
         assert!(snap.functions.iter().all(|r| r.line.is_none()));
         let handle = snap

@@ -132,6 +132,7 @@ pub trait ApiSource: Send + Sync + 'static {
     fn top(&self, q: &TopQuery) -> Result<TopSnapshot, QueryError> {
         let retention = self.retention_secs();
         let seconds = checked_top_seconds(q.seconds, retention)?;
+        let span = top_span(seconds, retention);
         let mut per_process = Vec::new();
         let mut processes_profiled = 0;
         for v in self.processes() {
@@ -141,7 +142,7 @@ pub trait ApiSource: Send + Sync + 'static {
             if !q.selects(&v.labels) {
                 continue;
             }
-            match self.profile(&Selector::Pid(v.labels.pid), seconds) {
+            match self.profile(&Selector::Pid(v.labels.pid), span) {
                 Ok(p) => per_process.push((v.labels, p)),
                 // Gone since the listing.
                 Err(QueryError::NotFound(_)) => {}
@@ -157,6 +158,13 @@ pub trait ApiSource: Send + Sync + 'static {
         };
         Ok(crate::top::model::snapshot(&per_process, q, &header))
     }
+}
+
+/// What a `top` query for the last `seconds` asks of the store: those many
+/// complete seconds and the current, partial one (so that the last second
+/// is never empty), within the retention.
+pub fn top_span(seconds: u32, retention: u32) -> u32 {
+    seconds.saturating_add(1).min(retention.max(1))
 }
 
 /// The window of a `top` query: `seconds` checked against the retention,

@@ -4,7 +4,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::metrics::Metrics;
 use super::store::Store;
-use super::{checked_top_seconds, ApiSource, ProcessView, QueryError, Selector};
+use super::{checked_top_seconds, top_span, ApiSource, ProcessView, QueryError, Selector};
 use crate::profile::Profile;
 use crate::top::model::{self, Header, TopQuery, TopSnapshot};
 
@@ -78,6 +78,7 @@ impl ApiSource for Shared {
         let store = self.store();
         let retention = store.retention_secs();
         let seconds = checked_top_seconds(q.seconds, retention)?;
+        let span = top_span(seconds, retention);
         let now_s = unix_secs(now);
         let elapsed = now
             .duration_since(self.started)
@@ -87,7 +88,7 @@ impl ApiSource for Shared {
         let mut rate_hz = 0;
         for v in views.iter().filter(|v| q.selects(&v.labels)) {
             // `views` and `query` see the same store: the pid is there.
-            if let Ok(p) = store.query(&Selector::Pid(v.labels.pid), seconds, now) {
+            if let Ok(p) = store.query(&Selector::Pid(v.labels.pid), span, now) {
                 rate_hz = p.rate_hz;
                 per_process.push((v.labels.clone(), p));
             }
@@ -198,5 +199,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(shared.top(&q).unwrap().window_secs, 5);
+        // Complete seconds plus the current one, within the retention.
+        assert_eq!(top_span(5, 60), 6);
+        assert_eq!(top_span(60, 60), 60);
+        assert_eq!(top_span(1, 1), 1);
     }
 }

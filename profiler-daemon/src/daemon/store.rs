@@ -272,14 +272,7 @@ impl Store {
     }
 
     fn retire(&mut self, e: Entry) {
-        let s = e.symbols.stats;
-        let r = &mut self.retired_symbols;
-        r.hits += s.hits;
-        r.misses += s.misses;
-        r.stale += s.stale;
-        r.unreadable += s.unreadable;
-        r.invalid += s.invalid;
-        r.resets += s.resets;
+        self.retired_symbols += e.symbols.stats;
     }
 
     pub fn holds(&self, pid: u32, start_time: u64) -> bool {
@@ -341,12 +334,7 @@ impl Store {
     pub fn symbol_stats(&self) -> SymbolStats {
         let mut t = self.retired_symbols;
         for s in self.entries.values().map(|e| e.symbols.stats) {
-            t.hits += s.hits;
-            t.misses += s.misses;
-            t.stale += s.stale;
-            t.unreadable += s.unreadable;
-            t.invalid += s.invalid;
-            t.resets += s.resets;
+            t += s;
         }
         t
     }

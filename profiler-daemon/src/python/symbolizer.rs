@@ -34,6 +34,17 @@ impl SymbolStats {
     }
 }
 
+impl std::ops::AddAssign for SymbolStats {
+    fn add_assign(&mut self, o: SymbolStats) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.stale += o.stale;
+        self.unreadable += o.unreadable;
+        self.invalid += o.invalid;
+        self.resets += o.resets;
+    }
+}
+
 type Entry = Result<Arc<CodeInfo>, UnknownReason>;
 
 /// Symbolises the frames of one process.

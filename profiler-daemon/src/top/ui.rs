@@ -4,7 +4,8 @@
 //! it. Neither touches the terminal, so both are tested against ratatui's
 //! `TestBackend`. [`run`] owns the real terminal: raw mode and the alternate
 //! screen are entered through a [`TerminalGuard`], which leaves them on every
-//! way out (return, error, panic, SIGTERM/SIGHUP/SIGINT, Ctrl-C key).
+//! way out (return, error, panic, SIGTERM/SIGHUP/SIGINT, Ctrl-C key); a
+//! watchdog ends the process when the terminal itself goes away.
 use std::io::{self, IsTerminal as _, Write as _};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
@@ -688,21 +689,57 @@ pub fn check_terminal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sets `flag` on SIGTERM, SIGHUP or SIGINT, so that the loop restores the
-/// terminal and stops sampling before exiting.
-fn watch_signals(rt: &Runtime, flag: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Whether the controlling terminal is still there: once it is hung up
+/// (terminal window closed, tmux/ssh session killed), ioctls on it fail.
+fn terminal_alive() -> bool {
+    // SAFETY: TIOCGWINSZ only writes a winsize into the buffer given.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) == 0 }
+}
+
+/// How long the loop may take to notice a quit request before the process
+/// is ended from outside it.
+const QUIT_GRACE: Duration = Duration::from_secs(3);
+
+/// Sets `flag` on SIGTERM, SIGHUP or SIGINT, or when the terminal goes away,
+/// so that the loop restores the terminal and stops sampling. The loop may
+/// be stuck where it cannot see the flag (crossterm's event poll spins on a
+/// hung-up terminal), so if it has not exited [`QUIT_GRACE`] later, the
+/// terminal is restored (best effort) and the process exits from here
+/// (closing the BPF descriptors detaches the sampler).
+fn watch(rt: &Runtime, flag: Arc<AtomicBool>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let _enter = rt.enter();
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let signalled = flag.clone();
     rt.spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = hup.recv() => {}
             _ = int.recv() => {}
         }
-        flag.store(true, Ordering::SeqCst);
+        signalled.store(true, Ordering::SeqCst);
+    });
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut quit_since = None;
+        let mut hung_up = false;
+        loop {
+            tick.tick().await;
+            if !terminal_alive() {
+                hung_up = true;
+                flag.store(true, Ordering::SeqCst);
+            }
+            if flag.load(Ordering::SeqCst) {
+                let since = *quit_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= QUIT_GRACE {
+                    restore_terminal();
+                    std::process::exit(if hung_up { 1 } else { 0 });
+                }
+            }
+        }
     });
     Ok(())
 }
@@ -717,7 +754,7 @@ fn fetch(src: &mut dyn TopSource, app: &mut App) {
 /// Runs the interface until `q`, Ctrl-C or a signal.
 pub fn run(src: &mut dyn TopSource, opts: &TopOptions, rt: &Runtime) -> anyhow::Result<()> {
     let quit = Arc::new(AtomicBool::new(false));
-    watch_signals(rt, quit.clone())?;
+    watch(rt, quit.clone())?;
     let mut app = App::new(src.mode().describe(), opts);
     let guard = TerminalGuard::enter()?;
     let mut terminal = Terminal::new(CrosstermBackend::new(io::stdout()))?;

@@ -97,10 +97,12 @@ pub struct Results {
     pub cost: Vec<CostRow>,
     pub walk: Walk,
     pub throughput: Throughput,
-    pub memory: super::measure::Memory,
+    pub memory: Option<super::measure::Memory>,
     pub accuracy: Accuracy,
     pub micro: Vec<Micro>,
     pub targets: Vec<Target>,
+    /// Runs that failed; their conditions have fewer repetitions.
+    pub failures: Vec<String>,
 }
 
 fn pct(x: f64) -> String {
@@ -481,28 +483,28 @@ pub fn markdown(r: &Results) -> String {
     }
 
     // 5.
-    let mem = &r.memory;
-    let mib = |b: u64| b as f64 / 1048576.0;
-    let _ = writeln!(
-        s,
-        "\n## 5. Memory\n\n\
+    if let Some(mem) = &r.memory {
+        let mib = |b: u64| b as f64 / 1048576.0;
+        let _ = writeln!(
+            s,
+            "\n## 5. Memory\n\n\
          {} processes of `tests/workloads/bench_codeobjs.py`, each with {} distinct code \
          objects made with `exec(compile(...))` and called in chains (so every sample holds a \
          whole chain and every code object is sampled within seconds); `pyebpf daemon` at {} \
          Hz. RSS from `/proc/PID/status` once {} code objects had been symbolised \
          (`pyebpf_symbol_cache_total{{result=\"miss\"}}`, {:.0} s after the processes \
          started).\n",
-        mem.processes,
-        mem.functions_per_process,
-        mem.rate_hz,
-        if mem.complete {
-            format!("{:.0} (all but at most 1%)", mem.code_objects)
-        } else {
-            format!("{:.0} (**not all**: time limit)", mem.code_objects)
-        },
-        mem.seconds
-    );
-    let _ = writeln!(
+            mem.processes,
+            mem.functions_per_process,
+            mem.rate_hz,
+            if mem.complete {
+                format!("{:.0} (all but at most 1%)", mem.code_objects)
+            } else {
+                format!("{:.0} (**not all**: time limit)", mem.code_objects)
+            },
+            mem.seconds
+        );
+        let _ = writeln!(
         s,
         "| daemon RSS idle | RSS with {} × {} code objects | peak RSS | per process | per code object |\n|---|---|---|---|---|\n| {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} MiB | {:.0} bytes |",
         mem.processes,
@@ -513,6 +515,9 @@ pub fn markdown(r: &Results) -> String {
         mib(mem.rss.saturating_sub(mem.rss_idle)) / mem.processes.max(1) as f64,
         mem.rss.saturating_sub(mem.rss_idle) as f64 / mem.code_objects.max(1.0),
     );
+    } else {
+        let _ = writeln!(s, "\n## 5. Memory\n\nFailed in this run (see Failures).");
+    }
 
     // 6.
     let a = &r.accuracy;
@@ -578,7 +583,7 @@ pub fn markdown(r: &Results) -> String {
             .unwrap_or_default()
     );
     if r.micro.is_empty() {
-        let _ = writeln!(s, "Not run in this mode.");
+        let _ = writeln!(s, "Not run.");
     } else {
         let _ = writeln!(
             s,
@@ -594,6 +599,18 @@ pub fn markdown(r: &Results) -> String {
                 b.ci_low_ns,
                 b.ci_high_ns
             );
+        }
+    }
+    let _ = writeln!(s, "\n## Failures\n");
+    if r.failures.is_empty() {
+        let _ = writeln!(s, "No run failed.");
+    } else {
+        let _ = writeln!(
+            s,
+            "These runs failed; their conditions have fewer repetitions above.\n"
+        );
+        for f in &r.failures {
+            let _ = writeln!(s, "- {}", f.replace('\n', " "));
         }
     }
     s
@@ -632,11 +649,11 @@ fn findings(r: &Results) -> Vec<String> {
             ));
         }
     }
-    if !r.memory.complete {
+    if let Some(m) = r.memory.as_ref().filter(|m| !m.complete) {
         out.push(format!(
             "Memory: only {:.0} of {} code objects were symbolised within the time limit.",
-            r.memory.code_objects,
-            r.memory.processes * r.memory.functions_per_process
+            m.code_objects,
+            m.processes * m.functions_per_process
         ));
     }
     let tv = |p: Profiler| {

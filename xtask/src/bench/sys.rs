@@ -88,10 +88,9 @@ impl Proc {
                     )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    let status = self.try_wait();
                     let tail = self.tail();
                     bail!(
-                        "{} ended ({status:?}) before printing {needle:?}; output:\n{}",
+                        "{} closed its output before printing {needle:?}; output:\n{}",
                         self.what,
                         tail
                     )
@@ -116,10 +115,24 @@ impl Proc {
         Ok(())
     }
 
-    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+    /// Whether the child has ended, without reaping it (so that
+    /// [`Self::wait_rusage`] still gets its resource usage).
+    pub fn exited(&self) -> bool {
+        if self.child.is_none() {
+            return true;
+        }
+        // SAFETY: waitid with WNOWAIT on our own child; siginfo is plain data.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is set by waitid (0 when the child still runs).
+        r == 0 && unsafe { info.si_pid() } != 0
     }
 
     pub fn signal(&self, sig: i32) {
@@ -304,11 +317,9 @@ pub fn wait_sampler_running(p: &mut Proc, timeout: Duration) -> Result<()> {
         if sampler_stats(p.pid).1 > 0 {
             return Ok(());
         }
-        if let Some(status) = p.try_wait() {
-            bail!(
-                "pyebpf ended ({status}) before its sampler ran:\n{}",
-                p.tail()
-            );
+        if p.exited() {
+            let tail = p.tail();
+            bail!("pyebpf ended before its sampler ran:\n{tail}");
         }
         thread::sleep(Duration::from_millis(20));
     }
