@@ -18,13 +18,16 @@ use std::time::{Duration, Instant};
 pub fn all(ctx: &Ctx, meta: Meta) -> Result<Results> {
     let mut clock = Instant::now();
     let mut sections: Vec<(String, f64)> = Vec::new();
+    // Closes the previous section's clock; `what` empty: the end.
     let mut step = |n: usize, what: &str| {
         if let Some(last) = sections.last_mut() {
             last.1 = clock.elapsed().as_secs_f64();
         }
         clock = Instant::now();
-        sections.push((what.to_string(), 0.0));
-        crate::util::banner(&format!("[{n}/7] {what}"));
+        if !what.is_empty() {
+            sections.push((what.to_string(), 0.0));
+            crate::util::banner(&format!("[{n}/7] {what}"));
+        }
     };
     step(1, "target slowdown");
     let slowdown = slowdown(ctx).context("target slowdown")?;
@@ -46,8 +49,7 @@ pub fn all(ctx: &Ctx, meta: Meta) -> Result<Results> {
             Vec::new()
         }
     };
-    step(8, "done");
-    sections.pop();
+    step(8, "");
     let mut meta = meta;
     meta.section_seconds = sections;
     let mut r = Results {
