@@ -226,6 +226,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.logging.format == pyebpf::daemon::config::LogFormat::Json,
             );
             pyebpf::caps::require("pyebpf daemon", &pyebpf::caps::record_requirements())?;
+            // Inspections run on short-lived blocking threads; with glibc's
+            // default of one arena per thread their freed memory stays
+            // mapped (150 MB idle RSS instead of 60 MB in the benchmarks).
+            // SAFETY: mallopt only tunes the allocator; called before any
+            // thread is started.
+            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
