@@ -7,13 +7,11 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context};
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{Counter, ProcInfo, PyOffsets, ReadStep};
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 
 use crate::aggregate::Aggregator;
 use crate::bpf::counters::Counters;
 use crate::bpf::events;
-use crate::bpf::sampler::{Sampler, SamplerConfig};
+use crate::bpf::sampler::{poll_ring, Sampler, SamplerConfig};
 use crate::process::python::{self, PythonProcess};
 use crate::profile::Format;
 
@@ -143,10 +141,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
             .with_context(|| format!("cannot register process {}", t.pid))?;
     }
     let ring = sampler.take_ring().context("ring buffer already taken")?;
-    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged for
-    // as long as the AsyncFd owns the RingBuf.
-    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll the BPF ring buffer: {e}"))?;
+    let mut ring = poll_ring(ring)?;
 
     let started = Instant::now();
     let wall_start = SystemTime::now();

@@ -312,3 +312,13 @@ impl Sampler {
         HEADER_LEN + self.config.max_depth as usize * RAW_FRAME_LEN
     }
 }
+
+/// Registers a ring buffer with the tokio reactor, for `readable()`.
+pub fn poll_ring(
+    ring: RingBuf<MapData>,
+) -> anyhow::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the RingBuf owns its map fd, which stays open and unchanged
+    // for as long as the AsyncFd owns the RingBuf.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("cannot poll a BPF ring buffer: {e}"))
+}

@@ -7,7 +7,7 @@
 //! - [`store`]: per-process stacks in one-second buckets, bounded in memory.
 //! - [`http`], [`metrics`]: the localhost API and Prometheus metrics.
 //! - [`export`]: pprof files on disk and pushes to Pyroscope.
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -24,6 +24,11 @@ pub mod metrics;
 pub mod run;
 pub mod shared;
 pub mod store;
+
+/// Whole seconds since the Unix epoch (0 for a time before it).
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
 
 /// Labels of a profiled process, attached to everything exported for it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize)]

@@ -3,17 +3,17 @@
 //! One task owns the sampler, the discovery tracker and the exporters; the
 //! HTTP API reads the shared store. Inspections of new processes (ELF parsing,
 //! memory reads) run on the blocking pool so they never delay the ring buffer.
+use super::unix_secs;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{ProcEvent, ProcInfo, PyOffsets, PROC_EVENT_EXEC, PROC_EVENT_EXIT};
 use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
@@ -25,7 +25,7 @@ use super::shared::Shared;
 use super::store::{NewProcess, Store, StoreLimits};
 use super::{labels, ProcessLabels};
 use crate::bpf::events;
-use crate::bpf::sampler::{Sampler, SamplerConfig};
+use crate::bpf::sampler::{poll_ring, Sampler, SamplerConfig};
 use crate::process::python::{self, InspectError, PythonProcess};
 
 /// How the daemon was started.
@@ -133,19 +133,6 @@ fn store_limits(c: &Config) -> StoreLimits {
         max_processes: c.aggregation.max_processes as usize,
         max_stacks_per_process: c.aggregation.max_stacks_per_process as usize,
     }
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// SAFETY wrapper: a RingBuf owns its map fd for as long as the AsyncFd owns it.
-fn poll_ring(ring: RingBuf<MapData>) -> anyhow::Result<AsyncFd<RingBuf<MapData>>> {
-    // SAFETY: the fd stays open and unchanged while the AsyncFd owns the RingBuf.
-    unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot poll a BPF ring buffer: {e}"))
 }
 
 /// Everything the main loop owns.

@@ -1,6 +1,7 @@
 //! State the sampling loop shares with the HTTP API.
+use super::unix_secs;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use super::metrics::Metrics;
 use super::store::Store;
@@ -125,10 +126,6 @@ impl ApiSource for Shared {
         drop(store);
         Ok(model::snapshot(&per_process, q, &header))
     }
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// `(drops, errors)` from gathered metrics: `pyebpf_bpf_events_total` with

@@ -5,6 +5,7 @@
 //! `(stack id, count)` pairs. Queries merge the buckets they cover, so any
 //! `seconds` up to the retention is answered at once, without waiting for a
 //! window to close.
+use super::unix_secs;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -68,12 +69,6 @@ struct Entry {
     overflow_id: Option<u32>,
     buckets: VecDeque<Bucket>,
     samples: u64,
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl Entry {

@@ -10,11 +10,12 @@
 //! Retention only ever touches files whose names have exactly that shape (and
 //! our own leftover temporary files): anything else in the directory is left
 //! alone.
+use crate::daemon::unix_secs;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use flate2::{write::GzEncoder, Compression};
 use prost::Message;
@@ -264,10 +265,6 @@ impl PprofDir {
     }
 }
 
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
 /// `service` reduced to `[A-Za-z0-9._-]` (others become `_`), not starting
 /// with a dot, at most [`MAX_SERVICE_LEN`] bytes, never empty.
 fn sanitize_service(service: &str) -> String {
@@ -340,6 +337,7 @@ mod tests {
     use crate::profile::folded::tests::sample_profile;
     use crate::profile::pprof::proto;
     use std::io::Read as _;
+    use std::time::UNIX_EPOCH;
 
     fn window(service: &str, pid: u32, start: u64) -> WindowProfile {
         let start = UNIX_EPOCH + Duration::from_secs(start);

@@ -29,6 +29,7 @@
 //! [`Pusher::push`] only queues (bounded, dropping the oldest); one task
 //! sends windows in order, retrying transient failures with exponential
 //! back-off and jitter.
+use crate::daemon::unix_secs;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -674,10 +675,6 @@ fn name_param(app: &str, w: &WindowProfile) -> String {
         .filter_map(|(k, v)| Some(format!("{}={}", label_name(k)?, label_value(&v)?)))
         .collect();
     format!("{app}{{{}}}", labels.join(","))
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The query parameters of the ingest request for `w`.
