@@ -103,7 +103,37 @@ pub const MAX_FRAME_OWNER: u8 = 2;
 pub struct ProcInfo {
     pub tls: TlsLayout,
     pub py: PyOffsets,
+    /// Distinguishes successive processes under one pid (set by the loader
+    /// per insertion), so code addresses seen in an earlier program are not
+    /// taken as known in the next.
+    pub generation: u32,
+    pub _pad: u32,
 }
+
+impl ProcInfo {
+    pub fn new(tls: TlsLayout, py: PyOffsets) -> Self {
+        ProcInfo {
+            tls,
+            py,
+            generation: 0,
+            _pad: 0,
+        }
+    }
+}
+
+/// Key of the map of code objects already sent to userspace. A sample with
+/// a code object not in it wakes the reader at once, so userspace reads the
+/// object while it surely exists; other samples wait for the next batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SeenKey {
+    pub code: u64,
+    pub tgid: u32,
+    pub generation: u32,
+}
+
+/// Entries of the seen-code LRU map (about 80 bytes of kernel memory each).
+pub const SEEN_CODE_ENTRIES: u32 = 65536;
 
 /// Sample flags.
 pub const FLAG_TRUNCATED: u32 = 1;
@@ -182,6 +212,9 @@ pub struct WalkState {
     pub block_base: u64,
     /// 0 when the block buffer holds nothing valid for this sample.
     pub block_valid: u32,
+    /// Non-zero when the sample holds a code object not sent before.
+    pub novel: u32,
+    pub tgid: u32,
     pub _pad: u32,
     pub cache: [CodeSlot; CODE_CACHE_SLOTS],
     /// Scratch for one code-object header (kept off the 512-byte BPF stack).
@@ -197,6 +230,8 @@ impl Default for WalkState {
             info: ProcInfo::default(),
             block_base: 0,
             block_valid: 0,
+            novel: 0,
+            tgid: 0,
             _pad: 0,
             cache: [CodeSlot::default(); CODE_CACHE_SLOTS],
             code_hdr: [0; CODE_READ_LEN],
@@ -206,15 +241,15 @@ impl Default for WalkState {
 
 impl Default for ProcInfo {
     fn default() -> Self {
-        ProcInfo {
-            tls: TlsLayout {
+        ProcInfo::new(
+            TlsLayout {
                 kind: 0,
                 first_block: 0,
                 second_level: 0,
                 key: 0,
             },
-            py: PyOffsets::PY311,
-        }
+            PyOffsets::PY311,
+        )
     }
 }
 
@@ -292,15 +327,18 @@ pub enum Counter {
     TailCallFailed = 6,
     /// Walk ended by a failed read (see the read-error counters for the step).
     ReadFailed = 7,
+    /// Samples that woke the reader at once (a code object not sent before,
+    /// or the ring buffer filling up); the rest wait for the next batch.
+    Wakeups = 8,
 }
 
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 9;
 /// Read-error counters live after the outcome counters, one per [`ReadStep`].
 pub const READ_ERROR_BASE: u32 = 16;
 pub const COUNTERS_LEN: u32 = READ_ERROR_BASE + 8;
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Events,
         Counter::NotProfiled,
         Counter::NoThreadState,
@@ -309,6 +347,7 @@ impl Counter {
         Counter::RingBufFull,
         Counter::TailCallFailed,
         Counter::ReadFailed,
+        Counter::Wakeups,
     ];
 
     pub fn name(self) -> &'static str {
@@ -321,6 +360,7 @@ impl Counter {
             Counter::RingBufFull => "ringbuf_full",
             Counter::TailCallFailed => "tail_call_failed",
             Counter::ReadFailed => "read_failed",
+            Counter::Wakeups => "wakeups",
         }
     }
 }
@@ -391,6 +431,7 @@ mod pod {
     unsafe impl aya::Pod for SampleHeader {}
     unsafe impl aya::Pod for RawFrame {}
     unsafe impl aya::Pod for ProcEvent {}
+    unsafe impl aya::Pod for SeenKey {}
 }
 
 #[cfg(test)]
@@ -401,7 +442,8 @@ mod tests {
     fn layout_sizes() {
         assert_eq!(HEADER_LEN, 32);
         assert_eq!(RAW_FRAME_LEN, 16);
-        assert_eq!(core::mem::size_of::<ProcInfo>(), 32);
+        assert_eq!(core::mem::size_of::<ProcInfo>(), 40);
+        assert_eq!(core::mem::size_of::<SeenKey>(), 16);
         assert_eq!(FRAME_READ_LEN, 72);
         assert_eq!(core::mem::offset_of!(Frame311, f_code), FRAME_CODE_OFF);
         assert_eq!(

@@ -83,7 +83,7 @@ impl Aggregator {
         t
     }
 
-    /// Number of frames that could not be symbolised, over all samples.
+    /// Number of distinct raw stacks counted.
     pub fn distinct_stacks(&self) -> usize {
         self.stacks.len()
     }

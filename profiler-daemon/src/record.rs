@@ -11,7 +11,7 @@ use profiler_common::{Counter, ProcInfo, PyOffsets, ReadStep};
 use crate::aggregate::Aggregator;
 use crate::bpf::counters::Counters;
 use crate::bpf::events;
-use crate::bpf::sampler::{poll_ring, Sampler, SamplerConfig};
+use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
 use crate::process::python::{self, PythonProcess};
 use crate::profile::Format;
 
@@ -80,6 +80,11 @@ impl RecordSummary {
             self.decode_errors,
         );
         let sampled = c.get(Counter::Sampled);
+        let wakeups = c.get(Counter::Wakeups);
+        s += &format!(
+            "  reader wakeups: {wakeups} ({:.1} stacks per wakeup; new code objects wake it at once)\n",
+            sampled as f64 / wakeups.max(1) as f64,
+        );
         if self.bpf.samples > 0 && sampled > 0 {
             s += &format!(
                 "  BPF cost (kernel stats): {:.1} us per stack sent, {:.0} ns per perf event, {:.1} ms in total\n",
@@ -132,10 +137,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     let mut agg = Aggregator::default();
     for t in &targets {
         agg.add_target(t.pid, &t.command, t.pycode_type);
-        let info = ProcInfo {
-            tls: t.tls,
-            py: PyOffsets::PY311,
-        };
+        let info = ProcInfo::new(t.tls, PyOffsets::PY311);
         sampler
             .add_process(t.pid, info)
             .with_context(|| format!("cannot register process {}", t.pid))?;
@@ -150,6 +152,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     let mut exited = Vec::new();
     let mut decode_errors = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut batch = drain_timer();
     let show_status = opts.status && std::io::stderr().is_terminal();
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -162,7 +165,10 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
                 drain(guard.get_inner_mut(), &mut agg, &mut decode_errors);
                 guard.clear_ready();
             }
+            _ = batch.tick() => drain(ring.get_mut(), &mut agg, &mut decode_errors),
             _ = tick.tick() => {
+                // Samples queued before an exit are symbolised first.
+                drain(ring.get_mut(), &mut agg, &mut decode_errors);
                 alive.retain(|pid, start| {
                     let same = python::is_alive(*pid, *start);
                     if !same {

@@ -437,3 +437,88 @@ fn bpf_process_in_other_mount_and_pid_namespace() {
         "{text}"
     );
 }
+
+/// Functions that live for 20 ms of CPU and are freed right after are still
+/// named: a sample holding a code object userspace has not seen wakes it at
+/// once, while the many samples of known code wait to be read in batches.
+#[test]
+fn bpf_short_lived_code_is_named_and_samples_are_batched() {
+    let Some(_serial) = serial_bpf_test() else {
+        return;
+    };
+    // Every object through malloc, and freed memory overwritten at once: a
+    // code object read after its function is gone cannot pass for alive.
+    let w = Workload::start_with_env(
+        Interp::Shared,
+        &["short-lived"],
+        &[
+            ("PYTHONMALLOC", "malloc"),
+            // The per-thread cache keeps freed chunks intact; without it
+            // glibc overwrites every freed chunk.
+            (
+                "GLIBC_TUNABLES",
+                "glibc.malloc.tcache_count=0:glibc.malloc.perturb=85",
+            ),
+        ],
+    );
+    let (out, text) = record(&[w.pid()], &["--duration", "6", "--rate", "999"]);
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let caller = frame("short_lived", "CALL=short_lived");
+    let (mut named, mut unknown) = (0u64, 0u64);
+    for (s, c) in &stacks {
+        if s.len() < 2 || s[s.len() - 2] != caller {
+            continue;
+        }
+        let leaf = &s[s.len() - 1];
+        if leaf.starts_with("[unknown") {
+            unknown += c;
+        } else {
+            // `short_lived_N (<short-lived>:LINE)`: LINE is the loop, 4 + N % 50,
+            // or the line before it.
+            let parsed = leaf
+                .strip_prefix("short_lived_")
+                .and_then(|r| r.strip_suffix(')'))
+                .and_then(|r| r.split_once(" (<short-lived>:"))
+                .and_then(|(n, line)| Some((n.parse::<u32>().ok()?, line.parse::<u32>().ok()?)));
+            let Some((n, line)) = parsed else {
+                panic!(
+                    "unexpected leaf under short_lived: {leaf}\n{}",
+                    dump(&stacks)
+                )
+            };
+            assert!(matches!(line.checked_sub(n % 50), Some(3 | 4)), "{leaf}");
+            named += c;
+        }
+    }
+    eprintln!("short-lived code: {named} named, {unknown} unknown");
+    // Read 50 ms late, about half of these samples would be unknown.
+    assert!(named >= 500, "too few samples: {named}\n{}", dump(&stacks));
+    assert!(
+        unknown * 20 <= named + unknown,
+        "{unknown} of {} samples unknown\n{}",
+        named + unknown,
+        dump(&stacks)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let number_after = |label: &str| -> u64 {
+        let rest = &stderr[stderr
+            .find(label)
+            .unwrap_or_else(|| panic!("no {label:?} in {stderr}"))
+            + label.len()..];
+        rest.trim_start()
+            .split(|ch: char| !ch.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {label:?} in {stderr}"))
+    };
+    let samples = number_after("process(es),");
+    let wakeups = number_after("reader wakeups:");
+    eprintln!("{samples} samples, {wakeups} wakeups");
+    // Some tens of new functions a second: one wakeup each, not one per
+    // sample.
+    assert!(
+        wakeups * 4 < samples,
+        "{wakeups} wakeups for {samples} samples"
+    );
+}

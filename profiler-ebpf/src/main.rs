@@ -17,15 +17,15 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, perf_event, raw_tracepoint},
-    maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
     code_checksum, code_size_units, Counter, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf,
-    TlsKind, WalkState, CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR,
+    SeenKey, TlsKind, WalkState, CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR,
     FLAG_TRUNCATED, FRAMES_PER_PROG, FRAME_BLOCK, FRAME_CODE_OFF, FRAME_OWNER_OFF,
     FRAME_PREVIOUS_OFF, FRAME_PREV_INSTR_OFF, FRAME_READ_LEN, HEADER_LEN, MAX_FRAMES,
-    MAX_FRAME_OWNER, RAW_FRAME_LEN, READ_ERROR_BASE,
+    MAX_FRAME_OWNER, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES,
 };
 
 /// Offset of `task_struct.thread.fsbase`, from the kernel's BTF (set by
@@ -56,11 +56,26 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
+/// Code objects already sent to userspace, with their checksum: a sample
+/// holding one not in here wakes the reader at once (see `emit`).
+#[map]
+static SEEN_CODE: LruHashMap<SeenKey, u32> = LruHashMap::with_max_entries(SEEN_CODE_ENTRIES, 0);
+
+/// Bytes waiting in `EVENTS` past which a sample wakes the reader anyway;
+/// set by userspace before load (0: wake on every sample).
+#[no_mangle]
+static WAKEUP_BYTES: u64 = 0;
+
 /// Slot 0 holds `walk`, so it can chain to itself.
 #[map]
 static WALKER: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
 const WALK_SLOT: u32 = 0;
+
+// `bpf_ringbuf_output` and `bpf_ringbuf_query` flags (uapi/linux/bpf.h).
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
 
 #[inline(always)]
 fn count(c: u32) {
@@ -182,6 +197,8 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         s.info = *info;
         s.seq = s.seq.wrapping_add(1);
         s.block_valid = 0;
+        s.novel = 0;
+        s.tgid = tgid;
         let max = core::ptr::read_volatile(&MAX_DEPTH);
         s.max_depth = if max == 0 || max > MAX_FRAMES as u32 {
             MAX_FRAMES as u32
@@ -242,7 +259,7 @@ pub fn walk(ctx: PerfEventContext) -> u32 {
             count_read_error(step);
         }
     }
-    emit(buf);
+    emit(buf, state.novel != 0);
     0
 }
 
@@ -313,6 +330,16 @@ fn code_info(code: u64, state: &mut WalkState) -> Option<(u32, i64)> {
         .ok()?;
     let units = code_size_units(&state.code_hdr);
     let checksum = code_checksum(&state.code_hdr);
+    let key = SeenKey {
+        code,
+        tgid: state.tgid,
+        generation: state.info.generation,
+    };
+    // SAFETY: the value is a plain u32, read at once.
+    if unsafe { SEEN_CODE.get(&key) }.copied() != Some(checksum) {
+        state.novel = 1;
+        let _ = SEEN_CODE.insert(&key, &checksum, 0);
+    }
     let slot = &mut state.cache[i];
     slot.addr = code;
     slot.checksum = checksum;
@@ -370,8 +397,14 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut [u8; FRAME_B
     Step::Next
 }
 
+/// Sends the sample. Waking the reader (an irq_work and a context switch)
+/// costs more than the walk itself, so most samples are only queued and the
+/// reader drains them in batches on a timer. A sample wakes it at once when
+/// it holds a code object userspace has not seen: that object may be freed
+/// soon (a finished import, an exiting process) and must be read while it
+/// exists. A ring filling up wakes it too.
 #[inline(always)]
-fn emit(buf: &SampleBuf) {
+fn emit(buf: &SampleBuf, novel: bool) {
     let mut n = buf.header.nframes as usize;
     if n > MAX_FRAMES {
         n = MAX_FRAMES;
@@ -379,8 +412,20 @@ fn emit(buf: &SampleBuf) {
     let len = HEADER_LEN + n * RAW_FRAME_LEN;
     // SAFETY: `len` never exceeds the size of `SampleBuf`.
     let bytes = unsafe { core::slice::from_raw_parts((buf as *const SampleBuf).cast::<u8>(), len) };
-    match EVENTS.output::<[u8]>(bytes, 0) {
-        Ok(()) => count(Counter::Sampled as u32),
+    let limit = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let wake = novel || limit == 0 || EVENTS.query(BPF_RB_AVAIL_DATA) >= limit;
+    let flags = if wake {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    match EVENTS.output::<[u8]>(bytes, flags) {
+        Ok(()) => {
+            count(Counter::Sampled as u32);
+            if wake {
+                count(Counter::Wakeups as u32);
+            }
+        }
         Err(_) => count(Counter::RingBufFull as u32),
     }
 }

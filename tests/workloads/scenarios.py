@@ -120,6 +120,31 @@ def split_c(seconds):
     while time.thread_time() < end: pass  # HOT:split_c
 
 
+SHORT_LIVED_SOURCE = """
+def short_lived_{n}(seconds):
+    end = time.thread_time() + seconds
+    while time.thread_time() < end: pass
+"""
+short_lived_count = 0
+
+
+def short_lived():
+    # A function compiled, run for 20 ms of CPU and dropped: its code object
+    # is freed right after, so a profiler must read it while it runs. Each
+    # starts (n % 50) lines lower, so a successor allocated at the same
+    # address never looks like the same code object; its hot line is then
+    # 4 + n % 50.
+    global short_lived_count
+    n = short_lived_count = short_lived_count + 1
+    scope = {"time": time}
+    source = "\n" * (n % 50) + SHORT_LIVED_SOURCE.format(n=n)
+    exec(compile(source, "<short-lived>", "exec"), scope)
+    # Popped, so no cycle (scope -> function -> its globals, scope) keeps
+    # the function alive until a garbage collection.
+    fn = scope.pop("short_lived_%d" % n)
+    fn(0.02)  # CALL:short_lived
+
+
 def cpu_split():
     # True CPU split 1 : 2 : 3, measured in thread CPU time so that a busy
     # machine changes wall time but not the split.
@@ -140,6 +165,7 @@ SEQUENCE = {
     "ucs2": функция,
     "ucs4": 𠀀,
     "split": cpu_split,
+    "short-lived": short_lived,
 }
 
 

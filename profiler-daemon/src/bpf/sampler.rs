@@ -88,7 +88,18 @@ pub struct Sampler {
     proc_events: Option<RingBuf<MapData>>,
     _stats: Option<OwnedFd>,
     config: SamplerConfig,
+    /// Last `ProcInfo::generation` handed out.
+    generation: u32,
 }
+
+/// A sample wakes the reader once the ring holds more than this share of
+/// its size; below that, samples wait for [`DRAIN_INTERVAL`].
+const WAKEUP_FRACTION: u32 = 8;
+
+/// How often readers drain the ring buffer. Samples with code objects not
+/// sent before wake the reader at once (see the BPF `emit`), so only samples
+/// of code already symbolised wait this long.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
 fn map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, SamplerError> {
     ebpf.take_map(name).ok_or(SamplerError::MissingMap(name))
@@ -144,9 +155,11 @@ impl Sampler {
         let ring_bytes = config.ring_bytes.max(1 << 16).next_power_of_two();
         // Run-time statistics feed the cost metrics; not fatal if refused.
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        let wakeup_bytes = u64::from(ring_bytes / WAKEUP_FRACTION);
         let mut ebpf = EbpfLoader::new()
             .override_global("FSBASE_OFFSET", &fsbase, true)
             .override_global("MAX_DEPTH", &config.max_depth, true)
+            .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .map_max_entries("SCRATCH", ncpus as u32)
             .map_max_entries("EVENTS", ring_bytes)
             .load(OBJECT)?;
@@ -240,6 +253,7 @@ impl Sampler {
             proc_events,
             _stats: stats,
             config,
+            generation: 0,
         })
     }
 
@@ -247,8 +261,12 @@ impl Sampler {
         self.config
     }
 
-    /// Starts sampling process `pid` (root-namespace tgid).
-    pub fn add_process(&mut self, pid: u32, info: ProcInfo) -> Result<(), SamplerError> {
+    /// Starts sampling process `pid` (root-namespace tgid). Each call starts
+    /// a new generation, so the BPF side treats every code object of the
+    /// (possibly new) program under this pid as not yet seen.
+    pub fn add_process(&mut self, pid: u32, mut info: ProcInfo) -> Result<(), SamplerError> {
+        self.generation = self.generation.wrapping_add(1);
+        info.generation = self.generation;
         self.procs
             .insert(pid, info, 0)
             .map_err(|source| SamplerError::Map {
@@ -311,6 +329,13 @@ impl Sampler {
     pub fn max_record_len(&self) -> usize {
         HEADER_LEN + self.config.max_depth as usize * RAW_FRAME_LEN
     }
+}
+
+/// Ticks every [`DRAIN_INTERVAL`]; a late tick is not made up for.
+pub fn drain_timer() -> tokio::time::Interval {
+    let mut t = tokio::time::interval(DRAIN_INTERVAL);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    t
 }
 
 /// Registers a ring buffer with the tokio reactor, for `readable()`.

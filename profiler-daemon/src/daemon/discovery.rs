@@ -16,15 +16,20 @@
 //! tracker.prune(&pids.iter().copied().collect());
 //! for c in tracker.take_ended() { stop profiling c }
 //!
-//! handle(c): match python::inspect(c.pid) {
-//!     Ok(p) => labels, filter::decide → tracker.mark(c, Seen::Profiled / Seen::Excluded),
+//! handle(c): match inspect_candidate(c, &rules, cache) {    // rules first, then ELF
+//!     Ok(Excluded) => tracker.mark(c, Seen::Excluded),
+//!     Ok(Python(p)) => rules again → tracker.mark(c, Seen::Profiled / Seen::Excluded),
+//!     Ok(Reused) => tracker.forget(c.pid),
 //!     Err(e) => tracker.record_error(c, &e, now),   // retries NotInitialized with backoff
 //! }
 //! ```
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crate::process::python::{self, InspectError};
+use super::config::Discovery;
+use super::labels::{self, LabelError};
+use super::ProcessLabels;
+use crate::process::python::{self, InspectError, PythonProcess, VerdictCache};
 
 /// The pids of all processes (thread-group leaders) in `/proc`, sorted.
 /// Entries that vanish while listing are skipped; an unreadable `/proc` gives
@@ -42,6 +47,84 @@ pub fn list_pids() -> Vec<u32> {
         .collect();
     pids.sort_unstable();
     pids
+}
+
+/// What [`inspect_candidate`] found.
+#[derive(Debug)]
+pub enum Inspection {
+    /// Opted out (`PYEBPF_DISABLE`) or not selected by the rules, decided
+    /// from `/proc` alone: none of its ELF files was read, so whether it
+    /// runs Python is not known (nor needed).
+    Excluded {
+        labels: ProcessLabels,
+        disabled: bool,
+    },
+    /// A CPython 3.11 process the rules selected, with its labels and
+    /// opt-out read again after the inspection (they may have changed: the
+    /// caller decides on these).
+    Python {
+        process: PythonProcess,
+        labels: ProcessLabels,
+        disabled: bool,
+    },
+    /// The pid belongs to another process than the candidate now (seen
+    /// when labels were read first; otherwise the caller compares
+    /// [`PythonProcess::start_time`]).
+    Reused,
+}
+
+/// Labels for a process whose `/proc/PID/comm` (or other label file) could
+/// not be read: its command only.
+fn fallback_labels(pid: u32, command: String, err: &LabelError) -> (ProcessLabels, bool) {
+    tracing::debug!(pid, "labels: {err}");
+    let labels = ProcessLabels {
+        pid,
+        service: command.clone(),
+        command,
+        ..Default::default()
+    };
+    (labels, labels::disabled_by_env(pid))
+}
+
+/// Inspect candidate `c`, cheapest step first: read its labels and
+/// `PYEBPF_DISABLE` from `/proc` and apply `rules`; only a process they
+/// select has its ELF files looked at (through `cache`) to find a
+/// CPython 3.11 interpreter. On a busy host most processes stop at the
+/// first step, or find every file they map already in the cache.
+pub fn inspect_candidate(
+    c: Candidate,
+    rules: &Discovery,
+    cache: &VerdictCache,
+) -> Result<Inspection, InspectError> {
+    let pid = c.pid;
+    // Without include or exclude rules only the opt-out can exclude: one
+    // read of the environment tells whether the labels are needed first.
+    let no_rules = rules.include.is_empty() && rules.exclude.is_empty();
+    if !no_rules || labels::disabled_by_env(pid) {
+        let read = labels::read_labels_and_opt_out(pid);
+        if let Err(LabelError::NoSuchProcess(_)) = read {
+            return Err(InspectError::NoSuchProcess(pid));
+        }
+        // Read after the labels: the same start time as the candidate's
+        // means the labels were the candidate's.
+        let (start_time, command) = python::start_time_and_command(pid)?;
+        if start_time != c.start_time {
+            return Ok(Inspection::Reused);
+        }
+        let (labels, disabled) = read.unwrap_or_else(|e| fallback_labels(pid, command, &e));
+        if disabled || !rules.selects(&labels) {
+            return Ok(Inspection::Excluded { labels, disabled });
+        }
+    }
+    let process = python::inspect_cached(pid, cache)?;
+    // Again: the process may have exec'd since the first read.
+    let (labels, disabled) = labels::read_labels_and_opt_out(pid)
+        .unwrap_or_else(|e| fallback_labels(pid, process.command.clone(), &e));
+    Ok(Inspection::Python {
+        process,
+        labels,
+        disabled,
+    })
 }
 
 /// A process to look at: a pid at one start time (clock ticks after boot,
@@ -478,6 +561,151 @@ mod tests {
 
     fn cand(pid: u32, start_time: u64) -> Candidate {
         Candidate { pid, start_time }
+    }
+
+    fn rules(yaml: &str) -> Discovery {
+        super::super::config::parse(yaml, "test").unwrap().discovery
+    }
+
+    /// `sleep 30` with `env` added, once it runs `sleep` (comm, environment
+    /// and libraries set up), and its candidate.
+    fn sleeper(env: &[(&str, &str)]) -> (ChildGuard, Candidate) {
+        let mut cmd = Command::new("sleep");
+        cmd.arg("30")
+            .env_remove("PYEBPF_DISABLE")
+            .envs(env.iter().copied());
+        let child = ChildGuard(cmd.spawn().unwrap());
+        let pid = child.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Until the dynamic loader mapped libc, the maps still change.
+        while python::command(pid).unwrap() != "sleep"
+            || std::fs::read(format!("/proc/{pid}/environ"))
+                .unwrap()
+                .is_empty()
+            || !std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                .unwrap()
+                .contains("libc")
+        {
+            assert!(Instant::now() < deadline, "sleep did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let c = cand(pid, python::start_time(pid).unwrap());
+        (child, c)
+    }
+
+    /// Excluded by a rule or by PYEBPF_DISABLE: decided without reading a
+    /// single ELF file (the cache is never even consulted).
+    #[test]
+    fn excluded_processes_are_never_parsed() {
+        let cache = VerdictCache::new(16);
+        let (_child, c) = sleeper(&[]);
+        let r = inspect_candidate(
+            c,
+            &rules("discovery: {exclude: [{command: sleep}]}"),
+            &cache,
+        );
+        assert!(
+            matches!(&r, Ok(Inspection::Excluded { labels, disabled: false }) if labels.command == "sleep" && labels.pid == c.pid),
+            "{r:?}"
+        );
+        let r = inspect_candidate(
+            c,
+            &rules("discovery: {include: [{command: gunicorn}]}"),
+            &cache,
+        );
+        assert!(matches!(r, Ok(Inspection::Excluded { .. })), "{r:?}");
+        let (_child, c) = sleeper(&[("PYEBPF_DISABLE", "1")]);
+        let r = inspect_candidate(c, &rules(""), &cache);
+        assert!(
+            matches!(r, Ok(Inspection::Excluded { disabled: true, .. })),
+            "{r:?}"
+        );
+        assert_eq!(cache.stats(), Default::default());
+    }
+
+    /// Selected but not Python: the files are parsed once, then every
+    /// later inspection of such a process only hits the cache.
+    #[test]
+    fn selected_non_python_uses_the_cache() {
+        let cache = VerdictCache::new(16);
+        let (_child, c) = sleeper(&[]);
+        let r = inspect_candidate(c, &rules(""), &cache);
+        assert!(
+            matches!(&r, Err(InspectError::NotPython(p, comm)) if *p == c.pid && comm == "sleep"),
+            "{r:?}"
+        );
+        let first = cache.stats();
+        assert!(first.misses > 0 && first.entries > 0, "{first:?}");
+        assert_eq!(first.hits, 0);
+        let (_other, c2) = sleeper(&[]);
+        let r = inspect_candidate(
+            c2,
+            &rules("discovery: {include: [{command: sleep}]}"),
+            &cache,
+        );
+        assert!(matches!(r, Err(InspectError::NotPython(..))), "{r:?}");
+        let second = cache.stats();
+        assert_eq!(second.misses, first.misses, "{second:?}");
+        assert_eq!(second.hits, first.misses);
+        assert_eq!(second.entries, first.entries);
+    }
+
+    #[test]
+    fn reused_and_gone_pids() {
+        let cache = VerdictCache::new(16);
+        let (_child, c) = sleeper(&[]);
+        let older = cand(c.pid, c.start_time.wrapping_sub(1));
+        let sleep = rules("discovery: {include: [{command: sleep}]}");
+        assert!(matches!(
+            inspect_candidate(older, &sleep, &cache),
+            Ok(Inspection::Reused)
+        ));
+        let gone = cand(0x3fff_ffff, 1);
+        for r in [rules(""), sleep] {
+            assert!(matches!(
+                inspect_candidate(gone, &r, &cache),
+                Err(InspectError::NoSuchProcess(0x3fff_ffff))
+            ));
+        }
+        assert_eq!(cache.stats(), Default::default());
+    }
+
+    /// A selected Python process is inspected, with its labels; the same
+    /// process under a rule that excludes it is not.
+    #[test]
+    fn python_process_selected_or_excluded() {
+        let cache = VerdictCache::new(64);
+        let (child, _) = spawn_ready(Command::new(path_python()).args([
+            "-c",
+            "import time; print('ready', flush=True); time.sleep(30)",
+        ]));
+        let pid = child.pid();
+        let c = cand(pid, python::start_time(pid).unwrap());
+        let comm = python::command(pid).unwrap();
+        match inspect_candidate(c, &rules(""), &cache) {
+            Ok(Inspection::Python {
+                process,
+                labels,
+                disabled,
+            }) => {
+                assert_eq!((process.pid, process.start_time), (pid, c.start_time));
+                assert_eq!(process.version.minor, 11);
+                assert_eq!(labels.command, comm);
+                assert!(!disabled);
+            }
+            r => panic!("{r:?}"),
+        }
+        let misses = cache.stats().misses;
+        assert!(misses > 0);
+        // Again: the interpreter binary's symbols come from the cache.
+        let r = inspect_candidate(c, &rules(""), &cache);
+        assert!(matches!(r, Ok(Inspection::Python { .. })), "{r:?}");
+        assert_eq!(cache.stats().misses, misses);
+        let before = cache.stats();
+        let yaml = format!("discovery: {{exclude: [{{command: {comm}}}]}}");
+        let r = inspect_candidate(c, &rules(&yaml), &cache);
+        assert!(matches!(r, Ok(Inspection::Excluded { .. })), "{r:?}");
+        assert_eq!(cache.stats(), before, "excluded: no file looked at");
     }
 
     #[test]

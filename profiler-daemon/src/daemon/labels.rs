@@ -264,6 +264,12 @@ pub fn disabled_by_env(pid: u32) -> bool {
     env_var(pid, "PYEBPF_DISABLE").is_some_and(|v| is_truthy(&v))
 }
 
+/// Whether an environment (`/proc/PID/environ`) has `PYEBPF_DISABLE` set
+/// to a true value.
+pub fn disabled_in_environ(environ: &[u8]) -> bool {
+    environ_lookup(environ, "PYEBPF_DISABLE").is_some_and(|v| is_truthy(&v))
+}
+
 /// The service name from an environment: `OTEL_SERVICE_NAME`, else
 /// `DD_SERVICE` (blank values count as unset).
 pub fn service_from_environ(environ: &[u8]) -> Option<String> {
@@ -285,6 +291,12 @@ pub fn service_from_environ(environ: &[u8]) -> Option<String> {
 /// environment reads as empty; a Python process is past that point by the
 /// time its interpreter can be inspected.
 pub fn read_labels(pid: u32) -> Result<ProcessLabels, LabelError> {
+    read_labels_and_opt_out(pid).map(|(labels, _)| labels)
+}
+
+/// [`read_labels`], and whether the process opted out with
+/// `PYEBPF_DISABLE` ([`disabled_by_env`]), from one read of its environment.
+pub fn read_labels_and_opt_out(pid: u32) -> Result<(ProcessLabels, bool), LabelError> {
     let comm = read_proc(pid, "comm")?;
     let command = String::from_utf8_lossy(&comm)
         .trim_end_matches('\n')
@@ -294,14 +306,14 @@ pub fn read_labels(pid: u32) -> Result<ProcessLabels, LabelError> {
         .unwrap_or_default();
     let cmdline = crate::process::python::command_line(pid).unwrap_or_default();
     // Kernel threads have no environment (ESRCH), like exited processes.
-    let service = match read_proc(pid, "environ") {
-        Ok(env) => service_from_environ(&env),
+    let (service, disabled) = match read_proc(pid, "environ") {
+        Ok(env) => (service_from_environ(&env), disabled_in_environ(&env)),
         Err(e) => {
             tracing::debug!(pid, "no service name from the environment: {e}");
-            None
+            (None, false)
         }
-    }
-    .unwrap_or_else(|| command.clone());
+    };
+    let service = service.unwrap_or_else(|| command.clone());
     let cgroup = match read_proc(pid, "cgroup") {
         Ok(text) => parse_cgroup(&String::from_utf8_lossy(&text)),
         Err(e) => {
@@ -309,7 +321,7 @@ pub fn read_labels(pid: u32) -> Result<ProcessLabels, LabelError> {
             CgroupInfo::default()
         }
     };
-    Ok(ProcessLabels {
+    let labels = ProcessLabels {
         pid,
         command,
         service,
@@ -319,7 +331,8 @@ pub fn read_labels(pid: u32) -> Result<ProcessLabels, LabelError> {
         pod_uid: cgroup.pod_uid,
         qos_class: cgroup.qos_class,
         ecs_task_id: cgroup.ecs_task_id,
-    })
+    };
+    Ok((labels, disabled))
 }
 
 #[cfg(test)]
@@ -703,7 +716,13 @@ mod tests {
         for (v, want) in [("1", true), ("true", true), ("yes", true), ("0", false)] {
             let s = Sleeper::spawn(&[("PYEBPF_DISABLE", v)]);
             assert_eq!(disabled_by_env(s.0.id()), want, "PYEBPF_DISABLE={v}");
+            let (labels, disabled) = read_labels_and_opt_out(s.0.id()).unwrap();
+            assert_eq!(disabled, want, "PYEBPF_DISABLE={v}");
+            assert_eq!(labels, read_labels(s.0.id()).unwrap());
         }
+        assert!(disabled_in_environ(b"A=1\0PYEBPF_DISABLE=on\0"));
+        assert!(!disabled_in_environ(b"A=1\0XPYEBPF_DISABLE=1\0"));
+        assert!(!disabled_in_environ(b""));
     }
 
     #[test]

@@ -17,16 +17,15 @@ use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
-use super::config::Config;
-use super::discovery::{list_pids, Candidate, Seen, Tracker};
+use super::config::{Config, Discovery};
+use super::discovery::{inspect_candidate, list_pids, Candidate, Inspection, Seen, Tracker};
 use super::export::Exporters;
 use super::metrics::{top_functions, DiscoveryResult, Metrics};
 use super::shared::Shared;
 use super::store::{NewProcess, Store, StoreLimits};
-use super::{labels, ProcessLabels};
 use crate::bpf::events;
-use crate::bpf::sampler::{poll_ring, Sampler, SamplerConfig};
-use crate::process::python::{self, InspectError, PythonProcess};
+use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
+use crate::process::python::{self, InspectError};
 
 /// How the daemon was started.
 pub struct DaemonOptions {
@@ -99,30 +98,29 @@ struct Inspected {
     /// The pid's exec/exit generation when the inspection started (see
     /// `Daemon::last_exec`).
     exec_gen: u64,
-    result: Result<(PythonProcess, ProcessLabels, bool), InspectError>,
+    /// The rules the inspection applied (a reload may replace them before
+    /// it ends).
+    rules: Discovery,
+    result: Result<Inspection, InspectError>,
 }
 
-fn inspect(candidate: Candidate, delay: Duration, after_exec: bool, exec_gen: u64) -> Inspected {
+fn inspect(
+    candidate: Candidate,
+    delay: Duration,
+    after_exec: bool,
+    exec_gen: u64,
+    rules: Discovery,
+) -> Inspected {
     if !delay.is_zero() {
         std::thread::sleep(delay);
     }
-    let result = python::inspect(candidate.pid).map(|p| {
-        let labels = labels::read_labels(candidate.pid).unwrap_or_else(|e| {
-            tracing::debug!(pid = candidate.pid, "labels: {e}");
-            ProcessLabels {
-                pid: candidate.pid,
-                command: p.command.clone(),
-                service: p.command.clone(),
-                ..Default::default()
-            }
-        });
-        let disabled = labels::disabled_by_env(candidate.pid);
-        (p, labels, disabled)
-    });
+    // Rules first: an excluded process never has its ELF files parsed.
+    let result = inspect_candidate(candidate, &rules, python::shared_cache());
     Inspected {
         candidate,
         after_exec,
         exec_gen,
+        rules,
         result,
     }
 }
@@ -161,8 +159,9 @@ struct Daemon {
 impl Daemon {
     fn spawn_inspection(&mut self, c: Candidate, delay: Duration, after_exec: bool) {
         let exec_gen = self.exec_gen(c.pid);
+        let rules = self.config.discovery.clone();
         self.inspections
-            .spawn_blocking(move || inspect(c, delay, after_exec, exec_gen));
+            .spawn_blocking(move || inspect(c, delay, after_exec, exec_gen, rules));
     }
 
     fn exec_gen(&self, pid: u32) -> u64 {
@@ -248,10 +247,32 @@ impl Daemon {
             );
             return;
         }
+        if r.rules != self.config.discovery {
+            // Decided under rules a reload replaced; the reload re-decides
+            // every live process under the new ones (and started their
+            // inspections), so this answer is dropped.
+            tracing::debug!(pid = c.pid, "dropped an inspection older than the rules");
+            return;
+        }
         let now = Instant::now();
         let metrics = &self.shared.metrics;
         match r.result {
-            Ok((p, labels, disabled)) => {
+            Ok(Inspection::Reused) => {
+                // The pid was reused meanwhile: look again from scratch.
+                self.tracker.forget(c.pid);
+            }
+            Ok(Inspection::Excluded { labels, disabled }) => {
+                // Not known to be Python (its files were not read): debug,
+                // not info, as this is most processes under include rules.
+                tracing::debug!(pid = c.pid, command = %labels.command, disabled, "not profiled: excluded");
+                self.tracker.mark(c, Seen::Excluded);
+                metrics.inc_discovered(DiscoveryResult::Excluded);
+            }
+            Ok(Inspection::Python {
+                process: p,
+                labels,
+                disabled,
+            }) => {
                 if p.start_time != c.start_time {
                     // The pid was reused meanwhile: look again from scratch.
                     self.tracker.forget(c.pid);
@@ -281,10 +302,7 @@ impl Daemon {
                     metrics.inc_discovered(DiscoveryResult::Failed);
                     return;
                 }
-                let info = ProcInfo {
-                    tls: p.tls,
-                    py: PyOffsets::PY311,
-                };
+                let info = ProcInfo::new(p.tls, PyOffsets::PY311);
                 if let Err(e) = self.sampler.add_process(c.pid, info) {
                     tracing::warn!(pid = c.pid, "cannot start sampling: {e}");
                     self.shared.store().mark_exited(c.pid, SystemTime::now());
@@ -322,17 +340,27 @@ impl Daemon {
         }
     }
 
+    /// Decodes records without the store lock, then adds them in batches
+    /// that take it only briefly (`Shared::add_samples`); batches bound the
+    /// memory of decoded stacks while the ring keeps filling.
     fn drain_samples(&mut self, ring: &mut RingBuf<MapData>) {
+        const BATCH: usize = 1024;
         let now = SystemTime::now();
-        let mut store = self.shared.store();
+        let mut batch = Vec::with_capacity(BATCH);
         while let Some(item) = ring.next() {
             match events::decode(&item) {
-                Ok(s) => store.add_sample(s, now),
+                Ok(s) => batch.push(s),
                 Err(e) => {
                     self.decode_errors += 1;
                     tracing::debug!("bad ring-buffer record: {e}");
                 }
             }
+            if batch.len() >= BATCH {
+                self.shared.add_samples(batch.drain(..), now);
+            }
+        }
+        if !batch.is_empty() {
+            self.shared.add_samples(batch, now);
         }
     }
 
@@ -537,6 +565,7 @@ async fn main_loop(
 ) -> anyhow::Result<()> {
     let shared = d.shared.clone();
     let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut batch = drain_timer();
     let mut rescan = tokio::time::interval(rescan_every);
     let mut window =
         tokio::time::interval_at(tokio::time::Instant::now() + window_every, window_every);
@@ -571,6 +600,9 @@ async fn main_loop(
                     }
                 }
                 g.clear_ready();
+                // Samples queued before an exec or exit belong to the old
+                // program: take them while its symbols are still known.
+                d.drain_samples(ring.get_mut());
                 for ev in events {
                     d.on_proc_event(ev);
                 }
@@ -592,6 +624,7 @@ async fn main_loop(
                     d.spawn_inspection(c, Duration::ZERO, false);
                 }
             }
+            _ = batch.tick() => d.drain_samples(ring.get_mut()),
             _ = second.tick() => {
                 d.tick();
                 d.scan_new();

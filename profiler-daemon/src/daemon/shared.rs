@@ -6,6 +6,7 @@ use std::time::SystemTime;
 use super::metrics::Metrics;
 use super::store::Store;
 use super::{checked_top_seconds, top_span, ApiSource, ProcessView, QueryError, Selector};
+use crate::bpf::events::RawSample;
 use crate::profile::Profile;
 use crate::top::model::{self, Header, TopQuery, TopSnapshot};
 
@@ -45,6 +46,20 @@ impl Shared {
     /// ignored.
     pub fn store(&self) -> MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a batch of samples (all counted at `now`). New stacks are
+    /// symbolised between two short holds of the store lock, not under it:
+    /// that reads code objects from the targets, which under load (many new
+    /// stacks) would stall the HTTP API. A batch of known stacks takes the
+    /// lock once.
+    pub fn add_samples(&self, samples: impl IntoIterator<Item = RawSample>, now: SystemTime) {
+        let pending = self.store().begin_batch(samples, now);
+        if pending.is_empty() {
+            return;
+        }
+        let resolved = pending.resolve();
+        self.store().insert(resolved);
     }
 
     pub fn set_ready(&self, r: Result<(), String>) {
@@ -158,8 +173,118 @@ fn bpf_drops_and_errors(families: &[prometheus::proto::MetricFamily]) -> (u64, u
 mod tests {
     use super::*;
     use crate::bpf::counters::Counters;
-    use crate::daemon::store::StoreLimits;
-    use profiler_common::Counter;
+    use crate::daemon::store::{NewProcess, StoreLimits, TargetMemory};
+    use crate::daemon::ProcessLabels;
+    use crate::process::memory::{MemoryError, RemoteMemory, SliceMemory};
+    use crate::profile::Frame;
+    use crate::python::code::{read_code, test_code};
+    use profiler_common::{Counter, RawFrame};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, OnceLock, Weak};
+
+    /// Target memory that records, at every read, whether the store lock of
+    /// `shared` is held (by anyone, this thread included: `try_lock` fails
+    /// rather than deadlocks).
+    struct Probe {
+        mem: SliceMemory,
+        shared: OnceLock<Weak<Shared>>,
+        reads: AtomicUsize,
+        reads_under_lock: AtomicUsize,
+    }
+
+    struct ProbeMemory(Arc<Probe>);
+
+    impl RemoteMemory for ProbeMemory {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+            let p = &self.0;
+            if let Some(shared) = p.shared.get().and_then(Weak::upgrade) {
+                p.reads.fetch_add(1, Ordering::SeqCst);
+                if shared.store.try_lock().is_err() {
+                    p.reads_under_lock.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            p.mem.read(addr, buf)
+        }
+    }
+
+    #[test]
+    fn symbolisation_runs_without_the_store_lock() {
+        let store = Store::new(
+            StoreLimits {
+                retention_secs: 60,
+                max_processes: 10,
+                max_stacks_per_process: 100,
+            },
+            99,
+        );
+        let shared = Arc::new(Shared::new(store, Metrics::new()));
+        let mem = test_code::fake(1, 7, 2);
+        let checksum = read_code(&mem, test_code::CODE, 0xc0de)
+            .expect("fake code object")
+            .checksum;
+        let probe = Arc::new(Probe {
+            mem,
+            shared: OnceLock::new(),
+            reads: AtomicUsize::new(0),
+            reads_under_lock: AtomicUsize::new(0),
+        });
+        assert!(probe.shared.set(Arc::downgrade(&shared)).is_ok());
+        let now = SystemTime::now();
+        let process = NewProcess {
+            labels: ProcessLabels {
+                pid: 77,
+                ..Default::default()
+            },
+            start_time: 1,
+            python_version: "3.11.7".into(),
+            pycode_type: 0xc0de,
+        };
+        let mem = TargetMemory::new(ProbeMemory(probe.clone()));
+        assert!(shared.store().add_process_reading(process, now, mem));
+        let sample = |code| RawSample {
+            pid: 77,
+            tid: 77,
+            cpu: 0,
+            ktime_ns: 0,
+            truncated: false,
+            read_error: None,
+            frames: vec![RawFrame {
+                code,
+                instr: 0,
+                checksum,
+            }],
+        };
+        // A readable code object, an unreadable one, and repeats.
+        let batch = [test_code::CODE, 0x99_000, test_code::CODE, 0x99_000];
+        shared.add_samples(batch.map(sample), now);
+        let reads = probe.reads.load(Ordering::SeqCst);
+        assert!(reads >= 3, "header, names and line table read: {reads}");
+        assert_eq!(probe.reads_under_lock.load(Ordering::SeqCst), 0);
+
+        let p = shared.profile(&Selector::Pid(77), 1).expect("profiled");
+        assert_eq!(p.total_samples(), 4);
+        let lines: Vec<_> = p
+            .stacks
+            .iter()
+            .map(|(stack, n)| (stack[0].to_string(), *n))
+            .collect();
+        assert!(lines.contains(&("f (f:8)".to_string(), 2)), "{lines:?}");
+        let s = shared.store().symbol_stats();
+        assert_eq!((s.misses, s.unreadable), (2, 1), "{s:?}");
+        assert!(p
+            .stacks
+            .iter()
+            .any(|(k, n)| matches!(k[0], Frame::Unknown { .. }) && *n == 2));
+
+        // Known stacks need no read at all.
+        shared.add_samples(batch.map(sample), now);
+        assert_eq!(probe.reads.load(Ordering::SeqCst), reads);
+
+        // The probe does see the lock: symbolising a new code object with
+        // the guard held, as the daemon did before, is caught.
+        shared.store().add_sample(sample(0x98_000), now);
+        assert!(probe.reads_under_lock.load(Ordering::SeqCst) > 0);
+    }
 
     #[test]
     fn top_header_reads_bpf_counters_and_checks_seconds() {

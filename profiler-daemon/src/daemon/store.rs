@@ -5,16 +5,22 @@
 //! `(stack id, count)` pairs. Queries merge the buckets they cover, so any
 //! `seconds` up to the retention is answered at once, without waiting for a
 //! window to close.
+//!
+//! Samples are added in three steps so that symbolisation, which reads the
+//! target's memory, never runs under the lock the HTTP API shares:
+//! [`Store::begin_batch`] counts samples of known stacks and returns the new
+//! ones, [`Pending::resolve`] symbolises them without touching the store,
+//! and [`Store::insert`] interns and counts them.
 use super::unix_secs;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use profiler_common::RawFrame;
 
 use super::{ProcessLabels, ProcessView, QueryError, Selector};
 use crate::bpf::events::RawSample;
-use crate::process::memory::ProcessMemory;
+use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{Frame, Profile};
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
 
@@ -49,6 +55,115 @@ struct RawKey {
     frames: Box<[RawFrame]>,
 }
 
+impl RawKey {
+    fn of(s: RawSample) -> RawKey {
+        RawKey {
+            truncated: s.truncated,
+            partial: s.read_error.is_some(),
+            frames: s.frames.into_boxed_slice(),
+        }
+    }
+}
+
+/// Memory the code objects of a process are read from: the live process, or
+/// a stand-in in tests.
+pub struct TargetMemory(Box<dyn RemoteMemory + Send>);
+
+impl TargetMemory {
+    pub fn new(mem: impl RemoteMemory + Send + 'static) -> Self {
+        TargetMemory(Box::new(mem))
+    }
+}
+
+impl RemoteMemory for TargetMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.0.read(addr, buf)
+    }
+}
+
+/// A process's symbol cache. Its store entry holds it, but only
+/// [`Pending::resolve`] locks it, with the store lock released.
+type Symbols = Arc<Mutex<Symbolizer<TargetMemory>>>;
+
+/// Symbolises a raw stack, root first (leaf first as sampled).
+fn symbolise(symbols: &mut Symbolizer<TargetMemory>, key: &RawKey) -> Arc<[Frame]> {
+    let mut v = Vec::with_capacity(key.frames.len() + 1);
+    if key.truncated {
+        v.push(Frame::Truncated);
+    } else if key.partial {
+        v.push(Frame::Partial);
+    }
+    v.extend(key.frames.iter().rev().map(|f| symbols.frame(f)));
+    v.into()
+}
+
+/// New stacks of a batch, to symbolise without the store lock.
+pub struct Pending {
+    second: u64,
+    procs: Vec<PendingProcess>,
+}
+
+struct PendingProcess {
+    pid: u32,
+    generation: u64,
+    symbols: Symbols,
+    /// Distinct new stacks and their sample counts.
+    stacks: Vec<(RawKey, u64)>,
+}
+
+/// Stacks symbolised by [`Pending::resolve`], for [`Store::insert`].
+pub struct Resolved {
+    second: u64,
+    procs: Vec<ResolvedProcess>,
+}
+
+struct ResolvedProcess {
+    pid: u32,
+    generation: u64,
+    /// What this resolution added to the process's symbol statistics.
+    symbol_stats: SymbolStats,
+    stacks: Vec<(RawKey, Arc<[Frame]>, u64)>,
+}
+
+impl Pending {
+    /// True when the batch had no new stack: nothing to resolve or insert.
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    /// Symbolises the new stacks, reading code objects from target memory.
+    /// Takes no store: call it with the store lock released.
+    pub fn resolve(self) -> Resolved {
+        let procs = self
+            .procs
+            .into_iter()
+            .map(|p| {
+                // A panic while symbolising leaves at worst a partial cache.
+                let mut symbols = p.symbols.lock().unwrap_or_else(|e| e.into_inner());
+                let before = symbols.stats;
+                let stacks = p
+                    .stacks
+                    .into_iter()
+                    .map(|(key, n)| {
+                        let frames = symbolise(&mut symbols, &key);
+                        (key, frames, n)
+                    })
+                    .collect();
+                ResolvedProcess {
+                    pid: p.pid,
+                    generation: p.generation,
+                    symbol_stats: symbols.stats.since(&before),
+                    stacks,
+                }
+            })
+            .collect();
+        Resolved {
+            second: self.second,
+            procs,
+        }
+    }
+}
+
 struct Bucket {
     second: u64,
     counts: HashMap<u32, u64>,
@@ -58,10 +173,15 @@ struct Bucket {
 struct Entry {
     labels: ProcessLabels,
     start_time: u64,
+    /// Unique over the store's life: tells a pid replaced (reused) while its
+    /// new stacks were resolved from the entry they were resolved for.
+    generation: u64,
     python_version: String,
     since: SystemTime,
     exited_at: Option<u64>,
-    symbols: Symbolizer<ProcessMemory>,
+    symbols: Symbols,
+    /// Symbolisation outcomes, added as resolved stacks are inserted.
+    symbol_stats: SymbolStats,
     intern: HashMap<RawKey, u32>,
     /// Symbolised stacks by id, root first; `None` for free slots.
     stacks: Vec<Option<Arc<[Frame]>>>,
@@ -72,17 +192,6 @@ struct Entry {
 }
 
 impl Entry {
-    fn symbolise(&mut self, key: &RawKey) -> Arc<[Frame]> {
-        let mut v = Vec::with_capacity(key.frames.len() + 1);
-        if key.truncated {
-            v.push(Frame::Truncated);
-        } else if key.partial {
-            v.push(Frame::Partial);
-        }
-        v.extend(key.frames.iter().rev().map(|f| self.symbols.frame(f)));
-        v.into()
-    }
-
     fn store_stack(&mut self, frames: Arc<[Frame]>) -> u32 {
         match self.free.pop() {
             Some(id) => {
@@ -100,37 +209,28 @@ impl Entry {
         self.stacks.len() - self.free.len()
     }
 
-    /// Stack id for a sample, interning (and symbolising) it if new.
-    fn stack_id(&mut self, key: RawKey, cap: usize, stats: &mut StoreStats) -> u32 {
-        if let Some(id) = self.intern.get(&key) {
-            return *id;
-        }
-        if self.live_stacks() >= cap {
-            stats.stacks_overflowed += 1;
-            if let Some(id) = self.overflow_id {
-                return id;
-            }
-            let id = self.store_stack(vec![Frame::Overflow].into());
-            self.overflow_id = Some(id);
+    /// The synthetic `[stack table full]` stack, stored on first use.
+    fn overflow_id(&mut self) -> u32 {
+        if let Some(id) = self.overflow_id {
             return id;
         }
-        let frames = self.symbolise(&key);
-        let id = self.store_stack(frames);
-        self.intern.insert(key, id);
+        let id = self.store_stack(vec![Frame::Overflow].into());
+        self.overflow_id = Some(id);
         id
     }
 
-    fn add(&mut self, second: u64, id: u32) {
-        self.samples += 1;
+    /// Counts `n` samples of stack `id` in second `second`.
+    fn add(&mut self, second: u64, id: u32, n: u64) {
+        self.samples += n;
         match self.buckets.back_mut() {
-            Some(b) if b.second == second => *b.counts.entry(id).or_insert(0) += 1,
+            Some(b) if b.second == second => *b.counts.entry(id).or_insert(0) += n,
             Some(b) if b.second > second => {
                 // A late sample (clock step): count it in the newest bucket.
-                *b.counts.entry(id).or_insert(0) += 1;
+                *b.counts.entry(id).or_insert(0) += n;
             }
             _ => {
                 let mut counts = HashMap::new();
-                counts.insert(id, 1);
+                counts.insert(id, n);
                 self.buckets.push_back(Bucket { second, counts });
             }
         }
@@ -206,6 +306,8 @@ pub struct Store {
     pub stats: StoreStats,
     /// Symbol statistics of processes already removed.
     retired_symbols: SymbolStats,
+    /// The next entry's `generation`.
+    next_generation: u64,
 }
 
 /// What a new process brings to the store.
@@ -224,6 +326,7 @@ impl Store {
             entries: HashMap::new(),
             stats: StoreStats::default(),
             retired_symbols: SymbolStats::default(),
+            next_generation: 0,
         }
     }
 
@@ -238,6 +341,17 @@ impl Store {
     /// Starts holding a process; `false` if `max_processes` are held. A pid
     /// already held (reused by a new process) is replaced.
     pub fn add_process(&mut self, p: NewProcess, now: SystemTime) -> bool {
+        let mem = TargetMemory::new(ProcessMemory::new(p.labels.pid));
+        self.add_process_reading(p, now, mem)
+    }
+
+    /// [`Store::add_process`], with code objects read from `mem`.
+    pub fn add_process_reading(
+        &mut self,
+        p: NewProcess,
+        now: SystemTime,
+        mem: TargetMemory,
+    ) -> bool {
         let pid = p.labels.pid;
         if let Some(old) = self.entries.remove(&pid) {
             self.retire(old);
@@ -249,9 +363,11 @@ impl Store {
         self.entries.insert(
             pid,
             Entry {
-                symbols: Symbolizer::new(ProcessMemory::new(pid), p.pycode_type),
+                symbols: Arc::new(Mutex::new(Symbolizer::new(mem, p.pycode_type))),
+                symbol_stats: SymbolStats::default(),
                 labels: p.labels,
                 start_time: p.start_time,
+                generation: self.next_generation,
                 python_version: p.python_version,
                 since: now,
                 exited_at: None,
@@ -263,11 +379,12 @@ impl Store {
                 samples: 0,
             },
         );
+        self.next_generation += 1;
         true
     }
 
     fn retire(&mut self, e: Entry) {
-        self.retired_symbols += e.symbols.stats;
+        self.retired_symbols += e.symbol_stats;
     }
 
     pub fn holds(&self, pid: u32, start_time: u64) -> bool {
@@ -292,20 +409,115 @@ impl Store {
         }
     }
 
+    /// Adds one sample, symbolising its stack if new: all three steps with
+    /// the store at hand (see `Shared::add_samples` for the locked store).
     pub fn add_sample(&mut self, s: RawSample, now: SystemTime) {
+        self.add_samples(std::iter::once(s), now);
+    }
+
+    /// [`Store::add_sample`] for a batch.
+    pub fn add_samples(&mut self, samples: impl IntoIterator<Item = RawSample>, now: SystemTime) {
+        let pending = self.begin_batch(samples, now);
+        if !pending.is_empty() {
+            self.insert(pending.resolve());
+        }
+    }
+
+    /// Step one of adding samples (all counted at `now`): counts those whose
+    /// stack is interned, and those over the per-process stack cap under
+    /// `[stack table full]`; returns the distinct new stacks, with their
+    /// counts, to resolve. Slots for them are reserved against the cap, so
+    /// the cap holds as if they had been interned one by one.
+    pub fn begin_batch(
+        &mut self,
+        samples: impl IntoIterator<Item = RawSample>,
+        now: SystemTime,
+    ) -> Pending {
+        let second = unix_secs(now);
         let cap = self.limits.max_stacks_per_process;
-        let Some(e) = self.entries.get_mut(&s.pid) else {
-            self.stats.foreign_samples += 1;
-            return;
-        };
-        self.stats.samples += 1;
-        let key = RawKey {
-            truncated: s.truncated,
-            partial: s.read_error.is_some(),
-            frames: s.frames.into_boxed_slice(),
-        };
-        let id = e.stack_id(key, cap, &mut self.stats);
-        e.add(unix_secs(now), id);
+        let mut procs: Vec<PendingProcess> = Vec::new();
+        // Index in `procs` of each pid, and, for each of `procs`, where each
+        // of its new stacks is in its `stacks`.
+        let mut at_pid: HashMap<u32, usize> = HashMap::new();
+        let mut seen: Vec<HashMap<RawKey, usize>> = Vec::new();
+        for s in samples {
+            let pid = s.pid;
+            let Some(e) = self.entries.get_mut(&pid) else {
+                self.stats.foreign_samples += 1;
+                continue;
+            };
+            let key = RawKey::of(s);
+            if let Some(&id) = e.intern.get(&key) {
+                self.stats.samples += 1;
+                e.add(second, id, 1);
+                continue;
+            }
+            let at = at_pid.get(&pid).copied();
+            if let Some(at) = at {
+                if let Some(&k) = seen[at].get(&key) {
+                    procs[at].stacks[k].1 += 1;
+                    continue;
+                }
+            }
+            let reserved = at.map_or(0, |at| procs[at].stacks.len());
+            if e.live_stacks() + reserved >= cap {
+                self.stats.samples += 1;
+                self.stats.stacks_overflowed += 1;
+                let id = e.overflow_id();
+                e.add(second, id, 1);
+                continue;
+            }
+            let at = match at {
+                Some(at) => at,
+                None => {
+                    procs.push(PendingProcess {
+                        pid,
+                        generation: e.generation,
+                        symbols: e.symbols.clone(),
+                        stacks: Vec::new(),
+                    });
+                    seen.push(HashMap::new());
+                    at_pid.insert(pid, procs.len() - 1);
+                    procs.len() - 1
+                }
+            };
+            seen[at].insert(key.clone(), procs[at].stacks.len());
+            procs[at].stacks.push((key, 1));
+        }
+        Pending { second, procs }
+    }
+
+    /// Step three: interns and counts resolved stacks. Stacks of a process
+    /// removed or replaced meanwhile are counted as foreign samples.
+    ///
+    /// The cap is not checked again: `begin_batch` reserved the slots (and
+    /// may have taken one more for `[stack table full]` since, as one by one
+    /// it would have after them). Only batches overlapping (the daemon adds
+    /// one at a time) or a cap lowered in between (a reload) can exceed it,
+    /// by at most a batch, until expiry.
+    pub fn insert(&mut self, r: Resolved) {
+        for p in r.procs {
+            let entry = self.entries.get_mut(&p.pid);
+            let Some(e) = entry.filter(|e| e.generation == p.generation) else {
+                self.stats.foreign_samples += p.stacks.iter().map(|s| s.2).sum::<u64>();
+                self.retired_symbols += p.symbol_stats;
+                continue;
+            };
+            e.symbol_stats += p.symbol_stats;
+            for (key, frames, n) in p.stacks {
+                self.stats.samples += n;
+                // Interned meanwhile only if batches overlapped.
+                let id = match e.intern.get(&key) {
+                    Some(&id) => id,
+                    None => {
+                        let id = e.store_stack(frames);
+                        e.intern.insert(key, id);
+                        id
+                    }
+                };
+                e.add(r.second, id, n);
+            }
+        }
     }
 
     /// Drops data older than the retention, and exited processes with none left.
@@ -328,7 +540,7 @@ impl Store {
     /// Symbolisation statistics over every process ever held.
     pub fn symbol_stats(&self) -> SymbolStats {
         let mut t = self.retired_symbols;
-        for s in self.entries.values().map(|e| e.symbols.stats) {
+        for s in self.entries.values().map(|e| e.symbol_stats) {
             t += s;
         }
         t
@@ -524,6 +736,56 @@ mod tests {
         let p = s.query(&Selector::Pid(1), 1, t0).unwrap();
         assert_eq!(p.total_samples(), 10);
         assert_eq!(p.stacks.get(&vec![Frame::Overflow]), Some(&7));
+    }
+
+    #[test]
+    fn a_batch_counts_as_samples_added_one_by_one() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        // New stacks repeated within the batch, a known one, a foreign pid,
+        // and more new stacks than the cap leaves room for.
+        let codes = [8, 16, 8, 24, 32, 16, 40, 48, 8, 56];
+        let mut one = store(4);
+        let mut batch = store(4);
+        for s in [&mut one, &mut batch] {
+            s.add_process(new_proc(1, "a"), t0);
+            s.add_sample(sample(1, 8), t0);
+        }
+        for code in codes {
+            one.add_sample(sample(1, code), t0);
+        }
+        one.add_sample(sample(9, 8), t0);
+        let samples = codes.map(|c| sample(1, c)).into_iter();
+        let pending = batch.begin_batch(samples.chain([sample(9, 8)]), t0);
+        assert_eq!(pending.procs.len(), 1);
+        assert_eq!(pending.procs[0].stacks.len(), 3, "16, 24, 32: room for 3");
+        batch.insert(pending.resolve());
+        assert_eq!(batch.stats, one.stats);
+        assert_eq!(batch.stats.stacks_overflowed, 3, "40, 48, 56");
+        assert_eq!(batch.symbol_stats(), one.symbol_stats());
+        let q = |s: &Store| s.query(&Selector::Pid(1), 1, t0).unwrap().stacks;
+        assert_eq!(q(&batch), q(&one));
+        assert_eq!(q(&batch).get(&vec![Frame::Overflow]), Some(&3));
+    }
+
+    #[test]
+    fn a_process_replaced_while_resolving_gets_none_of_its_stacks() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(100);
+        s.add_process(new_proc(1, "a"), t0);
+        let pending = s.begin_batch([sample(1, 8), sample(1, 8)], t0);
+        let resolved = pending.resolve();
+        let mut reused = new_proc(1, "new");
+        reused.start_time = 2;
+        assert!(s.add_process(reused, t0));
+        s.insert(resolved);
+        assert_eq!(s.stats.foreign_samples, 2);
+        assert_eq!(s.stats.samples, 0);
+        assert_eq!(
+            s.query(&Selector::Pid(1), 1, t0).unwrap().total_samples(),
+            0
+        );
+        // Its symbol statistics are kept, as a removed process's are.
+        assert_eq!(s.symbol_stats().misses, 1);
     }
 
     #[test]

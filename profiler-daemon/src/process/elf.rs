@@ -8,7 +8,7 @@
 //! Open files through paths that work across mount namespaces: the main
 //! executable with [`exe_path`], other mapped files with [`root_path`] (or
 //! [`map_files_path`] for a file that has been deleted or replaced).
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 
@@ -61,6 +61,46 @@ pub struct LoadSegment {
     pub flags: u32,
 }
 
+/// Where a file's `PT_LOAD` segments go: all [`ElfFile::load_bias`] needs,
+/// small enough to keep after the file is closed (see `elf_cache`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadLayout {
+    /// `ET_EXEC`: loaded at its link addresses.
+    pub fixed_address: bool,
+    pub loads: Vec<LoadSegment>,
+}
+
+impl LoadLayout {
+    /// See [`ElfFile::load_bias`]; `path` names the file in errors.
+    pub fn load_bias(&self, path: &Path, map_start: u64, map_offset: u64) -> Result<u64, ElfError> {
+        load_bias(self.fixed_address, &self.loads, path, map_start, map_offset)
+    }
+}
+
+fn load_bias(
+    fixed_address: bool,
+    loads: &[LoadSegment],
+    path: &Path,
+    map_start: u64,
+    map_offset: u64,
+) -> Result<u64, ElfError> {
+    if fixed_address {
+        return Ok(0);
+    }
+    let page = page_size();
+    let seg = loads
+        .iter()
+        .find(|s| {
+            s.offset & !(page - 1) <= map_offset
+                && map_offset < s.offset.saturating_add(s.filesz.max(1))
+        })
+        .ok_or_else(|| ElfError::NoSegment {
+            path: path.to_owned(),
+            offset: map_offset,
+        })?;
+    Ok(map_start.wrapping_sub(seg.vaddr.wrapping_sub(seg.offset).wrapping_add(map_offset)))
+}
+
 /// Anything an ELF file can be read from.
 pub trait Source: Read + Seek + Send {}
 impl<T: Read + Seek + Send> Source for T {}
@@ -109,6 +149,19 @@ impl ElfFile {
             source,
         })?;
         ElfFile::from_source(path.to_owned(), Box::new(file))
+    }
+
+    /// Like [`ElfFile::open`], with the metadata of the file actually opened
+    /// (`fstat` of the open descriptor, so it describes the bytes parsed
+    /// even if the path is replaced meanwhile).
+    pub fn open_with_metadata(path: &Path) -> Result<(ElfFile, Metadata), ElfError> {
+        let io_err = |source| ElfError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        Ok((ElfFile::from_source(path.to_owned(), Box::new(file))?, meta))
     }
 
     /// Parse an ELF image held in memory; `label` names it in errors.
@@ -281,22 +334,22 @@ impl ElfFile {
     /// Segments of a small file can share a page; pass the file's first
     /// (lowest-offset) mapping to get the first segment.
     pub fn load_bias(&self, map_start: u64, map_offset: u64) -> Result<u64, ElfError> {
-        if self.is_fixed_address() {
-            return Ok(0);
+        load_bias(
+            self.is_fixed_address(),
+            &self.loads,
+            &self.path,
+            map_start,
+            map_offset,
+        )
+    }
+
+    /// The load segments and file type, to compute load biases later
+    /// without the file.
+    pub fn layout(&self) -> LoadLayout {
+        LoadLayout {
+            fixed_address: self.is_fixed_address(),
+            loads: self.loads.clone(),
         }
-        let page = page_size();
-        let seg = self
-            .loads
-            .iter()
-            .find(|s| {
-                s.offset & !(page - 1) <= map_offset
-                    && map_offset < s.offset.saturating_add(s.filesz.max(1))
-            })
-            .ok_or_else(|| ElfError::NoSegment {
-                path: self.path.clone(),
-                offset: map_offset,
-            })?;
-        Ok(map_start.wrapping_sub(seg.vaddr.wrapping_sub(seg.offset).wrapping_add(map_offset)))
     }
 
     /// The file bytes at link-time address `vaddr`, if a `PT_LOAD` segment

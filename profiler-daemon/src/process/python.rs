@@ -8,10 +8,12 @@ use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock};
 
 use profiler_common::TlsLayout;
 
-use super::elf::{self, ElfError, ElfFile};
+use super::elf::{self, ElfError, ElfFile, LoadLayout};
+use super::elf_cache::{ElfCache, FileId, DEFAULT_CAPACITY};
 use super::maps::{self, MapEntry};
 use super::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use super::tls::{self, TlsDetection, TlsError};
@@ -185,6 +187,26 @@ mod alive_tests {
     }
 }
 
+/// The command (field 2) of a `/proc/PID/stat` line: what `/proc/PID/comm`
+/// holds.
+pub fn parse_command(stat: &str) -> Option<&str> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    stat.get(open + 1..close)
+}
+
+/// The start time and command of `pid`, from one read of `/proc/PID/stat`.
+pub fn start_time_and_command(pid: u32) -> Result<(u64, String), InspectError> {
+    let stat = read_proc(pid, "stat")?;
+    match (parse_start_time(&stat), parse_command(&stat)) {
+        (Some(start), Some(comm)) => Ok((start, comm.to_owned())),
+        _ => Err(InspectError::Proc {
+            path: format!("/proc/{pid}/stat").into(),
+            source: io::Error::new(io::ErrorKind::InvalidData, "no command or start time field"),
+        }),
+    }
+}
+
 /// The start time of `pid`, see [`PythonProcess::start_time`].
 pub fn start_time(pid: u32) -> Result<u64, InspectError> {
     let stat = read_proc(pid, "stat")?;
@@ -274,36 +296,120 @@ fn mapped_files(maps: &[MapEntry], exe: &Path, exe_id: Option<(u64, u64)>) -> Ve
     out
 }
 
-/// Open a mapped file through a path valid in any mount namespace.
-fn open_mapped(pid: u32, f: &MappedFile) -> Result<ElfFile, ElfError> {
+/// Paths to a mapped file valid in any mount namespace: the one to use, and
+/// the one to fall back on if it cannot be opened.
+fn mapped_paths(pid: u32, f: &MappedFile) -> (PathBuf, Option<PathBuf>) {
+    let by_map = || elf::map_files_path(pid, f.first.start, f.first.end);
     if f.is_exe {
-        return ElfFile::open(&elf::exe_path(pid));
+        (elf::exe_path(pid), None)
+    } else if f.first.deleted {
+        (by_map(), None)
+    } else {
+        (elf::root_path(pid, f.path()), Some(by_map()))
     }
-    let by_map = || ElfFile::open(&elf::map_files_path(pid, f.first.start, f.first.end));
-    if f.first.deleted {
-        return by_map();
+}
+
+/// Open a mapped file, with the metadata of what was opened.
+fn open_mapped(pid: u32, f: &MappedFile) -> Result<(ElfFile, std::fs::Metadata), ElfError> {
+    let (path, fallback) = mapped_paths(pid, f);
+    match (ElfFile::open_with_metadata(&path), fallback) {
+        (Err(e), Some(fallback)) => ElfFile::open_with_metadata(&fallback).map_err(|_| e),
+        (r, _) => r,
     }
-    ElfFile::open(&elf::root_path(pid, f.path())).or_else(|e| by_map().map_err(|_| e))
+}
+
+/// What one ELF file says about Python; cached per file (see
+/// [`VerdictCache`]) since most processes map the same few files.
+#[derive(Clone, Debug)]
+pub enum FileVerdict {
+    /// Defines no `_PyRuntime` (or its symbol tables are unreadable).
+    NoPython,
+    /// Defines `_PyRuntime`: an interpreter binary.
+    Python(Arc<PySymbols>),
+}
+
+/// The link-time values of an interpreter binary's symbols, and what its
+/// load bias is computed from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PySymbols {
+    pub runtime: u64,
+    /// `None` before 3.11.
+    pub py_version: Option<u64>,
+    pub pycode_type: Option<u64>,
+    pub layout: LoadLayout,
+}
+
+/// [`FileVerdict`]s by file identity.
+pub type VerdictCache = ElfCache<FileVerdict>;
+
+/// The cache [`inspect`] uses, shared by every thread of the process.
+pub fn shared_cache() -> &'static VerdictCache {
+    static SHARED: LazyLock<VerdictCache> = LazyLock::new(|| ElfCache::new(DEFAULT_CAPACITY));
+    &SHARED
+}
+
+/// Read the Python symbols of `file`. An unreadable `_PyRuntime` look-up
+/// makes the file "not Python" (it is skipped, as any other file); an
+/// unreadable look-up of the others, once `_PyRuntime` is found, is an error
+/// (not cached).
+fn analyze(pid: u32, file: &ElfFile) -> Result<FileVerdict, ElfError> {
+    let runtime = match file.symbol("_PyRuntime") {
+        Ok(Some(sym)) => sym,
+        Ok(None) => return Ok(FileVerdict::NoPython),
+        Err(e) => {
+            tracing::debug!(pid, file = %file.path().display(), "skipping: {e}");
+            return Ok(FileVerdict::NoPython);
+        }
+    };
+    Ok(FileVerdict::Python(Arc::new(PySymbols {
+        runtime: runtime.value,
+        py_version: file.symbol("Py_Version")?.map(|s| s.value),
+        pycode_type: file.symbol("PyCode_Type")?.map(|s| s.value),
+        layout: file.layout(),
+    })))
+}
+
+/// The cached verdict on a mapped file: costs a `stat` of the path
+/// [`open_mapped`] would open (its fallback if that one does not resolve);
+/// `exe_meta` is that of `/proc/PID/exe`, already read.
+fn cached_verdict(
+    pid: u32,
+    f: &MappedFile,
+    cache: &VerdictCache,
+    exe_meta: Option<&std::fs::Metadata>,
+) -> Option<FileVerdict> {
+    if let (true, Some(meta)) = (f.is_exe, exe_meta) {
+        return cache.get(&FileId::of(meta));
+    }
+    let (path, fallback) = mapped_paths(pid, f);
+    let meta = std::fs::metadata(&path)
+        .or_else(|e| match &fallback {
+            Some(p) => std::fs::metadata(p),
+            None => Err(e),
+        })
+        .ok()?;
+    cache.get(&FileId::of(&meta))
 }
 
 /// The ELF file that defines `_PyRuntime`, and where it is loaded.
 struct Interpreter {
-    file: ElfFile,
+    symbols: Arc<PySymbols>,
     mapped: MappedFile,
     bias: u64,
     runtime_addr: u64,
 }
 
 /// Look for `_PyRuntime` in the mapped files, python-named ones first.
+/// Files already in `cache` are not opened.
 fn find_interpreter(
     pid: u32,
     comm: &str,
     maps: &[MapEntry],
     exe: &Path,
+    cache: &VerdictCache,
 ) -> Result<Interpreter, InspectError> {
-    let exe_id = std::fs::metadata(elf::exe_path(pid))
-        .ok()
-        .map(|m| (m.dev(), m.ino()));
+    let exe_meta = std::fs::metadata(elf::exe_path(pid)).ok();
+    let exe_id = exe_meta.as_ref().map(|m| (m.dev(), m.ino()));
     let mut files: Vec<MappedFile> = mapped_files(maps, exe, exe_id)
         .into_iter()
         .filter(|f| f.executable)
@@ -312,8 +418,14 @@ fn find_interpreter(
 
     let mut first_error: Option<InspectError> = None;
     for f in files {
-        let file = match open_mapped(pid, &f) {
-            Ok(file) => file,
+        if let Some(verdict) = cached_verdict(pid, &f, cache, exe_meta.as_ref()) {
+            match verdict {
+                FileVerdict::NoPython => continue,
+                FileVerdict::Python(symbols) => return interpreter(pid, f, symbols),
+            }
+        }
+        let (file, meta) = match open_mapped(pid, &f) {
+            Ok(opened) => opened,
             Err(e) => {
                 tracing::debug!(pid, file = f.path(), "skipping: {e}");
                 if f.looks_like_python() && first_error.is_none() {
@@ -333,25 +445,32 @@ fn find_interpreter(
                 continue;
             }
         };
-        let sym = match file.symbol("_PyRuntime") {
-            Ok(Some(sym)) => sym,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::debug!(pid, file = f.path(), "skipping: {e}");
-                continue;
-            }
-        };
-        let bias = file
-            .load_bias(f.first.start, f.first.offset)
-            .map_err(InspectError::Elf)?;
-        return Ok(Interpreter {
-            runtime_addr: bias.wrapping_add(sym.value),
-            file,
-            mapped: f,
-            bias,
-        });
+        let verdict = analyze(pid, &file).map_err(InspectError::Elf)?;
+        cache.insert(FileId::of(&meta), verdict.clone());
+        if let FileVerdict::Python(symbols) = verdict {
+            return interpreter(pid, f, symbols);
+        }
     }
     Err(first_error.unwrap_or_else(|| InspectError::NotPython(pid, comm.to_owned())))
+}
+
+/// Where the interpreter binary `f` is loaded in `pid`.
+fn interpreter(
+    pid: u32,
+    f: MappedFile,
+    symbols: Arc<PySymbols>,
+) -> Result<Interpreter, InspectError> {
+    let (path, _) = mapped_paths(pid, &f);
+    let bias = symbols
+        .layout
+        .load_bias(&path, f.first.start, f.first.offset)
+        .map_err(InspectError::Elf)?;
+    Ok(Interpreter {
+        runtime_addr: bias.wrapping_add(symbols.runtime),
+        symbols,
+        mapped: f,
+        bias,
+    })
 }
 
 /// `3.10` from `libpython3.10.so.1.0`, `python3.10d`, ...
@@ -374,11 +493,7 @@ fn read_version<M: RemoteMemory>(
     mem: &M,
     interp: &Interpreter,
 ) -> Result<PyVersion, InspectError> {
-    let Some(sym) = interp
-        .file
-        .symbol("Py_Version")
-        .map_err(InspectError::Elf)?
-    else {
+    let Some(py_version) = interp.symbols.py_version else {
         // Before 3.11: say which version if the file name tells.
         let version = interp
             .mapped
@@ -389,7 +504,7 @@ fn read_version<M: RemoteMemory>(
             .unwrap_or_else(|| "older than 3.11 (no Py_Version symbol)".into());
         return Err(InspectError::UnsupportedVersion { pid, version });
     };
-    let addr = interp.bias.wrapping_add(sym.value);
+    let addr = interp.bias.wrapping_add(py_version);
     let hex = match mem.read_u64(addr) {
         Ok(v) => v,
         Err(e @ (MemoryError::Gone { .. } | MemoryError::Permission { .. })) => {
@@ -400,10 +515,9 @@ fn read_version<M: RemoteMemory>(
                 pid,
                 "Py_Version unreadable in memory ({e}); reading the file"
             );
-            let b = interp
-                .file
-                .read_vaddr(sym.value, 8)
-                .map_err(InspectError::Elf)?;
+            // Rare: open the file again rather than keep it open.
+            let (file, _) = open_mapped(pid, &interp.mapped).map_err(InspectError::Elf)?;
+            let b = file.read_vaddr(py_version, 8).map_err(InspectError::Elf)?;
             u64::from_le_bytes(b.try_into().expect("8 bytes"))
         }
     };
@@ -411,8 +525,14 @@ fn read_version<M: RemoteMemory>(
 }
 
 /// Recognise `pid` as a CPython 3.11 process and gather what sampling it
-/// needs, verifying the TLS layout on its live threads.
+/// needs, verifying the TLS layout on its live threads. What its ELF files
+/// say is kept in (and taken from) the [`shared_cache`].
 pub fn inspect(pid: u32) -> Result<PythonProcess, InspectError> {
+    inspect_cached(pid, shared_cache())
+}
+
+/// [`inspect`] with the verdicts on ELF files kept in `cache`.
+pub fn inspect_cached(pid: u32, cache: &VerdictCache) -> Result<PythonProcess, InspectError> {
     let start_time = start_time(pid)?;
     let command = command(pid)?;
     let exe_link = elf::exe_path(pid);
@@ -429,7 +549,7 @@ pub fn inspect(pid: u32) -> Result<PythonProcess, InspectError> {
     };
     let maps_path = PathBuf::from(format!("/proc/{pid}/maps"));
     let maps = maps::read(pid).map_err(|e| proc_error(pid, &maps_path, e))?;
-    let interp = find_interpreter(pid, &command, &maps, &exe)?;
+    let interp = find_interpreter(pid, &command, &maps, &exe, cache)?;
     let mem = ProcessMemory::new(pid);
 
     let version = read_version(pid, &mem, &interp)?;
@@ -446,15 +566,14 @@ pub fn inspect(pid: u32) -> Result<PythonProcess, InspectError> {
         PathBuf::from(interp.mapped.path())
     };
     let pycode_type = interp
-        .file
-        .symbol("PyCode_Type")
-        .map_err(InspectError::Elf)?
+        .symbols
+        .pycode_type
         .ok_or_else(|| InspectError::MissingSymbol {
             pid,
             file: interp_binary.clone(),
             symbol: "PyCode_Type",
         })?;
-    let pycode_type = interp.bias.wrapping_add(pycode_type.value);
+    let pycode_type = interp.bias.wrapping_add(pycode_type);
 
     let runtime_addr = interp.runtime_addr;
     if mem.read_u32(runtime_addr + RUNTIME_TSS_INITIALIZED)? == 0 {
@@ -626,6 +745,7 @@ time.sleep(120)
 mod tests {
     use super::test_support::*;
     use super::*;
+    use crate::process::elf_cache::CacheStats;
     use profiler_common::TlsKind;
     use std::collections::BTreeSet;
     use std::process::Command;
@@ -640,6 +760,16 @@ mod tests {
         assert_eq!(parse_start_time(""), None);
         let own = start_time(std::process::id()).unwrap();
         assert!(own > 0);
+        assert_eq!(parse_command(stat), Some("a) b) (c"));
+        assert_eq!(parse_command("7 () S 1"), Some(""));
+        assert_eq!(parse_command("garbage"), None);
+        let (start, comm) = start_time_and_command(std::process::id()).unwrap();
+        assert_eq!(start, own);
+        assert_eq!(comm, command(std::process::id()).unwrap());
+        assert!(matches!(
+            start_time_and_command(0x3fff_ffff),
+            Err(InspectError::NoSuchProcess(0x3fff_ffff))
+        ));
     }
 
     #[test]
@@ -864,6 +994,85 @@ mod tests {
         assert_eq!((p.tls_check.threads, p.tls_check.matched), (2, 2));
         assert_eq!(p.interp_binary, p.exe);
         assert_eq!(p.command, "fake_python312");
+    }
+
+    /// Verdicts are kept per version of a file: another process of the same
+    /// binary is inspected without parsing it; a process of the binary
+    /// replaced on disk, or touched, parses it again. Same answers.
+    #[test]
+    fn verdicts_are_cached_per_file_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = build_fake_python(dir.path());
+        let cache = VerdictCache::new(64);
+        let run = |cache: &VerdictCache| {
+            let (child, w) = spawn_ready(Command::new(&exe).args(["0x030b07f0", "threads"]));
+            let p = inspect_cached(child.pid(), cache).unwrap();
+            assert_eq!(p.runtime_addr, w[1].parse::<u64>().unwrap());
+            assert_eq!(p.version.to_string(), "3.11.7");
+            assert_eq!(p.interp_binary, p.exe);
+            (child, p)
+        };
+        let stats = |hits, misses, entries| CacheStats {
+            hits,
+            misses,
+            entries,
+        };
+        let (first, p1) = run(&cache);
+        assert_eq!(cache.stats(), stats(0, 1, 1));
+        let (_second, p2) = run(&cache);
+        assert_eq!(cache.stats(), stats(1, 1, 1));
+        assert_eq!(
+            p2.pycode_type - p2.runtime_addr,
+            p1.pycode_type - p1.runtime_addr
+        );
+
+        // Replaced the way installers do it: a new inode renamed over it.
+        let tmp = dir.path().join("new");
+        std::fs::copy(&exe, &tmp).unwrap();
+        std::fs::rename(&tmp, &exe).unwrap();
+        let (_third, _) = run(&cache);
+        assert_eq!(cache.stats(), stats(1, 2, 2));
+        // The first process still runs the old file. Unlinking it changed
+        // its ctime, so it is parsed once more, then known again.
+        inspect_cached(first.pid(), &cache).unwrap();
+        assert_eq!(cache.stats(), stats(1, 3, 3));
+        inspect_cached(first.pid(), &cache).unwrap();
+        assert_eq!(cache.stats(), stats(2, 3, 3));
+
+        // Same inode, new modification time (it is running: no write open).
+        let f = std::fs::File::open(&exe).unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60))
+            .unwrap();
+        drop(f);
+        let (_fourth, _) = run(&cache);
+        assert_eq!(cache.stats(), stats(2, 4, 4));
+    }
+
+    /// The process-wide cache keeps negative verdicts: `sleep` again is
+    /// "not Python" without parsing anything.
+    #[test]
+    fn negative_verdicts_from_a_real_process() {
+        let cache = VerdictCache::new(64);
+        let child = ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Until the dynamic loader mapped libc, the maps still change.
+        let started = || {
+            command(child.pid()).unwrap() == "sleep"
+                && std::fs::read_to_string(format!("/proc/{}/maps", child.pid()))
+                    .unwrap()
+                    .contains("libc")
+        };
+        while !started() {
+            assert!(std::time::Instant::now() < deadline, "sleep did not start");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for round in 0..3 {
+            let err = inspect_cached(child.pid(), &cache).unwrap_err();
+            assert!(matches!(err, InspectError::NotPython(..)), "{err}");
+            let s = cache.stats();
+            assert!(s.misses > 0 && s.entries as u64 == s.misses, "{s:?}");
+            assert_eq!(s.hits, round * s.misses, "{s:?}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use profiler_common::{code_checksum, CODE_READ_LEN, CODE_READ_START};
 
-use super::linetable::line_for_instr;
+use super::linetable::LineTable;
 use super::unicode::{read_str, StrError};
 use crate::process::memory::{MemoryError, RemoteMemory};
 
@@ -40,7 +40,9 @@ pub struct CodeInfo {
     pub first_line: u32,
     /// `ob_size`: bytecode length in 2-byte code units.
     pub n_units: u32,
-    pub linetable: Box<[u8]>,
+    /// `co_linetable`, decoded once when the object is read: symbolising a
+    /// frame is then a binary search, not a scan of the table.
+    pub lines: LineTable,
     /// [`code_checksum`] of the header as read now.
     pub checksum: u32,
 }
@@ -52,7 +54,11 @@ impl CodeInfo {
     pub fn line_for(&self, instr: i32) -> Option<u32> {
         let last = i64::from(self.n_units) - 1;
         let i = i64::from(instr).clamp(-1, last.max(-1));
-        line_for_instr(&self.linetable, self.first_line, i)
+        // -1 is "not started": the first line, as `line_for_instr` answers.
+        match u32::try_from(i) {
+            Ok(unit) => self.lines.line(unit),
+            Err(_) => Some(self.first_line),
+        }
     }
 }
 
@@ -151,8 +157,7 @@ pub fn read_code(
         .ok_or_else(|| invalid("co_linetable", format!("{table_len} bytes")))?;
     let linetable = mem
         .read_vec(table.wrapping_add(BYTES_DATA), table_len)
-        .map_err(mem_err("co_linetable"))?
-        .into_boxed_slice();
+        .map_err(mem_err("co_linetable"))?;
 
     let start = CODE_READ_START as usize;
     let mut sum_bytes = [0u8; CODE_READ_LEN];
@@ -164,7 +169,7 @@ pub fn read_code(
         first_line,
         // size is in 1..=UNITS_MAX.
         n_units: size as u32,
-        linetable,
+        lines: LineTable::decode(&linetable, first_line, size as u32),
         checksum: code_checksum(&sum_bytes),
     })
 }
@@ -201,10 +206,50 @@ pub(crate) mod test_python {
     }
 }
 
+/// Synthetic code objects for tests here and in the store.
+#[cfg(test)]
+pub(crate) mod test_code {
+    use super::*;
+    use crate::process::memory::SliceMemory;
+
+    /// Where [`fake`] puts the code object.
+    pub const CODE: u64 = 0x10_000;
+
+    /// A synthetic code object at [`CODE`] in test memory (type `0xc0de`,
+    /// qualname `f`): `size` units from line `first`, a `table_len`-byte
+    /// table whose first entry is one unit at line `first + 1`.
+    pub fn fake(size: i64, first: i32, table_len: i64) -> SliceMemory {
+        const NAME: u64 = 0x20_000;
+        const TABLE: u64 = 0x30_000;
+        let mut hdr = vec![0u8; HEADER_LEN];
+        hdr[OB_TYPE..OB_TYPE + 8].copy_from_slice(&0xc0de_u64.to_le_bytes());
+        hdr[OB_SIZE..OB_SIZE + 8].copy_from_slice(&size.to_le_bytes());
+        hdr[FIRSTLINENO..FIRSTLINENO + 4].copy_from_slice(&first.to_le_bytes());
+        for off in [FILENAME, QUALNAME] {
+            hdr[off..off + 8].copy_from_slice(&NAME.to_le_bytes());
+        }
+        hdr[LINETABLE..LINETABLE + 8].copy_from_slice(&TABLE.to_le_bytes());
+        // Compact ASCII "f": length 1, state = ready|ascii|compact|kind 1.
+        let mut name = vec![0u8; 50];
+        name[16] = 1;
+        name[32] = 0x80 | 0x40 | 0x20 | (1 << 2);
+        name[48] = b'f';
+        let mut table = vec![0u8; 34];
+        table[16..24].copy_from_slice(&table_len.to_le_bytes());
+        table[32] = 0x80 | (13 << 3); // 1 unit, line +1
+        table[33] = 2;
+        let mut m = SliceMemory::new();
+        m.add(CODE, hdr).add(NAME, name).add(TABLE, table);
+        m
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_code::fake;
     use super::*;
-    use crate::process::memory::{ProcessMemory, SliceMemory};
+    use crate::process::memory::ProcessMemory;
+    use crate::python::linetable::line_for_instr;
     use std::io::{BufRead, BufReader, Write};
     use std::path::Path;
     use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -274,6 +319,7 @@ for c in codes:
         "first": c.co_firstlineno,
         "n": len(c.co_code) // 2,
         "lines": [p[0] for p in c.co_positions()],
+        "table": c.co_linetable.hex(),
         "hdr": ctypes.string_at(id(c) + 16, 64).hex(),
     })
 not_code = "just a string"
@@ -362,9 +408,18 @@ for cmd in sys.stdin:
                 .expect("64 bytes");
             assert_eq!(info.checksum, code_checksum(&hdr), "{}", info.qualname);
             let lines = c["lines"].as_array().expect("lines");
+            let table = unhex(c["table"].as_str().expect("table"));
             for (i, want) in lines.iter().enumerate() {
                 let want = want.as_u64().map(|l| l as u32);
                 assert_eq!(info.line_for(i as i32), want, "{} unit {i}", info.qualname);
+                // The table decoded at read time answers as a scan of the raw one.
+                let direct = line_for_instr(&table, info.first_line, i as i64);
+                assert_eq!(
+                    info.line_for(i as i32),
+                    direct,
+                    "{} unit {i}",
+                    info.qualname
+                );
             }
             // Clamping: before the start is "not started", past the end is the last unit.
             assert_eq!(info.line_for(-1), Some(info.first_line));
@@ -425,33 +480,6 @@ for cmd in sys.stdin:
         }
         let n = check_interpreter(p);
         println!("code: {n} code objects checked in {}", p.display());
-    }
-
-    /// A synthetic code object in test memory, for the validation paths.
-    fn fake(size: i64, first: i32, table_len: i64) -> SliceMemory {
-        const CODE: u64 = 0x10_000;
-        const NAME: u64 = 0x20_000;
-        const TABLE: u64 = 0x30_000;
-        let mut hdr = vec![0u8; HEADER_LEN];
-        hdr[OB_TYPE..OB_TYPE + 8].copy_from_slice(&0xc0de_u64.to_le_bytes());
-        hdr[OB_SIZE..OB_SIZE + 8].copy_from_slice(&size.to_le_bytes());
-        hdr[FIRSTLINENO..FIRSTLINENO + 4].copy_from_slice(&first.to_le_bytes());
-        for off in [FILENAME, QUALNAME] {
-            hdr[off..off + 8].copy_from_slice(&NAME.to_le_bytes());
-        }
-        hdr[LINETABLE..LINETABLE + 8].copy_from_slice(&TABLE.to_le_bytes());
-        // Compact ASCII "f": length 1, state = ready|ascii|compact|kind 1.
-        let mut name = vec![0u8; 50];
-        name[16] = 1;
-        name[32] = 0x80 | 0x40 | 0x20 | (1 << 2);
-        name[48] = b'f';
-        let mut table = vec![0u8; 34];
-        table[16..24].copy_from_slice(&table_len.to_le_bytes());
-        table[32] = 0x80 | (13 << 3); // 1 unit, line +1
-        table[33] = 2;
-        let mut m = SliceMemory::new();
-        m.add(CODE, hdr).add(NAME, name).add(TABLE, table);
-        m
     }
 
     #[test]

@@ -143,6 +143,102 @@ pub fn lines_for_all(linetable: &[u8], first_line: u32, n_units: usize) -> Vec<O
     out
 }
 
+/// A code object's line table decoded once, for the symbol cache: sorted
+/// ranges of code units, each with one line (consecutive entries on the same
+/// line merged), answered by binary search instead of a scan of the table.
+///
+/// Only units `0..n_units` are kept (callers clamp into that range). A
+/// malformed table ends in a range without a line, so answers equal
+/// [`line_for_instr`] on every unit. Ranges are 4 bytes when the code's units
+/// and its spread of lines fit 16 bits (every code object of the standard
+/// library), 8 bytes otherwise; the raw table is about four times larger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LineTable {
+    /// Added to narrow lines.
+    base: u32,
+    ranges: Ranges,
+}
+
+/// `(first unit, line)` ranges, sorted, the first one at unit 0.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Ranges {
+    /// Line minus `base`; `u16::MAX` for none.
+    Narrow(Box<[(u16, u16)]>),
+    /// Absolute line; `u32::MAX` (above any valid line) for none.
+    Wide(Box<[(u32, u32)]>),
+}
+
+impl LineTable {
+    /// Decodes `linetable` for units `0..n_units`.
+    pub fn decode(linetable: &[u8], first_line: u32, n_units: u32) -> LineTable {
+        let n = u64::from(n_units);
+        let mut ranges: Vec<(u32, Option<u32>)> = Vec::new();
+        let mut d = Decoder::new(linetable, first_line);
+        let mut start = 0u64;
+        while start < n {
+            let Some((end, line)) = d.next_entry() else {
+                break;
+            };
+            let line = valid_line(line);
+            if ranges.last().map(|r| r.1) != Some(line) {
+                // start < n <= u32::MAX.
+                ranges.push((start as u32, line));
+            }
+            start = end;
+        }
+        if start < n && ranges.last().is_some_and(|r| r.1.is_some()) {
+            // The table stops short of the code (or breaks): no line after.
+            ranges.push((start as u32, None));
+        }
+        let lines = ranges.iter().filter_map(|r| r.1);
+        let (lo, hi) = lines.fold((u32::MAX, 0), |(lo, hi), l| (lo.min(l), hi.max(l)));
+        let base = if lo > hi { 0 } else { lo };
+        let narrow = n_units <= 1 << 16 && hi.saturating_sub(base) < u32::from(u16::MAX);
+        let ranges = if narrow {
+            // Starts are < n_units <= 2^16 and offsets < u16::MAX: no truncation.
+            Ranges::Narrow(
+                ranges
+                    .iter()
+                    .map(|&(s, l)| (s as u16, l.map_or(u16::MAX, |l| (l - base) as u16)))
+                    .collect(),
+            )
+        } else {
+            Ranges::Wide(
+                ranges
+                    .iter()
+                    .map(|&(s, l)| (s, l.unwrap_or(u32::MAX)))
+                    .collect(),
+            )
+        };
+        LineTable { base, ranges }
+    }
+
+    /// Line of code unit `unit` (`< n_units` given to [`LineTable::decode`];
+    /// a larger one gets the last range's answer).
+    pub fn line(&self, unit: u32) -> Option<u32> {
+        match &self.ranges {
+            Ranges::Narrow(r) => {
+                let i = r.partition_point(|&(s, _)| u32::from(s) <= unit);
+                let (_, l) = *r.get(i.checked_sub(1)?)?;
+                (l != u16::MAX).then(|| self.base + u32::from(l))
+            }
+            Ranges::Wide(r) => {
+                let i = r.partition_point(|&(s, _)| s <= unit);
+                let (_, l) = *r.get(i.checked_sub(1)?)?;
+                (l != u32::MAX).then_some(l)
+            }
+        }
+    }
+
+    /// Heap bytes held (the struct itself is not counted).
+    pub fn heap_bytes(&self) -> usize {
+        match &self.ranges {
+            Ranges::Narrow(r) => std::mem::size_of_val::<[(u16, u16)]>(r),
+            Ranges::Wide(r) => std::mem::size_of_val::<[(u32, u32)]>(r),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,6 +298,50 @@ mod tests {
         // More units asked for than the table covers: padded with None.
         assert_eq!(lines_for_all(&t, 10, 11)[9..], [None, None]);
         assert_eq!(lines_for_all(&t, 10, 1), [Some(10)]);
+        // Decoded once: same answers, consecutive same-line entries merged,
+        // a trailing range without a line where the table stops short.
+        let lt = LineTable::decode(&t, 10, 11);
+        let got: Vec<_> = (0..11).map(|i| lt.line(i)).collect();
+        assert_eq!(got, lines_for_all(&t, 10, 11));
+        assert_eq!(
+            lt.ranges,
+            Ranges::Narrow(
+                [
+                    (0, 1),
+                    (2, 3),
+                    (3, u16::MAX),
+                    (6, 0),
+                    (8, 100),
+                    (9, u16::MAX)
+                ]
+                .into()
+            )
+        );
+        assert_eq!(lt.base, 9);
+        // Units past the code are cut off: no trailing range.
+        let lt = LineTable::decode(&t, 10, 3);
+        assert_eq!(lt.ranges, Ranges::Narrow([(0, 0), (2, 2)].into()));
+        assert_eq!(LineTable::decode(&[], 10, 5).line(0), None);
+    }
+
+    #[test]
+    fn wide_line_tables() {
+        // Line +100000 (svarint 200000: 6-bit groups 0, 53, 48).
+        let t = [h(0, 2), 0, h(14, 1), 0x40, 0x75, 0x30, 0, 1, 2, h(0, 1), 0];
+        let want = [Some(5), Some(5), Some(100_005), Some(100_005)];
+        let lt = LineTable::decode(&t, 5, 4);
+        assert!(matches!(lt.ranges, Ranges::Wide(_)), "{lt:?}");
+        for (i, w) in want.iter().enumerate() {
+            assert_eq!(line_for_instr(&t, 5, i as i64), *w, "unit {i}");
+            assert_eq!(lt.line(i as u32), *w, "unit {i}");
+        }
+        // More than 2^16 units: wide starts.
+        let long: Vec<u8> = (0..10_000).flat_map(|_| [h(0, 8), 0]).collect();
+        let lt = LineTable::decode(&long, 1, 80_000);
+        assert!(matches!(lt.ranges, Ranges::Wide(_)), "{lt:?}");
+        assert_eq!(lt.line(79_999), Some(1));
+        assert_eq!(lt.heap_bytes(), 8, "one merged range");
+        assert_eq!(LineTable::decode(&long, 1, 100).heap_bytes(), 4);
     }
 
     #[test]
@@ -260,11 +400,24 @@ mod tests {
             let first = rng.next() as u32;
             let all = lines_for_all(&t, first, 600);
             assert_eq!(all.len(), 600);
+            let lt = LineTable::decode(&t, first, 600);
+            for (i, want) in all.iter().enumerate() {
+                assert_eq!(lt.line(i as u32), *want, "unit {i} of {t:?}");
+            }
             for cut in 0..=t.len() {
+                let lt = LineTable::decode(&t[..cut], first, 600);
                 for instr in [-1, 0, 1, 7, 63, 599, 1 << 40] {
                     let got = line_for_instr(&t[..cut], first, instr);
                     if cut == t.len() && (0..600).contains(&instr) {
                         assert_eq!(got, all[instr as usize]);
+                    }
+                    if (0..600).contains(&instr) {
+                        assert_eq!(
+                            lt.line(instr as u32),
+                            got,
+                            "unit {instr} of {:?}",
+                            &t[..cut]
+                        );
                     }
                     checked += 1;
                 }
@@ -319,6 +472,7 @@ mod tests {
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         let (mut objects, mut units, mut no_line, mut done) = (0u64, 0u64, 0u64, None);
         let (mut instr_units, mut instr_full) = (0u64, 0u64);
+        let (mut table_bytes, mut decoded_bytes) = (0u64, 0u64);
         for line in BufReader::new(stdout).lines() {
             let line = line.expect("read truth stream");
             if line.starts_with("{\"done\"") {
@@ -334,6 +488,18 @@ mod tests {
             assert_eq!(t.lines.len(), t.n);
             let all = lines_for_all(&table, t.first, t.n);
             assert_eq!(all, t.lines, "lines_for_all, object {objects}: {line}");
+            // The decoded-once table of the symbol cache, on every unit.
+            let n_units = u32::try_from(t.n).expect("units fit u32");
+            let lt = LineTable::decode(&table, t.first, n_units);
+            for (i, want) in all.iter().enumerate() {
+                assert_eq!(
+                    lt.line(i as u32),
+                    *want,
+                    "LineTable unit {i} of object {objects}"
+                );
+            }
+            table_bytes += table.len() as u64;
+            decoded_bytes += lt.heap_bytes() as u64;
             let check = units_to_check(t.n, table.len(), exhaustive, &mut rng);
             instr_full += u64::from(check.len() == t.n);
             for &i in &check {
@@ -353,7 +519,10 @@ mod tests {
         println!(
             "linetable: {objects} code objects, {units} code units ({no_line} without a line) \
              checked with lines_for_all; line_for_instr checked on {instr_units} units, \
-             every unit of {instr_full} objects (exhaustive: {exhaustive})"
+             every unit of {instr_full} objects (exhaustive: {exhaustive}); LineTable \
+             checked on every unit, {:.1} bytes per object decoded vs {:.1} raw",
+            decoded_bytes as f64 / objects.max(1) as f64,
+            table_bytes as f64 / objects.max(1) as f64,
         );
         assert!(objects > 1000, "only {objects} code objects checked");
         assert!(instr_full > 1000, "only {instr_full} objects fully checked");

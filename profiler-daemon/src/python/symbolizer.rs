@@ -34,6 +34,20 @@ impl SymbolStats {
     }
 }
 
+impl SymbolStats {
+    /// What was counted since `earlier` (a copy of the same counters).
+    pub fn since(&self, earlier: &SymbolStats) -> SymbolStats {
+        SymbolStats {
+            hits: self.hits.saturating_sub(earlier.hits),
+            misses: self.misses.saturating_sub(earlier.misses),
+            stale: self.stale.saturating_sub(earlier.stale),
+            unreadable: self.unreadable.saturating_sub(earlier.unreadable),
+            invalid: self.invalid.saturating_sub(earlier.invalid),
+            resets: self.resets.saturating_sub(earlier.resets),
+        }
+    }
+}
+
 impl std::ops::AddAssign for SymbolStats {
     fn add_assign(&mut self, o: SymbolStats) {
         self.hits += o.hits;

@@ -83,9 +83,14 @@ pub struct Workload {
 
 impl Workload {
     pub fn start(interp: Interp, args: &[&str]) -> Workload {
+        Workload::start_with_env(interp, args, &[])
+    }
+
+    pub fn start_with_env(interp: Interp, args: &[&str], env: &[(&str, &str)]) -> Workload {
         let mut child = Command::new(interp.path())
             .arg(scenarios())
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,4 +1,4 @@
-//! The criterion microbenchmarks (`profiler-daemon/benches/userspace.rs`),
+//! The criterion microbenchmarks (`profiler-daemon/benches/{userspace,discovery}.rs`),
 //! run with a short measurement time; their estimates are read back from
 //! criterion's JSON files.
 
@@ -27,6 +27,8 @@ pub fn run(ctx: &Ctx, warm: f64, measure: f64) -> Result<Vec<Micro>> {
         "profiler-daemon",
         "--bench",
         "userspace",
+        "--bench",
+        "discovery",
         "--",
         "--warm-up-time",
         &warm,

@@ -575,9 +575,10 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         s,
         "\n## Microbenchmarks (criterion)\n\n\
-         `profiler-daemon/benches/userspace.rs`, run by `cargo xtask bench` with a short \
-         measurement time{}; median time per iteration with criterion's 95% confidence \
-         interval. Run alone with `cargo bench -p profiler-daemon --bench userspace`.\n",
+         `profiler-daemon/benches/{{userspace,discovery}}.rs`, run by `cargo xtask bench` with a \
+         short measurement time{}; median time per iteration with criterion's 95% confidence \
+         interval. Run alone with `cargo bench -p profiler-daemon --bench userspace` (or \
+         `--bench discovery`).\n",
         p.criterion
             .map(|(w, m)| format!(" ({w} s warm-up, {m} s measurement)"))
             .unwrap_or_default()
@@ -617,11 +618,22 @@ pub fn markdown(r: &Results) -> String {
 }
 
 fn micro_what(name: &str) -> &'static str {
-    match name.split('/').next().unwrap_or("") {
+    let group = name.split('/').next().unwrap_or("");
+    match group {
         "decode" => "ring-buffer record → `RawSample` (`bpf::events::decode`)",
         "symbols" => "symbol cache hit (`Symbolizer::code` / `frame`, line included)",
-        "linetable" => "`line_for_instr` on a CPython 3.11 line table, last instruction",
-        "store" => "aggregation: `Store::add_sample` of a known stack / `Store::query`",
+        "linetable" if name.ends_with("_decoded") => {
+            "line of an instruction from the decoded table the symbol cache keeps (binary search)"
+        }
+        "linetable" if name.ends_with("_decode_once") => {
+            "decoding a line table once, when a code object is first read"
+        }
+        "linetable" => "`line_for_instr` scanning a raw CPython 3.11 line table (before caching)",
+        "store" => "aggregation: `Store::add_sample(s)` of known stacks / `Store::query`",
+        "inspect" => {
+            "inspecting a running non-Python process (`sleep`), ELF verdicts cached or not"
+        }
+        "candidate" => "discovery of a non-Python process: rules, labels, cached ELF verdicts",
         _ => "",
     }
 }
