@@ -630,7 +630,11 @@ async fn main_loop(
                 d.scan_new();
             }
             _ = rescan.tick() => d.scan(),
-            _ = window.tick() => d.flush_window(unix_secs(SystemTime::now())),
+            _ = window.tick() => {
+                // Queued samples belong to the window being closed.
+                d.drain_samples(ring.get_mut());
+                d.flush_window(unix_secs(SystemTime::now()));
+            }
             c = control.recv() => match c {
                 Some(Control::Reload) => {
                     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
