@@ -207,16 +207,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn symbolisation_runs_without_the_store_lock() {
-        let store = Store::new(
+    fn small_store() -> Store {
+        Store::new(
             StoreLimits {
                 retention_secs: 60,
                 max_processes: 10,
                 max_stacks_per_process: 100,
             },
             99,
-        );
+        )
+    }
+
+    #[test]
+    fn symbolisation_runs_without_the_store_lock() {
+        let store = small_store();
         let shared = Arc::new(Shared::new(store, Metrics::new()));
         let mem = test_code::fake(1, 7, 2);
         let checksum = read_code(&mem, test_code::CODE, 0xc0de)
@@ -288,14 +292,7 @@ mod tests {
 
     #[test]
     fn top_header_reads_bpf_counters_and_checks_seconds() {
-        let store = Store::new(
-            StoreLimits {
-                retention_secs: 60,
-                max_processes: 10,
-                max_stacks_per_process: 100,
-            },
-            99,
-        );
+        let store = small_store();
         let shared = Shared::new(store, Metrics::new());
         let mut slots = vec![0u64; profiler_common::COUNTERS_LEN as usize];
         slots[Counter::RingBufFull as usize] = 7;
