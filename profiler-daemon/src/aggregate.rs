@@ -11,6 +11,7 @@ use crate::bpf::events::RawSample;
 use crate::process::memory::ProcessMemory;
 use crate::profile::{Frame, Profile};
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
+use crate::FastHashMap;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct StackKey {
@@ -30,7 +31,7 @@ pub struct Target {
 /// Counts of raw stacks per process.
 #[derive(Default)]
 pub struct Aggregator {
-    stacks: HashMap<StackKey, u64>,
+    stacks: FastHashMap<StackKey, u64>,
     targets: HashMap<u32, Target>,
     /// Samples from a pid that is not a target (counted, not kept).
     pub foreign: u64,

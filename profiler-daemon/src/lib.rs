@@ -18,3 +18,10 @@ pub mod profile;
 pub mod python;
 pub mod record;
 pub mod top;
+
+/// The map for raw stacks and code addresses, hashed on every sample:
+/// foldhash is several times faster than std's SipHash there (SipHash was
+/// half of the daemon's CPU in `cargo xtask bench --self-profile`), and its
+/// per-process random seed still keeps keys a target can choose from
+/// colliding on purpose; the maps are also capped in size.
+pub(crate) type FastHashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

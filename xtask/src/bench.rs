@@ -11,6 +11,7 @@ mod daemon;
 mod measure;
 mod micro;
 mod report;
+mod self_profile;
 mod stats;
 mod sys;
 
@@ -182,6 +183,10 @@ pub struct BenchArgs {
     /// Skip the criterion microbenchmarks.
     #[arg(long)]
     pub no_criterion: bool,
+    /// Instead of the benchmarks: profile the daemon itself with perf under
+    /// a high sample rate and write a flamegraph to target/self-profile/.
+    #[arg(long, conflicts_with_all = ["quick", "smoke"])]
+    pub self_profile: bool,
 }
 
 /// Paths and names every measurement uses.
@@ -343,6 +348,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         ncpus: ncpus(),
         failures: Default::default(),
     };
+    if args.self_profile {
+        let r = self_profile::run(&ctx, &target_dir().join("self-profile"));
+        let _ = std::fs::remove_dir_all(&dir);
+        return r;
+    }
     let meta = report::Meta::collect(&ctx, &built)?;
     println!(
         "pyebpf bench ({mode:?}): {} CPUs, load average {}, pyebpf {}, py-spy {}, Python {}",

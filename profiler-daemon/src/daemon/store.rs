@@ -23,6 +23,7 @@ use crate::bpf::events::RawSample;
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{Frame, Profile};
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
+use crate::FastHashMap;
 
 /// Limits of the store.
 #[derive(Clone, Copy, Debug)]
@@ -182,7 +183,7 @@ struct Entry {
     symbols: Symbols,
     /// Symbolisation outcomes, added as resolved stacks are inserted.
     symbol_stats: SymbolStats,
-    intern: HashMap<RawKey, u32>,
+    intern: FastHashMap<RawKey, u32>,
     /// Symbolised stacks by id, root first; `None` for free slots.
     stacks: Vec<Option<Arc<[Frame]>>>,
     free: Vec<u32>,
@@ -371,7 +372,7 @@ impl Store {
                 python_version: p.python_version,
                 since: now,
                 exited_at: None,
-                intern: HashMap::new(),
+                intern: FastHashMap::default(),
                 stacks: Vec::new(),
                 free: Vec::new(),
                 overflow_id: None,
@@ -439,7 +440,7 @@ impl Store {
         // Index in `procs` of each pid, and, for each of `procs`, where each
         // of its new stacks is in its `stacks`.
         let mut at_pid: HashMap<u32, usize> = HashMap::new();
-        let mut seen: Vec<HashMap<RawKey, usize>> = Vec::new();
+        let mut seen: Vec<FastHashMap<RawKey, usize>> = Vec::new();
         for s in samples {
             let pid = s.pid;
             let Some(e) = self.entries.get_mut(&pid) else {
@@ -476,7 +477,7 @@ impl Store {
                         symbols: e.symbols.clone(),
                         stacks: Vec::new(),
                     });
-                    seen.push(HashMap::new());
+                    seen.push(FastHashMap::default());
                     at_pid.insert(pid, procs.len() - 1);
                     procs.len() - 1
                 }

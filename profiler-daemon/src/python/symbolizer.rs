@@ -3,7 +3,6 @@
 //! Keyed by (address, checksum): a code object freed and replaced at the same
 //! address carries another checksum, so it is read afresh and never shown
 //! under the old name.
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use profiler_common::RawFrame;
@@ -11,6 +10,7 @@ use profiler_common::RawFrame;
 use super::code::{read_code, CodeInfo};
 use crate::process::memory::RemoteMemory;
 use crate::profile::{Frame, UnknownReason};
+use crate::FastHashMap;
 
 /// Most entries kept per process before the cache is reset (counted).
 pub const CACHE_CAP: usize = 200_000;
@@ -65,7 +65,7 @@ type Entry = Result<Arc<CodeInfo>, UnknownReason>;
 pub struct Symbolizer<M> {
     mem: M,
     pycode_type: u64,
-    cache: HashMap<(u64, u32), Entry>,
+    cache: FastHashMap<(u64, u32), Entry>,
     pub stats: SymbolStats,
 }
 
@@ -74,7 +74,7 @@ impl<M: RemoteMemory> Symbolizer<M> {
         Symbolizer {
             mem,
             pycode_type,
-            cache: HashMap::new(),
+            cache: FastHashMap::default(),
             stats: SymbolStats::default(),
         }
     }
