@@ -17,6 +17,26 @@ pub struct RawSample {
     pub frames: Vec<RawFrame>,
 }
 
+#[cfg(test)]
+impl RawSample {
+    /// A whole one-frame stack of `pid`'s main thread, at instruction 0.
+    pub fn one_frame(pid: u32, code: u64, checksum: u32) -> RawSample {
+        RawSample {
+            pid,
+            tid: pid,
+            cpu: 0,
+            ktime_ns: 0,
+            truncated: false,
+            read_error: None,
+            frames: vec![RawFrame {
+                code,
+                instr: 0,
+                checksum,
+            }],
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("ring-buffer record of {0} bytes is shorter than a sample header")]

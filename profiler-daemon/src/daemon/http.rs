@@ -1091,17 +1091,19 @@ mod tests {
         assert!(client.get(format!("{base}/healthz")).send().await.is_err());
     }
 
+    /// `a=1&b` as the (key, value) pairs axum hands the handlers.
+    fn q(s: &str) -> Vec<(String, String)> {
+        s.split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (k.to_string(), v.to_string())
+            })
+            .collect()
+    }
+
     #[test]
     fn query_parsing() {
-        let q = |s: &str| -> Vec<(String, String)> {
-            s.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                    (k.to_string(), v.to_string())
-                })
-                .collect()
-        };
         assert_eq!(
             parse_profile_query(&q("pid=12"), 300),
             Ok(ProfileQuery {
@@ -1132,15 +1134,6 @@ mod tests {
 
     #[test]
     fn top_query_parsing() {
-        let q = |s: &str| -> Vec<(String, String)> {
-            s.split('&')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                    (k.to_string(), v.to_string())
-                })
-                .collect()
-        };
         assert_eq!(
             parse_top_query(&q(""), 300),
             Ok(TopQuery {

@@ -52,6 +52,19 @@ pub struct ProcessLabels {
     pub ecs_task_id: Option<String>,
 }
 
+#[cfg(test)]
+impl ProcessLabels {
+    /// A `python3` process of `service`, for tests.
+    pub fn python3(pid: u32, service: &str) -> ProcessLabels {
+        ProcessLabels {
+            pid,
+            command: "python3".into(),
+            service: service.into(),
+            ..Default::default()
+        }
+    }
+}
+
 impl ProcessLabels {
     /// Label pairs for exports (Pyroscope, pprof comments), absent ones left out.
     pub fn pairs(&self) -> Vec<(&'static str, String)> {

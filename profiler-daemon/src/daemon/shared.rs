@@ -178,7 +178,7 @@ mod tests {
     use crate::process::memory::{MemoryError, RemoteMemory, SliceMemory};
     use crate::profile::Frame;
     use crate::python::code::{read_code, test_code};
-    use profiler_common::{Counter, RawFrame};
+    use profiler_common::Counter;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, OnceLock, Weak};
 
@@ -245,19 +245,7 @@ mod tests {
         };
         let mem = TargetMemory::new(ProbeMemory(probe.clone()));
         assert!(shared.store().add_process_reading(process, now, mem));
-        let sample = |code| RawSample {
-            pid: 77,
-            tid: 77,
-            cpu: 0,
-            ktime_ns: 0,
-            truncated: false,
-            read_error: None,
-            frames: vec![RawFrame {
-                code,
-                instr: 0,
-                checksum,
-            }],
-        };
+        let sample = |code| RawSample::one_frame(77, code, checksum);
         // A readable code object, an unreadable one, and repeats.
         let batch = [test_code::CODE, 0x99_000, test_code::CODE, 0x99_000];
         shared.add_samples(batch.map(sample), now);

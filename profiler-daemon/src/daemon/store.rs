@@ -637,12 +637,7 @@ mod tests {
     use std::time::Duration;
 
     fn labels(pid: u32, service: &str) -> ProcessLabels {
-        ProcessLabels {
-            pid,
-            command: "python3".into(),
-            service: service.into(),
-            ..Default::default()
-        }
+        ProcessLabels::python3(pid, service)
     }
 
     fn store(max_stacks: usize) -> Store {
@@ -657,19 +652,7 @@ mod tests {
     }
 
     fn sample(pid: u32, code: u64) -> RawSample {
-        RawSample {
-            pid,
-            tid: pid,
-            cpu: 0,
-            ktime_ns: 0,
-            truncated: false,
-            read_error: None,
-            frames: vec![RawFrame {
-                code,
-                instr: 0,
-                checksum: 1,
-            }],
-        }
+        RawSample::one_frame(pid, code, 1)
     }
 
     fn new_proc(pid: u32, service: &str) -> NewProcess {

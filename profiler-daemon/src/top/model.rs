@@ -331,12 +331,7 @@ mod tests {
     }
 
     fn labels(pid: u32, service: &str) -> ProcessLabels {
-        ProcessLabels {
-            pid,
-            command: "python3".into(),
-            service: service.into(),
-            ..Default::default()
-        }
+        ProcessLabels::python3(pid, service)
     }
 
     fn header() -> Header {
