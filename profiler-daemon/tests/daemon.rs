@@ -390,51 +390,22 @@ impl Py {
     /// (so its path does not exist on the host), run as pid 1 of a new pid
     /// namespace. Its host pid is the only child of `unshare`.
     fn spawn_hidden(scenario_args: &[&str]) -> Py {
-        let exe = "/mnt/hidden-python";
         let args = scenario_args.join(" ");
-        let shell = format!(
-            "mount -t tmpfs none /mnt && cp /usr/bin/python3.11 {exe} && exec {exe} {} {args}",
-            script()
-        );
         let spawned = Instant::now();
         let spawned_unix = unix_now();
-        let mut child = Command::new("unshare")
-            .args([
-                "--mount",
-                "--pid",
-                "--fork",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &shell,
-            ])
-            .env_remove("OTEL_SERVICE_NAME")
-            .env_remove("DD_SERVICE")
-            .env_remove("PYEBPF_DISABLE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("unshare (util-linux)");
+        let (mut child, pid) = hidden_python(&args, |c| {
+            c.env_remove("OTEL_SERVICE_NAME")
+                .env_remove("DD_SERVICE")
+                .env_remove("PYEBPF_DISABLE");
+        });
         let stdout = child.stdout.take().map(BufReader::new);
-        let u = child.id();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let pid = loop {
-            let children =
-                std::fs::read_to_string(format!("/proc/{u}/task/{u}/children")).unwrap_or_default();
-            if let Some(p) = children.split_whitespace().next() {
-                break p.parse().unwrap();
-            }
-            assert!(Instant::now() < deadline, "unshare started no child");
-            std::thread::sleep(Duration::from_millis(2));
-        };
         Py {
             child,
             pid,
             spawned,
             spawned_unix,
             stdout,
-            cmdline: format!("{exe} {} {args}", script()),
+            cmdline: format!("{HIDDEN_PYTHON} {} {args}", script()),
             also_kill: vec![pid],
         }
     }

@@ -395,24 +395,7 @@ fn bpf_process_in_other_mount_and_pid_namespace() {
     let Some(_serial) = serial_bpf_test() else {
         return;
     };
-    let script = format!(
-        "mount -t tmpfs none /mnt && cp /usr/bin/python3.11 /mnt/hidden-python && exec /mnt/hidden-python {} plain",
-        scenarios().display()
-    );
-    let mut unshare = std::process::Command::new("unshare")
-        .args([
-            "--mount",
-            "--pid",
-            "--fork",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            &script,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("unshare (util-linux)");
+    let (mut unshare, pid) = hidden_python("plain", |_| {});
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(unshare.stdout.take().unwrap()),
@@ -420,11 +403,7 @@ fn bpf_process_in_other_mount_and_pid_namespace() {
     )
     .unwrap();
     assert_eq!(line.trim(), "ready");
-    // The interpreter is unshare's child, as the host sees it.
-    let children =
-        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", unshare.id())).unwrap();
-    let pid: u32 = children.split_whitespace().next().unwrap().parse().unwrap();
-    assert!(!std::path::Path::new("/mnt/hidden-python").exists());
+    assert!(!std::path::Path::new(HIDDEN_PYTHON).exists());
     let (out, text) = record(&[pid], &["--duration", "2", "--rate", "499"]);
     let _ = unshare.kill();
     // SAFETY: kill(2) on the namespaced interpreter so it does not outlive the test.

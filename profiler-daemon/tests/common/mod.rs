@@ -192,3 +192,48 @@ pub fn assert_success(out: &Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Where [`hidden_python`] runs Debian's static interpreter from: a tmpfs
+/// mounted in its own mount namespace, so the path does not exist on the host.
+pub const HIDDEN_PYTHON: &str = "/mnt/hidden-python";
+
+/// `/usr/bin/python3.11` copied to [`HIDDEN_PYTHON`] and run on scenarios.py
+/// with `args`, as the first process of new mount and pid namespaces;
+/// `configure` adjusts the `unshare` command (its stdout is piped). Returns
+/// `unshare` and the interpreter's host pid (`unshare`'s only child).
+pub fn hidden_python(args: &str, configure: impl FnOnce(&mut Command)) -> (Child, u32) {
+    let shell = format!(
+        "mount -t tmpfs none /mnt && cp /usr/bin/python3.11 {HIDDEN_PYTHON} && exec {HIDDEN_PYTHON} {} {args}",
+        scenarios().display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--pid",
+        "--fork",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &shell,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    configure(&mut cmd);
+    let child = cmd.spawn().expect("unshare (util-linux)");
+    let u = child.id();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let pid = loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{u}/task/{u}/children")).unwrap_or_default();
+        if let Some(p) = children.split_whitespace().next() {
+            break p.parse().expect("a pid");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "unshare started no child"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    (child, pid)
+}
