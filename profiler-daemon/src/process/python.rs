@@ -654,13 +654,23 @@ pub(crate) mod test_support {
     /// Spawn `cmd` and wait (at most 30 s) for its first stdout line, which
     /// must start with "ready"; returns the guard and the words after it.
     pub fn spawn_ready(cmd: &mut Command) -> (ChildGuard, Vec<String>) {
-        let mut child = ChildGuard(
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}")),
-        );
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // A file a test just wrote may still be open for writing in a child
+        // that another test thread forked meanwhile (until that child's
+        // exec closes it): exec then fails with ETXTBSY for a moment.
+        let mut tries = 0;
+        let spawned = loop {
+            match cmd.spawn() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => break r,
+            }
+        };
+        let mut child = ChildGuard(spawned.unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}")));
         let stdout = child.0.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
