@@ -1,6 +1,10 @@
 //! `cargo xtask bootstrap`: find or install everything the build and tests need.
 //! Idempotent: each step first checks, and only installs what is missing.
 
+// A child module (so it can extend `Bootstrap`) kept in its own file, src/roots.rs.
+#[path = "roots.rs"]
+mod roots;
+
 use crate::util::{cargo, cmd, is_root, root, which};
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -60,6 +64,7 @@ pub fn run() -> Result<()> {
     b.bpf_linker(llvm)?;
     b.python()?;
     b.deb_tools()?;
+    b.roots()?;
     b.summary()
 }
 
