@@ -4,6 +4,12 @@
 //! them into maps and the ring buffer, and userspace reads the same bytes.
 #![no_std]
 
+mod layout;
+mod walk;
+
+pub use layout::*;
+pub use walk::*;
+
 /// Hard capacity of the per-CPU scratch stack, in frames. `--max-depth` may
 /// not exceed it.
 pub const MAX_FRAMES: usize = 4096;
@@ -12,114 +18,6 @@ pub const MAX_FRAMES: usize = 4096;
 pub const FRAMES_PER_PROG: usize = 128;
 /// Default `--max-depth`.
 pub const DEFAULT_MAX_DEPTH: u32 = 2048;
-
-/// Bytes of a `_PyInterpreterFrame` read per frame (up to and including
-/// `owner` at +69).
-pub const FRAME_READ_LEN: usize = core::mem::size_of::<Frame311>();
-/// Bytes of a `PyCodeObject` read per frame for the checksum and the
-/// instruction bound: `[CODE_READ_START, CODE_READ_START + CODE_READ_LEN)`.
-pub const CODE_READ_START: u64 = 16;
-pub const CODE_READ_LEN: usize = 64;
-
-/// How the interpreted thread's `PyThreadState*` is found from its FS base.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TlsKind {
-    /// glibc `struct pthread.specific_1stblock` and `specific[]` blocks.
-    Glibc = 0,
-    /// musl: `*(*(fsbase + tsd_offset) + key * 8)`.
-    Musl = 1,
-}
-
-/// Where thread-specific data lives relative to the thread pointer.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TlsLayout {
-    /// A [`TlsKind`] as u32 (an enum read from a map must stay a plain int).
-    pub kind: u32,
-    /// glibc: offset of `specific_1stblock`; musl: offset of the `tsd` pointer.
-    pub first_block: u32,
-    /// glibc: offset of the `specific[]` pointer array (second level).
-    pub second_level: u32,
-    /// The `pthread_key_t` that CPython's `autoTSSkey` holds.
-    pub key: u32,
-}
-
-/// Offsets the walker follows from the thread state to the first frame and
-/// from a code object to its bytecode. Sent per process, so that another
-/// patch-level layout needs only a new table in userspace. The frame record
-/// itself is read whole as a [`Frame311`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PyOffsets {
-    pub tstate_cframe: u32,
-    pub tstate_thread_id: u32,
-    pub cframe_current_frame: u32,
-    pub code_adaptive: u32,
-}
-
-impl PyOffsets {
-    /// CPython 3.11.0 - 3.11.x on 64-bit Linux.
-    pub const PY311: PyOffsets = PyOffsets {
-        tstate_cframe: 56,
-        tstate_thread_id: 152,
-        cframe_current_frame: 8,
-        code_adaptive: 184,
-    };
-}
-
-/// The first 72 bytes of a CPython 3.11 `_PyInterpreterFrame`, read with a
-/// single `bpf_probe_read_user` per frame.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Frame311 {
-    pub f_func: u64,
-    pub f_globals: u64,
-    pub f_builtins: u64,
-    pub f_locals: u64,
-    pub f_code: u64,
-    pub frame_obj: u64,
-    pub previous: u64,
-    pub prev_instr: u64,
-    pub stacktop: i32,
-    pub is_entry: u8,
-    /// 0 thread, 1 generator, 2 frame object; anything else is a bad read.
-    pub owner: u8,
-    pub _pad: [u8; 2],
-}
-
-/// Offsets of the `Frame311` fields the walker uses.
-pub const FRAME_CODE_OFF: usize = 32;
-pub const FRAME_PREVIOUS_OFF: usize = 48;
-pub const FRAME_PREV_INSTR_OFF: usize = 56;
-pub const FRAME_OWNER_OFF: usize = 69;
-
-/// Largest valid `Frame311::owner`.
-pub const MAX_FRAME_OWNER: u8 = 2;
-
-/// Value of the per-process map, keyed by tgid (pid in the root namespace).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProcInfo {
-    pub tls: TlsLayout,
-    pub py: PyOffsets,
-    /// Distinguishes successive processes under one pid (set by the loader
-    /// per insertion), so code addresses seen in an earlier program are not
-    /// taken as known in the next.
-    pub generation: u32,
-    pub _pad: u32,
-}
-
-impl ProcInfo {
-    pub fn new(tls: TlsLayout, py: PyOffsets) -> Self {
-        ProcInfo {
-            tls,
-            py,
-            generation: 0,
-            _pad: 0,
-        }
-    }
-}
 
 /// Key of the map of code objects already sent to userspace. A sample with
 /// a code object not in it wakes the reader at once, so userspace reads the
@@ -196,7 +94,8 @@ pub struct CodeSlot {
     pub units: i32,
     /// The sample (`WalkState::seq`) this slot was filled in.
     pub seq: u32,
-    pub _pad: u32,
+    /// Non-zero for an interpreter shim (its frames are skipped).
+    pub shim: u32,
 }
 
 /// Walk state kept between tail calls.
@@ -236,20 +135,6 @@ impl Default for WalkState {
             cache: [CodeSlot::default(); CODE_CACHE_SLOTS],
             code_hdr: [0; CODE_READ_LEN],
         }
-    }
-}
-
-impl Default for ProcInfo {
-    fn default() -> Self {
-        ProcInfo::new(
-            TlsLayout {
-                kind: 0,
-                first_block: 0,
-                second_level: 0,
-                key: 0,
-            },
-            PyOffsets::PY311,
-        )
     }
 }
 
@@ -365,69 +250,12 @@ impl Counter {
     }
 }
 
-/// A small checksum of a code object's immutable header fields, computed by
-/// BPF at sample time and again by userspace when symbolising, so that a code
-/// object freed and replaced at the same address is never given the old name.
-///
-/// `hdr` is the `CODE_READ_LEN` bytes at `code + CODE_READ_START`: `ob_size`,
-/// `co_consts`, `co_names`, `co_exceptiontable`, `co_flags`, (skipped:
-/// `co_warmup` and `_co_linearray_entry_size`, which change at run time),
-/// `co_argcount` .. `co_firstlineno`, `co_nlocalsplus`.
-#[inline(always)]
-pub fn code_checksum(hdr: &[u8; CODE_READ_LEN]) -> u32 {
-    let w = |i: usize| -> u64 {
-        u64::from_le_bytes([
-            hdr[i],
-            hdr[i + 1],
-            hdr[i + 2],
-            hdr[i + 3],
-            hdr[i + 4],
-            hdr[i + 5],
-            hdr[i + 6],
-            hdr[i + 7],
-        ])
-    };
-    // Offsets relative to CODE_READ_START (16).
-    let size = w(0);
-    let consts = w(8);
-    let names = w(16);
-    let exc = w(24);
-    let flags = w(32) & 0xffff_ffff;
-    let args = w(40);
-    let kw_stack = w(48);
-    let first_nlocals = w(56);
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in [
-        size,
-        consts,
-        names,
-        exc,
-        flags,
-        args,
-        kw_stack,
-        first_nlocals,
-    ] {
-        h ^= v;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        h ^= h >> 29;
-    }
-    (h ^ (h >> 32)) as u32
-}
-
-/// Ground truth: the instruction-size bound the walker enforces.
-#[inline(always)]
-pub fn code_size_units(hdr: &[u8; CODE_READ_LEN]) -> i64 {
-    i64::from_le_bytes([
-        hdr[0], hdr[1], hdr[2], hdr[3], hdr[4], hdr[5], hdr[6], hdr[7],
-    ])
-}
-
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     unsafe impl aya::Pod for ProcInfo {}
     unsafe impl aya::Pod for TlsLayout {}
-    unsafe impl aya::Pod for PyOffsets {}
+    unsafe impl aya::Pod for PyLayout {}
     unsafe impl aya::Pod for SampleHeader {}
     unsafe impl aya::Pod for RawFrame {}
     unsafe impl aya::Pod for ProcEvent {}
@@ -442,40 +270,15 @@ mod tests {
     fn layout_sizes() {
         assert_eq!(HEADER_LEN, 32);
         assert_eq!(RAW_FRAME_LEN, 16);
-        assert_eq!(core::mem::size_of::<ProcInfo>(), 40);
+        assert_eq!(core::mem::size_of::<TlsLayout>(), 24);
+        assert_eq!(core::mem::size_of::<PyLayout>(), 88);
+        assert_eq!(core::mem::size_of::<ProcInfo>(), 120);
         assert_eq!(core::mem::size_of::<SeenKey>(), 16);
-        assert_eq!(FRAME_READ_LEN, 72);
-        assert_eq!(core::mem::offset_of!(Frame311, f_code), FRAME_CODE_OFF);
-        assert_eq!(
-            core::mem::offset_of!(Frame311, previous),
-            FRAME_PREVIOUS_OFF
-        );
-        assert_eq!(
-            core::mem::offset_of!(Frame311, prev_instr),
-            FRAME_PREV_INSTR_OFF
-        );
-        assert_eq!(core::mem::offset_of!(Frame311, owner), FRAME_OWNER_OFF);
         const { assert!(MAX_FRAMES.is_multiple_of(FRAMES_PER_PROG)) };
         // The entry program's tail call plus 32 more reach every frame.
         const { assert!(MAX_FRAMES / FRAMES_PER_PROG <= 33) };
-    }
-
-    #[test]
-    fn checksum_ignores_warmup_and_sees_fields() {
-        let mut hdr = [0u8; CODE_READ_LEN];
-        for (i, b) in hdr.iter_mut().enumerate() {
-            *b = i as u8;
-        }
-        let base = code_checksum(&hdr);
-        let mut warm = hdr;
-        warm[36] = 0xff; // co_warmup (absolute +52)
-        warm[39] = 0xff; // _co_linearray_entry_size (+54..56)
-        assert_eq!(code_checksum(&warm), base);
-        let mut other = hdr;
-        other[56] ^= 1; // co_firstlineno (+72)
-        assert_ne!(code_checksum(&other), base);
-        let mut consts = hdr;
-        consts[8] ^= 0x10; // co_consts pointer
-        assert_ne!(code_checksum(&consts), base);
+        // A frame read always fits in the block buffer, and the block
+        // offset mask covers it.
+        const { assert!(FRAME_READ_LEN <= FRAME_BLOCK && FRAME_BLOCK.is_power_of_two()) };
     }
 }

@@ -19,6 +19,8 @@ use pyebpf::bpf::events::{decode, RawSample};
 use pyebpf::daemon::store::{NewProcess, Store, StoreLimits};
 use pyebpf::daemon::{ProcessLabels, Selector};
 use pyebpf::process::memory::SliceMemory;
+use pyebpf::python::code::CodeFormat;
+use pyebpf::python::layout::Minor;
 use pyebpf::python::linetable::{line_for_instr, LineTable};
 use pyebpf::python::symbolizer::Symbolizer;
 
@@ -87,6 +89,11 @@ fn bench_decode(c: &mut Criterion) {
 const PYCODE_TYPE: u64 = 0x5555_0000_1000;
 const CODE_ADDR: u64 = 0x7f00_0010_0000;
 
+/// How the fake 3.11 code objects below are read.
+fn format() -> CodeFormat {
+    CodeFormat::new(PYCODE_TYPE, &Minor::V3_11.header_layout())
+}
+
 /// A compact ASCII `str` object (PEP 393) holding `s`.
 fn ascii_str(s: &str) -> Vec<u8> {
     let mut v = vec![0u8; 48];
@@ -116,18 +123,19 @@ fn fake_code_object(t: &Table) -> (SliceMemory, u32) {
     let start = CODE_READ_START as usize;
     let mut sum = [0u8; CODE_READ_LEN];
     sum.copy_from_slice(&hdr[start..start + CODE_READ_LEN]);
+    let masks = Minor::V3_11.header_layout().code.checksum_masks;
     let mut mem = SliceMemory::new();
     mem.add(CODE_ADDR, hdr)
         .add(file_at, ascii_str("/srv/app/handlers/orders.py"))
         .add(qual_at, ascii_str("OrderHandler.encode_orders"))
         .add(table_at, bytes);
-    (mem, code_checksum(&sum))
+    (mem, code_checksum(&sum, &masks))
 }
 
 fn bench_symbols(c: &mut Criterion) {
     let t = python_table(200);
     let (mem, checksum) = fake_code_object(&t);
-    let mut sym = Symbolizer::new(mem, PYCODE_TYPE);
+    let mut sym = Symbolizer::new(mem, format());
     let raw = RawFrame {
         code: CODE_ADDR,
         instr: t.n_units as i32 / 2,
@@ -194,7 +202,7 @@ fn store() -> Store {
             },
             start_time: 1,
             python_version: "3.11.7".into(),
-            pycode_type: PYCODE_TYPE,
+            code_format: format(),
         },
         SystemTime::now(),
     );

@@ -10,6 +10,7 @@ use profiler_common::RawFrame;
 use crate::bpf::events::RawSample;
 use crate::process::memory::ProcessMemory;
 use crate::profile::{Frame, Profile};
+use crate::python::code::CodeFormat;
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
 use crate::FastHashMap;
 
@@ -41,12 +42,12 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub fn add_target(&mut self, pid: u32, command: &str, pycode_type: u64) {
+    pub fn add_target(&mut self, pid: u32, command: &str, format: CodeFormat) {
         self.targets.insert(
             pid,
             Target {
                 command: command.into(),
-                symbols: Symbolizer::new(ProcessMemory::new(pid), pycode_type),
+                symbols: Symbolizer::new(ProcessMemory::new(pid), format),
             },
         );
     }

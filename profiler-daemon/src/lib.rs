@@ -1,9 +1,9 @@
-//! pyebpf: sample Python 3.11 stacks from BPF and symbolise them in userspace.
+//! pyebpf: sample CPython 3.11-3.15 stacks from BPF and symbolise them in userspace.
 //!
 //! Crate layout (one job per module):
 //! - [`process`]: access to a target process (maps, memory, ELF files) and
 //!   detection of its Python interpreter.
-//! - [`python`]: CPython 3.11 object layouts: strings, code objects, line
+//! - [`python`]: CPython object layouts, one module per version: strings, code objects, line
 //!   tables, and the symbol cache.
 //! - [`bpf`]: loading the sampler, reading its ring buffer and counters.
 //! - [`profile`]: aggregated stacks and the output formats.

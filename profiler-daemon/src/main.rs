@@ -12,7 +12,7 @@ use pyebpf::record::{self, RecordOptions};
 #[command(
     name = "pyebpf",
     version,
-    about = "eBPF profiler for Python 3.11 services"
+    about = "eBPF profiler for CPython 3.11 to 3.15 services"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,10 +21,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Profile chosen Python 3.11 processes and write the profile to a file.
+    /// Profile chosen CPython processes and write the profile to a file.
     Record(RecordArgs),
-    /// Profile every Python 3.11 process on the host, continuously, and serve
-    /// the results over HTTP (Prometheus, pprof, flamegraphs) and exports.
+    /// Profile every supported CPython process on the host, continuously,
+    /// and serve the results over HTTP (Prometheus, pprof, flamegraphs) and
+    /// exports.
     Daemon(DaemonArgs),
     /// Live view of the hottest Python functions on this host, refreshed
     /// every second.

@@ -1,4 +1,4 @@
-//! `pyebpf record`: profile chosen Python 3.11 processes to a file.
+//! `pyebpf record`: profile chosen CPython processes to a file.
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{Counter, ProcInfo, PyOffsets, ReadStep};
+use profiler_common::{Counter, ReadStep};
 
 use crate::aggregate::Aggregator;
 use crate::bpf::counters::Counters;
@@ -27,10 +27,51 @@ pub struct RecordOptions {
     pub status: bool,
 }
 
+/// A recorded process, as the summary describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedProcess {
+    pub pid: u32,
+    /// `/proc/PID/comm`.
+    pub command: String,
+    /// e.g. "3.14.10".
+    pub version: String,
+    /// `_PyRuntime` is in libpython (a shared build), not in the executable.
+    pub libpython: bool,
+}
+
+impl RecordedProcess {
+    pub fn of(p: &PythonProcess) -> Self {
+        RecordedProcess {
+            pid: p.pid,
+            command: p.command.clone(),
+            version: p.version.to_string(),
+            libpython: p.interp_binary != p.exe,
+        }
+    }
+
+    /// `process 4242 (python3.14): CPython 3.14.10, static build` (or
+    /// `libpython`).
+    pub fn describe(&self) -> String {
+        format!(
+            "process {} ({}): CPython {}, {}",
+            self.pid,
+            self.command,
+            self.version,
+            if self.libpython {
+                "libpython"
+            } else {
+                "static build"
+            }
+        )
+    }
+}
+
 /// What happened during a recording, printed at the end.
 #[derive(Clone, Debug, Default)]
 pub struct RecordSummary {
     pub elapsed: Duration,
+    /// The processes recorded, in `--pid` order.
+    pub processes: Vec<RecordedProcess>,
     pub counters: Counters,
     /// Samples received and aggregated.
     pub samples: u64,
@@ -56,6 +97,9 @@ impl RecordSummary {
             opts.output.display(),
             format_name(opts.format),
         );
+        for p in &self.processes {
+            s += &format!("  {}\n", p.describe());
+        }
         s += &format!(
             "  truncated at --max-depth {}: {}   partial (read failed): {}   ring buffer full (dropped): {}\n",
             opts.sampler.max_depth,
@@ -136,10 +180,9 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     let mut sampler = Sampler::start(opts.sampler)?;
     let mut agg = Aggregator::default();
     for t in &targets {
-        agg.add_target(t.pid, &t.command, t.pycode_type);
-        let info = ProcInfo::new(t.tls, PyOffsets::PY311);
+        agg.add_target(t.pid, &t.command, t.code_format());
         sampler
-            .add_process(t.pid, info)
+            .add_process(t.pid, t.proc_info())
             .with_context(|| format!("cannot register process {}", t.pid))?;
     }
     let ring = sampler.take_ring().context("ring buffer already taken")?;
@@ -213,6 +256,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     let sym = agg.symbol_stats();
     Ok(RecordSummary {
         elapsed: started.elapsed(),
+        processes: targets.iter().map(RecordedProcess::of).collect(),
         counters,
         samples: agg.samples,
         distinct_stacks: agg.distinct_stacks(),
@@ -275,4 +319,91 @@ fn write_profile(profile: &crate::profile::Profile, opts: &RecordOptions) -> any
     std::fs::rename(&tmp, &opts.output)
         .with_context(|| format!("cannot move the profile to {}", opts.output.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> RecordOptions {
+        RecordOptions {
+            pids: vec![4242, 4343],
+            duration: Some(Duration::from_secs(10)),
+            sampler: SamplerConfig::default(),
+            format: Format::Svg,
+            output: PathBuf::from("app.svg"),
+            status: false,
+        }
+    }
+
+    #[test]
+    fn summary_names_each_process_and_its_python() {
+        let summary = RecordSummary {
+            elapsed: Duration::from_secs(10),
+            processes: vec![
+                RecordedProcess {
+                    pid: 4242,
+                    command: "python3.14".into(),
+                    version: "3.14.10".into(),
+                    libpython: false,
+                },
+                RecordedProcess {
+                    pid: 4343,
+                    command: "gunicorn".into(),
+                    version: "3.11.7".into(),
+                    libpython: true,
+                },
+            ],
+            samples: 1126,
+            distinct_stacks: 42,
+            ..RecordSummary::default()
+        };
+        let text = summary.render(&opts());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "pyebpf record: 10.0 s, 2 process(es), 1126 samples (42 distinct stacks) written to \
+             app.svg (svg)"
+        );
+        assert_eq!(
+            lines[1],
+            "  process 4242 (python3.14): CPython 3.14.10, static build"
+        );
+        assert_eq!(
+            lines[2],
+            "  process 4343 (gunicorn): CPython 3.11.7, libpython"
+        );
+        assert!(
+            lines[3].starts_with("  truncated at --max-depth 2048: 0   "),
+            "{text}"
+        );
+    }
+
+    /// The build kind comes from where `_PyRuntime` is: libpython for the
+    /// shared interpreter found on PATH, if it is one.
+    #[test]
+    fn recorded_process_of_a_live_interpreter() {
+        use crate::process::python::test_support::{path_python, spawn_ready};
+        let (child, _) = spawn_ready(std::process::Command::new(path_python()).args([
+            "-c",
+            "print('ready', flush=True); import time; time.sleep(30)",
+        ]));
+        let p = python::inspect(child.pid()).expect("inspect the interpreter");
+        let r = RecordedProcess::of(&p);
+        assert_eq!(r.pid, child.pid());
+        assert_eq!(r.version, p.version.to_string());
+        let shared = p
+            .interp_binary
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("libpython"));
+        assert_eq!(r.libpython, shared, "{p:?}");
+        assert!(
+            r.describe().starts_with(&format!(
+                "process {} ({}): CPython {}, ",
+                r.pid, p.command, p.version
+            )),
+            "{}",
+            r.describe()
+        );
+    }
 }

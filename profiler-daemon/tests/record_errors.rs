@@ -67,11 +67,11 @@ fn other_python_version_is_refused() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("fake_python312");
+    let exe = dir.path().join("fake_python");
     let cc = Command::new("cc")
         .args(["-O0", "-pthread", "-rdynamic", "-o"])
         .arg(&exe)
-        .arg(repo_root().join("tests/tools/fake_python312.c"))
+        .arg(repo_root().join("tests/tools/fake_python.c"))
         .status()
         .unwrap();
     assert!(cc.success());
@@ -84,7 +84,7 @@ fn other_python_version_is_refused() {
     .unwrap();
     assert_refused(
         &record_pid(c.0.id()),
-        &["Python 3.12.1", "only Python 3.11"],
+        &["Python 3.16.0", "supports CPython 3.11 to 3.15"],
     );
 }
 

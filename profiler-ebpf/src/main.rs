@@ -1,7 +1,9 @@
 //! The sampler: a perf_event program on the CPU clock that, for profiled
 //! processes only, finds the interrupted thread's `PyThreadState` through
 //! thread-specific storage and walks its `_PyInterpreterFrame` chain from the
-//! leaf, then ships the raw frames through a ring buffer.
+//! leaf, then ships the raw frames through a ring buffer. It knows no CPython
+//! version: every offset it follows comes from the process's `ProcInfo`,
+//! which userspace fills from its per-version layouts.
 //!
 //! Every read of target memory is `bpf_probe_read_user`, which fails with
 //! -EFAULT on a bad pointer instead of faulting: the target is never at risk.
@@ -21,11 +23,11 @@ use aya_ebpf::{
     programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
-    code_checksum, code_size_units, Counter, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf,
-    SeenKey, TlsKind, WalkState, CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR,
-    FLAG_TRUNCATED, FRAMES_PER_PROG, FRAME_BLOCK, FRAME_CODE_OFF, FRAME_OWNER_OFF,
-    FRAME_PREVIOUS_OFF, FRAME_PREV_INSTR_OFF, FRAME_READ_LEN, HEADER_LEN, MAX_FRAMES,
-    MAX_FRAME_OWNER, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES,
+    code_checksum, code_flags, code_size_units, instr_index, Counter, FrameFields, FrameKind,
+    ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf, SeenKey, TlsKind, WalkState,
+    CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR, FLAG_TRUNCATED,
+    FRAMES_PER_PROG, FRAME_BLOCK, FRAME_READ_LEN, HEADER_LEN, MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN,
+    READ_ERROR_BASE, SEEN_CODE_ENTRIES,
 };
 
 /// Offset of `task_struct.thread.fsbase`, from the kernel's BTF (set by
@@ -96,10 +98,14 @@ fn read_u64(addr: u64) -> Result<u64, i32> {
     unsafe { bpf_probe_read_user(addr as *const u64) }
 }
 
-/// The thread's `PyThreadState*` from its FS base, per the libc's TSD layout.
+/// The thread's `PyThreadState*` from its FS base: a pthread key's slot in
+/// the libc's thread-specific data, or a thread-local variable.
 #[inline(always)]
 fn thread_state(fsbase: u64, info: &ProcInfo) -> Result<u64, i32> {
     let tls = &info.tls;
+    if tls.kind == TlsKind::Static as u32 {
+        return read_u64(fsbase.wrapping_add(tls.tp_offset as u64));
+    }
     let key = u64::from(tls.key);
     if tls.kind == TlsKind::Musl as u32 {
         let tsd = read_u64(fsbase + u64::from(tls.first_block))?;
@@ -164,18 +170,19 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
     }
     // The TSD slot must point back at this thread: `thread_id` is its
     // pthread_t, which is its FS base on glibc and musl.
-    let thread_id = read_u64(tstate + u64::from(info.py.tstate_thread_id))
-        .map_err(|_| ReadStep::ThreadState)?;
+    let py = &info.py;
+    let thread_id =
+        read_u64(tstate + u64::from(py.tstate_thread_id)).map_err(|_| ReadStep::ThreadState)?;
     if thread_id != fsbase {
         return Err(ReadStep::ThreadState);
     }
-    let cframe =
-        read_u64(tstate + u64::from(info.py.tstate_cframe)).map_err(|_| ReadStep::ThreadState)?;
-    if cframe == 0 {
-        return Ok(false);
+    // 3.11 and 3.12 reach the frame through the C frame (`cframe`), later
+    // versions hold it in the thread state (`current_frame`).
+    let mut frame =
+        read_u64(tstate + u64::from(py.tstate_frame)).map_err(|_| ReadStep::ThreadState)?;
+    if frame != 0 && py.cframe_frame != NO_CFRAME {
+        frame = read_u64(frame + u64::from(py.cframe_frame)).map_err(|_| ReadStep::CFrame)?;
     }
-    let frame =
-        read_u64(cframe + u64::from(info.py.cframe_current_frame)).map_err(|_| ReadStep::CFrame)?;
     if frame == 0 {
         return Ok(false);
     }
@@ -263,19 +270,12 @@ pub fn walk(ctx: PerfEventContext) -> u32 {
     0
 }
 
-/// The fields of a frame the walker uses.
-struct FrameFields {
-    code: u64,
-    previous: u64,
-    prev_instr: u64,
-    owner: u8,
-}
-
 /// Reads the frame at `addr` into the block buffer and returns its fields.
-/// A frame inside the block copied last costs no read: CPython 3.11 keeps
-/// most frames next to each other in the thread's data stack, so the block
-/// copied is the `FRAME_BLOCK` bytes that end with this frame. If that copy
-/// fails (a page below is unmapped), the frame alone is read.
+/// A frame inside the block copied last costs no read: CPython keeps most
+/// frames next to each other in the thread's data stack, so the block copied
+/// is the `FRAME_BLOCK` bytes that end with this frame. If that copy fails (a
+/// page below is unmapped), the frame alone is read, and the next frame
+/// needs a read of its own.
 #[inline(always)]
 fn read_frame(
     addr: u64,
@@ -296,62 +296,77 @@ fn read_frame(
             // SAFETY: as above.
             unsafe { bpf_probe_read_user_buf(addr as *const u8, &mut block[..FRAME_READ_LEN]) }
                 .ok()?;
+            // Only this frame's bytes are fresh: the rest of the buffer is an
+            // earlier sample's, so `block_valid` stays 0 and the next frame
+            // is read afresh.
             state.block_base = addr;
-            state.block_valid = 1;
         }
     }
     let off = core::hint::black_box((addr - state.block_base) as usize) & (FRAME_BLOCK - 1);
     if off > LAST as usize {
         return None;
     }
-    let p = block.as_ptr();
-    // SAFETY: `off + FRAME_READ_LEN <= FRAME_BLOCK`; the copy is plain data.
-    unsafe {
-        let u64_at = |o: usize| core::ptr::read_unaligned(p.add(off + o).cast::<u64>());
-        Some(FrameFields {
-            code: u64_at(FRAME_CODE_OFF),
-            previous: u64_at(FRAME_PREVIOUS_OFF),
-            prev_instr: u64_at(FRAME_PREV_INSTR_OFF),
-            owner: *p.add(off + FRAME_OWNER_OFF),
-        })
-    }
+    // SAFETY: `off + FRAME_READ_LEN <= FRAME_BLOCK`; the copy is plain bytes.
+    let bytes = unsafe { &*block.as_ptr().add(off).cast::<[u8; FRAME_READ_LEN]>() };
+    FrameFields::parse(bytes, &state.info.py)
 }
 
-/// Checksum and size of the code object at `code`, read once per sample.
+/// What the walker needs of a code object, read once per sample.
+struct CodeInfo {
+    checksum: u32,
+    /// `ob_size`.
+    units: i64,
+    /// An interpreter shim (3.13+'s `__init__` cleanup): its frames are skipped.
+    shim: bool,
+}
+
+/// Checksum, size and shim flag of the code object at `code`, read once per
+/// sample.
 #[inline(always)]
-fn code_info(code: u64, state: &mut WalkState) -> Option<(u32, i64)> {
+fn code_info(code: u64, state: &mut WalkState) -> Option<CodeInfo> {
     let i = core::hint::black_box((code >> 4) as usize) & (CODE_CACHE_SLOTS - 1);
     let seq = state.seq;
     if state.cache[i].seq == seq && state.cache[i].addr == code {
-        return Some((state.cache[i].checksum, i64::from(state.cache[i].units)));
+        let slot = &state.cache[i];
+        return Some(CodeInfo {
+            checksum: slot.checksum,
+            units: i64::from(slot.units),
+            shim: slot.shim != 0,
+        });
     }
     // SAFETY: bpf_probe_read_user never faults.
     unsafe { bpf_probe_read_user_buf((code + CODE_READ_START) as *const u8, &mut state.code_hdr) }
         .ok()?;
+    let py = &state.info.py;
     let units = code_size_units(&state.code_hdr);
-    let checksum = code_checksum(&state.code_hdr);
-    let key = SeenKey {
-        code,
-        tgid: state.tgid,
-        generation: state.info.generation,
-    };
-    // SAFETY: the value is a plain u32, read at once.
-    if unsafe { SEEN_CODE.get(&key) }.copied() != Some(checksum) {
-        state.novel = 1;
-        let _ = SEEN_CODE.insert(&key, &checksum, 0);
+    let checksum = code_checksum(&state.code_hdr, &py.checksum_masks);
+    let shim = code_flags(&state.code_hdr, py) & py.shim_flags != 0;
+    if !shim {
+        let key = SeenKey {
+            code,
+            tgid: state.tgid,
+            generation: state.info.generation,
+        };
+        // SAFETY: the value is a plain u32, read at once.
+        if unsafe { SEEN_CODE.get(&key) }.copied() != Some(checksum) {
+            state.novel = 1;
+            let _ = SEEN_CODE.insert(&key, &checksum, 0);
+        }
     }
     let slot = &mut state.cache[i];
     slot.addr = code;
     slot.checksum = checksum;
-    slot.units = if units > i64::from(i32::MAX) {
-        i32::MAX
-    } else if units < 0 {
-        -1
-    } else {
-        units as i32
-    };
+    // Truncated, not clamped (a clamp is two more verifier paths per frame):
+    // a real code object has far fewer than 2^31 units, and any value only
+    // bounds the instruction index, which userspace clamps again.
+    slot.units = units as i32;
     slot.seq = seq;
-    Some((checksum, units))
+    slot.shim = u32::from(shim);
+    Some(CodeInfo {
+        checksum,
+        units,
+        shim,
+    })
 }
 
 #[inline(always)]
@@ -367,33 +382,31 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut [u8; FRAME_B
     let Some(frame) = read_frame(addr, state, block) else {
         return Step::Failed(ReadStep::Frame);
     };
-    if frame.owner > MAX_FRAME_OWNER || frame.code == 0 || frame.previous == addr {
+    let kind = frame.kind(addr, &state.info.py);
+    if kind == FrameKind::Bad {
         return Step::Failed(ReadStep::BadFrame);
     }
-    let Some((checksum, units)) = code_info(frame.code, state) else {
+    state.frame = frame.previous;
+    // Interpreter boundaries and shims are not Python frames: skipped.
+    if kind == FrameKind::Boundary {
+        return Step::Next;
+    }
+    let Some(code) = code_info(frame.code, state) else {
         return Step::Failed(ReadStep::Code);
     };
-    let base = frame.code + u64::from(state.info.py.code_adaptive);
-    let instr = if frame.prev_instr < base || units <= 0 {
-        -1
-    } else {
-        let idx = ((frame.prev_instr - base) >> 1) as i64;
-        if idx >= units {
-            units - 1
-        } else {
-            idx
-        }
-    };
+    if code.shim {
+        return Step::Next;
+    }
+    let instr = instr_index(frame.instr, frame.code, code.units, &state.info.py);
     // The mask through black_box keeps LLVM from dropping it: the verifier
     // needs to see the store bounded.
     let slot = core::hint::black_box(n as usize) & (MAX_FRAMES - 1);
     buf.frames[slot] = RawFrame {
         code: frame.code,
-        instr: instr as i32,
-        checksum,
+        instr,
+        checksum: code.checksum,
     };
     buf.header.nframes = n + 1;
-    state.frame = frame.previous;
     Step::Next
 }
 

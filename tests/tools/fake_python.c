@@ -1,17 +1,22 @@
 /*
- * A process that looks like a CPython to pyebpf's process inspector, for the
- * tests of its error paths and of TLS detection on keys CPython never gets.
+ * A process that looks like a CPython 3.11 to pyebpf's process inspector
+ * (3.11's offsets, any version number), for the tests of its error paths and
+ * of TLS detection on keys CPython never gets.
  *
- * Build: cc -O0 -pthread -rdynamic -o fake_python312 fake_python312.c
+ * Build: cc -O0 -pthread -rdynamic -o fake_python fake_python.c
  *   (-rdynamic exports _PyRuntime, Py_Version and PyCode_Type in .dynsym, as
  *   a static CPython build does.)
  *
- * Usage: fake_python312 [VERSION_HEX [MODE [EXTRA_KEYS]]]
- *   VERSION_HEX  value of Py_Version (default 0x030c01f0, i.e. 3.12.1)
+ * Usage: fake_python [VERSION_HEX [MODE [EXTRA_KEYS]]]
+ *   VERSION_HEX  value of Py_Version (default 0x031000f0, i.e. 3.16.0)
  *   MODE         uninit   autoTSSkey not initialised (default)
  *                threads  initialised; two thread states (main + one thread),
  *                         each bound to its thread through the pthread key
  *                unbound  like threads, but the key's slots are left empty
+ *                freethreaded  _PyRuntime starts with a _Py_DebugOffsets
+ *                         header (cookie, version) saying free-threaded
+ *                published  the same header, not free-threaded, and no
+ *                         offsets (all zero)
  *   EXTRA_KEYS   pthread keys created before CPython's (default 0): 32 or
  *                more puts the key in glibc's second-level blocks
  *
@@ -33,8 +38,14 @@
 #define TSTATE_THREAD_ID 152
 #define TYPE_BASICSIZE 32
 
+/* -DRUNTIME_SECTION puts it in the `.PyRuntime` section, as 3.13+ do (built
+ * without -rdynamic and stripped, the section is all that names it). */
+#ifdef RUNTIME_SECTION
+unsigned char _PyRuntime[4096] __attribute__((section(".PyRuntime"), aligned(64))) = {1};
+#else
 unsigned char _PyRuntime[4096] __attribute__((aligned(64)));
-unsigned long Py_Version = 0x030c01f0UL;
+#endif
+unsigned long Py_Version = 0x031000f0UL;
 unsigned char PyCode_Type[416] __attribute__((aligned(64)));
 
 static unsigned char interp[256] __attribute__((aligned(64)));
@@ -85,7 +96,12 @@ int main(int argc, char **argv) {
     }
     put_u64(PyCode_Type, TYPE_BASICSIZE, 184);
 
-    if (strcmp(mode, "uninit") != 0) {
+    if (strcmp(mode, "freethreaded") == 0 || strcmp(mode, "published") == 0) {
+        memset(_PyRuntime, 0, sizeof _PyRuntime);
+        memcpy(_PyRuntime, "xdebugpy", 8);
+        put_u64(_PyRuntime, 8, Py_Version);
+        put_u64(_PyRuntime, 16, strcmp(mode, "freethreaded") == 0);
+    } else if (strcmp(mode, "uninit") != 0) {
         bind_key = strcmp(mode, "threads") == 0;
         put_u64(_PyRuntime, RUNTIME_INTERPRETERS_HEAD, (uint64_t)(uintptr_t)interp);
         put_u64(interp, INTERP_THREADS_HEAD, (uint64_t)(uintptr_t)tstate[0]);

@@ -38,7 +38,7 @@ pub fn run(extra: &[String]) -> Result<()> {
         if name.starts_with("cargo test") && is_root() {
             println!(
                 "running as root: the bpf_* tests load the real BPF programs and profile real \
-                 Python 3.11 processes; PYEBPF_REQUIRE_BPF_TESTS=1 makes any skip a failure"
+                 CPython 3.11-3.15 processes; PYEBPF_REQUIRE_BPF_TESTS=1 makes any skip a failure"
             );
         }
         if name.starts_with("cargo test") && !is_root() {

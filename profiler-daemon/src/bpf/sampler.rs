@@ -167,10 +167,18 @@ impl Sampler {
             .load(OBJECT)?;
 
         let walk = perf_program(&mut ebpf, "walk")?;
+        let loading = std::time::Instant::now();
         walk.load().map_err(|source| SamplerError::Program {
             name: "walk",
             source,
         })?;
+        // The walker is the program the verifier works hardest on: its
+        // figures tell how close it is to the kernel's limits.
+        tracing::debug!(
+            took = ?loading.elapsed(),
+            verified_insns = walk.info().ok().and_then(|i| i.verified_instruction_count()),
+            "walker loaded"
+        );
         let walk_fd = walk
             .fd()
             .map_err(|source| SamplerError::Program {

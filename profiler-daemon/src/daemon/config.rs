@@ -133,7 +133,7 @@ impl Default for Sampling {
 
 /// `discovery:` which processes are profiled.
 ///
-/// A process is profiled when it runs CPython 3.11, matches at least one
+/// A process is profiled when it runs a supported CPython, matches at least one
 /// `include` rule (or `include` is empty), matches no `exclude` rule, and
 /// does not have `PYEBPF_DISABLE=1` in its environment ([`DISABLE_ENV`]):
 /// that opt-out always wins.
@@ -145,7 +145,7 @@ pub struct Discovery {
     #[serde(deserialize_with = "ranged::<_, _, 1, 3600>")]
     pub rescan_interval_secs: u64,
     /// Profile only processes matching one of these rules; empty (the
-    /// default) means every Python 3.11 process.
+    /// default) means every supported CPython process.
     pub include: Vec<Rule>,
     /// Never profile processes matching one of these rules; default empty.
     pub exclude: Vec<Rule>,

@@ -20,7 +20,8 @@
 //!     Ok(Excluded) => tracker.mark(c, Seen::Excluded),
 //!     Ok(Python(p)) => rules again → tracker.mark(c, Seen::Profiled / Seen::Excluded),
 //!     Ok(Reused) => tracker.forget(c.pid),
-//!     Err(e) => tracker.record_error(c, &e, now),   // retries NotInitialized with backoff
+//!     Err(e) => tracker.record_error(c, &e, now),   // retries NotInitialized with backoff;
+//!                                                   // Seen::Unsupported: unsupported_process(c, &e)
 //! }
 //! ```
 use std::collections::{HashMap, HashSet};
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use super::config::Discovery;
 use super::labels::{self, LabelError};
+use super::store::UnsupportedProcess;
 use super::ProcessLabels;
 use crate::process::python::{self, InspectError, PythonProcess, VerdictCache};
 
@@ -59,11 +61,11 @@ pub enum Inspection {
         labels: ProcessLabels,
         disabled: bool,
     },
-    /// A CPython 3.11 process the rules selected, with its labels and
+    /// A supported CPython process the rules selected, with its labels and
     /// opt-out read again after the inspection (they may have changed: the
-    /// caller decides on these).
+    /// caller decides on these). Boxed: a process's layout is large.
     Python {
-        process: PythonProcess,
+        process: Box<PythonProcess>,
         labels: ProcessLabels,
         disabled: bool,
     },
@@ -89,7 +91,7 @@ fn fallback_labels(pid: u32, command: String, err: &LabelError) -> (ProcessLabel
 /// Inspect candidate `c`, cheapest step first: read its labels and
 /// `PYEBPF_DISABLE` from `/proc` and apply `rules`; only a process they
 /// select has its ELF files looked at (through `cache`) to find a
-/// CPython 3.11 interpreter. On a busy host most processes stop at the
+/// supported CPython interpreter. On a busy host most processes stop at the
 /// first step, or find every file they map already in the cache.
 pub fn inspect_candidate(
     c: Candidate,
@@ -121,9 +123,35 @@ pub fn inspect_candidate(
     let (labels, disabled) = labels::read_labels_and_opt_out(pid)
         .unwrap_or_else(|e| fallback_labels(pid, process.command.clone(), &e));
     Ok(Inspection::Python {
-        process,
+        process: Box::new(process),
         labels,
         disabled,
+    })
+}
+
+/// What to list about candidate `c` when `err` refused it as a CPython of an
+/// unsupported version or build (`None` for any other error): its labels
+/// (read now; the command alone if they cannot be), version and the
+/// error's message as the reason.
+pub fn unsupported_process(c: Candidate, err: &InspectError) -> Option<UnsupportedProcess> {
+    let (version, free_threaded) = match err {
+        InspectError::UnsupportedVersion { version, .. } => (version.clone(), false),
+        InspectError::FreeThreaded { version, .. } => (version.clone(), true),
+        _ => return None,
+    };
+    let labels = match labels::read_labels_and_opt_out(c.pid) {
+        Ok((labels, _)) => labels,
+        Err(e) => {
+            let command = python::command(c.pid).unwrap_or_default();
+            fallback_labels(c.pid, command, &e).0
+        }
+    };
+    Some(UnsupportedProcess {
+        labels,
+        start_time: c.start_time,
+        python_version: version,
+        free_threaded,
+        reason: err.to_string(),
     })
 }
 
@@ -140,9 +168,14 @@ pub struct Candidate {
 pub enum Seen {
     /// Being profiled.
     Profiled,
-    /// Not a (supported) Python process, or a kernel thread or zombie. Looked
-    /// at again only if its command changes (an `exec`).
+    /// Not a Python process pyebpf can read (no interpreter found, or an
+    /// unexpected build), or a kernel thread or zombie. Looked at again
+    /// only if its command changes (an `exec`).
     NotPython,
+    /// CPython, but of a version or build pyebpf does not support (too old,
+    /// too new, free-threaded). Like `NotPython`, looked at again only
+    /// after an `exec`.
+    Unsupported,
     /// Python, but excluded by `PYEBPF_DISABLE` or the configured rules.
     Excluded,
     /// Inspection failed (e.g. the interpreter is not initialized yet) and is
@@ -253,6 +286,7 @@ pub struct TrackerCounts {
     pub pending: usize,
     pub profiled: usize,
     pub not_python: usize,
+    pub unsupported: usize,
     pub excluded: usize,
     pub failed: usize,
     pub gave_up: usize,
@@ -309,7 +343,7 @@ impl Tracker {
                 return match e.state {
                     _ if skip => None,
                     None => Some(c),
-                    Some(Seen::NotPython | Seen::GaveUp) if exec_d => {
+                    Some(Seen::NotPython | Seen::Unsupported | Seen::GaveUp) if exec_d => {
                         e.state = None;
                         Some(c)
                     }
@@ -408,7 +442,10 @@ impl Tracker {
 
     /// Record the outcome of a failed `python::inspect(c.pid)`:
     /// - the process is gone: forgotten (returns `None`);
-    /// - not Python, another Python version, or an incompatible build:
+    /// - CPython of a version or build not supported (too old, too new,
+    ///   free-threaded): [`Seen::Unsupported`], at once (the answer will not
+    ///   change; see [`unsupported_process`] for what to list);
+    /// - not Python, or an incompatible build:
     ///   [`Seen::NotPython`] (but a process whose command or executable is
     ///   named `python*`, e.g. a `#!/usr/bin/python3` script, is retried a
     ///   few times first: it may be between its `exec` and the dynamic loader
@@ -430,14 +467,17 @@ impl Tracker {
                 }
                 _ => self.retry_later(c, now),
             },
+            InspectError::UnsupportedVersion { .. } | InspectError::FreeThreaded { .. } => {
+                self.mark(c, Seen::Unsupported);
+                Seen::Unsupported
+            }
             InspectError::NotPython(..)
-            | InspectError::UnsupportedVersion { .. }
             | InspectError::MissingSymbol { .. }
             | InspectError::Incompatible { .. } => {
                 self.mark(c, Seen::NotPython);
                 Seen::NotPython
             }
-            InspectError::NotInitialized(_)
+            InspectError::NotInitialized { .. }
             | InspectError::Permission { .. }
             | InspectError::Tls { .. }
             | InspectError::Memory(_)
@@ -533,6 +573,7 @@ impl Tracker {
                 None => n.pending += 1,
                 Some(Seen::Profiled) => n.profiled += 1,
                 Some(Seen::NotPython) => n.not_python += 1,
+                Some(Seen::Unsupported) => n.unsupported += 1,
                 Some(Seen::Excluded) => n.excluded += 1,
                 Some(Seen::Failed { .. }) => n.failed += 1,
                 Some(Seen::GaveUp) => n.gave_up += 1,
@@ -888,9 +929,23 @@ mod tests {
         let mut t = Tracker::new();
         let now = Instant::now();
         let c = t.observe(0x3fff_ff60, stat(1, "python3")).unwrap();
-        let s = t.record_error(c, &InspectError::NotInitialized(0x3fff_ff60), now);
+        let s = t.record_error(
+            c,
+            &InspectError::NotInitialized {
+                pid: 0x3fff_ff60,
+                detail: "test".into(),
+            },
+            now,
+        );
         assert!(matches!(s, Some(Seen::Failed { attempts: 1, .. })));
-        let s = t.record_error(c, &InspectError::NotInitialized(0x3fff_ff60), now);
+        let s = t.record_error(
+            c,
+            &InspectError::NotInitialized {
+                pid: 0x3fff_ff60,
+                detail: "test".into(),
+            },
+            now,
+        );
         assert!(matches!(s, Some(Seen::Failed { attempts: 2, .. })));
         assert_eq!(
             t.record_error(c, &InspectError::NoSuchProcess(0x3fff_ff60), now),
@@ -901,12 +956,18 @@ mod tests {
         let c = t.observe(0x3fff_ff61, stat(1, "node")).unwrap();
         let s = t.record_error(c, &InspectError::NotPython(0x3fff_ff61, "node".into()), now);
         assert_eq!(s, Some(Seen::NotPython));
-        let c = t.observe(0x3fff_ff62, stat(1, "python3.12")).unwrap();
+        let c = t.observe(0x3fff_ff62, stat(1, "python3.16")).unwrap();
         let e = InspectError::UnsupportedVersion {
             pid: 0x3fff_ff62,
-            version: "3.12.1".into(),
+            version: "3.16.0".into(),
         };
-        assert_eq!(t.record_error(c, &e, now), Some(Seen::NotPython));
+        assert_eq!(t.record_error(c, &e, now), Some(Seen::Unsupported));
+        let c = t.observe(0x3fff_ff64, stat(1, "python3.14t")).unwrap();
+        let e = InspectError::FreeThreaded {
+            pid: 0x3fff_ff64,
+            version: "3.14.0".into(),
+        };
+        assert_eq!(t.record_error(c, &e, now), Some(Seen::Unsupported));
 
         // "python" that is not Python (yet): a few quick retries, then no.
         let c = t.observe(0x3fff_ff63, stat(1, "python3")).unwrap();
@@ -917,6 +978,73 @@ mod tests {
         assert!(matches!(got[0], Seen::Failed { attempts: 1, .. }));
         assert!(matches!(got[2], Seen::Failed { attempts: 3, .. }));
         assert_eq!(got[3], Seen::NotPython);
+    }
+
+    #[test]
+    fn unsupported_is_decided_once_and_listed() {
+        let child = ChildGuard(Command::new("sleep").arg("30").spawn().unwrap());
+        let pid = child.pid();
+        let c = cand(pid, python::start_time(pid).unwrap());
+        let mut t = Tracker::new();
+        let now = Instant::now();
+        assert_eq!(t.observe(pid, stat(c.start_time, "sleep")), Some(c));
+        let e = InspectError::UnsupportedVersion {
+            pid,
+            version: "3.16.0a1".into(),
+        };
+        assert_eq!(t.record_error(c, &e, now), Some(Seen::Unsupported));
+        // Decided: neither a candidate again nor retried.
+        assert_eq!(t.observe(pid, stat(c.start_time, "sleep")), None);
+        assert!(t.due_retries(now + Duration::from_secs(3600)).is_empty());
+        assert_eq!(t.next_retry(), None);
+        assert_eq!(
+            t.counts(),
+            TrackerCounts {
+                unsupported: 1,
+                ..Default::default()
+            }
+        );
+        // What is listed: its labels, version and the reason.
+        let u = unsupported_process(c, &e).unwrap();
+        assert_eq!((u.labels.pid, u.labels.command.as_str()), (pid, "sleep"));
+        assert!(u.labels.exe.ends_with("/sleep"), "{u:?}");
+        assert_eq!(u.start_time, c.start_time);
+        assert_eq!(
+            (u.python_version.as_str(), u.python()),
+            ("3.16.0a1", "3.16".into())
+        );
+        assert!(!u.free_threaded);
+        assert_eq!(u.reason, e.to_string());
+        let ft = InspectError::FreeThreaded {
+            pid,
+            version: "3.14.10".into(),
+        };
+        let u = unsupported_process(c, &ft).unwrap();
+        assert_eq!(
+            (u.python_version.as_str(), u.python()),
+            ("3.14.10", "3.14t".into())
+        );
+        assert!(
+            u.free_threaded && u.reason.contains("free-threaded"),
+            "{u:?}"
+        );
+        // Other errors are not "unsupported".
+        for other in [
+            InspectError::NotPython(pid, "sleep".into()),
+            InspectError::Incompatible {
+                pid,
+                version: "3.14.0".into(),
+                reason: "x".into(),
+            },
+        ] {
+            assert!(unsupported_process(c, &other).is_none(), "{other}");
+        }
+        // After an exec it is looked at again.
+        assert_eq!(t.observe(pid, stat(c.start_time, "python3.11")), Some(c));
+        // A process gone meanwhile is still listed, with its pid only.
+        let gone = cand(0x3fff_fff0, 1);
+        let u = unsupported_process(gone, &e).unwrap();
+        assert_eq!((u.labels.pid, u.labels.command.as_str()), (gone.pid, ""));
     }
 
     #[test]
@@ -1021,7 +1149,7 @@ mod tests {
             .expect("the fake is a candidate");
         let t0 = Instant::now();
         let err = python::inspect(pid).unwrap_err();
-        assert!(matches!(err, InspectError::NotInitialized(_)), "{err}");
+        assert!(matches!(err, InspectError::NotInitialized { .. }), "{err}");
         let s = t.record_error(c, &err, t0).unwrap();
         assert!(matches!(s, Seen::Failed { attempts: 1, .. }));
         assert!(

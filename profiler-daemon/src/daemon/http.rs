@@ -7,7 +7,7 @@
 //! | `GET /profile?service=NAME&seconds=N` | same, every process of a service merged |
 //! | `GET /flamegraph.svg?...` | SVG flamegraph (same parameters) |
 //! | `GET /folded?...` | folded stacks (same parameters) |
-//! | `GET /processes` | JSON array of the profiled processes |
+//! | `GET /processes[?all=1]` | JSON array of the profiled processes; `all=1` adds the CPython processes refused for their version or build |
 //! | `GET /api/top?seconds=N&line=0\|1[&pid=PID...][&service=NAME]` | JSON snapshot for `pyebpf top` |
 //! | `GET /healthz` | `ok`: the daemon is alive |
 //! | `GET /readyz` | `ready`, or 503 and why not |
@@ -36,7 +36,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::Semaphore;
 
-use super::{ApiSource, QueryError, Selector};
+use super::{ApiSource, QueryError, Selector, STATUS_UNSUPPORTED};
 use crate::profile::{folded, pprof, svg, Profile};
 use crate::top::model::TopQuery;
 
@@ -179,8 +179,45 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn processes(State(st): State<AppState>) -> Response {
-    Json(st.source.processes()).into_response()
+/// Validates the parameters of `/processes`: `all=0|1` (default 0).
+fn parse_processes_query(pairs: &[(String, String)]) -> Result<bool, String> {
+    let mut all = None;
+    for (k, v) in pairs {
+        if k != "all" {
+            return Err(format!("unknown parameter {}: expected all", quoted(k)));
+        }
+        if all.is_some() {
+            return Err("parameter all given more than once".to_string());
+        }
+        all = Some(match v.as_str() {
+            "0" => false,
+            "1" => true,
+            _ => return Err(format!("bad all {}: expected 0 or 1", quoted(v))),
+        });
+    }
+    Ok(all.unwrap_or(false))
+}
+
+/// `GET /processes`: the profiled (and exited) processes; with `all=1`, also
+/// the CPython processes refused for their version or build, with the
+/// reason.
+async fn processes(
+    State(st): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Response {
+    let pairs = match query {
+        Ok(Query(pairs)) => pairs,
+        Err(_) => return text(StatusCode::BAD_REQUEST, "malformed query string"),
+    };
+    let all = match parse_processes_query(&pairs) {
+        Ok(all) => all,
+        Err(msg) => return text(StatusCode::BAD_REQUEST, &msg),
+    };
+    let mut list = st.source.processes();
+    if !all {
+        list.retain(|p| p.status != STATUS_UNSUPPORTED);
+    }
+    Json(list).into_response()
 }
 
 /// What a profile query asks for.
@@ -356,7 +393,7 @@ async fn top(
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     let source = st.source.clone();
-    match tokio::task::spawn_blocking(move || source.top(&q)).await {
+    match tokio::task::spawn_blocking(move || source.top_with_python(&q)).await {
         Ok(Ok(snapshot)) => {
             let mut resp = Json(snapshot).into_response();
             resp.headers_mut()
@@ -622,21 +659,42 @@ mod tests {
 
     impl ApiSource for Fake {
         fn processes(&self) -> Vec<ProcessView> {
-            vec![ProcessView {
-                labels: ProcessLabels {
-                    pid: 42,
-                    command: "python3".into(),
-                    service: "web".into(),
-                    exe: "/usr/bin/python3.11".into(),
-                    cmdline: "python3 app.py".into(),
-                    container_id: Some("abc".into()),
-                    ..Default::default()
+            vec![
+                ProcessView {
+                    labels: ProcessLabels {
+                        pid: 42,
+                        command: "python3".into(),
+                        service: "web".into(),
+                        exe: "/usr/bin/python3.11".into(),
+                        cmdline: "python3 app.py".into(),
+                        container_id: Some("abc".into()),
+                        ..Default::default()
+                    },
+                    python_version: "3.11.7".into(),
+                    python: "3.11".into(),
+                    status: "profiled",
+                    since: 1_700_000_000,
+                    samples: 10,
+                    reason: None,
                 },
-                python_version: "3.11.7".into(),
-                status: "profiled",
-                since: 1_700_000_000,
-                samples: 10,
-            }]
+                ProcessView {
+                    labels: ProcessLabels {
+                        pid: 43,
+                        command: "python3.16".into(),
+                        service: "web".into(),
+                        ..Default::default()
+                    },
+                    python_version: "3.16.0".into(),
+                    python: "3.16".into(),
+                    status: STATUS_UNSUPPORTED,
+                    since: 1_700_000_100,
+                    samples: 0,
+                    reason: Some(
+                        "process 43 runs Python 3.16.0; pyebpf supports CPython 3.11 to 3.15"
+                            .into(),
+                    ),
+                },
+            ]
         }
 
         fn profile(&self, selector: &Selector, seconds: u32) -> Result<Profile, QueryError> {
@@ -777,13 +835,63 @@ mod tests {
         assert_eq!(ct, "application/json");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let arr = v.as_array().unwrap();
-        assert_eq!(arr.len(), 1);
+        assert_eq!(arr.len(), 1, "unsupported ones only with all=1: {v}");
         assert_eq!(arr[0]["labels"]["pid"], 42);
         assert_eq!(arr[0]["labels"]["service"], "web");
         assert_eq!(arr[0]["labels"]["container_id"], "abc");
         assert_eq!(arr[0]["python_version"], "3.11.7");
+        assert_eq!(arr[0]["python"], "3.11");
         assert_eq!(arr[0]["status"], "profiled");
         assert_eq!(arr[0]["samples"], 10);
+        let mut keys: Vec<&str> = arr[0]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "labels",
+                "python",
+                "python_version",
+                "samples",
+                "since",
+                "status"
+            ],
+            "no reason for a profiled process"
+        );
+        assert_eq!(s.get_text("/processes?all=0").await.2, body);
+
+        // all=1: the refused CPython processes too, with why.
+        let (status, ct, body) = s.get_text("/processes?all=1").await;
+        assert_eq!((status, ct.as_str()), (200, "application/json"));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let arr = v.as_array().unwrap();
+        assert_eq!(arr.len(), 2, "{v}");
+        assert_eq!(arr[0]["labels"]["pid"], 42);
+        let u = &arr[1];
+        assert_eq!(u["labels"]["pid"], 43);
+        assert_eq!(u["status"], "unsupported");
+        assert_eq!(u["python"], "3.16");
+        assert_eq!(u["python_version"], "3.16.0");
+        assert_eq!(u["samples"], 0);
+        assert_eq!(
+            u["reason"],
+            "process 43 runs Python 3.16.0; pyebpf supports CPython 3.11 to 3.15"
+        );
+        for (path, want) in [
+            ("/processes?all=2", "bad all \"2\": expected 0 or 1"),
+            ("/processes?all=", "bad all"),
+            ("/processes?all=1&all=1", "all given more than once"),
+            ("/processes?pid=1", "unknown parameter \"pid\""),
+        ] {
+            let (status, ct, body) = s.get_text(path).await;
+            assert_eq!((status, ct.as_str()), (400, TEXT_PLAIN), "{path}: {body}");
+            assert!(body.contains(want), "{path}: {body:?}");
+            assert_eq!(body.lines().count(), 1, "{path}: {body:?}");
+        }
         s.shutdown().await;
     }
 
@@ -1015,9 +1123,15 @@ mod tests {
         assert_eq!(snap.total_samples, 10);
         assert_eq!(snap.window_secs, 60);
         assert_eq!(snap.rate_hz, 100);
-        assert_eq!(snap.processes_profiled, 1);
+        assert_eq!(snap.processes_profiled, 1, "the unsupported one is not");
         assert_eq!(snap.processes.len(), 1);
         assert_eq!(snap.processes[0].service, "web");
+        assert_eq!(snap.processes[0].python, "3.11");
+        assert!(!snap.functions.is_empty());
+        assert!(snap.functions.iter().all(|r| r.python == "3.11"), "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["processes"][0]["python"], "3.11");
+        assert_eq!(v["functions"][0]["python"], "3.11");
         let top = &snap.functions[0];
         assert_eq!(
             (top.qualname.as_str(), top.line, top.own),
@@ -1130,6 +1244,17 @@ mod tests {
         let long = format!("pid={}", "x".repeat(1000));
         let msg = parse_profile_query(&q(&long), 5).unwrap_err();
         assert!(msg.len() < 200, "{msg}");
+    }
+
+    #[test]
+    fn processes_query_parsing() {
+        assert_eq!(parse_processes_query(&q("")), Ok(false));
+        assert_eq!(parse_processes_query(&q("all=0")), Ok(false));
+        assert_eq!(parse_processes_query(&q("all=1")), Ok(true));
+        assert!(parse_processes_query(&q("all=yes")).is_err());
+        assert!(parse_processes_query(&q("all")).is_err());
+        assert!(parse_processes_query(&q("all=1&all=0")).is_err());
+        assert!(parse_processes_query(&q("verbose=1")).is_err());
     }
 
     #[test]

@@ -9,7 +9,13 @@
 //! targets) are created at start, so every series exists from the first
 //! scrape, at zero. `pyebpf_function_samples` only has the series of the
 //! last [`Metrics::set_top_functions`] (none before).
-use std::collections::{BTreeMap, HashMap};
+//!
+//! The `python` label (major.minor, `t` for free-threaded builds) comes from
+//! the processes seen, so a host could make it take any value: at most
+//! [`MAX_PYTHON_LABELS`] distinct versions get their own value, later ones
+//! are counted under [`OTHER_PYTHON`]. A `pyebpf_processes_profiled` series,
+//! once it exists, stays (at 0 when no process of that version is profiled).
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -26,19 +32,29 @@ use crate::bpf::sampler::RunStats;
 use crate::profile::{Frame, Profile};
 use crate::python::symbolizer::SymbolStats;
 
+/// Most distinct values the `python` label takes (besides `""` and
+/// [`OTHER_PYTHON`]).
+pub const MAX_PYTHON_LABELS: usize = 32;
+/// The `python` label of versions seen after [`MAX_PYTHON_LABELS`] others.
+pub const OTHER_PYTHON: &str = "other";
+
 /// What discovery decided about a process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DiscoveryResult {
     Profiled,
     NotPython,
+    /// A CPython process refused for its version or build (too old, too
+    /// new, free-threaded).
+    Unsupported,
     Excluded,
     Failed,
 }
 
 impl DiscoveryResult {
-    pub const ALL: [DiscoveryResult; 4] = [
+    pub const ALL: [DiscoveryResult; 5] = [
         DiscoveryResult::Profiled,
         DiscoveryResult::NotPython,
+        DiscoveryResult::Unsupported,
         DiscoveryResult::Excluded,
         DiscoveryResult::Failed,
     ];
@@ -47,9 +63,19 @@ impl DiscoveryResult {
         match self {
             DiscoveryResult::Profiled => "profiled",
             DiscoveryResult::NotPython => "not_python",
+            DiscoveryResult::Unsupported => "unsupported",
             DiscoveryResult::Excluded => "excluded",
             DiscoveryResult::Failed => "failed",
         }
+    }
+
+    /// Whether the result always comes with a known version (so no series
+    /// with an empty `python` is created for it in advance).
+    fn has_version(self) -> bool {
+        matches!(
+            self,
+            DiscoveryResult::Profiled | DiscoveryResult::Unsupported
+        )
     }
 }
 
@@ -97,6 +123,30 @@ pub type FunctionSamples = (String, String, u64);
 
 const SYMBOL_RESULTS: [&str; 5] = ["hit", "miss", "stale", "unreadable", "invalid"];
 
+/// The values the `python` label has taken.
+#[derive(Default)]
+struct PythonLabels {
+    /// Versions given their own value (at most [`MAX_PYTHON_LABELS`]).
+    seen: HashSet<String>,
+    /// `python` values of `pyebpf_processes_profiled` series set so far.
+    profiled_series: HashSet<String>,
+}
+
+impl PythonLabels {
+    /// The label value for `python`: itself if seen before or while there is
+    /// room, else [`OTHER_PYTHON`]; `""` (version not known) is kept.
+    fn value(&mut self, python: &str) -> String {
+        if python.is_empty() || self.seen.contains(python) {
+            return python.to_string();
+        }
+        if self.seen.len() < MAX_PYTHON_LABELS {
+            self.seen.insert(python.to_string());
+            return python.to_string();
+        }
+        OTHER_PYTHON.to_string()
+    }
+}
+
 /// Last absolute values seen by the delta setters.
 #[derive(Default)]
 struct Last {
@@ -122,10 +172,11 @@ fn advance(c: &IntCounter, last: &mut u64, now: u64) {
 pub struct Metrics {
     registry: Registry,
     last: Mutex<Last>,
+    python_labels: Mutex<PythonLabels>,
     bpf_events: IntCounterVec,
     bpf_read_errors: IntCounterVec,
     ringbuf_dropped: IntCounter,
-    processes_profiled: IntGauge,
+    processes_profiled: IntGaugeVec,
     processes_discovered: IntCounterVec,
     symbol_cache: IntCounterVec,
     symbol_cache_resets: IntCounter,
@@ -188,18 +239,24 @@ impl Metrics {
         );
         let processes_profiled = register(
             &r,
-            IntGauge::new(
-                "pyebpf_processes_profiled",
-                "Python processes being profiled now.",
+            IntGaugeVec::new(
+                Opts::new(
+                    "pyebpf_processes_profiled",
+                    "Python processes being profiled now, by Python version (major.minor; a \
+                     version's series stays, at 0, once none is left).",
+                ),
+                &["python"],
             )
             .expect("valid metric"),
         );
         let processes_discovered = counter_vec(
             &r,
             "pyebpf_processes_discovered_total",
-            "Processes examined by discovery, by result: profiled, not_python, excluded (by the \
-             configured filters) or failed.",
-            &["result"],
+            "Processes examined by discovery, by result: profiled, not_python, unsupported \
+             (CPython of a version or build pyebpf does not support), excluded (by the \
+             configured filters) or failed; python is the version (major.minor, t for \
+             free-threaded) when known, else empty.",
+            &["result", "python"],
         );
         let symbol_cache = counter_vec(
             &r,
@@ -302,8 +359,11 @@ impl Metrics {
         for s in ReadStep::ALL {
             bpf_read_errors.with_label_values(&[s.name()]);
         }
-        for d in DiscoveryResult::ALL {
-            processes_discovered.with_label_values(&[d.as_str()]);
+        for d in DiscoveryResult::ALL
+            .into_iter()
+            .filter(|d| !d.has_version())
+        {
+            processes_discovered.with_label_values(&[d.as_str(), ""]);
         }
         for s in SYMBOL_RESULTS {
             symbol_cache.with_label_values(&[s]);
@@ -320,6 +380,7 @@ impl Metrics {
         Metrics {
             registry: r,
             last: Mutex::new(Last::default()),
+            python_labels: Mutex::new(PythonLabels::default()),
             bpf_events,
             bpf_read_errors,
             ringbuf_dropped,
@@ -431,16 +492,42 @@ impl Metrics {
         last.run_count = s.samples;
     }
 
-    /// Sets `pyebpf_processes_profiled`.
-    pub fn set_processes_profiled(&self, n: usize) {
-        self.processes_profiled
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    fn python_labels(&self) -> std::sync::MutexGuard<'_, PythonLabels> {
+        // A panic elsewhere cannot leave the sets inconsistent enough to matter.
+        self.python_labels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one process examined by discovery.
-    pub fn inc_discovered(&self, result: DiscoveryResult) {
+    /// Sets `pyebpf_processes_profiled` from the number of processes
+    /// profiled now per `python` label (`"3.11"`, `"3.14t"`). Versions past
+    /// the label cap are summed under [`OTHER_PYTHON`]; a series set before
+    /// and absent from `by_python` is set to 0.
+    pub fn set_processes_profiled<'a>(
+        &self,
+        by_python: impl IntoIterator<Item = (&'a str, usize)>,
+    ) {
+        let mut labels = self.python_labels();
+        let mut now: BTreeMap<String, usize> = BTreeMap::new();
+        for (python, n) in by_python {
+            let v = labels.value(python);
+            *now.entry(v).or_insert(0) += n;
+        }
+        for old in &labels.profiled_series {
+            now.entry(old.clone()).or_insert(0);
+        }
+        for (python, n) in now {
+            self.processes_profiled
+                .with_label_values(&[&python])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+            labels.profiled_series.insert(python);
+        }
+    }
+
+    /// Counts one process examined by discovery; `python` is its version's
+    /// label (`"3.14"`, `"3.16"`, `"3.14t"`), `""` when not known.
+    pub fn inc_discovered(&self, result: DiscoveryResult, python: &str) {
+        let python = self.python_labels().value(python);
         self.processes_discovered
-            .with_label_values(&[result.as_str()])
+            .with_label_values(&[result.as_str(), &python])
             .inc();
     }
 
@@ -645,6 +732,7 @@ mod tests {
             &[(labels(1, "web"), vec![("f".into(), "/a.py".into(), 3)])],
             10,
         );
+        m.set_processes_profiled([("3.11", 1)]);
         let text = m.render();
         parse(&text);
         for name in [
@@ -698,6 +786,26 @@ mod tests {
                 Some(0.0)
             );
         }
+        // Results without a version exist at zero, with an empty python;
+        // profiled and unsupported only get series with their versions.
+        for r in ["not_python", "excluded", "failed"] {
+            assert_eq!(
+                value(
+                    &text,
+                    "pyebpf_processes_discovered_total",
+                    &[("result", r), ("python", "")]
+                ),
+                Some(0.0),
+                "{r}"
+            );
+        }
+        for r in ["profiled", "unsupported"] {
+            assert_eq!(
+                value(&text, "pyebpf_processes_discovered_total", &[("result", r)]),
+                None,
+                "{r}"
+            );
+        }
         for t in ["pprof_dir", "pyroscope"] {
             for r in ["ok", "error", "dropped"] {
                 assert_eq!(
@@ -713,6 +821,7 @@ mod tests {
         assert!(text.contains("# TYPE pyebpf_bpf_events_total counter"));
         assert!(text.contains("# TYPE pyebpf_window_flush_seconds histogram"));
         assert!(text.contains("# TYPE pyebpf_function_samples gauge"));
+        assert!(text.contains("# TYPE pyebpf_processes_profiled gauge"));
     }
 
     #[test]
@@ -842,20 +951,27 @@ mod tests {
         );
 
         // Plain counters, gauges and the histogram.
-        m.set_processes_profiled(3);
-        m.inc_discovered(DiscoveryResult::NotPython);
-        m.inc_discovered(DiscoveryResult::NotPython);
+        m.set_processes_profiled([("3.11", 2), ("3.14", 1)]);
+        m.inc_discovered(DiscoveryResult::NotPython, "");
+        m.inc_discovered(DiscoveryResult::NotPython, "");
         m.add_stacks_evicted(4);
         m.add_samples_received(1000);
         m.inc_export(ExportTarget::Pyroscope, ExportResult::Dropped);
         m.observe_window_flush(Duration::from_millis(30));
         let t = m.render();
-        assert_eq!(value(&t, "pyebpf_processes_profiled", &[]), Some(3.0));
+        assert_eq!(
+            value(&t, "pyebpf_processes_profiled", &[("python", "3.11")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&t, "pyebpf_processes_profiled", &[("python", "3.14")]),
+            Some(1.0)
+        );
         assert_eq!(
             value(
                 &t,
                 "pyebpf_processes_discovered_total",
-                &[("result", "not_python")]
+                &[("result", "not_python"), ("python", "")]
             ),
             Some(2.0)
         );
@@ -863,7 +979,7 @@ mod tests {
             value(
                 &t,
                 "pyebpf_processes_discovered_total",
-                &[("result", "profiled")]
+                &[("result", "excluded"), ("python", "")]
             ),
             Some(0.0)
         );
@@ -892,6 +1008,146 @@ mod tests {
             value(&t, "pyebpf_window_flush_seconds_bucket", &[("le", "0.025")]),
             Some(0.0)
         );
+    }
+
+    /// Every `name` series as (python label, value), sorted.
+    fn by_python(text: &str, name: &str, more: &[(&str, &str)]) -> Vec<(String, f64)> {
+        let mut v: Vec<(String, f64)> = parse(text)
+            .into_iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && more
+                        .iter()
+                        .all(|(k, val)| l.iter().any(|(k2, v2)| k2 == k && v2 == val))
+            })
+            .map(|(_, l, v)| {
+                let python = l.into_iter().find(|(k, _)| k == "python").unwrap().1;
+                (python, v)
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn series(v: &[(&str, f64)]) -> Vec<(String, f64)> {
+        v.iter().map(|(p, n)| (p.to_string(), *n)).collect()
+    }
+
+    #[test]
+    fn processes_by_python_version() {
+        let m = Metrics::new();
+        // Nothing profiled yet: no series.
+        m.set_processes_profiled([]);
+        assert!(by_python(&m.render(), "pyebpf_processes_profiled", &[]).is_empty());
+        m.set_processes_profiled([("3.11", 2), ("3.14", 1), ("3.14t", 1)]);
+        assert_eq!(
+            by_python(&m.render(), "pyebpf_processes_profiled", &[]),
+            series(&[("3.11", 2.0), ("3.14", 1.0), ("3.14t", 1.0)])
+        );
+        // The last 3.14 exits: its series stays, at 0.
+        m.set_processes_profiled([("3.11", 3)]);
+        assert_eq!(
+            by_python(&m.render(), "pyebpf_processes_profiled", &[]),
+            series(&[("3.11", 3.0), ("3.14", 0.0), ("3.14t", 0.0)])
+        );
+
+        m.inc_discovered(DiscoveryResult::Profiled, "3.14");
+        m.inc_discovered(DiscoveryResult::Profiled, "3.14");
+        m.inc_discovered(DiscoveryResult::Profiled, "3.11");
+        m.inc_discovered(DiscoveryResult::Unsupported, "3.16");
+        m.inc_discovered(DiscoveryResult::Unsupported, "3.10");
+        m.inc_discovered(DiscoveryResult::Unsupported, "3.14t");
+        m.inc_discovered(DiscoveryResult::Excluded, "");
+        let t = m.render();
+        let d = "pyebpf_processes_discovered_total";
+        assert_eq!(
+            by_python(&t, d, &[("result", "profiled")]),
+            series(&[("3.11", 1.0), ("3.14", 2.0)])
+        );
+        assert_eq!(
+            by_python(&t, d, &[("result", "unsupported")]),
+            series(&[("3.10", 1.0), ("3.14t", 1.0), ("3.16", 1.0)])
+        );
+        assert_eq!(
+            by_python(&t, d, &[("result", "excluded")]),
+            series(&[("", 1.0)])
+        );
+        assert_eq!(
+            by_python(&t, d, &[("result", "not_python")]),
+            series(&[("", 0.0)])
+        );
+    }
+
+    #[test]
+    fn python_label_values_are_capped() {
+        let m = Metrics::new();
+        // 3.11 and 3.14 are seen first; then a hostile host shows many more.
+        m.inc_discovered(DiscoveryResult::Profiled, "3.11");
+        m.set_processes_profiled([("3.14", 1)]);
+        let fake: Vec<String> = (0..100).map(|i| format!("9.{i}")).collect();
+        for v in &fake {
+            m.inc_discovered(DiscoveryResult::Unsupported, v);
+        }
+        m.set_processes_profiled(
+            [("3.14", 1), ("3.11", 1)]
+                .into_iter()
+                .chain(fake.iter().map(|v| (v.as_str(), 1))),
+        );
+        let t = m.render();
+        let d = "pyebpf_processes_discovered_total";
+        let unsupported = by_python(&t, d, &[("result", "unsupported")]);
+        // 32 values in all: 3.11, 3.14 and the first 30 others; the other 70
+        // are counted under "other".
+        assert_eq!(
+            unsupported.len(),
+            MAX_PYTHON_LABELS - 2 + 1,
+            "{unsupported:?}"
+        );
+        assert_eq!(
+            unsupported.iter().find(|(p, _)| p == OTHER_PYTHON),
+            Some(&(OTHER_PYTHON.to_string(), 70.0))
+        );
+        assert!(unsupported.iter().any(|(p, _)| p == "9.29"));
+        assert!(!unsupported.iter().any(|(p, _)| p == "9.30"));
+        // Values already seen keep their own series.
+        m.inc_discovered(DiscoveryResult::Profiled, "3.11");
+        m.inc_discovered(DiscoveryResult::Unsupported, "9.0");
+        m.inc_discovered(DiscoveryResult::Unsupported, "9.99");
+        m.inc_discovered(DiscoveryResult::NotPython, "");
+        let t = m.render();
+        assert_eq!(
+            value(&t, d, &[("result", "profiled"), ("python", "3.11")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(&t, d, &[("result", "unsupported"), ("python", "9.0")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                d,
+                &[("result", "unsupported"), ("python", OTHER_PYTHON)]
+            ),
+            Some(71.0)
+        );
+        assert_eq!(
+            value(&t, d, &[("result", "not_python"), ("python", "")]),
+            Some(1.0)
+        );
+        // The gauge shares the cap: the 70 versions past it are summed.
+        let profiled = by_python(&t, "pyebpf_processes_profiled", &[]);
+        assert_eq!(profiled.len(), MAX_PYTHON_LABELS + 1, "{profiled:?}");
+        assert!(profiled.contains(&(OTHER_PYTHON.to_string(), 70.0)));
+        assert!(profiled.contains(&("3.14".to_string(), 1.0)));
+        // Every python value in the whole output is one of 32 + other + "".
+        let values: HashSet<String> = parse(&t)
+            .into_iter()
+            .flat_map(|(_, l, _)| l)
+            .filter(|(k, _)| k == "python")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(values.len(), MAX_PYTHON_LABELS + 2, "{values:?}");
     }
 
     fn py(name: &str, file: &str) -> Frame {

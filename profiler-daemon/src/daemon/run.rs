@@ -12,13 +12,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{ProcEvent, ProcInfo, PyOffsets, PROC_EVENT_EXEC, PROC_EVENT_EXIT};
+use profiler_common::{ProcEvent, PROC_EVENT_EXEC, PROC_EVENT_EXIT};
 use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
 use super::config::{Config, Discovery};
-use super::discovery::{inspect_candidate, list_pids, Candidate, Inspection, Seen, Tracker};
+use super::discovery::{
+    inspect_candidate, list_pids, unsupported_process, Candidate, Inspection, Seen, Tracker,
+};
 use super::export::Exporters;
 use super::metrics::{top_functions, DiscoveryResult, Metrics};
 use super::shared::Shared;
@@ -266,7 +268,7 @@ impl Daemon {
                 // not info, as this is most processes under include rules.
                 tracing::debug!(pid = c.pid, command = %labels.command, disabled, "not profiled: excluded");
                 self.tracker.mark(c, Seen::Excluded);
-                metrics.inc_discovered(DiscoveryResult::Excluded);
+                metrics.inc_discovered(DiscoveryResult::Excluded, "");
             }
             Ok(Inspection::Python {
                 process: p,
@@ -278,10 +280,11 @@ impl Daemon {
                     self.tracker.forget(c.pid);
                     return;
                 }
+                let python = super::python_label(&p.version.to_string(), false);
                 if disabled || !self.config.discovery.selects(&labels) {
                     tracing::info!(pid = c.pid, command = %labels.command, disabled, "not profiled: excluded");
                     self.tracker.mark(c, Seen::Excluded);
-                    metrics.inc_discovered(DiscoveryResult::Excluded);
+                    metrics.inc_discovered(DiscoveryResult::Excluded, &python);
                     return;
                 }
                 let added = self.shared.store().add_process(
@@ -289,7 +292,7 @@ impl Daemon {
                         labels: labels.clone(),
                         start_time: p.start_time,
                         python_version: p.version.to_string(),
-                        pycode_type: p.pycode_type,
+                        code_format: p.code_format(),
                     },
                     SystemTime::now(),
                 );
@@ -299,21 +302,20 @@ impl Daemon {
                         "not profiled: aggregation.max_processes reached"
                     );
                     self.tracker.mark(c, Seen::Excluded);
-                    metrics.inc_discovered(DiscoveryResult::Failed);
+                    metrics.inc_discovered(DiscoveryResult::Failed, &python);
                     return;
                 }
-                let info = ProcInfo::new(p.tls, PyOffsets::PY311);
-                if let Err(e) = self.sampler.add_process(c.pid, info) {
+                if let Err(e) = self.sampler.add_process(c.pid, p.proc_info()) {
                     tracing::warn!(pid = c.pid, "cannot start sampling: {e}");
                     self.shared.store().mark_exited(c.pid, SystemTime::now());
                     self.tracker.retry_later(c, now);
-                    metrics.inc_discovered(DiscoveryResult::Failed);
+                    metrics.inc_discovered(DiscoveryResult::Failed, &python);
                     return;
                 }
                 tracing::info!(pid = c.pid, command = %labels.command, service = %labels.service,
                     version = %p.version, "profiling");
                 self.tracker.mark(c, Seen::Profiled);
-                metrics.inc_discovered(DiscoveryResult::Profiled);
+                metrics.inc_discovered(DiscoveryResult::Profiled, &python);
             }
             Err(e) => {
                 let state = if r.after_exec && matches!(e, InspectError::NotPython(..)) {
@@ -329,10 +331,21 @@ impl Daemon {
                     self.tracker.record_error(c, &e, now)
                 };
                 match state {
-                    Some(Seen::NotPython) => metrics.inc_discovered(DiscoveryResult::NotPython),
+                    Some(Seen::NotPython) => metrics.inc_discovered(DiscoveryResult::NotPython, ""),
+                    Some(Seen::Unsupported) => {
+                        // Counted and logged once per process (a reload
+                        // inspects it again; the store remembers it).
+                        if let Some(u) = unsupported_process(c, &e) {
+                            let python = u.python();
+                            if self.shared.store().add_unsupported(u, SystemTime::now()) {
+                                tracing::info!(pid = c.pid, python = %python, "not profiled: {e}");
+                                metrics.inc_discovered(DiscoveryResult::Unsupported, &python);
+                            }
+                        }
+                    }
                     Some(Seen::GaveUp) => {
                         tracing::info!(pid = c.pid, "gave up: {e}");
-                        metrics.inc_discovered(DiscoveryResult::Failed)
+                        metrics.inc_discovered(DiscoveryResult::Failed, "")
                     }
                     _ => tracing::debug!(pid = c.pid, "will retry: {e}"),
                 }
@@ -367,14 +380,14 @@ impl Daemon {
     /// Once a second: expire old data and refresh the health metrics.
     fn tick(&mut self) {
         let metrics = &self.shared.metrics;
-        let (samples, overflow, symbols, profiled) = {
+        let (samples, overflow, symbols, by_python) = {
             let mut store = self.shared.store();
             store.expire(SystemTime::now());
             (
                 store.stats.samples,
                 store.stats.stacks_overflowed,
                 store.symbol_stats(),
-                store.processes_profiled(),
+                store.processes_profiled_by_python(),
             )
         };
         metrics.add_samples_received(samples.saturating_sub(self.reported_samples));
@@ -382,7 +395,7 @@ impl Daemon {
         self.reported_samples = samples;
         self.reported_overflow = overflow;
         metrics.set_symbol_stats(&symbols);
-        metrics.set_processes_profiled(profiled);
+        metrics.set_processes_profiled(by_python.iter().map(|(p, n)| (p.as_str(), *n)));
         match self.sampler.counters() {
             Ok(c) => metrics.set_bpf_counters(&c),
             Err(e) => tracing::warn!("cannot read BPF counters: {e}"),

@@ -223,7 +223,7 @@ mod tests {
         let store = small_store();
         let shared = Arc::new(Shared::new(store, Metrics::new()));
         let mem = test_code::fake(1, 7, 2);
-        let checksum = read_code(&mem, test_code::CODE, 0xc0de)
+        let checksum = read_code(&mem, test_code::CODE, &test_code::format())
             .expect("fake code object")
             .checksum;
         let probe = Arc::new(Probe {
@@ -241,7 +241,7 @@ mod tests {
             },
             start_time: 1,
             python_version: "3.11.7".into(),
-            pycode_type: 0xc0de,
+            code_format: test_code::format(),
         };
         let mem = TargetMemory::new(ProbeMemory(probe.clone()));
         assert!(shared.store().add_process_reading(process, now, mem));

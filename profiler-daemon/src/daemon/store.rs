@@ -12,16 +12,20 @@
 //! ones, [`Pending::resolve`] symbolises them without touching the store,
 //! and [`Store::insert`] interns and counts them.
 use super::unix_secs;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use profiler_common::RawFrame;
 
-use super::{ProcessLabels, ProcessView, QueryError, Selector};
+use super::{
+    python_label, ProcessLabels, ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_PROFILED,
+    STATUS_UNSUPPORTED,
+};
 use crate::bpf::events::RawSample;
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{Frame, Profile};
+use crate::python::code::CodeFormat;
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
 use crate::FastHashMap;
 
@@ -47,7 +51,13 @@ pub struct StoreStats {
     pub stacks_collected: u64,
     /// Processes refused because `max_processes` were held.
     pub processes_refused: u64,
+    /// Unsupported processes dropped from the list of them (the oldest, to
+    /// keep at most [`MAX_UNSUPPORTED`]).
+    pub unsupported_evicted: u64,
 }
+
+/// Most unsupported processes listed; the oldest is dropped for a new one.
+pub const MAX_UNSUPPORTED: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct RawKey {
@@ -178,6 +188,9 @@ struct Entry {
     /// new stacks were resolved from the entry they were resolved for.
     generation: u64,
     python_version: String,
+    /// A free-threaded build (`python` gets a `t`). Always false for now:
+    /// inspection refuses those builds.
+    free_threaded: bool,
     since: SystemTime,
     exited_at: Option<u64>,
     symbols: Symbols,
@@ -309,6 +322,28 @@ pub struct Store {
     retired_symbols: SymbolStats,
     /// The next entry's `generation`.
     next_generation: u64,
+    /// CPython processes refused for their version or build, oldest first,
+    /// with when; at most [`MAX_UNSUPPORTED`].
+    unsupported: VecDeque<(UnsupportedProcess, SystemTime)>,
+}
+
+/// A CPython process discovery refused for its version or build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsupportedProcess {
+    pub labels: ProcessLabels,
+    pub start_time: u64,
+    /// e.g. "3.16.0" (without the `t` of a free-threaded build).
+    pub python_version: String,
+    pub free_threaded: bool,
+    /// Why it is not profiled (the inspection's message).
+    pub reason: String,
+}
+
+impl UnsupportedProcess {
+    /// Its `python` label: "3.16", "3.14t".
+    pub fn python(&self) -> String {
+        python_label(&self.python_version, self.free_threaded)
+    }
 }
 
 /// What a new process brings to the store.
@@ -316,7 +351,8 @@ pub struct NewProcess {
     pub labels: ProcessLabels,
     pub start_time: u64,
     pub python_version: String,
-    pub pycode_type: u64,
+    /// How its code objects are read.
+    pub code_format: CodeFormat,
 }
 
 impl Store {
@@ -328,6 +364,7 @@ impl Store {
             stats: StoreStats::default(),
             retired_symbols: SymbolStats::default(),
             next_generation: 0,
+            unsupported: VecDeque::new(),
         }
     }
 
@@ -357,6 +394,8 @@ impl Store {
         if let Some(old) = self.entries.remove(&pid) {
             self.retire(old);
         }
+        // Whatever ran under this pid before is not what runs now.
+        self.unsupported.retain(|(u, _)| u.labels.pid != pid);
         if self.entries.len() >= self.limits.max_processes {
             self.stats.processes_refused += 1;
             return false;
@@ -364,12 +403,13 @@ impl Store {
         self.entries.insert(
             pid,
             Entry {
-                symbols: Arc::new(Mutex::new(Symbolizer::new(mem, p.pycode_type))),
+                symbols: Arc::new(Mutex::new(Symbolizer::new(mem, p.code_format))),
                 symbol_stats: SymbolStats::default(),
                 labels: p.labels,
                 start_time: p.start_time,
                 generation: self.next_generation,
                 python_version: p.python_version,
+                free_threaded: false,
                 since: now,
                 exited_at: None,
                 intern: FastHashMap::default(),
@@ -408,6 +448,42 @@ impl Store {
         if let Some(e) = self.entries.get_mut(&pid) {
             e.exited_at.get_or_insert(unix_secs(now));
         }
+        // An unsupported process that exits (or execs) is no longer listed.
+        self.unsupported.retain(|(u, _)| u.labels.pid != pid);
+    }
+
+    /// Lists `p` as unsupported (since `now`); `false` if it already was
+    /// (same pid, start time and version): the caller counts and logs it
+    /// only once per process. The oldest is dropped beyond
+    /// [`MAX_UNSUPPORTED`] (counted in `stats.unsupported_evicted`).
+    pub fn add_unsupported(&mut self, p: UnsupportedProcess, now: SystemTime) -> bool {
+        let pid = p.labels.pid;
+        if let Some(i) = self
+            .unsupported
+            .iter()
+            .position(|(u, _)| u.labels.pid == pid)
+        {
+            let old = &self.unsupported[i].0;
+            if old.start_time == p.start_time
+                && old.python_version == p.python_version
+                && old.free_threaded == p.free_threaded
+            {
+                return false;
+            }
+            self.unsupported.remove(i);
+        }
+        while self.unsupported.len() >= MAX_UNSUPPORTED {
+            self.unsupported.pop_front();
+            self.stats.unsupported_evicted += 1;
+            if self.stats.unsupported_evicted == 1 {
+                tracing::warn!(
+                    "more than {MAX_UNSUPPORTED} unsupported CPython processes: \
+                     /processes?all=1 lists the latest {MAX_UNSUPPORTED}"
+                );
+            }
+        }
+        self.unsupported.push_back((p, now));
+        true
     }
 
     /// Adds one sample, symbolising its stack if new: all three steps with
@@ -554,6 +630,22 @@ impl Store {
             .count()
     }
 
+    /// How many processes are profiled now, by `python` label ("3.11",
+    /// "3.14t").
+    pub fn processes_profiled_by_python(&self) -> BTreeMap<String, usize> {
+        let mut by = BTreeMap::new();
+        for e in self.entries.values().filter(|e| e.exited_at.is_none()) {
+            *by.entry(python_label(&e.python_version, e.free_threaded))
+                .or_insert(0) += 1;
+        }
+        by
+    }
+
+    /// Every process held, by pid (profiled, and exited ones while their
+    /// data is retained), then the unsupported ones by pid (without
+    /// samples). An unsupported process whose pid is still held for an
+    /// exited one is left out until that one expires, so that a pid is
+    /// listed once.
     pub fn views(&self) -> Vec<ProcessView> {
         let mut v: Vec<_> = self
             .entries
@@ -561,16 +653,35 @@ impl Store {
             .map(|e| ProcessView {
                 labels: e.labels.clone(),
                 python_version: e.python_version.clone(),
+                python: python_label(&e.python_version, e.free_threaded),
                 status: if e.exited_at.is_some() {
-                    "exited"
+                    STATUS_EXITED
                 } else {
-                    "profiled"
+                    STATUS_PROFILED
                 },
                 since: unix_secs(e.since),
                 samples: e.buckets.iter().flat_map(|b| b.counts.values()).sum(),
+                reason: None,
             })
             .collect();
         v.sort_by_key(|p| p.labels.pid);
+        let held: HashSet<u32> = self.entries.keys().copied().collect();
+        let mut unsupported: Vec<_> = self
+            .unsupported
+            .iter()
+            .filter(|(u, _)| !held.contains(&u.labels.pid))
+            .map(|(u, at)| ProcessView {
+                labels: u.labels.clone(),
+                python_version: u.python_version.clone(),
+                python: u.python(),
+                status: STATUS_UNSUPPORTED,
+                since: unix_secs(*at),
+                samples: 0,
+                reason: Some(u.reason.clone()),
+            })
+            .collect();
+        unsupported.sort_by_key(|p| p.labels.pid);
+        v.extend(unsupported);
         v
     }
 
@@ -660,7 +771,7 @@ mod tests {
             labels: labels(pid, service),
             start_time: 1,
             python_version: "3.11.7".into(),
-            pycode_type: 0,
+            code_format: crate::python::code::test_code::format(),
         }
     }
 
@@ -789,6 +900,133 @@ mod tests {
         s.expire(t0 + Duration::from_secs(11));
         assert!(s.views().is_empty());
         assert_eq!(s.stats.stacks_collected, 1);
+    }
+
+    fn unsupported(pid: u32, start_time: u64, version: &str) -> UnsupportedProcess {
+        UnsupportedProcess {
+            labels: ProcessLabels {
+                pid,
+                command: "python3".into(),
+                ..Default::default()
+            },
+            start_time,
+            python_version: version.into(),
+            free_threaded: false,
+            reason: format!("process {pid} runs Python {version}; not supported"),
+        }
+    }
+
+    #[test]
+    fn views_carry_the_python_label_and_list_unsupported_processes_last() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = Store::new(
+            StoreLimits {
+                retention_secs: 10,
+                max_processes: 10,
+                max_stacks_per_process: 10,
+            },
+            100,
+        );
+        let mut p = new_proc(5, "a");
+        p.python_version = "3.14.10".into();
+        s.add_process(p, t0);
+        s.add_process(new_proc(9, "b"), t0);
+        s.add_process(new_proc(12, "c"), t0);
+        s.mark_exited(12, t0);
+        let by: Vec<(String, usize)> = s.processes_profiled_by_python().into_iter().collect();
+        assert_eq!(by, [("3.11".to_string(), 1), ("3.14".to_string(), 1)]);
+
+        assert!(s.add_unsupported(unsupported(3, 7, "3.16.0"), t0));
+        let mut ft = unsupported(7, 7, "3.14.2");
+        ft.free_threaded = true;
+        assert!(s.add_unsupported(ft, t0 + Duration::from_secs(1)));
+        let v = s.views();
+        let got: Vec<(u32, &str, &str, &str)> = v
+            .iter()
+            .map(|v| {
+                (
+                    v.labels.pid,
+                    v.status,
+                    v.python.as_str(),
+                    v.python_version.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (5, "profiled", "3.14", "3.14.10"),
+                (9, "profiled", "3.11", "3.11.7"),
+                (12, "exited", "3.11", "3.11.7"),
+                (3, "unsupported", "3.16", "3.16.0"),
+                (7, "unsupported", "3.14t", "3.14.2"),
+            ]
+        );
+        assert!(v[..3].iter().all(|v| v.reason.is_none()));
+        assert_eq!(
+            v[3].reason.as_deref(),
+            Some("process 3 runs Python 3.16.0; not supported")
+        );
+        assert_eq!((v[3].since, v[4].since, v[4].samples), (1_000, 1_001, 0));
+        // Unsupported processes are not profiled ones.
+        assert_eq!(s.processes_profiled(), 2);
+        assert!(s.query(&Selector::Pid(3), 1, t0).is_err());
+
+        // The same process again (a reload inspects it anew): listed once,
+        // and the caller is told not to count it again.
+        assert!(!s.add_unsupported(unsupported(3, 7, "3.16.0"), t0 + Duration::from_secs(5)));
+        assert_eq!(s.views().iter().filter(|v| v.labels.pid == 3).count(), 1);
+        // Another process under the pid (reused, or exec'd): new.
+        assert!(s.add_unsupported(unsupported(3, 8, "3.16.0"), t0));
+        assert!(s.add_unsupported(unsupported(3, 8, "3.10.4"), t0));
+        assert_eq!(s.views().iter().filter(|v| v.labels.pid == 3).count(), 1);
+        // It exits (or execs): gone from the list.
+        s.mark_exited(3, t0);
+        assert!(!s.views().iter().any(|v| v.labels.pid == 3));
+        // A pid still held for an exited process is listed once, as that.
+        assert!(s.add_unsupported(unsupported(12, 9, "3.16.0"), t0));
+        let twelve: Vec<_> = s
+            .views()
+            .into_iter()
+            .filter(|v| v.labels.pid == 12)
+            .collect();
+        assert_eq!(twelve.len(), 1);
+        assert_eq!(twelve[0].status, "exited");
+        s.expire(t0 + Duration::from_secs(20));
+        let twelve: Vec<_> = s
+            .views()
+            .into_iter()
+            .filter(|v| v.labels.pid == 12)
+            .collect();
+        assert_eq!(twelve[0].status, "unsupported");
+        // A profiled process replaces an unsupported one of its pid.
+        s.add_process(new_proc(7, "d"), t0);
+        let seven: Vec<_> = s
+            .views()
+            .into_iter()
+            .filter(|v| v.labels.pid == 7)
+            .collect();
+        assert_eq!(seven.len(), 1);
+        assert_eq!(seven[0].status, "profiled");
+    }
+
+    #[test]
+    fn unsupported_list_is_bounded() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(10);
+        let n = MAX_UNSUPPORTED as u32 + 10;
+        for pid in 1..=n {
+            assert!(s.add_unsupported(unsupported(pid, 1, "3.16.0"), t0));
+        }
+        let v = s.views();
+        assert_eq!(v.len(), MAX_UNSUPPORTED);
+        assert_eq!(s.stats.unsupported_evicted, 10);
+        // The oldest went first.
+        assert_eq!(v[0].labels.pid, 11);
+        assert_eq!(v.last().unwrap().labels.pid, n);
+        // An evicted one seen again is new again.
+        assert!(s.add_unsupported(unsupported(1, 1, "3.16.0"), t0));
+        assert_eq!(s.stats.unsupported_evicted, 11);
     }
 
     #[test]

@@ -327,6 +327,16 @@ impl ElfFile {
         Ok(None)
     }
 
+    /// The link-time address of the section called `name`, if the file has
+    /// section headers and one by that name.
+    pub fn section_address(&self, name: &str) -> Result<Option<u64>, ElfError> {
+        let (sections, endian) = self.sections()?;
+        Ok(sections
+            .iter()
+            .find(|s| sections.section_name(endian, s).ok() == Some(name.as_bytes()))
+            .map(|s| s.sh_addr(endian)))
+    }
+
     /// Load bias of a mapping of this file at `map_start` with file offset
     /// `map_offset`: `map_start - (p_vaddr - p_offset + map_offset)` for the
     /// first `PT_LOAD` covering `map_offset`; 0 for a non-PIE `ET_EXEC`.

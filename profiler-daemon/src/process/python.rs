@@ -1,31 +1,38 @@
-//! Recognising a CPython 3.11 process and gathering what the sampler needs:
-//! the address of `_PyRuntime`, of `PyCode_Type`, and a verified TLS layout.
+//! Recognising a CPython process and gathering what the sampler needs: its
+//! version and layout, the address of `_PyRuntime` and of `PyCode_Type`,
+//! and a verified way from each thread to its `PyThreadState`.
 //!
 //! `_PyRuntime` is exported in `.dynsym` of libpython (shared builds) or of
-//! the executable (static builds linked with `-export-dynamic`); the version
-//! comes from `Py_Version` (3.11+), read from the target's memory.
+//! the executable (static builds linked with `-export-dynamic`), and from
+//! 3.13 on sits in its own `.PyRuntime` section, found even without symbols.
+//! The version comes from `Py_Version` (3.11+) or, failing that, from the
+//! `_Py_DebugOffsets` at the start of `_PyRuntime` (3.13+); the layout from
+//! the version's module and what the interpreter publishes about itself.
 use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock};
 
-use profiler_common::TlsLayout;
+use profiler_common::{ProcInfo, PyLayout, TlsLayout};
 
 use super::elf::{self, ElfError, ElfFile, LoadLayout};
 use super::elf_cache::{ElfCache, FileId, DEFAULT_CAPACITY};
+use super::gilstate::{self, GilstateError};
 use super::maps::{self, MapEntry};
 use super::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use super::tls::{self, TlsDetection, TlsError};
+use super::tls_access::{self, TlsAccess};
+use crate::python::code::CodeFormat;
+use crate::python::layout::debug_offsets::{self, Moved};
+use crate::python::layout::{Layout, Minor};
 
-/// `_PyRuntimeState.gilstate.autoTSSkey._is_initialized` (int).
-pub const RUNTIME_TSS_INITIALIZED: u64 = 592;
-/// `_PyRuntimeState.gilstate.autoTSSkey._key` (u32).
-pub const RUNTIME_TSS_KEY: u64 = 596;
-/// `PyTypeObject.tp_basicsize`.
-pub const TYPE_BASICSIZE: u64 = 32;
-/// `sizeof(PyCodeObject)` (without the bytecode) in 3.11.
-pub const PYCODE_BASICSIZE: u64 = 184;
+/// The section CPython 3.13+ puts `_PyRuntime` in.
+pub const RUNTIME_SECTION: &str = ".PyRuntime";
+/// The function that reads the gilstate binding (decoded for 3.15+).
+pub const GILSTATE_GETTER: &str = "PyGILState_GetThisThreadState";
+/// Longest `PyGILState_GetThisThreadState` decoded.
+const GILSTATE_GETTER_MAX: u64 = 256;
 
 /// A CPython version, from `PY_VERSION_HEX`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +68,26 @@ impl fmt::Display for PyVersion {
     }
 }
 
-/// A CPython 3.11 process, ready to be sampled.
+impl PyVersion {
+    /// The layout module of this version, if pyebpf has one.
+    pub fn minor(&self) -> Option<Minor> {
+        (self.major == 3)
+            .then(|| Minor::from_minor(self.minor))
+            .flatten()
+    }
+}
+
+/// Where a process's layout came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayoutSource {
+    /// The version's headers (3.11, 3.12: nothing is published).
+    Headers,
+    /// The interpreter's `_Py_DebugOffsets`; the fields listed differ from
+    /// the headers pyebpf was built with.
+    Published { moved: Vec<Moved> },
+}
+
+/// A CPython process, ready to be sampled.
 #[derive(Clone, Debug)]
 pub struct PythonProcess {
     pub pid: u32,
@@ -80,10 +106,27 @@ pub struct PythonProcess {
     /// The ELF file holding `_PyRuntime`, as the target sees it: the
     /// executable for static builds, libpython for shared ones.
     pub interp_binary: PathBuf,
+    /// Everything pyebpf reads in this interpreter.
+    pub layout: Layout,
+    pub layout_source: LayoutSource,
+    /// The offsets the BPF walker follows (checked to fit what it reads).
+    pub walker: PyLayout,
     /// How the BPF side finds a thread's `PyThreadState` from its FS base.
     pub tls: TlsLayout,
     /// The evidence for `tls`: threads walked and threads it found.
     pub tls_check: TlsDetection,
+}
+
+impl PythonProcess {
+    /// What the BPF sampler needs for this process.
+    pub fn proc_info(&self) -> ProcInfo {
+        ProcInfo::new(self.tls, self.walker)
+    }
+
+    /// How this process's code objects are read.
+    pub fn code_format(&self) -> CodeFormat {
+        CodeFormat::new(self.pycode_type, &self.layout)
+    }
 }
 
 /// Why a process cannot be profiled; each message is one line.
@@ -93,10 +136,15 @@ pub enum InspectError {
     NoSuchProcess(u32),
     #[error("process {0} ({1}) is not a Python process: no mapped ELF file defines _PyRuntime")]
     NotPython(u32, String),
-    #[error("process {pid} runs Python {version}; only Python 3.11 is supported")]
+    #[error("process {pid} runs Python {version}; pyebpf supports CPython 3.11 to 3.15")]
     UnsupportedVersion { pid: u32, version: String },
-    #[error("process {0}: the Python runtime is not initialized yet (autoTSSkey not created); retry later")]
-    NotInitialized(u32),
+    #[error(
+        "process {pid} runs a free-threaded CPython ({version}t), which pyebpf does not support \
+         yet: its objects have another header and per-thread bytecode"
+    )]
+    FreeThreaded { pid: u32, version: String },
+    #[error("process {pid}: the Python runtime is not initialized yet ({detail}); retry later")]
+    NotInitialized { pid: u32, detail: String },
     #[error("no permission to inspect process {pid} ({what}): run as root or with CAP_SYS_PTRACE")]
     Permission { pid: u32, what: String },
     #[error("process {pid}: {file} defines _PyRuntime but not {symbol}")]
@@ -105,8 +153,12 @@ pub enum InspectError {
         file: PathBuf,
         symbol: &'static str,
     },
-    #[error("process {pid}: unexpected CPython 3.11 layout: {reason}")]
-    Incompatible { pid: u32, reason: String },
+    #[error("process {pid}: unexpected CPython {version} layout: {reason}")]
+    Incompatible {
+        pid: u32,
+        version: String,
+        reason: String,
+    },
     #[error("process {pid}: cannot find the thread-local PyThreadState: {source}")]
     Tls { pid: u32, source: TlsError },
     #[error(transparent)]
@@ -336,6 +388,9 @@ pub struct PySymbols {
     /// `None` before 3.11.
     pub py_version: Option<u64>,
     pub pycode_type: Option<u64>,
+    /// How `PyGILState_GetThisThreadState` reads the gilstate binding, when
+    /// it reads a thread-local (3.15+).
+    pub gilstate_access: Option<TlsAccess>,
     pub layout: LoadLayout,
 }
 
@@ -353,18 +408,31 @@ pub fn shared_cache() -> &'static VerdictCache {
 /// unreadable look-up of the others, once `_PyRuntime` is found, is an error
 /// (not cached).
 fn analyze(pid: u32, file: &ElfFile) -> Result<FileVerdict, ElfError> {
-    let runtime = match file.symbol("_PyRuntime") {
-        Ok(Some(sym)) => sym,
-        Ok(None) => return Ok(FileVerdict::NoPython),
-        Err(e) => {
-            tracing::debug!(pid, file = %file.path().display(), "skipping: {e}");
-            return Ok(FileVerdict::NoPython);
-        }
+    let by_symbol = file.symbol("_PyRuntime").map(|s| s.map(|s| s.value));
+    // 3.13+ keeps `_PyRuntime` in its own section, named even without symbols.
+    let runtime = match by_symbol {
+        Ok(Some(v)) => v,
+        Ok(None) | Err(_) => match file.section_address(RUNTIME_SECTION) {
+            Ok(Some(v)) => v,
+            Ok(None) => return Ok(FileVerdict::NoPython),
+            Err(e) => {
+                tracing::debug!(pid, file = %file.path().display(), "skipping: {e}");
+                return Ok(FileVerdict::NoPython);
+            }
+        },
+    };
+    let gilstate_access = match file.symbol(GILSTATE_GETTER)? {
+        Some(f) => file
+            .read_vaddr(f.value, f.size.clamp(1, GILSTATE_GETTER_MAX) as usize)
+            .ok()
+            .and_then(|code| tls_access::decode(&code, f.value)),
+        None => None,
     };
     Ok(FileVerdict::Python(Arc::new(PySymbols {
-        runtime: runtime.value,
+        runtime,
         py_version: file.symbol("Py_Version")?.map(|s| s.value),
         pycode_type: file.symbol("PyCode_Type")?.map(|s| s.value),
+        gilstate_access,
         layout: file.layout(),
     })))
 }
@@ -486,14 +554,19 @@ fn version_from_file_name(name: &str) -> Option<String> {
     (!major.is_empty() && !minor.is_empty()).then(|| format!("{major}.{minor}"))
 }
 
-/// `Py_Version`, read from the target's memory, or from the file if the
-/// page cannot be read (it is constant data).
+/// `Py_Version`, read from the target's memory (or from the file if the
+/// page cannot be read: it is constant data); without the symbol, the
+/// version `_Py_DebugOffsets` publishes (`head`: the start of `_PyRuntime`).
 fn read_version<M: RemoteMemory>(
     pid: u32,
     mem: &M,
     interp: &Interpreter,
+    head: Option<&[u8]>,
 ) -> Result<PyVersion, InspectError> {
     let Some(py_version) = interp.symbols.py_version else {
+        if let Some(h) = head.and_then(|h| debug_offsets::header(h).ok()) {
+            return Ok(PyVersion::from_hex(h.version));
+        }
         // Before 3.11: say which version if the file name tells.
         let version = interp
             .mapped
@@ -518,15 +591,41 @@ fn read_version<M: RemoteMemory>(
             // Rare: open the file again rather than keep it open.
             let (file, _) = open_mapped(pid, &interp.mapped).map_err(InspectError::Elf)?;
             let b = file.read_vaddr(py_version, 8).map_err(InspectError::Elf)?;
-            u64::from_le_bytes(b.try_into().expect("8 bytes"))
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b);
+            u64::from_le_bytes(w)
         }
     };
     Ok(PyVersion::from_hex(hex as u32))
 }
 
-/// Recognise `pid` as a CPython 3.11 process and gather what sampling it
-/// needs, verifying the TLS layout on its live threads. What its ELF files
-/// say is kept in (and taken from) the [`shared_cache`].
+/// The layout of `minor` in this process: its headers', with what the
+/// interpreter publishes in `_Py_DebugOffsets` (3.13+) taking precedence.
+fn resolve_layout(
+    minor: Minor,
+    version: &PyVersion,
+    head: Option<&[u8]>,
+) -> Result<(Layout, LayoutSource), String> {
+    let Some(fields) = minor.debug_fields() else {
+        return Ok((minor.header_layout(), LayoutSource::Headers));
+    };
+    let raw = head.ok_or("the start of _PyRuntime (_Py_DebugOffsets) is unreadable")?;
+    let published = debug_offsets::header(raw).map_err(|e| e.to_string())?;
+    if published.version >> 16 != version.hex >> 16 {
+        return Err(format!(
+            "_Py_DebugOffsets says version {}, Py_Version says {version}",
+            PyVersion::from_hex(published.version)
+        ));
+    }
+    let (layout, moved) =
+        debug_offsets::apply(&minor.header_layout(), fields, raw).map_err(|e| e.to_string())?;
+    Ok((layout, LayoutSource::Published { moved }))
+}
+
+/// Recognise `pid` as a CPython process pyebpf supports and gather what
+/// sampling it needs, verifying how threads reach their state on its live
+/// threads. What its ELF files say is kept in (and taken from) the
+/// [`shared_cache`].
 pub fn inspect(pid: u32) -> Result<PythonProcess, InspectError> {
     inspect_cached(pid, shared_cache())
 }
@@ -551,14 +650,51 @@ pub fn inspect_cached(pid: u32, cache: &VerdictCache) -> Result<PythonProcess, I
     let maps = maps::read(pid).map_err(|e| proc_error(pid, &maps_path, e))?;
     let interp = find_interpreter(pid, &command, &maps, &exe, cache)?;
     let mem = ProcessMemory::new(pid);
+    let runtime_addr = interp.runtime_addr;
 
-    let version = read_version(pid, &mem, &interp)?;
-    if (version.major, version.minor) != (3, 11) {
-        return Err(InspectError::UnsupportedVersion {
+    let head = match mem.read_vec(runtime_addr, debug_offsets::MAX_SLOTS * 8) {
+        Ok(h) => Some(h),
+        Err(e @ (MemoryError::Gone { .. } | MemoryError::Permission { .. })) => {
+            return Err(e.into())
+        }
+        Err(_) => None,
+    };
+    let version = read_version(pid, &mem, &interp, head.as_deref())?;
+    let free_threaded = head
+        .as_deref()
+        .and_then(|h| debug_offsets::header(h).ok())
+        .is_some_and(|h| h.free_threaded);
+    if free_threaded {
+        return Err(InspectError::FreeThreaded {
             pid,
             version: version.to_string(),
         });
     }
+    let minor = version
+        .minor()
+        .ok_or_else(|| InspectError::UnsupportedVersion {
+            pid,
+            version: version.to_string(),
+        })?;
+    let incompatible = |reason: String| InspectError::Incompatible {
+        pid,
+        version: version.to_string(),
+        reason,
+    };
+    let (layout, layout_source) =
+        resolve_layout(minor, &version, head.as_deref()).map_err(incompatible)?;
+    if let LayoutSource::Published { moved } = &layout_source {
+        if !moved.is_empty() {
+            tracing::info!(
+                pid,
+                version = %version,
+                headers = minor.headers(),
+                moved = ?moved,
+                "the interpreter publishes offsets that differ from its version's headers; using them"
+            );
+        }
+    }
+    let walker = layout.walker().map_err(|e| incompatible(e.to_string()))?;
 
     let interp_binary = if interp.mapped.is_exe {
         exe.clone()
@@ -575,37 +711,35 @@ pub fn inspect_cached(pid: u32, cache: &VerdictCache) -> Result<PythonProcess, I
         })?;
     let pycode_type = interp.bias.wrapping_add(pycode_type);
 
-    let runtime_addr = interp.runtime_addr;
-    if mem.read_u32(runtime_addr + RUNTIME_TSS_INITIALIZED)? == 0 {
-        return Err(InspectError::NotInitialized(pid));
-    }
-    let key = mem.read_u32(runtime_addr + RUNTIME_TSS_KEY)?;
-
-    let basicsize = mem.read_u64(pycode_type + TYPE_BASICSIZE)?;
-    if basicsize != PYCODE_BASICSIZE {
-        return Err(InspectError::Incompatible {
-            pid,
-            reason: format!(
-                "PyCode_Type.tp_basicsize is {basicsize}, expected {PYCODE_BASICSIZE} (a debug or trace-refs build?)"
-            ),
-        });
+    let basicsize = mem.read_u64(pycode_type.wrapping_add(layout.type_basicsize))?;
+    if basicsize != layout.code.adaptive {
+        return Err(incompatible(format!(
+            "PyCode_Type.tp_basicsize is {basicsize}, expected {} (a debug or trace-refs build?)",
+            layout.code.adaptive
+        )));
     }
 
-    let tls_check = tls::detect(&mem, runtime_addr, key, tls::libc_hint(&maps)).map_err(
-        |source| match source {
-            TlsError::Memory(e @ (MemoryError::Gone { .. } | MemoryError::Permission { .. })) => {
-                e.into()
-            }
-            source => InspectError::Tls { pid, source },
-        },
-    )?;
+    let threads = tls::thread_states(&mem, runtime_addr, &layout.threads)?;
+    let binary = gilstate::Binary {
+        access: interp.symbols.gilstate_access,
+        bias: interp.bias,
+    };
+    let hint = tls::libc_hint(&maps);
+    let tls_check = gilstate::locate(&mem, runtime_addr, layout.gilstate, &threads, hint, &binary)
+        .map_err(|e| match e {
+            GilstateError::NotReady(detail) => InspectError::NotInitialized { pid, detail },
+            GilstateError::Tls(TlsError::Memory(
+                e @ (MemoryError::Gone { .. } | MemoryError::Permission { .. }),
+            )) => e.into(),
+            GilstateError::Tls(source) => InspectError::Tls { pid, source },
+        })?;
     tracing::debug!(
         pid,
+        version = %version,
         layout = tls::describe(&tls_check.layout),
-        key,
         threads = tls_check.threads,
         matched = tls_check.matched,
-        "TLS layout verified"
+        "thread-state binding verified"
     );
 
     Ok(PythonProcess {
@@ -617,6 +751,9 @@ pub fn inspect_cached(pid: u32, cache: &VerdictCache) -> Result<PythonProcess, I
         runtime_addr,
         pycode_type,
         interp_binary,
+        layout,
+        layout_source,
+        walker,
         tls: tls_check.layout,
         tls_check,
     })
@@ -631,9 +768,6 @@ pub(crate) mod test_support {
     use std::sync::mpsc;
     use std::sync::OnceLock;
     use std::time::Duration;
-
-    /// Debian's static, non-PIE CPython 3.11.
-    pub const SYSTEM_PYTHON: &str = "/usr/bin/python3.11";
 
     /// A child process killed and reaped on drop.
     pub struct ChildGuard(pub Child);
@@ -707,18 +841,6 @@ pub(crate) mod test_support {
         })
     }
 
-    /// The interpreters to test against: the PATH one and, if installed,
-    /// Debian's static build.
-    pub fn interpreters() -> Vec<PathBuf> {
-        let mut v = vec![path_python().to_owned()];
-        if Path::new(SYSTEM_PYTHON).exists() {
-            v.push(SYSTEM_PYTHON.into());
-        } else {
-            println!("{SYSTEM_PYTHON} not installed: static build not tested");
-        }
-        v
-    }
-
     /// Prints, after "ready": major minor micro hexversion, the addresses of
     /// _PyRuntime, PyCode_Type and Py_Version, then the `threading.get_ident()`
     /// of the main thread and of two waiting threads.
@@ -736,12 +858,19 @@ print("ready", *sys.version_info[:3], sys.hexversion,
 time.sleep(120)
 "#;
 
-    /// Compile `tests/tools/fake_python312.c` into `dir`.
+    /// Compile `tests/tools/fake_python.c` into `dir`.
     pub fn build_fake_python(dir: &Path) -> PathBuf {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/fake_python312.c");
-        let out = dir.join("fake_python312");
+        build_fake_python_with(dir, &["-rdynamic"])
+    }
+
+    /// [`build_fake_python`] with other compiler flags.
+    pub fn build_fake_python_with(dir: &Path, flags: &[&str]) -> PathBuf {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/fake_python.c");
+        let out = dir.join("fake_python");
         let status = Command::new("cc")
-            .args(["-O0", "-pthread", "-rdynamic", "-o"])
+            .args(["-O0", "-pthread"])
+            .args(flags)
+            .arg("-o")
             .arg(&out)
             .arg(&src)
             .status()
@@ -756,6 +885,7 @@ mod tests {
     use super::test_support::*;
     use super::*;
     use crate::process::elf_cache::CacheStats;
+    use crate::python::test_python::{self, TestPython};
     use profiler_common::TlsKind;
     use std::collections::BTreeSet;
     use std::process::Command;
@@ -804,12 +934,12 @@ mod tests {
         assert_eq!(command_line(0x3fff_ffff), None);
     }
 
-    fn check_real_python(python: &Path) -> PythonProcess {
-        let (child, w) = spawn_ready(Command::new(python).args(["-c", THREADS_SCRIPT]));
+    fn check_real_python(python: &TestPython) -> PythonProcess {
+        let (child, w) = spawn_ready(python.command().args(["-c", THREADS_SCRIPT]));
         let n = |i: usize| -> u64 { w[i].parse().unwrap() };
         let pid = child.pid();
-        let p = inspect(pid).unwrap_or_else(|e| panic!("{}: {e}", python.display()));
-        let what = python.display();
+        let what = &python.label;
+        let p = inspect(pid).unwrap_or_else(|e| panic!("{what}: {e}"));
 
         assert_eq!(p.pid, pid);
         assert_eq!(
@@ -822,13 +952,30 @@ mod tests {
             "{what}"
         );
         assert_eq!(u64::from(p.version.hex), n(3), "{what}");
+        assert_eq!(p.version.minor(), Some(python.minor), "{what}");
+        assert_eq!(p.layout.minor, python.minor, "{what}");
         assert_eq!(p.runtime_addr, n(4), "{what}: _PyRuntime");
         assert_eq!(p.pycode_type, n(5), "{what}: PyCode_Type");
         assert_eq!(p.start_time, start_time(pid).unwrap());
-        assert_eq!(p.exe, std::fs::canonicalize(python).unwrap());
+        assert_eq!(p.exe, std::fs::canonicalize(python.host_exe()).unwrap());
         // comm is the name exec'd (python3 may be a symlink), cut to 15 bytes.
-        let exec_name = python.file_name().unwrap().to_string_lossy().into_owned();
+        let exec_name = python
+            .exe
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         assert_eq!(p.command, exec_name.chars().take(15).collect::<String>());
+        // The layout is the version's headers', confirmed by what 3.13+
+        // publish about themselves.
+        assert_eq!(p.layout, python.minor.header_layout(), "{what}");
+        match &p.layout_source {
+            LayoutSource::Headers => assert!(python.minor < Minor::V3_13, "{what}"),
+            LayoutSource::Published { moved } => {
+                assert!(python.minor >= Minor::V3_13, "{what}");
+                assert!(moved.is_empty(), "{what}: {moved:?}");
+            }
+        }
 
         // Py_Version is readable in memory where ctypes says it is.
         let mem = ProcessMemory::new(pid);
@@ -838,19 +985,28 @@ mod tests {
             "{what}: Py_Version in memory"
         );
         // Structure sanity: an interpreter, and PyCode_Type's basic size.
-        assert_ne!(mem.read_u64(p.runtime_addr + 40).unwrap(), 0);
-        assert_eq!(mem.read_u64(p.pycode_type + TYPE_BASICSIZE).unwrap(), 184);
-
-        // TLS: glibc, at the known offsets, proven on all three threads.
-        assert_eq!(p.tls.kind, TlsKind::Glibc as u32, "{what}");
-        assert_eq!(
-            (p.tls.first_block, p.tls.second_level),
-            (0x310, 0x510),
-            "{what}"
+        let l = &p.layout;
+        assert_ne!(
+            mem.read_u64(p.runtime_addr + l.threads.runtime_interpreters_head)
+                .unwrap(),
+            0
         );
+        assert_eq!(
+            mem.read_u64(p.pycode_type + l.type_basicsize).unwrap(),
+            l.code.adaptive
+        );
+
+        // The gilstate binding, proven on all three threads: the pthread key
+        // in glibc's blocks up to 3.14, 3.15's thread-local after.
+        let kind = if python.minor >= Minor::V3_15 {
+            TlsKind::Static
+        } else {
+            TlsKind::Glibc
+        };
+        assert_eq!(p.tls.kind, kind as u32, "{what}: {}", tls::describe(&p.tls));
         assert_eq!((p.tls_check.threads, p.tls_check.matched), (3, 3), "{what}");
-        assert!(!p.tls_check.scanned);
-        let walked: BTreeSet<u64> = tls::thread_states(&mem, p.runtime_addr)
+        assert!(!p.tls_check.scanned, "{what}");
+        let walked: BTreeSet<u64> = tls::thread_states(&mem, p.runtime_addr, &l.threads)
             .unwrap()
             .iter()
             .map(|t| t.thread_id)
@@ -860,52 +1016,42 @@ mod tests {
             walked, idents,
             "{what}: tstate thread_ids are the threading idents"
         );
-        println!(
-            "{what}: Python {} _PyRuntime {:#x} in {} key {} {}",
-            p.version,
-            p.runtime_addr,
-            p.interp_binary.display(),
-            p.tls.key,
-            tls::describe(&p.tls)
-        );
-        p
-    }
-
-    #[test]
-    fn inspects_shared_library_python() {
-        let p = check_real_python(path_python());
+        // libpython or the executable, as the build says.
         let lib = p
             .interp_binary
             .file_name()
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        // pyenv builds --enable-shared; a static python3 on PATH is fine too.
-        assert!(
-            lib.starts_with("libpython3.11") || p.interp_binary == p.exe,
-            "{}",
-            p.interp_binary.display()
+        if python.shared {
+            assert!(lib.starts_with("libpython3."), "{what}: {lib}");
+        } else {
+            assert_eq!(
+                std::fs::canonicalize(&p.interp_binary).ok(),
+                std::fs::canonicalize(python.host_exe()).ok(),
+                "{what}"
+            );
+        }
+        println!(
+            "{what}: Python {} _PyRuntime {:#x} in {} {}",
+            p.version,
+            p.runtime_addr,
+            p.interp_binary.display(),
+            tls::describe(&p.tls)
         );
+        p
     }
 
+    /// Every interpreter, static and shared: pyenv's 3.11, Debian's 3.11,
+    /// and the roots' 3.13-3.15 (static, and libpython through a launcher).
     #[test]
-    fn inspects_static_system_python() {
-        let python = Path::new(SYSTEM_PYTHON);
-        if !python.exists() {
-            println!("{SYSTEM_PYTHON} not installed: skipped");
-            return;
+    fn inspects_every_interpreter() {
+        let mut minors = BTreeSet::new();
+        for python in test_python::all_builds() {
+            let p = check_real_python(&python);
+            minors.insert((p.layout.minor, python.shared));
         }
-        let p = check_real_python(python);
-        assert_eq!(p.interp_binary, python);
-    }
-
-    #[test]
-    fn every_interpreter_inspects() {
-        // The list the other tests rely on is non-empty and all are 3.11.
-        for python in interpreters() {
-            let (child, _) = spawn_ready(Command::new(&python).args(["-c", THREADS_SCRIPT]));
-            assert_eq!(inspect(child.pid()).unwrap().version.minor, 11);
-        }
+        assert!(minors.contains(&(Minor::V3_11, true)));
     }
 
     #[test]
@@ -959,14 +1105,131 @@ mod tests {
     }
 
     #[test]
-    fn python_312_is_unsupported() {
+    fn python_316_is_unsupported() {
         let (_dir, child, _) = fake(&[]);
         let err = inspect(child.pid()).unwrap_err();
         assert!(
-            matches!(&err, InspectError::UnsupportedVersion { pid, version } if *pid == child.pid() && version == "3.12.1"),
+            matches!(&err, InspectError::UnsupportedVersion { pid, version } if *pid == child.pid() && version == "3.16.0"),
             "{err}"
         );
-        assert!(err.to_string().contains("3.12.1"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "process {} runs Python 3.16.0; pyebpf supports CPython 3.11 to 3.15",
+                child.pid()
+            )
+        );
+    }
+
+    /// Without any symbol (stripped, nothing exported), `_PyRuntime` is
+    /// found through its `.PyRuntime` section and the version through the
+    /// `_Py_DebugOffsets` it starts with; offsets that say nothing sensible
+    /// are refused with the reason.
+    #[test]
+    fn runtime_section_and_published_version_without_symbols() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = build_fake_python_with(dir.path(), &["-DRUNTIME_SECTION", "-s"]);
+        let file = ElfFile::open(&exe).unwrap();
+        assert!(file.symbol("_PyRuntime").unwrap().is_none(), "stripped");
+        let section = file
+            .section_address(RUNTIME_SECTION)
+            .unwrap()
+            .expect(".PyRuntime");
+        match analyze(0, &file).unwrap() {
+            FileVerdict::Python(s) => {
+                assert_eq!(s.runtime, section);
+                assert_eq!((s.py_version, s.pycode_type), (None, None));
+            }
+            FileVerdict::NoPython => panic!("the .PyRuntime section was not found"),
+        }
+        let (child, _) = spawn_ready(Command::new(&exe).args(["0x030e0af0", "published"]));
+        let err = inspect(child.pid()).unwrap_err();
+        assert!(
+            matches!(&err, InspectError::Incompatible { version, reason, .. }
+                if version == "3.14.10" && reason.contains("_Py_DebugOffsets")),
+            "{err}"
+        );
+        assert!(!err.to_string().contains('\n'));
+    }
+
+    /// A real 3.14 whose `_Py_DebugOffsets` (patched in a copy of the
+    /// binary) moves the thread state's `current_frame`: pyebpf follows what
+    /// the process publishes at attach time, not its own headers. One that
+    /// moves `co_argcount` (and so, unseen, `co_flags`) is refused.
+    #[test]
+    fn published_offsets_override_the_headers() {
+        let Some(py) = test_python::all()
+            .into_iter()
+            .find(|p| p.minor == Minor::V3_14 && p.root.is_some())
+        else {
+            return; // reported skipped (or failed when required) by all()
+        };
+        let fields = Minor::V3_14.debug_fields().unwrap();
+        let original = std::fs::read(py.host_exe()).unwrap();
+        let file = ElfFile::open(&py.host_exe()).unwrap();
+        let vaddr = file.section_address(RUNTIME_SECTION).unwrap().unwrap();
+        let seg = file
+            .load_segments()
+            .iter()
+            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz)
+            .unwrap();
+        let at = (seg.offset + vaddr - seg.vaddr) as usize;
+        let patched = |slot: usize, value: u64| {
+            let mut b = original.clone();
+            b[at + slot * 8..at + slot * 8 + 8].copy_from_slice(&value.to_le_bytes());
+            b
+        };
+        let run = |name: &str, bytes: Vec<u8>| {
+            let path = py.share(name, &bytes);
+            let host = py.root.as_ref().unwrap().join(path.trim_start_matches('/'));
+            std::fs::set_permissions(&host, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            let mut cmd = Command::new("chroot");
+            cmd.arg(py.root.as_ref().unwrap())
+                .arg(&path)
+                .args(["-c", THREADS_SCRIPT]);
+            let (child, _) = spawn_ready(&mut cmd);
+            let r = inspect(child.pid());
+            drop(child);
+            r
+        };
+
+        let p = run("python3.14-moved", patched(fields.tstate_current_frame, 80)).unwrap();
+        assert_eq!(p.layout.threads.tstate_frame, 80);
+        assert_eq!(p.walker.tstate_frame, 80);
+        assert_eq!(
+            p.layout_source,
+            LayoutSource::Published {
+                moved: vec![Moved {
+                    field: "thread_state.current_frame",
+                    headers: 72,
+                    published: 80
+                }]
+            }
+        );
+
+        let err = run("python3.14-argcount", patched(fields.code_argcount, 60)).unwrap_err();
+        assert!(
+            matches!(&err, InspectError::Incompatible { version, reason, .. }
+                if version.starts_with("3.14.") && reason.contains("moves code_object.argcount to 60")),
+            "{err}"
+        );
+    }
+
+    /// A free-threaded build says so in `_Py_DebugOffsets`: refused with
+    /// the reason, before any offset is trusted.
+    #[test]
+    fn free_threaded_is_refused() {
+        let (_dir, child, _) = fake(&["0x030e0af0", "freethreaded"]);
+        let err = inspect(child.pid()).unwrap_err();
+        assert!(
+            matches!(&err, InspectError::FreeThreaded { pid, version } if *pid == child.pid() && version == "3.14.10"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("free-threaded CPython (3.14.10t)"),
+            "{err}"
+        );
         assert!(!err.to_string().contains('\n'));
     }
 
@@ -982,7 +1245,7 @@ mod tests {
         let (_dir, child, _) = fake(&["0x030b07f0", "uninit"]);
         let err = inspect(child.pid()).unwrap_err();
         assert!(
-            matches!(err, InspectError::NotInitialized(p) if p == child.pid()),
+            matches!(err, InspectError::NotInitialized { pid, .. } if pid == child.pid()),
             "{err}"
         );
     }
@@ -1003,7 +1266,7 @@ mod tests {
         assert_eq!((p.tls.first_block, p.tls.second_level), (0x310, 0x510));
         assert_eq!((p.tls_check.threads, p.tls_check.matched), (2, 2));
         assert_eq!(p.interp_binary, p.exe);
-        assert_eq!(p.command, "fake_python312");
+        assert_eq!(p.command, "fake_python");
     }
 
     /// Verdicts are kept per version of a file: another process of the same
@@ -1142,5 +1405,204 @@ mod tests {
         println!("as nobody: {line}");
         assert!(line.starts_with("PROBE-PERMISSION"), "{line}");
         assert!(line.contains("CAP_SYS_PTRACE"), "{line}");
+    }
+
+    /// Compile `tests/tools/cpython312_image.c` into `dir`.
+    fn build_cpython312_image(dir: &Path) -> PathBuf {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/cpython312_image.c");
+        let out = dir.join("cpython312_image");
+        let status = Command::new("cc")
+            .args(["-O0", "-pthread", "-rdynamic", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("cc is needed for these tests");
+        assert!(status.success(), "cc failed on {}", src.display());
+        out
+    }
+
+    /// One frame of a CPython 3.12 image as the walker classifies it and the
+    /// symboliser reads it: (kind, owner, qualname, filename, line, address).
+    type Frame312 = (
+        profiler_common::FrameKind,
+        u8,
+        String,
+        String,
+        Option<u32>,
+        u64,
+    );
+
+    /// The frames of the thread state at `tstate`, leaf first, read with the
+    /// walker's decisions and the symboliser's code reader.
+    fn cpython312_frames(mem: &ProcessMemory, p: &PythonProcess, tstate: u64) -> Vec<Frame312> {
+        use crate::python::code::read_code;
+        use profiler_common::{instr_index, FrameFields, FRAME_READ_LEN};
+        let (t, w) = (&p.layout.threads, &p.walker);
+        let cframe = mem.read_u64(tstate + t.tstate_frame).unwrap();
+        let mut addr = mem.read_u64(cframe + t.cframe_frame.unwrap()).unwrap();
+        let mut out = Vec::new();
+        while addr != 0 {
+            assert!(out.len() < 16, "no end to the frame chain: {out:?}");
+            let mut bytes = [0u8; FRAME_READ_LEN];
+            mem.read(addr, &mut bytes).unwrap();
+            let f = FrameFields::parse(&bytes, w).unwrap();
+            let code = read_code(mem, f.code, &p.code_format()).unwrap();
+            let index = instr_index(f.instr, f.code, i64::from(code.n_units), w);
+            out.push((
+                f.kind(addr, w),
+                f.owner,
+                code.qualname.to_string(),
+                code.filename.to_string(),
+                code.line_for(index),
+                addr,
+            ));
+            addr = f.previous;
+        }
+        out
+    }
+
+    /// CPython 3.12, which no Debian suite ships, against a live process
+    /// whose memory holds the 3.12 header structures
+    /// (tests/tools/cpython312_image.c): the layout is the offsets its
+    /// compiler computed, `inspect` accepts it, and both threads' frames
+    /// read back with the walker's decisions and the right names and lines.
+    #[test]
+    fn inspects_cpython312_image() {
+        use profiler_common::FrameKind::{Boundary, Python};
+        let dir = tempfile::tempdir().unwrap();
+        let exe = build_cpython312_image(dir.path());
+
+        // Every offset of the 3.12 layout is the compiler's, from the headers.
+        let out = Command::new(&exe).arg("offsets").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let offsets: std::collections::HashMap<&str, u64> = text
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k, v.parse().ok()?))
+            })
+            .collect();
+        let c = |k: &str| offsets[k];
+        let l = Minor::V3_12.header_layout();
+        let (t, f, co, s) = (&l.threads, &l.frame, &l.code, &l.string);
+        let crate::python::layout::Gilstate::TssKey { runtime_offset } = l.gilstate else {
+            panic!("3.12 binds threads through autoTSSkey: {:?}", l.gilstate);
+        };
+        for (ours, key) in [
+            (
+                t.runtime_interpreters_head,
+                "_PyRuntimeState.interpreters.head",
+            ),
+            (t.interp_next, "PyInterpreterState.next"),
+            (t.interp_threads_head, "PyInterpreterState.threads.head"),
+            (t.tstate_next, "PyThreadState.next"),
+            (t.tstate_thread_id, "PyThreadState.thread_id"),
+            (t.tstate_frame, "PyThreadState.cframe"),
+            (t.cframe_frame.unwrap(), "_PyCFrame.current_frame"),
+            (f.code, "_PyInterpreterFrame.f_code"),
+            (f.previous, "_PyInterpreterFrame.previous"),
+            (f.instr, "_PyInterpreterFrame.prev_instr"),
+            (f.owner, "_PyInterpreterFrame.owner"),
+            (f.owner_boundary.unwrap().into(), "FRAME_OWNED_BY_CSTACK"),
+            (f.owner_max.into(), "FRAME_OWNED_BY_CSTACK"),
+            (co.ob_type, "PyObject.ob_type"),
+            (co.ob_size, "PyVarObject.ob_size"),
+            (co.flags, "PyCodeObject.co_flags"),
+            (co.firstlineno, "PyCodeObject.co_firstlineno"),
+            (co.filename, "PyCodeObject.co_filename"),
+            (co.qualname, "PyCodeObject.co_qualname"),
+            (co.linetable, "PyCodeObject.co_linetable"),
+            (co.adaptive, "PyCodeObject.co_code_adaptive"),
+            (s.length, "PyASCIIObject.length"),
+            (s.state, "PyASCIIObject.state"),
+            (s.ascii_data, "PyASCIIObject.sizeof"),
+            (s.compact_data, "PyCompactUnicodeObject.sizeof"),
+            (l.bytes.ob_size, "PyBytesObject.ob_base.ob_size"),
+            (l.bytes.ob_sval, "PyBytesObject.ob_sval"),
+            (l.type_basicsize, "PyTypeObject.tp_basicsize"),
+            (runtime_offset, "_PyRuntimeState.autoTSSkey"),
+        ] {
+            assert_eq!(ours, c(key), "{key}");
+        }
+        // The state bits python/unicode.rs decodes: kind (>> 2) & 7,
+        // compact bit 5, ascii bit 6.
+        assert_eq!(c("PyASCIIObject.state.kind_mask"), 0x1c);
+        assert_eq!(c("PyASCIIObject.state.compact_mask"), 0x20);
+        assert_eq!(c("PyASCIIObject.state.ascii_mask"), 0x40);
+        assert_eq!((f.code_tag_bits, co.shim_flags), (0, 0));
+
+        // The live image is recognised as 3.12 with its headers' layout.
+        let (child, w) = spawn_ready(&mut Command::new(&exe));
+        let (main_ts, worker_ts): (u64, u64) = (w[0].parse().unwrap(), w[1].parse().unwrap());
+        let p = inspect(child.pid()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(p.version.to_string(), "3.12.4");
+        assert_eq!(p.layout, Minor::V3_12.header_layout());
+        assert_eq!(p.layout_source, LayoutSource::Headers);
+        assert_eq!(
+            p.tls.kind,
+            TlsKind::Glibc as u32,
+            "{}",
+            tls::describe(&p.tls)
+        );
+        assert_eq!((p.tls_check.threads, p.tls_check.matched), (2, 2));
+        assert_eq!(p.interp_binary, p.exe);
+        let mem = ProcessMemory::new(child.pid());
+        let walked: BTreeSet<u64> = tls::thread_states(&mem, p.runtime_addr, &p.layout.threads)
+            .unwrap()
+            .iter()
+            .map(|t| t.addr)
+            .collect();
+        assert_eq!(walked, BTreeSet::from([main_ts, worker_ts]));
+
+        // Both threads' frames, leaf first.
+        let file = "/pyebpf-fake/app312.py";
+        let shown = |frames: &[Frame312]| -> Vec<(profiler_common::FrameKind, u8, String, String, Option<u32>)> {
+            frames
+                .iter()
+                .map(|(k, o, q, f, l, _)| (*k, *o, q.clone(), f.clone(), *l))
+                .collect()
+        };
+        let expect = |v: &[(profiler_common::FrameKind, u8, &str, &str, Option<u32>)]| {
+            v.iter()
+                .map(|&(k, o, q, f, l)| (k, o, q.to_owned(), f.to_owned(), l))
+                .collect::<Vec<_>>()
+        };
+        let main = cpython312_frames(&mem, &p, main_ts);
+        assert_eq!(
+            shown(&main),
+            expect(&[
+                (Python, 0, "hot", file, Some(17)),
+                // The C-stack entry frame of the nested evaluation: skipped.
+                (Boundary, 3, "<interpreter trampoline>", "<shim>", None),
+                (Python, 0, "Worker.handle", file, Some(10)),
+                (Python, 0, "main", file, Some(6)),
+                (Python, 0, "<module>", file, Some(33)),
+            ])
+        );
+        // One data stack: the walker reads the whole chain in one block.
+        let addrs: Vec<u64> = main.iter().map(|fr| fr.5).collect();
+        assert!(addrs.windows(2).all(|a| a[0] > a[1]), "{addrs:x?}");
+        assert!(
+            addrs[0] - addrs[4] < profiler_common::FRAME_BLOCK as u64,
+            "{addrs:x?}"
+        );
+
+        let worker = cpython312_frames(&mem, &p, worker_ts);
+        assert_eq!(
+            shown(&worker),
+            expect(&[
+                (Python, 1, "gen_body", file, Some(23)),
+                (Python, 0, "функция", file, Some(27)),
+                (Python, 0, "<module>", file, Some(32)),
+            ])
+        );
+        // The generator's frame is in its own block, far from the data stack.
+        assert!(worker[0].5.abs_diff(worker[1].5) > 1 << 16, "{worker:x?}");
+
+        // Without the key's slots, the binding cannot be proven.
+        let (child, _) = spawn_ready(Command::new(&exe).arg("unbound"));
+        let err = inspect(child.pid()).unwrap_err();
+        assert!(matches!(err, InspectError::Tls { .. }), "{err}");
     }
 }

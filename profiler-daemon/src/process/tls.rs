@@ -1,28 +1,19 @@
 //! Finding, and proving, where a thread's `PyThreadState*` lives relative to
 //! its thread pointer (FS base).
 //!
-//! The BPF sampler finds the current thread's state through CPython's
-//! `autoTSSkey` pthread key, whose per-thread slot sits at a libc-specific
-//! offset from the thread pointer. A wrong layout would make every sample
-//! silently wrong, so nothing here is trusted: each candidate layout is tried
-//! on the interpreter's real threads, whose `thread_id` (a `pthread_t`, equal
-//! to the thread pointer on glibc and musl) gives the FS base, and a layout is
-//! accepted only if the slot it names holds exactly that thread's state.
+//! Up to 3.14 the BPF sampler finds the current thread's state through
+//! CPython's `autoTSSkey` pthread key, whose per-thread slot sits at a
+//! libc-specific offset from the thread pointer. A wrong layout would make
+//! every sample silently wrong, so nothing here is trusted: each candidate
+//! layout is tried on the interpreter's real threads, whose `thread_id` (a
+//! `pthread_t`, equal to the thread pointer on glibc and musl) gives the FS
+//! base, and a layout is accepted only if the slot it names holds exactly
+//! that thread's state. (3.15's thread-local binding: [`super::gilstate`].)
 use profiler_common::{TlsKind, TlsLayout};
 
 use super::maps::MapEntry;
 use super::memory::{MemoryError, RemoteMemory};
-
-/// `_PyRuntimeState.interpreters.head`.
-pub const RUNTIME_INTERPRETERS_HEAD: u64 = 40;
-/// `PyInterpreterState.next`.
-pub const INTERP_NEXT: u64 = 0;
-/// `PyInterpreterState.threads.head`.
-pub const INTERP_THREADS_HEAD: u64 = 16;
-/// `PyThreadState.next`.
-pub const TSTATE_NEXT: u64 = 8;
-/// `PyThreadState.thread_id` (`pthread_t`).
-pub const TSTATE_THREAD_ID: u64 = 152;
+use crate::python::layout::ThreadsLayout;
 
 /// glibc (2.27-2.38) `struct pthread.specific_1stblock` and `specific[]`.
 pub const GLIBC_FIRST_BLOCK: u32 = 0x310;
@@ -87,6 +78,8 @@ pub struct ThreadState {
 pub enum TlsError {
     #[error("autoTSSkey {key} is out of range for any libc (glibc < {GLIBC_KEYS_MAX})")]
     KeyOutOfRange { key: u32 },
+    #[error("{0}")]
+    ThreadLocal(String),
     #[error("the interpreter has no thread states to verify a TLS layout with")]
     NoThreads,
     #[error("cannot walk the interpreter's thread list: {0}")]
@@ -116,7 +109,14 @@ pub struct TlsDetection {
 
 /// Human-readable description of a layout, for errors and logs.
 pub fn describe(layout: &TlsLayout) -> String {
-    if layout.kind == TlsKind::Musl as u32 {
+    if layout.kind == TlsKind::Static as u32 {
+        let (sign, off) = if layout.tp_offset < 0 {
+            ('-', layout.tp_offset.unsigned_abs())
+        } else {
+            ('+', layout.tp_offset as u64)
+        };
+        format!("thread-local(tp{sign}{off:#x})")
+    } else if layout.kind == TlsKind::Musl as u32 {
         format!("musl(tsd@{:#x})", layout.first_block)
     } else {
         format!(
@@ -132,6 +132,7 @@ fn glibc(first_block: u32, key: u32) -> TlsLayout {
         first_block,
         second_level: first_block + GLIBC_SECOND_LEVEL_GAP,
         key,
+        tp_offset: 0,
     }
 }
 
@@ -141,6 +142,7 @@ fn musl(tsd: u32, key: u32) -> TlsLayout {
         first_block: tsd,
         second_level: 0,
         key,
+        tp_offset: 0,
     }
 }
 
@@ -154,33 +156,34 @@ pub fn candidates(hint: LibcHint, key: u32) -> Vec<TlsLayout> {
     }
 }
 
-/// Walk every interpreter's thread list from `_PyRuntime`.
+/// Walk every interpreter's thread list from `_PyRuntime`, laid out as `l`.
 ///
 /// Reads that fail end the list they are in (a thread may be exiting);
 /// a cycle or more than [`MAX_THREADS`] states ends the walk.
 pub fn thread_states<M: RemoteMemory>(
     mem: &M,
     runtime_addr: u64,
+    l: &ThreadsLayout,
 ) -> Result<Vec<ThreadState>, MemoryError> {
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    let mut interp = mem.read_u64(runtime_addr + RUNTIME_INTERPRETERS_HEAD)?;
+    let mut interp = mem.read_u64(runtime_addr.wrapping_add(l.runtime_interpreters_head))?;
     let mut interps = 0;
     while interp != 0 && interps < MAX_INTERPRETERS && seen.insert(interp) {
         interps += 1;
-        let mut tstate = match mem.read_u64(interp + INTERP_THREADS_HEAD) {
+        let mut tstate = match mem.read_u64(interp.wrapping_add(l.interp_threads_head)) {
             Ok(t) => t,
             Err(_) => break,
         };
         while tstate != 0 && out.len() < MAX_THREADS && seen.insert(tstate) {
-            let Ok(thread_id) = mem.read_u64(tstate + TSTATE_THREAD_ID) else {
+            let Ok(thread_id) = mem.read_u64(tstate.wrapping_add(l.tstate_thread_id)) else {
                 break;
             };
             out.push(ThreadState {
                 addr: tstate,
                 thread_id,
             });
-            tstate = match mem.read_u64(tstate + TSTATE_NEXT) {
+            tstate = match mem.read_u64(tstate.wrapping_add(l.tstate_next)) {
                 Ok(t) => t,
                 Err(_) => break,
             };
@@ -188,7 +191,7 @@ pub fn thread_states<M: RemoteMemory>(
         if out.len() >= MAX_THREADS {
             break;
         }
-        interp = match mem.read_u64(interp + INTERP_NEXT) {
+        interp = match mem.read_u64(interp.wrapping_add(l.interp_next)) {
             Ok(i) => i,
             Err(_) => break,
         };
@@ -212,6 +215,9 @@ fn slot_addr<M: RemoteMemory>(
     layout: &TlsLayout,
     fsbase: u64,
 ) -> Result<u64, MemoryError> {
+    if layout.kind == TlsKind::Static as u32 {
+        return Ok(fsbase.wrapping_add(layout.tp_offset as u64));
+    }
     let key = u64::from(layout.key);
     if layout.kind == TlsKind::Musl as u32 {
         let tsd = mem.read_u64(fsbase.wrapping_add(layout.first_block.into()))?;
@@ -234,7 +240,7 @@ fn slot_addr<M: RemoteMemory>(
 
 /// The thread pointer points to itself on both libcs (glibc `tcbhead_t.tcb`,
 /// musl `pthread.self`), and glibc's `tcbhead_t.self` at +16 too.
-fn is_thread_pointer<M: RemoteMemory>(mem: &M, kind: u32, fsbase: u64) -> bool {
+pub fn is_thread_pointer<M: RemoteMemory>(mem: &M, kind: u32, fsbase: u64) -> bool {
     if fsbase == 0 || mem.read_u64(fsbase).ok() != Some(fsbase) {
         return false;
     }
@@ -257,41 +263,24 @@ fn glibc_seq_ok<M: RemoteMemory>(mem: &M, layout: &TlsLayout, t: &ThreadState) -
 }
 
 /// Count the threads that `layout` finds.
-fn score<M: RemoteMemory>(mem: &M, layout: &TlsLayout, threads: &[ThreadState]) -> usize {
+pub fn score<M: RemoteMemory>(mem: &M, layout: &TlsLayout, threads: &[ThreadState]) -> usize {
     threads
         .iter()
         .filter(|t| layout_finds(mem, layout, t))
         .count()
 }
 
-/// Find the layout under which the `key` slot of the most threads holds their
-/// own thread state, trying the known layouts (ordered by `hint`) and then,
-/// if none finds any thread, scanning for glibc's `specific_1stblock`.
-pub fn detect<M: RemoteMemory>(
-    mem: &M,
-    runtime_addr: u64,
-    key: u32,
-    hint: LibcHint,
-) -> Result<TlsDetection, TlsError> {
-    if key >= GLIBC_KEYS_MAX {
-        return Err(TlsError::KeyOutOfRange { key });
-    }
-    let threads = thread_states(mem, runtime_addr)?;
-    detect_with_threads(mem, &threads, key, hint)
-}
-
-/// [`detect`] on thread states already walked.
-pub fn detect_with_threads<M: RemoteMemory>(
+/// The known layout (ordered by `hint`) under which the `key` slot of the
+/// most `threads` holds their own thread state, if any finds one; each
+/// layout tried is described into `tried`.
+pub fn detect_known<M: RemoteMemory>(
     mem: &M,
     threads: &[ThreadState],
     key: u32,
     hint: LibcHint,
-) -> Result<TlsDetection, TlsError> {
-    if threads.is_empty() {
-        return Err(TlsError::NoThreads);
-    }
+    tried: &mut Vec<String>,
+) -> Option<TlsDetection> {
     let mut best: Option<(TlsLayout, usize)> = None;
-    let mut tried = Vec::new();
     for layout in candidates(hint, key) {
         if layout.kind == TlsKind::Musl as u32 && key >= MUSL_KEYS_MAX {
             continue;
@@ -302,13 +291,32 @@ pub fn detect_with_threads<M: RemoteMemory>(
             best = Some((layout, n));
         }
     }
-    if let Some((layout, matched)) = best {
-        return Ok(TlsDetection {
-            layout,
-            threads: threads.len(),
-            matched,
-            scanned: false,
-        });
+    best.map(|(layout, matched)| TlsDetection {
+        layout,
+        threads: threads.len(),
+        matched,
+        scanned: false,
+    })
+}
+
+/// Find the layout under which the `key` slot of the most `threads` holds
+/// their own thread state, trying the known layouts (ordered by `hint`) and
+/// then, if none finds any thread, scanning for glibc's `specific_1stblock`.
+pub fn detect_with_threads<M: RemoteMemory>(
+    mem: &M,
+    threads: &[ThreadState],
+    key: u32,
+    hint: LibcHint,
+) -> Result<TlsDetection, TlsError> {
+    if key >= GLIBC_KEYS_MAX {
+        return Err(TlsError::KeyOutOfRange { key });
+    }
+    if threads.is_empty() {
+        return Err(TlsError::NoThreads);
+    }
+    let mut tried = Vec::new();
+    if let Some(d) = detect_known(mem, threads, key, hint, &mut tried) {
+        return Ok(d);
     }
 
     // glibc builds with another `struct pthread` size: scan for the block.
@@ -346,6 +354,48 @@ pub fn detect_with_threads<M: RemoteMemory>(
 mod tests {
     use super::*;
     use crate::process::memory::{ProcessMemory, SliceMemory};
+    use crate::python::layout::Minor;
+
+    fn layout() -> ThreadsLayout {
+        Minor::V3_11.header_layout().threads
+    }
+    const RUNTIME_INTERPRETERS_HEAD: u64 = 40;
+    const INTERP_THREADS_HEAD: u64 = 16;
+    const TSTATE_NEXT: u64 = 8;
+    const TSTATE_THREAD_ID: u64 = 152;
+
+    /// The 3.11 thread list from `runtime_addr`, then the layout for `key`.
+    fn detect<M: RemoteMemory>(
+        mem: &M,
+        runtime_addr: u64,
+        key: u32,
+        hint: LibcHint,
+    ) -> Result<TlsDetection, TlsError> {
+        if key >= GLIBC_KEYS_MAX {
+            return Err(TlsError::KeyOutOfRange { key });
+        }
+        let threads = thread_states(mem, runtime_addr, &layout())?;
+        detect_with_threads(mem, &threads, key, hint)
+    }
+
+    #[test]
+    fn constants_are_the_311_layout() {
+        let l = layout();
+        assert_eq!(
+            (
+                l.runtime_interpreters_head,
+                l.interp_threads_head,
+                l.tstate_next,
+                l.tstate_thread_id
+            ),
+            (
+                RUNTIME_INTERPRETERS_HEAD,
+                INTERP_THREADS_HEAD,
+                TSTATE_NEXT,
+                TSTATE_THREAD_ID
+            )
+        );
+    }
 
     const FS1: u64 = 0x7000_0000_0000;
     const FS2: u64 = 0x7100_0000_0000;
@@ -485,7 +535,7 @@ mod tests {
     fn cycle_in_thread_list_terminates() {
         let mut mem = SliceMemory::new();
         runtime_with_two_threads(&mut mem, TS1);
-        let t = thread_states(&mem, RT).unwrap();
+        let t = thread_states(&mem, RT, &layout()).unwrap();
         assert_eq!(t.len(), 2);
     }
 

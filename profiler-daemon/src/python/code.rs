@@ -1,20 +1,22 @@
-//! Reading CPython 3.11 code objects (`PyCodeObject`) from target memory.
+//! Reading CPython code objects (`PyCodeObject`) from target memory.
 //!
 //! Everything read here is untrusted: the address comes from a BPF sample and
 //! the object may have been freed and reused since. `ob_type` must be
 //! `PyCode_Type`, sizes are bounded, and the checksum lets the caller compare
-//! with the one BPF computed at sample time.
+//! with the one BPF computed at sample time. Offsets come from the process's
+//! [`Layout`](super::layout::Layout).
 use std::sync::Arc;
 
 use profiler_common::{code_checksum, CODE_READ_LEN, CODE_READ_START};
 
+use super::layout::{BytesLayout, CodeLayout, Layout, StrLayout};
 use super::linetable::LineTable;
 use super::unicode::{read_str, StrError};
 use crate::process::memory::{MemoryError, RemoteMemory};
 
-/// Bytes of the header read in one go: `tp_basicsize` (184) plus the first
-/// code units, which every code object has (RESUME ... RETURN_VALUE).
-pub const HEADER_LEN: usize = 192;
+/// Most bytes of a code object's header read at once (`co_code_adaptive` is
+/// at 184 to 208 in the supported versions).
+pub const HEADER_MAX: usize = 256;
 /// Longest name or file name accepted, in code points.
 pub const NAME_MAX: usize = 4096;
 /// Largest `co_linetable` accepted, in bytes.
@@ -22,15 +24,32 @@ pub const LINETABLE_MAX: usize = 1 << 20;
 /// Largest code object accepted, in code units.
 pub const UNITS_MAX: i64 = 10_000_000;
 
-const OB_TYPE: usize = 8;
-const OB_SIZE: usize = 16;
-const FIRSTLINENO: usize = 72;
-const FILENAME: usize = 112;
-const QUALNAME: usize = 128;
-const LINETABLE: usize = 136;
-/// `PyBytesObject`: `ob_size` and `ob_sval`.
-const BYTES_SIZE: u64 = 16;
-const BYTES_DATA: u64 = 32;
+/// What reading one process's code objects needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CodeFormat {
+    /// Address of `PyCode_Type` in the target.
+    pub pycode_type: u64,
+    pub code: CodeLayout,
+    pub string: StrLayout,
+    pub bytes: BytesLayout,
+}
+
+impl CodeFormat {
+    pub fn new(pycode_type: u64, layout: &Layout) -> CodeFormat {
+        CodeFormat {
+            pycode_type,
+            code: layout.code,
+            string: layout.string,
+            bytes: layout.bytes,
+        }
+    }
+
+    /// Bytes of the header read: through the first code unit, which every
+    /// code object has.
+    fn header_len(&self) -> usize {
+        usize::try_from(self.code.adaptive + 8).map_or(HEADER_MAX, |n| n.min(HEADER_MAX))
+    }
+}
 
 /// A symbolised code object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,71 +116,81 @@ impl CodeError {
     }
 }
 
-fn u64_at(b: &[u8], off: usize) -> u64 {
-    let mut w = [0u8; 8];
-    w.copy_from_slice(&b[off..off + 8]);
-    u64::from_le_bytes(w)
+/// The bytes at `off..off + N` of `b`, or zeros past its end (a layout that
+/// puts a field beyond the header read is caught as invalid by its caller).
+fn bytes_at<const N: usize>(b: &[u8], off: u64) -> [u8; N] {
+    let mut w = [0u8; N];
+    if let Some(src) = usize::try_from(off)
+        .ok()
+        .and_then(|o| b.get(o..o.checked_add(N)?))
+    {
+        w.copy_from_slice(src);
+    }
+    w
 }
 
-/// Read and validate the code object at `addr`; `pycode_type` is the address
-/// of `PyCode_Type` in the target.
+fn u64_at(b: &[u8], off: u64) -> u64 {
+    u64::from_le_bytes(bytes_at(b, off))
+}
+
+/// The header words the walker checksums, from a header read at the code
+/// object's start.
+pub fn checksum_window(hdr: &[u8]) -> [u8; CODE_READ_LEN] {
+    bytes_at(hdr, CODE_READ_START)
+}
+
+/// Read and validate the code object at `addr`.
 pub fn read_code(
     mem: &dyn RemoteMemory,
     addr: u64,
-    pycode_type: u64,
+    format: &CodeFormat,
 ) -> Result<CodeInfo, CodeError> {
     let mem_err = |what: &'static str| move |source| CodeError::Memory { addr, what, source };
     let invalid = |what: &'static str, detail: String| CodeError::Invalid { addr, what, detail };
+    let l = &format.code;
 
-    let mut hdr = [0u8; HEADER_LEN];
-    mem.read(addr, &mut hdr).map_err(mem_err("header"))?;
-    let found = u64_at(&hdr, OB_TYPE);
-    if found != pycode_type {
+    let mut buf = [0u8; HEADER_MAX];
+    let hdr = &mut buf[..format.header_len()];
+    mem.read(addr, hdr).map_err(mem_err("header"))?;
+    let hdr = &*hdr;
+    let found = u64_at(hdr, l.ob_type);
+    if found != format.pycode_type {
         return Err(CodeError::NotCode {
             addr,
             found,
-            expected: pycode_type,
+            expected: format.pycode_type,
         });
     }
-    let size = u64_at(&hdr, OB_SIZE) as i64;
+    let size = u64_at(hdr, l.ob_size) as i64;
     if size <= 0 || size > UNITS_MAX {
         return Err(invalid("ob_size", format!("{size} code units")));
     }
-    let first = i32::from_le_bytes([
-        hdr[FIRSTLINENO],
-        hdr[FIRSTLINENO + 1],
-        hdr[FIRSTLINENO + 2],
-        hdr[FIRSTLINENO + 3],
-    ]);
+    let first = i32::from_le_bytes(bytes_at(hdr, l.firstlineno));
     let first_line =
         u32::try_from(first).map_err(|_| invalid("co_firstlineno", first.to_string()))?;
 
-    let string = |what: &'static str, off: usize| -> Result<Arc<str>, CodeError> {
-        read_str(mem, u64_at(&hdr, off), NAME_MAX)
+    let string = |what: &'static str, off: u64| -> Result<Arc<str>, CodeError> {
+        read_str(mem, u64_at(hdr, off), NAME_MAX, &format.string)
             .map(Arc::from)
             .map_err(|e| match e {
                 StrError::Memory(source) => CodeError::Memory { addr, what, source },
                 other => invalid(what, other.to_string()),
             })
     };
-    let qualname = string("co_qualname", QUALNAME)?;
-    let filename = string("co_filename", FILENAME)?;
+    let qualname = string("co_qualname", l.qualname)?;
+    let filename = string("co_filename", l.filename)?;
 
-    let table = u64_at(&hdr, LINETABLE);
+    let table = u64_at(hdr, l.linetable);
     let table_len = mem
-        .read_u64(table.wrapping_add(BYTES_SIZE))
+        .read_u64(table.wrapping_add(format.bytes.ob_size))
         .map_err(mem_err("co_linetable"))? as i64;
     let table_len = usize::try_from(table_len)
         .ok()
         .filter(|&n| n <= LINETABLE_MAX)
         .ok_or_else(|| invalid("co_linetable", format!("{table_len} bytes")))?;
     let linetable = mem
-        .read_vec(table.wrapping_add(BYTES_DATA), table_len)
+        .read_vec(table.wrapping_add(format.bytes.ob_sval), table_len)
         .map_err(mem_err("co_linetable"))?;
-
-    let start = CODE_READ_START as usize;
-    let mut sum_bytes = [0u8; CODE_READ_LEN];
-    sum_bytes.copy_from_slice(&hdr[start..start + CODE_READ_LEN]);
 
     Ok(CodeInfo {
         qualname,
@@ -170,40 +199,8 @@ pub fn read_code(
         // size is in 1..=UNITS_MAX.
         n_units: size as u32,
         lines: LineTable::decode(&linetable, first_line, size as u32),
-        checksum: code_checksum(&sum_bytes),
+        checksum: code_checksum(&checksum_window(hdr), &l.checksum_masks),
     })
-}
-
-/// Locating the Python interpreters the tests compare against.
-#[cfg(test)]
-pub(crate) mod test_python {
-    use std::path::{Path, PathBuf};
-    use std::process::Command;
-    use std::sync::OnceLock;
-
-    /// `sys.executable` of the `python3` on PATH, resolved once. Tests need a
-    /// real 3.11 to produce ground truth; without one they fail, not skip.
-    pub fn python3() -> &'static Path {
-        static EXE: OnceLock<PathBuf> = OnceLock::new();
-        EXE.get_or_init(|| {
-            let out = Command::new("python3")
-                .args([
-                    "-c",
-                    "import sys; print(sys.executable); print(sys.version_info[:2] == (3, 11))",
-                ])
-                .output()
-                .expect("python3 on PATH is needed for these tests");
-            let text = String::from_utf8_lossy(&out.stdout);
-            let mut lines = text.lines();
-            let exe = lines.next().unwrap_or_default().trim().to_owned();
-            assert!(
-                out.status.success() && !exe.is_empty(),
-                "python3 failed: {out:?}"
-            );
-            assert_eq!(lines.next(), Some("True"), "python3 ({exe}) is not 3.11");
-            PathBuf::from(exe)
-        })
-    }
 }
 
 /// Synthetic code objects for tests here and in the store.
@@ -211,33 +208,53 @@ pub(crate) mod test_python {
 pub(crate) mod test_code {
     use super::*;
     use crate::process::memory::SliceMemory;
+    use crate::python::layout::Minor;
 
     /// Where [`fake`] puts the code object.
     pub const CODE: u64 = 0x10_000;
+    /// Its type.
+    pub const TYPE: u64 = 0xc0de;
 
-    /// A synthetic code object at [`CODE`] in test memory (type `0xc0de`,
-    /// qualname `f`): `size` units from line `first`, a `table_len`-byte
-    /// table whose first entry is one unit at line `first + 1`.
+    /// How [`fake`]'s code object is read: 3.11.
+    pub fn format() -> CodeFormat {
+        CodeFormat::new(TYPE, &Minor::V3_11.header_layout())
+    }
+
+    /// A synthetic 3.11 code object at [`CODE`] in test memory (type
+    /// [`TYPE`], qualname `f`): `size` units from line `first`, a
+    /// `table_len`-byte table whose first entry is one unit at line
+    /// `first + 1`.
     pub fn fake(size: i64, first: i32, table_len: i64) -> SliceMemory {
+        fake_in(&Minor::V3_11.header_layout(), size, first, table_len)
+    }
+
+    /// [`fake`] laid out as `l` says.
+    pub fn fake_in(l: &Layout, size: i64, first: i32, table_len: i64) -> SliceMemory {
         const NAME: u64 = 0x20_000;
         const TABLE: u64 = 0x30_000;
-        let mut hdr = vec![0u8; HEADER_LEN];
-        hdr[OB_TYPE..OB_TYPE + 8].copy_from_slice(&0xc0de_u64.to_le_bytes());
-        hdr[OB_SIZE..OB_SIZE + 8].copy_from_slice(&size.to_le_bytes());
-        hdr[FIRSTLINENO..FIRSTLINENO + 4].copy_from_slice(&first.to_le_bytes());
-        for off in [FILENAME, QUALNAME] {
-            hdr[off..off + 8].copy_from_slice(&NAME.to_le_bytes());
-        }
-        hdr[LINETABLE..LINETABLE + 8].copy_from_slice(&TABLE.to_le_bytes());
-        // Compact ASCII "f": length 1, state = ready|ascii|compact|kind 1.
-        let mut name = vec![0u8; 50];
-        name[16] = 1;
-        name[32] = 0x80 | 0x40 | 0x20 | (1 << 2);
-        name[48] = b'f';
-        let mut table = vec![0u8; 34];
-        table[16..24].copy_from_slice(&table_len.to_le_bytes());
-        table[32] = 0x80 | (13 << 3); // 1 unit, line +1
-        table[33] = 2;
+        let c = &l.code;
+        let mut hdr = vec![0u8; l.code_header_len()];
+        let mut put = |off: u64, v: &[u8]| {
+            let o = off as usize;
+            hdr[o..o + v.len()].copy_from_slice(v);
+        };
+        put(c.ob_type, &TYPE.to_le_bytes());
+        put(c.ob_size, &size.to_le_bytes());
+        put(c.firstlineno, &first.to_le_bytes());
+        put(c.filename, &NAME.to_le_bytes());
+        put(c.qualname, &NAME.to_le_bytes());
+        put(c.linetable, &TABLE.to_le_bytes());
+        // Compact ASCII "f": length 1, state = ascii|compact|kind 1.
+        let s = &l.string;
+        let mut name = vec![0u8; s.ascii_data as usize + 2];
+        name[s.length as usize] = 1;
+        name[s.state as usize] = 0x40 | 0x20 | (1 << 2);
+        name[s.ascii_data as usize] = b'f';
+        let b = &l.bytes;
+        let mut table = vec![0u8; b.ob_sval as usize + 2];
+        table[b.ob_size as usize..b.ob_size as usize + 8].copy_from_slice(&table_len.to_le_bytes());
+        table[b.ob_sval as usize] = 0x80 | (13 << 3); // 1 unit, line +1
+        table[b.ob_sval as usize + 1] = 2;
         let mut m = SliceMemory::new();
         m.add(CODE, hdr).add(NAME, name).add(TABLE, table);
         m
@@ -246,13 +263,14 @@ pub(crate) mod test_code {
 
 #[cfg(test)]
 mod tests {
-    use super::test_code::fake;
+    use super::test_code::{fake, fake_in, format, CODE, TYPE};
     use super::*;
     use crate::process::memory::ProcessMemory;
+    use crate::python::layout::Minor;
     use crate::python::linetable::line_for_instr;
+    use crate::python::test_python::{self, TestPython};
     use std::io::{BufRead, BufReader, Write};
-    use std::path::Path;
-    use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+    use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 
     /// The target program. Filler lines push later functions past line 64 and
     /// 4096, so line deltas need multi-byte varints.
@@ -295,7 +313,7 @@ def gen():
     const TAIL: &str = r#"
 def far_away(x):
     if x:
-        return [i for i in range(x)]
+        return list(i for i in range(x))  # a genexpr: 3.12+ inline list comprehensions
     return None
 
 inner = outer()
@@ -338,8 +356,9 @@ for cmd in sys.stdin:
     }
 
     impl Target {
-        fn spawn(python: &Path, script: &Path) -> Target {
-            let mut child = Command::new(python)
+        fn spawn(python: &TestPython, script: &str) -> Target {
+            let mut child = python
+                .command()
                 .arg(script)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -378,13 +397,15 @@ for cmd in sys.stdin:
 
     /// Read every code object of the target through `ProcessMemory` and
     /// compare with what the interpreter itself reports.
-    fn check_interpreter(python: &Path) -> usize {
-        let dir = tempfile::tempdir().expect("tempdir");
+    fn check_interpreter(python: &TestPython) -> usize {
         // A non-ASCII file name exercises co_filename decoding as well.
-        let script = dir.path().join("цель_目标.py");
         let filler = "\n".repeat(5000);
-        std::fs::write(&script, format!("{TARGET}{filler}{TAIL}")).expect("write script");
+        let script = python.share(
+            &format!("цель_目标_{}.py", std::process::id()),
+            format!("{TARGET}{filler}{TAIL}").as_bytes(),
+        );
         let mut t = Target::spawn(python, &script);
+        let layout = python.minor.header_layout();
         let v: serde_json::Value = serde_json::from_str(&t.line()).expect("json");
         let mem = ProcessMemory::new(t.child.id());
         let codes = v["codes"].as_array().expect("codes");
@@ -394,10 +415,11 @@ for cmd in sys.stdin:
         for c in codes {
             let addr = c["addr"].as_u64().expect("addr");
             let ty = c["type"].as_u64().expect("type");
-            let info = read_code(&mem, addr, ty).unwrap_or_else(|e| panic!("{c}: {e}"));
+            let info = read_code(&mem, addr, &CodeFormat::new(ty, &layout))
+                .unwrap_or_else(|e| panic!("{}: {c}: {e}", python.label));
             assert_eq!(&*info.qualname, c["qualname"].as_str().expect("qualname"));
             assert_eq!(&*info.filename, c["filename"].as_str().expect("filename"));
-            assert_eq!(&*info.filename, script.to_str().expect("utf-8 path"));
+            assert_eq!(&*info.filename, script);
             assert_eq!(
                 u64::from(info.first_line),
                 c["first"].as_u64().expect("first")
@@ -406,7 +428,12 @@ for cmd in sys.stdin:
             let hdr: [u8; CODE_READ_LEN] = unhex(c["hdr"].as_str().expect("hdr"))
                 .try_into()
                 .expect("64 bytes");
-            assert_eq!(info.checksum, code_checksum(&hdr), "{}", info.qualname);
+            assert_eq!(
+                info.checksum,
+                code_checksum(&hdr, &layout.code.checksum_masks),
+                "{}",
+                info.qualname
+            );
             let lines = c["lines"].as_array().expect("lines");
             let table = unhex(c["table"].as_str().expect("table"));
             for (i, want) in lines.iter().enumerate() {
@@ -445,7 +472,7 @@ for cmd in sys.stdin:
         writeln!(t.stdin, "run").expect("write child");
         assert_eq!(t.line().trim(), "ran");
         for (addr, ty, before) in &infos {
-            let after = read_code(&mem, *addr, *ty).expect("re-read");
+            let after = read_code(&mem, *addr, &CodeFormat::new(*ty, &layout)).expect("re-read");
             assert_eq!(after.checksum, before.checksum, "{}", before.qualname);
             assert_eq!(&after, before);
         }
@@ -453,44 +480,47 @@ for cmd in sys.stdin:
         // A str is readable but not a code object.
         let ty = infos[0].1;
         let s = v["str"].as_u64().expect("str");
-        let err = read_code(&mem, s, ty).expect_err("str is not code");
+        let fmt = CodeFormat::new(ty, &layout);
+        let err = read_code(&mem, s, &fmt).expect_err("str is not code");
         assert!(matches!(err, CodeError::NotCode { .. }), "{err}");
         assert!(!err.is_unreadable());
-        let err = read_code(&mem, 8, ty).expect_err("unmapped");
+        let err = read_code(&mem, 8, &fmt).expect_err("unmapped");
         assert!(err.is_unreadable(), "{err}");
         infos.len()
     }
 
+    /// Every interpreter: the host's 3.11s and the roots' 3.13-3.15.
     #[test]
     fn reads_live_code_objects() {
-        let n = check_interpreter(test_python::python3());
-        println!(
-            "code: {n} code objects checked in {}",
-            test_python::python3().display()
-        );
-    }
-
-    /// Debian's static, non-PIE build: same layout, different address space.
-    #[test]
-    fn reads_live_code_objects_static_python() {
-        let p = Path::new("/usr/bin/python3.11");
-        if !p.exists() {
-            println!("code: {} not present, skipped", p.display());
-            return;
+        let mut minors = Vec::new();
+        for python in test_python::all() {
+            let n = check_interpreter(&python);
+            println!("code: {n} code objects checked in {}", python.label);
+            minors.push(python.minor);
         }
-        let n = check_interpreter(p);
-        println!("code: {n} code objects checked in {}", p.display());
+        assert!(minors.contains(&Minor::V3_11));
     }
 
     #[test]
     fn validation() {
-        let ok = read_code(&fake(1, 7, 2), 0x10_000, 0xc0de).expect("valid fake");
+        let ok = read_code(&fake(1, 7, 2), CODE, &format()).expect("valid fake");
         assert_eq!((&*ok.qualname, ok.first_line, ok.n_units), ("f", 7, 1));
         assert_eq!(ok.line_for(0), Some(8));
+        let other_type = CodeFormat {
+            pycode_type: 0xbeef,
+            ..format()
+        };
         assert!(matches!(
-            read_code(&fake(1, 7, 2), 0x10_000, 0xbeef),
-            Err(CodeError::NotCode { found: 0xc0de, .. })
+            read_code(&fake(1, 7, 2), CODE, &other_type),
+            Err(CodeError::NotCode { found: TYPE, .. })
         ));
+        // Each version's own layout reads its own fake.
+        for minor in Minor::ALL {
+            let l = minor.header_layout();
+            let got = read_code(&fake_in(&l, 3, 9, 2), CODE, &CodeFormat::new(TYPE, &l))
+                .unwrap_or_else(|e| panic!("{minor}: {e}"));
+            assert_eq!((&*got.qualname, got.first_line, got.n_units), ("f", 9, 3));
+        }
         for (size, first, len, what) in [
             (0, 1, 2, "ob_size"),
             (-3, 1, 2, "ob_size"),
@@ -499,13 +529,13 @@ for cmd in sys.stdin:
             (1, 1, -1, "co_linetable"),
             (1, 1, LINETABLE_MAX as i64 + 1, "co_linetable"),
         ] {
-            match read_code(&fake(size, first, len), 0x10_000, 0xc0de) {
+            match read_code(&fake(size, first, len), CODE, &format()) {
                 Err(CodeError::Invalid { what: w, .. }) => assert_eq!(w, what),
                 other => panic!("{size} {first} {len}: {other:?}"),
             }
         }
         // Table length readable but the bytes are not there.
-        let err = read_code(&fake(1, 1, 100), 0x10_000, 0xc0de).expect_err("short table");
+        let err = read_code(&fake(1, 1, 100), CODE, &format()).expect_err("short table");
         assert!(err.is_unreadable(), "{err}");
     }
 }

@@ -1,4 +1,5 @@
-//! CPython 3.11 `co_linetable` decoding: instruction index -> line number.
+//! CPython `co_linetable` decoding (the format of 3.11 to 3.15): instruction
+//! index -> line number.
 //!
 //! The table comes from target memory, so it is untrusted: every byte is
 //! bounds-checked, varints are capped, and line arithmetic is done in i64 and
@@ -242,9 +243,9 @@ impl LineTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::python::code::test_python::python3;
+    use crate::python::test_python::{self, TestPython};
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use std::process::Stdio;
 
     /// Entry header byte.
     fn h(code: u8, units: u8) -> u8 {
@@ -453,17 +454,30 @@ mod tests {
         v
     }
 
-    /// Every code object of the standard library, against `co_positions()`
-    /// of the interpreter that compiled it.
+    /// Every code object of the standard library of one interpreter of each
+    /// version, against `co_positions()` of the interpreter that compiled it.
     #[test]
     fn matches_cpython_on_stdlib() {
+        let mut seen = Vec::new();
+        for python in test_python::all() {
+            if !seen.contains(&python.minor) {
+                seen.push(python.minor);
+                matches_cpython_on_stdlib_of(&python);
+            }
+        }
+    }
+
+    fn matches_cpython_on_stdlib_of(python: &TestPython) {
         let exhaustive = !cfg!(debug_assertions)
             || std::env::var_os("PYEBPF_LINETABLE_EXHAUSTIVE").is_some_and(|v| v == "1");
-        let script = concat!(
+        let source = std::fs::read(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../tests/tools/linetable_truth.py"
-        );
-        let mut child = Command::new(python3())
+        ))
+        .expect("read linetable_truth.py");
+        let script = python.share("linetable_truth.py", &source);
+        let mut child = python
+            .command()
             .arg(script)
             .stdout(Stdio::piped())
             .spawn()
@@ -517,10 +531,11 @@ mod tests {
         assert!(status.success(), "linetable_truth.py failed: {status}");
         assert_eq!(done, Some(objects), "truth stream cut short");
         println!(
-            "linetable: {objects} code objects, {units} code units ({no_line} without a line) \
+            "linetable ({}): {objects} code objects, {units} code units ({no_line} without a line) \
              checked with lines_for_all; line_for_instr checked on {instr_units} units, \
              every unit of {instr_full} objects (exhaustive: {exhaustive}); LineTable \
              checked on every unit, {:.1} bytes per object decoded vs {:.1} raw",
+            python.label,
             decoded_bytes as f64 / objects.max(1) as f64,
             table_bytes as f64 / objects.max(1) as f64,
         );

@@ -1,5 +1,8 @@
-//! CPython 3.11 object layouts read from another process.
+//! CPython object layouts, per version, read from another process.
 pub mod code;
+pub mod layout;
 pub mod linetable;
 pub mod symbolizer;
+#[cfg(test)]
+pub(crate) mod test_python;
 pub mod unicode;

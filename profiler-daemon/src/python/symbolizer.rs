@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use profiler_common::RawFrame;
 
-use super::code::{read_code, CodeInfo};
+use super::code::{read_code, CodeFormat, CodeInfo};
 use crate::process::memory::RemoteMemory;
 use crate::profile::{Frame, UnknownReason};
 use crate::FastHashMap;
@@ -64,16 +64,16 @@ type Entry = Result<Arc<CodeInfo>, UnknownReason>;
 /// Symbolises the frames of one process.
 pub struct Symbolizer<M> {
     mem: M,
-    pycode_type: u64,
+    format: CodeFormat,
     cache: FastHashMap<(u64, u32), Entry>,
     pub stats: SymbolStats,
 }
 
 impl<M: RemoteMemory> Symbolizer<M> {
-    pub fn new(mem: M, pycode_type: u64) -> Self {
+    pub fn new(mem: M, format: CodeFormat) -> Self {
         Symbolizer {
             mem,
-            pycode_type,
+            format,
             cache: FastHashMap::default(),
             stats: SymbolStats::default(),
         }
@@ -87,7 +87,7 @@ impl<M: RemoteMemory> Symbolizer<M> {
             return e.clone();
         }
         self.stats.misses += 1;
-        let entry = match read_code(&self.mem, raw.code, self.pycode_type) {
+        let entry = match read_code(&self.mem, raw.code, &self.format) {
             Ok(info) if info.checksum == raw.checksum => Ok(Arc::new(info)),
             Ok(_) => {
                 self.stats.stale += 1;

@@ -1,19 +1,18 @@
-//! Reading CPython 3.11 `str` objects (PEP 393 layout) from target memory.
+//! Reading CPython `str` objects (PEP 393 layout) from target memory.
 //!
-//! Layout (64-bit): `length` (code points) at +16, `state` at +32 (only the
-//! low byte is meaningful), then the data: right after `PyASCIIObject` (+48)
-//! for compact ASCII, after `PyCompactUnicodeObject` (+72) for other compact
-//! strings, or behind the pointer at +72 for legacy strings (e.g. instances of
-//! `str` subclasses).
+//! Layout (64-bit, offsets per version in [`StrLayout`]): `length` (code
+//! points) and `state` (only the low byte is meaningful: `interned:2`,
+//! `kind:3`, `compact:1`, `ascii:1` in every supported version), then the
+//! data: right after `PyASCIIObject` for compact ASCII, after
+//! `PyCompactUnicodeObject` for other compact strings, or behind the pointer
+//! there for legacy strings (e.g. instances of `str` subclasses).
+//! `PyASCIIObject` lost its `wstr` in 3.12, which moved both data offsets.
+use super::layout::StrLayout;
 use crate::process::memory::{MemoryError, RemoteMemory};
 
-const LENGTH_OFF: usize = 16;
-const STATE_OFF: usize = 32;
-/// `sizeof(PyASCIIObject)`: data of compact ASCII strings.
-const ASCII_DATA_OFF: u64 = 48;
-/// `sizeof(PyCompactUnicodeObject)`: data of other compact strings, or the
-/// data pointer of legacy ones.
-const COMPACT_DATA_OFF: u64 = 72;
+/// Bytes read at once for the header: up to the end of
+/// `PyCompactUnicodeObject` in every supported version.
+const HEADER_READ: usize = 72;
 
 /// Why a string could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +23,8 @@ pub enum StrError {
     BadKind { addr: u64, kind: u8, state: u8 },
     #[error("str at {addr:#x}: length {len} is outside the accepted 0..={max} code points")]
     TooLong { addr: u64, len: i64, max: usize },
+    #[error("str at {addr:#x}: the layout puts its header beyond {HEADER_READ} bytes")]
+    BadLayout { addr: u64 },
 }
 
 /// Bytes per code point of the data (`PyUnicode_KIND`).
@@ -74,16 +75,31 @@ pub fn decode_units(kind: Kind, bytes: &[u8]) -> String {
     out
 }
 
-/// Read the `str` object at `addr`. Its `ob_type` is not checked: callers
-/// reach strings through fields of objects they already validated. Longer
-/// than `max_len` code points is an error, never a silent truncation.
-pub fn read_str(mem: &dyn RemoteMemory, addr: u64, max_len: usize) -> Result<String, StrError> {
-    let mut hdr = [0u8; ASCII_DATA_OFF as usize];
-    mem.read(addr, &mut hdr)?;
-    let mut len_bytes = [0u8; 8];
-    len_bytes.copy_from_slice(&hdr[LENGTH_OFF..LENGTH_OFF + 8]);
+/// Read the `str` object at `addr`, laid out as `l` says. Its `ob_type` is
+/// not checked: callers reach strings through fields of objects they already
+/// validated. Longer than `max_len` code points is an error, never a silent
+/// truncation.
+pub fn read_str(
+    mem: &dyn RemoteMemory,
+    addr: u64,
+    max_len: usize,
+    l: &StrLayout,
+) -> Result<String, StrError> {
+    // The length and state words; every layout keeps them in the header.
+    let head =
+        usize::try_from(l.length.max(l.state) + 8).map_or(HEADER_READ, |n| n.min(HEADER_READ));
+    let mut buf = [0u8; HEADER_READ];
+    let hdr = &mut buf[..head];
+    mem.read(addr, hdr)?;
+    let word = |off: u64| -> Option<[u8; 8]> {
+        let o = usize::try_from(off).ok()?;
+        hdr.get(o..o + 8)?.try_into().ok()
+    };
+    let (Some(len_bytes), Some(state_bytes)) = (word(l.length), word(l.state)) else {
+        return Err(StrError::BadLayout { addr });
+    };
     let len = i64::from_le_bytes(len_bytes);
-    let state = hdr[STATE_OFF];
+    let state = state_bytes[0];
     let kind_bits = (state >> 2) & 7;
     let compact = (state >> 5) & 1 == 1;
     let ascii = (state >> 6) & 1 == 1;
@@ -110,9 +126,9 @@ pub fn read_str(mem: &dyn RemoteMemory, addr: u64, max_len: usize) -> Result<Str
             max: max_len,
         })?;
     let data = match (compact, ascii) {
-        (true, true) => addr.wrapping_add(ASCII_DATA_OFF),
-        (true, false) => addr.wrapping_add(COMPACT_DATA_OFF),
-        (false, _) => mem.read_u64(addr.wrapping_add(COMPACT_DATA_OFF))?,
+        (true, true) => addr.wrapping_add(l.ascii_data),
+        (true, false) => addr.wrapping_add(l.compact_data),
+        (false, _) => mem.read_u64(addr.wrapping_add(l.compact_data))?,
     };
     // n <= max_len, so this only overflows for absurd limits.
     let size = n.checked_mul(kind.width()).ok_or(StrError::TooLong {
@@ -128,8 +144,8 @@ pub fn read_str(mem: &dyn RemoteMemory, addr: u64, max_len: usize) -> Result<Str
 mod tests {
     use super::*;
     use crate::process::memory::SliceMemory;
-    use crate::python::code::test_python::python3;
-    use std::process::Command;
+    use crate::python::layout::Minor;
+    use crate::python::test_python::{self, TestPython};
 
     #[test]
     fn decode_kinds() {
@@ -181,8 +197,8 @@ for s in strings:
         rec["obj"] = ctypes.string_at(id(s), sys.getsizeof(s)).hex()
     else:
         rec["obj"] = ctypes.string_at(id(s), 80).hex()
-        ptr = ctypes.c_void_p.from_address(id(s) + 72).value
-        kind = (ctypes.c_uint8.from_address(id(s) + 32).value >> 2) & 7
+        ptr = ctypes.c_void_p.from_address(id(s) + COMPACT).value
+        kind = (ctypes.c_uint8.from_address(id(s) + STATE).value >> 2) & 7
         rec["data_addr"] = ptr
         rec["data"] = ctypes.string_at(ptr, (len(s) + 1) * kind).hex()
     out.append(rec)
@@ -196,11 +212,15 @@ print(json.dumps(out))
             .collect()
     }
 
-    fn samples() -> Vec<Sample> {
-        let out = Command::new(python3())
-            .args(["-c", DUMP])
+    /// The strings of [`DUMP`], as `python` lays them out.
+    fn samples_of(python: &TestPython) -> Vec<Sample> {
+        let l = python.minor.header_layout().string;
+        let script = format!("COMPACT = {}\nSTATE = {}\n{DUMP}", l.compact_data, l.state);
+        let out = python
+            .command()
+            .args(["-c", &script])
             .output()
-            .expect("run python3");
+            .expect("run python");
         assert!(
             out.status.success(),
             "{}",
@@ -221,6 +241,15 @@ print(json.dumps(out))
             .collect()
     }
 
+    /// The host 3.11's strings, for the tests of error paths.
+    fn samples() -> Vec<Sample> {
+        samples_of(&test_python::all()[0])
+    }
+
+    fn l311() -> StrLayout {
+        Minor::V3_11.header_layout().string
+    }
+
     fn memory(s: &Sample, obj: Vec<u8>) -> SliceMemory {
         let mut m = SliceMemory::new();
         m.add(s.addr, obj);
@@ -230,26 +259,32 @@ print(json.dumps(out))
         m
     }
 
+    /// Every interpreter's own string objects, read with its version's
+    /// layout.
     #[test]
     fn round_trips_real_string_objects() {
-        let samples = samples();
-        let mut kinds = [0usize; 5];
-        let mut legacy = 0;
-        for s in &samples {
-            let m = memory(s, s.obj.clone());
-            let got =
-                read_str(&m, s.addr, 100_000).unwrap_or_else(|e| panic!("{:?}: {e}", s.expect));
-            assert_eq!(got, s.expect);
-            kinds[usize::from((s.obj[32] >> 2) & 7)] += 1;
-            legacy += usize::from(s.data.is_some());
+        for python in test_python::all() {
+            let l = python.minor.header_layout().string;
+            let samples = samples_of(&python);
+            let mut kinds = [0usize; 5];
+            let mut legacy = 0;
+            for s in &samples {
+                let m = memory(s, s.obj.clone());
+                let got = read_str(&m, s.addr, 100_000, &l)
+                    .unwrap_or_else(|e| panic!("{}: {:?}: {e}", python.label, s.expect));
+                assert_eq!(got, s.expect, "{}", python.label);
+                kinds[usize::from((s.obj[l.state as usize] >> 2) & 7)] += 1;
+                legacy += usize::from(s.data.is_some());
+            }
+            // The corpus covers every kind and the legacy layout.
+            assert!(kinds[1] > 0 && kinds[2] > 0 && kinds[4] > 0, "{kinds:?}");
+            assert!(legacy >= 3);
+            println!(
+                "unicode: {} real str objects round-tripped ({legacy} legacy) in {}",
+                samples.len(),
+                python.label
+            );
         }
-        // The corpus covers every kind and the legacy layout.
-        assert!(kinds[1] > 0 && kinds[2] > 0 && kinds[4] > 0, "{kinds:?}");
-        assert!(legacy >= 3);
-        println!(
-            "unicode: {} real str objects round-tripped ({legacy} legacy)",
-            samples.len()
-        );
     }
 
     #[test]
@@ -260,8 +295,11 @@ print(json.dumps(out))
             .find(|s| s.expect.len() == 10_000)
             .expect("10k string");
         let m = memory(s, s.obj.clone());
-        assert_eq!(read_str(&m, s.addr, 10_000).expect("fits").len(), 10_000);
-        let err = read_str(&m, s.addr, 9_999).expect_err("too long");
+        assert_eq!(
+            read_str(&m, s.addr, 10_000, &l311()).expect("fits").len(),
+            10_000
+        );
+        let err = read_str(&m, s.addr, 9_999, &l311()).expect_err("too long");
         assert!(matches!(
             err,
             StrError::TooLong {
@@ -276,7 +314,7 @@ print(json.dumps(out))
         obj[16..24].copy_from_slice(&(-5i64).to_le_bytes());
         let m = memory(s, obj);
         assert!(matches!(
-            read_str(&m, s.addr, 100),
+            read_str(&m, s.addr, 100, &l311()),
             Err(StrError::TooLong { len: -5, .. })
         ));
     }
@@ -290,7 +328,7 @@ print(json.dumps(out))
             obj[32] = (obj[32] & !(7 << 2)) | (kind << 2);
             let m = memory(s, obj);
             assert!(
-                matches!(read_str(&m, s.addr, 100), Err(StrError::BadKind { kind: k, .. }) if k == kind),
+                matches!(read_str(&m, s.addr, 100, &l311()), Err(StrError::BadKind { kind: k, .. }) if k == kind),
                 "kind {kind}"
             );
         }
@@ -298,25 +336,25 @@ print(json.dumps(out))
         let mut obj = s.obj.clone();
         obj[32] = (obj[32] & !(7 << 2)) | (2 << 2);
         assert!(matches!(
-            read_str(&memory(s, obj), s.addr, 100),
+            read_str(&memory(s, obj), s.addr, 100, &l311()),
             Err(StrError::BadKind { kind: 2, .. })
         ));
         // Garbage in the upper 24 bits of `state` is ignored.
         let mut obj = s.obj.clone();
         obj[33..36].copy_from_slice(&[0xff, 0xff, 0xff]);
         assert_eq!(
-            read_str(&memory(s, obj), s.addr, 100).expect("read"),
+            read_str(&memory(s, obj), s.addr, 100, &l311()).expect("read"),
             "plain"
         );
         // Header readable, data not (length points past the region).
-        let mut obj = s.obj[..48].to_vec();
+        let mut obj = s.obj[..l311().ascii_data as usize].to_vec();
         obj[16..24].copy_from_slice(&64i64.to_le_bytes());
         assert!(matches!(
-            read_str(&memory(s, obj), s.addr, 100),
+            read_str(&memory(s, obj), s.addr, 100, &l311()),
             Err(StrError::Memory(_))
         ));
         assert!(matches!(
-            read_str(&SliceMemory::new(), 0x1000, 100),
+            read_str(&SliceMemory::new(), 0x1000, 100, &l311()),
             Err(StrError::Memory(_))
         ));
     }

@@ -171,6 +171,16 @@ pub fn rate_label(rate_hz: u32) -> String {
     }
 }
 
+/// A row's Python version for display: `3.14`, or `-` when not known (a
+/// daemon that does not say).
+pub fn python_or_dash(python: &str) -> &str {
+    if python.is_empty() {
+        "-"
+    } else {
+        python
+    }
+}
+
 /// The `--once` text table: a header line, the top `rows` functions by own
 /// samples, and the processes.
 pub fn text_report(snap: &TopSnapshot, mode: &Mode, q: &TopQuery, rows: usize) -> String {
@@ -192,20 +202,21 @@ pub fn text_report(snap: &TopSnapshot, mode: &Mode, q: &TopQuery, rows: usize) -
     out.push('\n');
     let _ = writeln!(
         out,
-        "{:>6} {:>7} {:>8} {:>8} {:>8}  {:<15} {:<16} FUNCTION",
-        "OWN%", "TOTAL%", "OWN", "TOTAL", "PID", "COMMAND", "SERVICE"
+        "{:>6} {:>7} {:>8} {:>8} {:>8}  {:<15} {:<6} {:<16} FUNCTION",
+        "OWN%", "TOTAL%", "OWN", "TOTAL", "PID", "COMMAND", "PYTHON", "SERVICE"
     );
     let rate = snap.rate_hz;
     for r in snap.functions.iter().take(rows) {
         let _ = writeln!(
             out,
-            "{:>5.1}% {:>6.1}% {:>8} {:>8} {:>8}  {:<15} {:<16} {}",
+            "{:>5.1}% {:>6.1}% {:>8} {:>8} {:>8}  {:<15} {:<6} {:<16} {}",
             percent(r.own, snap.total_samples),
             percent(r.total, snap.total_samples),
             format_duration(seconds_of(r.own, rate)),
             format_duration(seconds_of(r.total, rate)),
             r.pid,
             r.command,
+            python_or_dash(&r.python),
             r.service,
             r.label()
         );
@@ -223,18 +234,19 @@ pub fn text_report(snap: &TopSnapshot, mode: &Mode, q: &TopQuery, rows: usize) -
     out.push('\n');
     let _ = writeln!(
         out,
-        "{:>8} {:>9} {:>7} {:>9}  {:<15} SERVICE",
-        "PID", "SAMPLES", "SHARE%", "CPU TIME", "COMMAND"
+        "{:>8} {:>9} {:>7} {:>9}  {:<15} {:<6} SERVICE",
+        "PID", "SAMPLES", "SHARE%", "CPU TIME", "COMMAND", "PYTHON"
     );
     for p in &snap.processes {
         let _ = writeln!(
             out,
-            "{:>8} {:>9} {:>6.1}% {:>9}  {:<15} {}",
+            "{:>8} {:>9} {:>6.1}% {:>9}  {:<15} {:<6} {}",
             p.pid,
             p.samples,
             percent(p.samples, snap.total_samples),
             format_duration(seconds_of(p.samples, rate)),
             p.command,
+            python_or_dash(&p.python),
             p.service
         );
     }
@@ -258,6 +270,7 @@ mod tests {
             pid: 4242,
             command: "python3".into(),
             service: "web".into(),
+            python: "3.14".into(),
             own,
             total,
         };
@@ -274,6 +287,7 @@ mod tests {
                 pid: 4242,
                 command: "python3".into(),
                 service: "web".into(),
+                python: "3.14".into(),
                 samples: 200,
             }],
         }
@@ -296,7 +310,13 @@ mod tests {
         );
         assert!(lines[2].contains("OWN%") && lines[2].ends_with("FUNCTION"));
         assert!(
-            lines[3].starts_with(" 75.0%   95.0%    1.52s    1.92s     4242  python3"),
+            lines[2].contains("  COMMAND         PYTHON SERVICE "),
+            "{t}"
+        );
+        assert!(
+            lines[3].starts_with(
+                " 75.0%   95.0%    1.52s    1.92s     4242  python3         3.14   web"
+            ),
             "{t}"
         );
         assert!(
@@ -305,9 +325,23 @@ mod tests {
         );
         assert_eq!(lines[4], "... 1 more (--json has every row)");
         assert!(
-            t.contains("    4242       200  100.0%     2.02s  python3         web"),
+            t.contains("     PID   SAMPLES  SHARE%  CPU TIME  COMMAND         PYTHON SERVICE\n"),
             "{t}"
         );
+        assert!(
+            t.contains("    4242       200  100.0%     2.02s  python3         3.14   web\n"),
+            "{t}"
+        );
+        // A daemon that does not give the version: a dash.
+        let mut old = sample_snapshot();
+        old.processes[0].python.clear();
+        old.functions[0].python.clear();
+        let t = text_report(&old, &Mode::Local, &q, 1);
+        assert!(
+            t.contains("    4242       200  100.0%     2.02s  python3         -      web\n"),
+            "{t}"
+        );
+        assert!(t.contains("4242  python3         -      web "), "{t}");
         let q = TopQuery::default();
         let t = text_report(
             &TopSnapshot::default(),

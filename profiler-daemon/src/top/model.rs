@@ -51,6 +51,10 @@ pub struct FunctionRow {
     pub pid: u32,
     pub command: String,
     pub service: String,
+    /// The process's Python, major.minor (`"3.14"`, `"3.14t"` for a
+    /// free-threaded build); empty when not known (an older daemon).
+    #[serde(default)]
+    pub python: String,
     /// Samples where this was the leaf frame.
     pub own: u64,
     /// Samples whose stack contains it (once per stack).
@@ -81,6 +85,10 @@ pub struct ProcessRow {
     pub pid: u32,
     pub command: String,
     pub service: String,
+    /// Its Python, major.minor (`"3.14"`, `"3.14t"` for a free-threaded
+    /// build); empty when not known (an older daemon).
+    #[serde(default)]
+    pub python: String,
     pub samples: u64,
 }
 
@@ -108,6 +116,19 @@ pub struct TopSnapshot {
     pub functions: Vec<FunctionRow>,
     /// Sorted by samples, most first.
     pub processes: Vec<ProcessRow>,
+}
+
+impl TopSnapshot {
+    /// Sets the `python` of every row from its pid (left empty where
+    /// `python_of` does not know the pid).
+    pub fn set_python<'a>(&mut self, python_of: impl Fn(u32) -> Option<&'a str>) {
+        for r in &mut self.functions {
+            r.python = python_of(r.pid).unwrap_or_default().to_string();
+        }
+        for p in &mut self.processes {
+            p.python = python_of(p.pid).unwrap_or_default().to_string();
+        }
+    }
 }
 
 /// The header numbers [`snapshot`] does not compute from profiles.
@@ -203,6 +224,7 @@ pub fn snapshot(
             pid: labels.pid,
             command: labels.command.clone(),
             service: labels.service.clone(),
+            python: String::new(),
             samples,
         });
         for (k, t) in total {
@@ -216,6 +238,7 @@ pub fn snapshot(
                 pid: labels.pid,
                 command: labels.command.clone(),
                 service: labels.service.clone(),
+                python: String::new(),
             });
         }
     }
@@ -405,6 +428,7 @@ mod tests {
                 pid: 42,
                 command: "python3".into(),
                 service: "web".into(),
+                python: String::new(),
                 samples: 16
             }]
         );
@@ -543,6 +567,7 @@ mod tests {
             pid,
             command: "c".into(),
             service: "s".into(),
+            python: "3.14".into(),
             own,
             total: own,
         };
@@ -590,6 +615,37 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert_eq!(v["functions"][0]["qualname"], "handle");
         assert_eq!(v["functions"][0]["line"], serde_json::Value::Null);
+        assert_eq!(v["functions"][0]["python"], "");
         assert_eq!(v["processes"][0]["samples"], 16);
+        assert_eq!(v["processes"][0]["python"], "");
+    }
+
+    #[test]
+    fn python_is_set_per_pid_and_optional_in_json() {
+        let data = vec![(labels(1, "web"), web()), (labels(2, "worker"), web())];
+        let mut s = snapshot(&data, &TopQuery::default(), &header());
+        assert!(s.functions.iter().all(|r| r.python.is_empty()));
+        s.set_python(|pid| (pid == 1).then_some("3.14"));
+        for r in &s.functions {
+            assert_eq!(r.python, if r.pid == 1 { "3.14" } else { "" }, "{r:?}");
+        }
+        let by_pid: Vec<(u32, &str)> = s
+            .processes
+            .iter()
+            .map(|p| (p.pid, p.python.as_str()))
+            .collect();
+        assert_eq!(by_pid, [(1, "3.14"), (2, "")]);
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["processes"][0]["python"], "3.14");
+        // A snapshot from a daemon without the field still reads.
+        let mut old = v.clone();
+        for list in ["functions", "processes"] {
+            for row in old[list].as_array_mut().unwrap() {
+                row.as_object_mut().unwrap().remove("python");
+            }
+        }
+        let back: TopSnapshot = serde_json::from_value(old).unwrap();
+        assert!(back.processes.iter().all(|p| p.python.is_empty()));
+        assert!(back.functions.iter().all(|r| r.python.is_empty()));
     }
 }

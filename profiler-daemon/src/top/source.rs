@@ -151,7 +151,7 @@ impl TopSource for LocalSource {
             .handle
             .as_ref()
             .ok_or_else(|| anyhow!("sampling has stopped"))?;
-        h.shared.top(q).map_err(|e| anyhow!("{e}"))
+        h.shared.top_with_python(q).map_err(|e| anyhow!("{e}"))
     }
 
     fn health(&mut self) -> anyhow::Result<()> {
@@ -373,9 +373,11 @@ mod tests {
                     ..Default::default()
                 },
                 python_version: "3.11.9".into(),
+                python: "3.11".into(),
                 status: "profiled",
                 since: 0,
                 samples: 3,
+                reason: None,
             }]
         }
         fn profile(&self, _: &Selector, _: u32) -> Result<Profile, QueryError> {
@@ -434,6 +436,8 @@ mod tests {
         assert_eq!(s.rate_hz, 50);
         assert_eq!(s.functions[0].filename, "/a b/ü.py");
         assert_eq!(s.functions[0].line, Some(4));
+        assert_eq!(s.functions[0].python, "3.11");
+        assert_eq!(s.processes[0].python, "3.11");
         // Beyond the retention: the daemon's 400 message comes through.
         let err = src
             .snapshot(&TopQuery {

@@ -31,7 +31,7 @@ use super::model::{
     TopSnapshot,
 };
 use super::source::TopSource;
-use super::{rate_label, window_label, TopOptions};
+use super::{python_or_dash, rate_label, window_label, TopOptions};
 
 /// How often the view is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -314,8 +314,8 @@ pub fn fit_function(qualname: &str, filename: &str, line: u32, max: usize) -> St
 
 /// Columns of the function table that fit in `width` cells: title and
 /// width of each, the function column (`None`) taking the rest. Narrow
-/// terminals lose the command and service first, then the pid and the total
-/// time.
+/// terminals lose the Python version first, then the command and service,
+/// then the pid and the total time.
 fn function_columns(width: u16) -> Vec<(&'static str, Option<u16>)> {
     let mut cols = vec![("OWN%", Some(6)), ("TOTAL%", Some(6)), ("OWN", Some(7))];
     if width >= 70 {
@@ -327,6 +327,9 @@ fn function_columns(width: u16) -> Vec<(&'static str, Option<u16>)> {
     }
     if width >= 100 {
         cols.push(("COMMAND", Some(15)));
+        if width >= 110 {
+            cols.push(("PYTHON", Some(6)));
+        }
         cols.push(("SERVICE", Some(16)));
     }
     cols
@@ -483,7 +486,7 @@ fn draw_functions(f: &mut Frame, app: &mut App, area: Rect) {
         .width
         .saturating_sub(fixed + spacing + width(HIGHLIGHT) as u16) as usize;
     let header = Row::new(cols.iter().map(|(t, w)| match (*t, w) {
-        ("COMMAND" | "SERVICE", _) | (_, None) => Cell::from(*t),
+        ("COMMAND" | "PYTHON" | "SERVICE", _) | (_, None) => Cell::from(*t),
         _ => right(t.to_string()),
     }))
     .style(Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED));
@@ -496,6 +499,7 @@ fn draw_functions(f: &mut Frame, app: &mut App, area: Rect) {
             "TOTAL" => right(format_duration(seconds_of(r.total, rate))),
             "PID" => right(r.pid.to_string()),
             "COMMAND" => Cell::from(r.command.clone()),
+            "PYTHON" => Cell::from(python_or_dash(&r.python).to_string()),
             "SERVICE" => Cell::from(r.service.clone()),
             _ => Cell::from(fit_function(
                 &r.qualname,
@@ -521,7 +525,7 @@ fn draw_functions(f: &mut Frame, app: &mut App, area: Rect) {
         } else if !app.filter.is_empty() {
             "no function matches the filter (Esc clears it)"
         } else {
-            "no Python samples yet (Python 3.11 processes busy on a CPU show up here)"
+            "no Python samples yet (profiled Python processes busy on a CPU show up here)"
         };
         empty_message(f, area, msg);
     }
@@ -535,6 +539,7 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
         right("SHARE%".into()),
         right("CPU TIME".into()),
         Cell::from("COMMAND"),
+        Cell::from("PYTHON"),
         Cell::from("SERVICE"),
     ])
     .style(Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED));
@@ -545,6 +550,7 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
             right(format!("{:.1}", percent(p.samples, snap.total_samples))),
             right(format_duration(seconds_of(p.samples, snap.rate_hz))),
             Cell::from(p.command.clone()),
+            Cell::from(python_or_dash(&p.python).to_string()),
             Cell::from(p.service.clone()),
         ])
     });
@@ -556,6 +562,7 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
             Constraint::Length(7),
             Constraint::Length(8),
             Constraint::Length(16),
+            Constraint::Length(6),
             Constraint::Fill(1),
         ],
     )
@@ -565,7 +572,7 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
     .highlight_spacing(HighlightSpacing::Always);
     f.render_stateful_widget(table, area, &mut app.processes_state);
     if snap.processes.is_empty() {
-        empty_message(f, area, "no profiled Python 3.11 process matches");
+        empty_message(f, area, "no profiled Python process matches");
     }
 }
 
@@ -815,6 +822,7 @@ mod tests {
             pid,
             command: "python3".into(),
             service: format!("svc{pid}"),
+            python: if pid == 11 { "3.11" } else { "3.14" }.into(),
             own,
             total,
         }
@@ -840,12 +848,14 @@ mod tests {
                     pid: 11,
                     command: "python3".into(),
                     service: "svc11".into(),
+                    python: "3.11".into(),
                     samples: 600,
                 },
                 ProcessRow {
                     pid: 22,
                     command: "python3".into(),
                     service: "svc22".into(),
+                    python: "3.14".into(),
                     samples: 400,
                 },
             ],
@@ -1014,8 +1024,26 @@ mod tests {
             ),
             "{lines:#?}"
         );
-        assert!(top.ends_with("11 python3         svc11"), "{top}");
+        assert!(top.ends_with("11 python3         3.11   svc11"), "{top}");
+        assert!(
+            lines[2].ends_with("PID COMMAND         PYTHON SERVICE"),
+            "{lines:#?}"
+        );
         assert!(lines[11].contains("? help"), "{lines:#?}");
+
+        // Below 110 columns the version goes first; command and service stay.
+        let lines = screen(&mut a, 109, 12);
+        assert!(
+            lines[2].ends_with("PID COMMAND         SERVICE") && !lines[2].contains("PYTHON"),
+            "{lines:#?}"
+        );
+        assert!(lines[3].ends_with("11 python3         svc11"), "{lines:#?}");
+        let lines = screen(&mut a, 110, 12);
+        assert!(lines[2].contains(" PYTHON "), "{lines:#?}");
+        assert!(
+            lines[3].ends_with("11 python3         3.11   svc11"),
+            "{lines:#?}"
+        );
 
         // Narrower: command and service dropped, the path cut from the left.
         let lines = screen(&mut a, 75, 12);
@@ -1056,11 +1084,28 @@ mod tests {
             "{lines:#?}"
         );
         assert!(
+            lines[2].ends_with("COMMAND          PYTHON SERVICE"),
+            "{lines:#?}"
+        );
+        assert!(
             lines[3].starts_with(">       11       600    60.0"),
             "{lines:#?}"
         );
         assert!(
-            lines[4].contains("22") && lines[4].contains("svc22"),
+            lines[3].ends_with("python3          3.11   svc11"),
+            "{lines:#?}"
+        );
+        assert!(
+            lines[4].contains("22") && lines[4].ends_with("python3          3.14   svc22"),
+            "{lines:#?}"
+        );
+        // Not known (an older daemon): a dash.
+        if let Some(s) = a.snapshot.as_mut() {
+            s.processes[1].python.clear();
+        }
+        let lines = screen(&mut a, 100, 10);
+        assert!(
+            lines[4].ends_with("python3          -      svc22"),
             "{lines:#?}"
         );
 

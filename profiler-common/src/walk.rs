@@ -1,0 +1,272 @@
+//! The walker's decisions on one frame, as pure functions of the bytes it
+//! read and the process's [`PyLayout`]. The BPF walker calls them on what it
+//! copied from the target; userspace tests call them on memory images, so
+//! both sides decide every frame the same way.
+use crate::layout::{PyLayout, CODE_READ_LEN, CODE_READ_WORDS, FRAME_READ_LEN};
+
+/// The fields of one `_PyInterpreterFrame` the walker uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrameFields {
+    /// The code object, tag bits cleared (0 if the field was 0).
+    pub code: u64,
+    pub previous: u64,
+    /// Address of the current (3.13+) or last started (3.11, 3.12)
+    /// instruction.
+    pub instr: u64,
+    pub owner: u8,
+}
+
+/// What the walker does with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A Python function's frame: recorded.
+    Python,
+    /// An interpreter boundary (the C-stack entry frame of 3.12+): skipped,
+    /// the walk goes on to its `previous`.
+    Boundary,
+    /// Not a frame (garbage, or memory reused): the walk ends in an error.
+    Bad,
+}
+
+#[inline(always)]
+fn u64_at(bytes: &[u8; FRAME_READ_LEN], off: u8) -> Option<u64> {
+    let o = usize::from(off);
+    let b = bytes.get(o..o + 8)?;
+    Some(u64::from_le_bytes([
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+    ]))
+}
+
+impl FrameFields {
+    /// The fields of the frame whose first [`FRAME_READ_LEN`] bytes are
+    /// `bytes`; `None` only for a layout that [`PyLayout::check`] rejects.
+    #[inline(always)]
+    pub fn parse(bytes: &[u8; FRAME_READ_LEN], l: &PyLayout) -> Option<FrameFields> {
+        let code = u64_at(bytes, l.frame_code)? & !u64::from(l.code_tag_bits);
+        Some(FrameFields {
+            code,
+            previous: u64_at(bytes, l.frame_previous)?,
+            instr: u64_at(bytes, l.frame_instr)?,
+            owner: *bytes.get(usize::from(l.frame_owner))?,
+        })
+    }
+
+    /// What this frame, found at `addr`, is.
+    #[inline(always)]
+    pub fn kind(&self, addr: u64, l: &PyLayout) -> FrameKind {
+        if self.owner > l.owner_max || self.previous == addr {
+            FrameKind::Bad
+        } else if self.owner >= l.owner_boundary {
+            FrameKind::Boundary
+        } else if self.code == 0 {
+            FrameKind::Bad
+        } else {
+            FrameKind::Python
+        }
+    }
+}
+
+#[inline(always)]
+fn word(hdr: &[u8; CODE_READ_LEN], i: usize) -> u64 {
+    let o = (i * 8) & (CODE_READ_LEN - 8);
+    u64::from_le_bytes([
+        hdr[o],
+        hdr[o + 1],
+        hdr[o + 2],
+        hdr[o + 3],
+        hdr[o + 4],
+        hdr[o + 5],
+        hdr[o + 6],
+        hdr[o + 7],
+    ])
+}
+
+/// A small checksum of a code object's immutable header fields, computed by
+/// BPF at sample time and again by userspace when symbolising, so that a code
+/// object freed and replaced at the same address is never given the old name.
+///
+/// `hdr` is the [`CODE_READ_LEN`] bytes at `code + CODE_READ_START`
+/// (`ob_size`, `co_consts`, `co_names`, `co_exceptiontable`, `co_flags` and
+/// the counts up to `co_firstlineno` in every supported version); `masks`
+/// clear the bits of fields the interpreter changes at run time.
+#[inline(always)]
+pub fn code_checksum(hdr: &[u8; CODE_READ_LEN], masks: &[u64; CODE_READ_WORDS]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < CODE_READ_WORDS {
+        h ^= word(hdr, i) & masks[i];
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        h ^= h >> 29;
+        i += 1;
+    }
+    (h ^ (h >> 32)) as u32
+}
+
+/// `ob_size`: the code object's length in code units (the walker's bound on
+/// instruction indexes).
+#[inline(always)]
+pub fn code_size_units(hdr: &[u8; CODE_READ_LEN]) -> i64 {
+    word(hdr, 0) as i64
+}
+
+/// `co_flags` of the code header, at `l.code_flags`.
+#[inline(always)]
+pub fn code_flags(hdr: &[u8; CODE_READ_LEN], l: &PyLayout) -> u32 {
+    let o = usize::from(l.code_flags);
+    match hdr.get(o..o + 4) {
+        Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        None => 0,
+    }
+}
+
+/// The instruction index (in code units) of `instr` in the code object at
+/// `code` of `units` code units: -1 before the first instruction (a frame
+/// that has not started, in 3.11 and 3.12), clamped to the last unit.
+#[inline(always)]
+pub fn instr_index(instr: u64, code: u64, units: i64, l: &PyLayout) -> i32 {
+    let base = code.wrapping_add(u64::from(l.code_adaptive));
+    if instr < base || units <= 0 {
+        return -1;
+    }
+    let idx = ((instr - base) >> 1) as i64;
+    let idx = if idx >= units { units - 1 } else { idx };
+    if idx > i64::from(i32::MAX) {
+        i32::MAX
+    } else {
+        idx as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::{NO_BOUNDARY_OWNER, NO_CFRAME};
+
+    fn layout() -> PyLayout {
+        PyLayout {
+            tstate_thread_id: 152,
+            tstate_frame: 72,
+            cframe_frame: NO_CFRAME,
+            code_adaptive: 208,
+            frame_code: 0,
+            frame_previous: 8,
+            frame_instr: 56,
+            frame_owner: 74,
+            owner_boundary: 3,
+            owner_max: 4,
+            code_flags: 32,
+            _pad: 0,
+            shim_flags: 0x0200_0000,
+            code_tag_bits: 3,
+            checksum_masks: [u64::MAX; CODE_READ_WORDS],
+        }
+    }
+
+    fn frame(code: u64, previous: u64, instr: u64, owner: u8) -> [u8; FRAME_READ_LEN] {
+        let mut b = [0u8; FRAME_READ_LEN];
+        b[0..8].copy_from_slice(&code.to_le_bytes());
+        b[8..16].copy_from_slice(&previous.to_le_bytes());
+        b[56..64].copy_from_slice(&instr.to_le_bytes());
+        b[74] = owner;
+        b
+    }
+
+    #[test]
+    fn parses_and_untags() {
+        let l = layout();
+        let f = FrameFields::parse(&frame(0x1001, 0x2000, 0x1100, 1), &l).unwrap();
+        assert_eq!(
+            f,
+            FrameFields {
+                code: 0x1000,
+                previous: 0x2000,
+                instr: 0x1100,
+                owner: 1
+            }
+        );
+        assert_eq!(f.kind(0x3000, &l), FrameKind::Python);
+    }
+
+    #[test]
+    fn classifies() {
+        let l = layout();
+        let kind = |code, prev, owner| {
+            FrameFields::parse(&frame(code, prev, 0, owner), &l)
+                .unwrap()
+                .kind(0x3000, &l)
+        };
+        assert_eq!(kind(0x1000, 0x2000, 0), FrameKind::Python);
+        assert_eq!(kind(0x1000, 0x2000, 2), FrameKind::Python);
+        // Entry frames (3.14: INTERPRETER 3, CSTACK 4), even with no code.
+        assert_eq!(kind(0x1000, 0x2000, 3), FrameKind::Boundary);
+        assert_eq!(kind(0, 0x2000, 4), FrameKind::Boundary);
+        assert_eq!(kind(0x1000, 0x2000, 5), FrameKind::Bad);
+        assert_eq!(kind(0, 0x2000, 0), FrameKind::Bad);
+        // A tagged NULL is NULL.
+        assert_eq!(kind(3, 0x2000, 0), FrameKind::Bad);
+        assert_eq!(kind(0x1000, 0x3000, 0), FrameKind::Bad, "self-loop");
+        // 3.11: no owner is a boundary.
+        let l311 = PyLayout {
+            owner_boundary: NO_BOUNDARY_OWNER,
+            owner_max: 2,
+            ..l
+        };
+        let f = FrameFields::parse(&frame(0x1000, 0x2000, 0, 2), &l311).unwrap();
+        assert_eq!(f.kind(0x3000, &l311), FrameKind::Python);
+    }
+
+    #[test]
+    fn rejects_fields_outside_the_read() {
+        let l = PyLayout {
+            frame_instr: 73,
+            ..layout()
+        };
+        assert!(FrameFields::parse(&[0; FRAME_READ_LEN], &l).is_none());
+        assert!(l.check().is_err());
+        assert!(layout().check().is_ok());
+        let l = PyLayout {
+            frame_owner: 80,
+            ..layout()
+        };
+        assert!(FrameFields::parse(&[0; FRAME_READ_LEN], &l).is_none());
+    }
+
+    #[test]
+    fn instruction_index() {
+        let l = layout();
+        let code = 0x10_000;
+        let base = code + 208;
+        assert_eq!(instr_index(base, code, 10, &l), 0);
+        assert_eq!(instr_index(base + u64::MAX / 2, code, i64::MAX, &l), i32::MAX);
+        assert_eq!(instr_index(base, code, -5, &l), -1);
+        assert_eq!(instr_index(base + 6, code, 10, &l), 3);
+        assert_eq!(instr_index(base - 2, code, 10, &l), -1);
+        assert_eq!(instr_index(base + 100, code, 10, &l), 9);
+        assert_eq!(instr_index(base, code, 0, &l), -1);
+    }
+
+    #[test]
+    fn checksum_masks_and_fields() {
+        let mut hdr = [0u8; CODE_READ_LEN];
+        for (i, b) in hdr.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let all = [u64::MAX; CODE_READ_WORDS];
+        let mut warm_mask = all;
+        warm_mask[4] = 0xffff_ffff;
+        let base = code_checksum(&hdr, &warm_mask);
+        let mut warm = hdr;
+        warm[36] = 0xff; // 3.11's co_warmup (absolute +52)
+        warm[39] = 0xff; // 3.11's _co_linearray_entry_size (+54..56)
+        assert_eq!(code_checksum(&warm, &warm_mask), base);
+        assert_ne!(code_checksum(&warm, &all), code_checksum(&hdr, &all));
+        let mut other = hdr;
+        other[56] ^= 1; // 3.11's co_firstlineno (+72)
+        assert_ne!(code_checksum(&other, &warm_mask), base);
+        let mut consts = hdr;
+        consts[8] ^= 0x10; // co_consts pointer
+        assert_ne!(code_checksum(&consts, &warm_mask), base);
+        assert_eq!(code_size_units(&hdr), 0x0706_0504_0302_0100);
+        assert_eq!(code_flags(&hdr, &layout()), 0x2322_2120);
+    }
+}
