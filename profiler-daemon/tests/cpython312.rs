@@ -16,16 +16,7 @@ const FILE: &str = "/pyebpf-fake/app312.py";
 
 /// Compiles tests/tools/cpython312_image.c into `dir`.
 fn build_image(dir: &Path) -> PathBuf {
-    let src = repo_root().join("tests/tools/cpython312_image.c");
-    let out = dir.join("cpython312_image");
-    let status = Command::new("cc")
-        .args(["-O0", "-pthread", "-rdynamic", "-o"])
-        .arg(&out)
-        .arg(&src)
-        .status()
-        .expect("cc is needed for this test");
-    assert!(status.success(), "cc failed on {}", src.display());
-    out
+    build_tool(dir, "cpython312_image.c", &["-rdynamic"])
 }
 
 /// The running image; killed on drop.

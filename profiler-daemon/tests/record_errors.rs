@@ -67,14 +67,7 @@ fn other_python_version_is_refused() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let exe = dir.path().join("fake_python");
-    let cc = Command::new("cc")
-        .args(["-O0", "-pthread", "-rdynamic", "-o"])
-        .arg(&exe)
-        .arg(repo_root().join("tests/tools/fake_python.c"))
-        .status()
-        .unwrap();
-    assert!(cc.success());
+    let exe = build_tool(dir.path(), "fake_python.c", &["-rdynamic"]);
     let mut c = Killed(Command::new(&exe).stdout(Stdio::piped()).spawn().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(

@@ -271,8 +271,8 @@ tests!(shapes:
     bpf_shapes_3_15_shared => "3.15-shared",
 );
 
-// 3.11's recursion and split run in record.rs.
 tests!(recursion:
+    bpf_recursion_1500_3_11_shared => "3.11-shared",
     bpf_recursion_1500_3_13_trixie_static => "3.13-trixie-static",
     bpf_recursion_1500_3_13_static => "3.13-static",
     bpf_recursion_1500_3_14_static => "3.14-static",
@@ -281,6 +281,7 @@ tests!(recursion:
 );
 
 tests!(cpu_split:
+    bpf_cpu_split_3_11_shared => "3.11-shared",
     bpf_cpu_split_3_13_static => "3.13-static",
     bpf_cpu_split_3_14_static => "3.14-static",
     bpf_cpu_split_3_15_static => "3.15-static",

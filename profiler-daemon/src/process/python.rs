@@ -858,15 +858,13 @@ print("ready", *sys.version_info[:3], sys.hexversion,
 time.sleep(120)
 "#;
 
-    /// Compile `tests/tools/fake_python.c` into `dir`.
-    pub fn build_fake_python(dir: &Path) -> PathBuf {
-        build_fake_python_with(dir, &["-rdynamic"])
-    }
-
-    /// [`build_fake_python`] with other compiler flags.
-    pub fn build_fake_python_with(dir: &Path, flags: &[&str]) -> PathBuf {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/fake_python.c");
-        let out = dir.join("fake_python");
+    /// Compile `tests/tools/<source>` (a C file) into `dir`, with `flags`;
+    /// the executable is named after the source.
+    pub fn build_tool(dir: &Path, source: &str, flags: &[&str]) -> PathBuf {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/tools")
+            .join(source);
+        let out = dir.join(source.trim_end_matches(".c"));
         let status = Command::new("cc")
             .args(["-O0", "-pthread"])
             .args(flags)
@@ -877,6 +875,11 @@ time.sleep(120)
             .expect("cc is needed for these tests");
         assert!(status.success(), "cc failed on {}", src.display());
         out
+    }
+
+    /// Compile `tests/tools/fake_python.c` into `dir`, exporting its symbols.
+    pub fn build_fake_python(dir: &Path) -> PathBuf {
+        build_tool(dir, "fake_python.c", &["-rdynamic"])
     }
 }
 
@@ -1128,7 +1131,7 @@ mod tests {
     #[test]
     fn runtime_section_and_published_version_without_symbols() {
         let dir = tempfile::tempdir().unwrap();
-        let exe = build_fake_python_with(dir.path(), &["-DRUNTIME_SECTION", "-s"]);
+        let exe = build_tool(dir.path(), "fake_python.c", &["-DRUNTIME_SECTION", "-s"]);
         let file = ElfFile::open(&exe).unwrap();
         assert!(file.symbol("_PyRuntime").unwrap().is_none(), "stripped");
         let section = file
@@ -1409,16 +1412,7 @@ mod tests {
 
     /// Compile `tests/tools/cpython312_image.c` into `dir`.
     fn build_cpython312_image(dir: &Path) -> PathBuf {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/tools/cpython312_image.c");
-        let out = dir.join("cpython312_image");
-        let status = Command::new("cc")
-            .args(["-O0", "-pthread", "-rdynamic", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .status()
-            .expect("cc is needed for these tests");
-        assert!(status.success(), "cc failed on {}", src.display());
-        out
+        build_tool(dir, "cpython312_image.c", &["-rdynamic"])
     }
 
     /// One frame of a CPython 3.12 image as the walker classifies it and the

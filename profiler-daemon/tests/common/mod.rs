@@ -119,6 +119,23 @@ impl Drop for Workload {
     }
 }
 
+/// Compiles `tests/tools/<source>` (a C file) into `dir` with `flags`; the
+/// executable is named after the source.
+pub fn build_tool(dir: &Path, source: &str, flags: &[&str]) -> PathBuf {
+    let src = repo_root().join("tests/tools").join(source);
+    let out = dir.join(source.trim_end_matches(".c"));
+    let status = Command::new("cc")
+        .args(["-O0", "-pthread"])
+        .args(flags)
+        .arg("-o")
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc is needed for these tests");
+    assert!(status.success(), "cc failed on {}", src.display());
+    out
+}
+
 /// Runs `pyebpf record` and returns its output and the profile text.
 pub fn record(pids: &[u32], args: &[&str]) -> (Output, String) {
     let dir = tempfile::tempdir().expect("tempdir");

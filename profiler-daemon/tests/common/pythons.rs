@@ -3,11 +3,11 @@
 //! `/usr/bin/python3.11`) and the Debian roots' 3.13, 3.14 and 3.15 (static
 //! and libpython builds), which run in their own mount and pid namespaces.
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 
-use super::roots::{root_pythons, Build, RootProcess, RootPython, READ_TIMEOUT};
+use super::roots::{line_reader, root_pythons, Build, RootProcess, RootPython, READ_TIMEOUT};
 use super::{repo_root, Interp};
 
 /// One interpreter to run workloads with.
@@ -56,16 +56,7 @@ impl Python {
                     .spawn()
                     .expect("start python");
                 let stdin = child.stdin.take().expect("stdin");
-                let stdout = child.stdout.take().expect("stdout");
-                let (tx, lines) = mpsc::channel();
-                std::thread::spawn(move || {
-                    for line in BufReader::new(stdout).lines() {
-                        let Ok(line) = line else { break };
-                        if tx.send(line).is_err() {
-                            break;
-                        }
-                    }
-                });
+                let lines = line_reader(child.stdout.take().expect("stdout"));
                 Running::Host {
                     child,
                     stdin,

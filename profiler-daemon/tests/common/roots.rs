@@ -159,16 +159,7 @@ impl RootPython {
             .spawn()
             .expect("unshare (util-linux)");
         let stdin = unshare.stdin.take().expect("stdin");
-        let stdout = unshare.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = line_reader(unshare.stdout.take().expect("stdout"));
         let u = unshare.id();
         let deadline = Instant::now() + Duration::from_secs(10);
         let pid = loop {
@@ -194,6 +185,21 @@ impl RootPython {
             label,
         }
     }
+}
+
+/// The lines of `stdout`, read on a thread of their own, so a reader can wait
+/// for one with a timeout.
+pub fn line_reader(stdout: impl std::io::Read + Send + 'static) -> Receiver<String> {
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    lines
 }
 
 /// An interpreter started by [`RootPython::spawn`]; its namespace is killed on drop.
