@@ -70,7 +70,7 @@ impl fmt::Display for PyVersion {
 
 impl PyVersion {
     /// The layout module of this version, if pyebpf has one.
-    pub fn minor(&self) -> Option<Minor> {
+    pub fn layout_minor(&self) -> Option<Minor> {
         (self.major == 3)
             .then(|| Minor::from_minor(self.minor))
             .flatten()
@@ -671,7 +671,7 @@ pub fn inspect_cached(pid: u32, cache: &VerdictCache) -> Result<PythonProcess, I
         });
     }
     let minor = version
-        .minor()
+        .layout_minor()
         .ok_or_else(|| InspectError::UnsupportedVersion {
             pid,
             version: version.to_string(),
@@ -955,7 +955,7 @@ mod tests {
             "{what}"
         );
         assert_eq!(u64::from(p.version.hex), n(3), "{what}");
-        assert_eq!(p.version.minor(), Some(python.minor), "{what}");
+        assert_eq!(p.version.layout_minor(), Some(python.minor), "{what}");
         assert_eq!(p.layout.minor, python.minor, "{what}");
         assert_eq!(p.runtime_addr, n(4), "{what}: _PyRuntime");
         assert_eq!(p.pycode_type, n(5), "{what}: PyCode_Type");
