@@ -115,9 +115,10 @@ pub enum LayoutError {
 }
 
 impl PyLayout {
-    /// Every field is inside what the walker reads.
+    /// Every field is inside what the walker reads, and the word fields
+    /// are whole words.
     pub fn check(&self) -> Result<(), LayoutError> {
-        let word_fits = |off: u8| usize::from(off) + 8 <= FRAME_READ_LEN;
+        let word_fits = |off: u8| off.is_multiple_of(8) && usize::from(off) + 8 <= FRAME_READ_LEN;
         for (name, off) in [
             ("code", self.frame_code),
             ("previous", self.frame_previous),
@@ -130,7 +131,7 @@ impl PyLayout {
         if usize::from(self.frame_owner) >= FRAME_READ_LEN {
             return Err(LayoutError::FrameField("owner"));
         }
-        if usize::from(self.code_flags) + 4 > CODE_READ_LEN {
+        if !self.code_flags.is_multiple_of(4) || usize::from(self.code_flags) + 4 > CODE_READ_LEN {
             return Err(LayoutError::CodeField("co_flags"));
         }
         Ok(())

@@ -76,9 +76,11 @@ pub struct SampleBuf {
 }
 
 /// Bytes of target memory copied at once when frames lie next to each other
-/// (CPython 3.11 keeps most frames contiguous in the thread's data stack):
-/// one read then serves every frame inside it.
+/// (CPython keeps most frames contiguous in the thread's data stack): one
+/// read then serves every frame inside it.
 pub const FRAME_BLOCK: usize = 2048;
+/// The block in words (frames are 8-aligned, so are their offsets in it).
+pub const FRAME_BLOCK_WORDS: usize = FRAME_BLOCK / 8;
 /// Slots of the per-sample code-object cache (a power of two).
 pub const CODE_CACHE_SLOTS: usize = 64;
 
@@ -109,15 +111,16 @@ pub struct WalkState {
     pub info: ProcInfo,
     /// Target address of the block copied in the per-CPU block buffer.
     pub block_base: u64,
-    /// 0 when the block buffer holds nothing valid for this sample.
-    pub block_valid: u32,
+    /// Bytes of this sample's copy at `block_base` in the block buffer; 0
+    /// when it holds nothing valid for this sample.
+    pub block_len: u32,
     /// Non-zero when the sample holds a code object not sent before.
     pub novel: u32,
     pub tgid: u32,
     pub _pad: u32,
     pub cache: [CodeSlot; CODE_CACHE_SLOTS],
     /// Scratch for one code-object header (kept off the 512-byte BPF stack).
-    pub code_hdr: [u8; CODE_READ_LEN],
+    pub code_hdr: [u64; CODE_READ_WORDS],
 }
 
 impl Default for WalkState {
@@ -128,12 +131,12 @@ impl Default for WalkState {
             seq: 0,
             info: ProcInfo::default(),
             block_base: 0,
-            block_valid: 0,
+            block_len: 0,
             novel: 0,
             tgid: 0,
             _pad: 0,
             cache: [CodeSlot::default(); CODE_CACHE_SLOTS],
-            code_hdr: [0; CODE_READ_LEN],
+            code_hdr: [0; CODE_READ_WORDS],
         }
     }
 }

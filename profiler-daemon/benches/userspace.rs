@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use profiler_common::{
-    code_checksum, RawFrame, CODE_READ_LEN, CODE_READ_START, HEADER_LEN, RAW_FRAME_LEN,
+    code_checksum, words_of, RawFrame, CODE_READ_LEN, CODE_READ_START, HEADER_LEN, RAW_FRAME_LEN,
 };
 use pyebpf::bpf::events::{decode, RawSample};
 use pyebpf::daemon::store::{NewProcess, Store, StoreLimits};
@@ -129,7 +129,7 @@ fn fake_code_object(t: &Table) -> (SliceMemory, u32) {
         .add(file_at, ascii_str("/srv/app/handlers/orders.py"))
         .add(qual_at, ascii_str("OrderHandler.encode_orders"))
         .add(table_at, bytes);
-    (mem, code_checksum(&sum, &masks))
+    (mem, code_checksum(&words_of(&sum), &masks))
 }
 
 fn bench_symbols(c: &mut Criterion) {

@@ -26,8 +26,8 @@ use profiler_common::{
     code_checksum, code_flags, code_size_units, instr_index, Counter, FrameFields, FrameKind,
     ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf, SeenKey, TlsKind, WalkState,
     CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR, FLAG_TRUNCATED,
-    FRAMES_PER_PROG, FRAME_BLOCK, FRAME_READ_LEN, HEADER_LEN, MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN,
-    READ_ERROR_BASE, SEEN_CODE_ENTRIES,
+    FRAMES_PER_PROG, FRAME_BLOCK, FRAME_BLOCK_WORDS, FRAME_READ_LEN, FRAME_READ_WORDS, HEADER_LEN,
+    MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES,
 };
 
 /// Offset of `task_struct.thread.fsbase`, from the kernel's BTF (set by
@@ -49,7 +49,7 @@ static STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU copy of a block of target memory holding consecutive frames.
 #[map]
-static BLOCK: PerCpuArray<[u8; FRAME_BLOCK]> = PerCpuArray::with_max_entries(1, 0);
+static BLOCK: PerCpuArray<[u64; FRAME_BLOCK_WORDS]> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
@@ -203,7 +203,7 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         s.frame = frame;
         s.info = *info;
         s.seq = s.seq.wrapping_add(1);
-        s.block_valid = 0;
+        s.block_len = 0;
         s.novel = 0;
         s.tgid = tgid;
         let max = core::ptr::read_volatile(&MAX_DEPTH);
@@ -270,45 +270,69 @@ pub fn walk(ctx: PerfEventContext) -> u32 {
     0
 }
 
-/// Reads the frame at `addr` into the block buffer and returns its fields.
-/// A frame inside the block copied last costs no read: CPython keeps most
-/// frames next to each other in the thread's data stack, so the block copied
-/// is the `FRAME_BLOCK` bytes that end with this frame. If that copy fails (a
-/// page below is unmapped), the frame alone is read, and the next frame
-/// needs a read of its own.
+/// The per-CPU copy of target memory frames are parsed from.
+type Block = [u64; FRAME_BLOCK_WORDS];
+
+/// `words` as the bytes a read fills.
 #[inline(always)]
-fn read_frame(
-    addr: u64,
-    state: &mut WalkState,
-    block: &mut [u8; FRAME_BLOCK],
-) -> Option<FrameFields> {
+fn bytes_of<const N: usize>(words: &mut [u64; N]) -> &mut [u8] {
+    // SAFETY: the same memory, seen as bytes; any bytes make valid words.
+    unsafe { core::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), N * 8) }
+}
+
+/// Target pages: where a block copy may have to start when the memory below
+/// a frame is not mapped.
+const PAGE: u64 = 4096;
+
+/// Reads the frame at `addr` (8-aligned) into the block buffer and returns
+/// its fields. A frame inside the block copied last costs no read: CPython
+/// keeps most frames next to each other in the thread's data stack (callers
+/// below callees), so the block copied is the `FRAME_BLOCK` bytes that end
+/// with this frame. Where that copy fails (the data stack's chunks are
+/// mappings of their own, so frames near a chunk's start have nothing mapped
+/// below them), the copy starts at the frame's own page instead.
+#[inline(always)]
+fn read_frame(addr: u64, state: &mut WalkState, block: &mut Block) -> Option<FrameFields> {
     const LAST: u64 = (FRAME_BLOCK - FRAME_READ_LEN) as u64;
-    if state.block_valid == 0 || addr < state.block_base || addr - state.block_base > LAST {
-        state.block_valid = 0;
-        if let Some(base) = addr.checked_sub(LAST) {
-            // SAFETY: bpf_probe_read_user never faults.
-            if unsafe { bpf_probe_read_user_buf(base as *const u8, block) }.is_ok() {
-                state.block_base = base;
-                state.block_valid = 1;
+    let held = addr >= state.block_base
+        && addr - state.block_base + FRAME_READ_LEN as u64 <= u64::from(state.block_len);
+    if !held {
+        state.block_len = 0;
+        let base = addr.saturating_sub(LAST);
+        // SAFETY: bpf_probe_read_user never faults.
+        if unsafe { bpf_probe_read_user_buf(base as *const u8, bytes_of(block)) }.is_ok() {
+            state.block_base = base;
+            state.block_len = FRAME_BLOCK as u32;
+        } else {
+            let page = addr & !(PAGE - 1);
+            let base = if page > base { page } else { addr };
+            // At most LAST + FRAME_READ_LEN = FRAME_BLOCK bytes: the mask
+            // shows the verifier what the branch above proves.
+            let len = core::hint::black_box((addr - base) as usize + FRAME_READ_LEN)
+                & (2 * FRAME_BLOCK - 1);
+            if len > FRAME_BLOCK {
+                return None;
             }
-        }
-        if state.block_valid == 0 {
             // SAFETY: as above.
-            unsafe { bpf_probe_read_user_buf(addr as *const u8, &mut block[..FRAME_READ_LEN]) }
+            unsafe { bpf_probe_read_user_buf(base as *const u8, &mut bytes_of(block)[..len]) }
                 .ok()?;
-            // Only this frame's bytes are fresh: the rest of the buffer is an
-            // earlier sample's, so `block_valid` stays 0 and the next frame
-            // is read afresh.
-            state.block_base = addr;
+            state.block_base = base;
+            state.block_len = len as u32;
         }
     }
-    let off = core::hint::black_box((addr - state.block_base) as usize) & (FRAME_BLOCK - 1);
+    // Both `addr` and the block's base are 8-aligned, so is the offset.
+    let off = core::hint::black_box((addr - state.block_base) as usize) & (FRAME_BLOCK - 8);
     if off > LAST as usize {
         return None;
     }
-    // SAFETY: `off + FRAME_READ_LEN <= FRAME_BLOCK`; the copy is plain bytes.
-    let bytes = unsafe { &*block.as_ptr().add(off).cast::<[u8; FRAME_READ_LEN]>() };
-    FrameFields::parse(bytes, &state.info.py)
+    // SAFETY: `off + FRAME_READ_LEN <= FRAME_BLOCK`; the copy is plain data.
+    let words = unsafe {
+        &*block
+            .as_ptr()
+            .add(off / 8)
+            .cast::<[u64; FRAME_READ_WORDS]>()
+    };
+    FrameFields::parse(words, &state.info.py)
 }
 
 /// What the walker needs of a code object, read once per sample.
@@ -335,8 +359,13 @@ fn code_info(code: u64, state: &mut WalkState) -> Option<CodeInfo> {
         });
     }
     // SAFETY: bpf_probe_read_user never faults.
-    unsafe { bpf_probe_read_user_buf((code + CODE_READ_START) as *const u8, &mut state.code_hdr) }
-        .ok()?;
+    unsafe {
+        bpf_probe_read_user_buf(
+            (code + CODE_READ_START) as *const u8,
+            bytes_of(&mut state.code_hdr),
+        )
+    }
+    .ok()?;
     let py = &state.info.py;
     let units = code_size_units(&state.code_hdr);
     let checksum = code_checksum(&state.code_hdr, &py.checksum_masks);
@@ -370,7 +399,7 @@ fn code_info(code: u64, state: &mut WalkState) -> Option<CodeInfo> {
 }
 
 #[inline(always)]
-fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut [u8; FRAME_BLOCK]) -> Step {
+fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut Block) -> Step {
     let addr = state.frame;
     if addr == 0 {
         return Step::Done;
@@ -378,6 +407,10 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut [u8; FRAME_B
     let n = buf.header.nframes;
     if n >= state.max_depth {
         return Step::Truncated;
+    }
+    // Frames are 8-aligned: anything else is not a frame pointer.
+    if addr & 7 != 0 {
+        return Step::Failed(ReadStep::BadFrame);
     }
     let Some(frame) = read_frame(addr, state, block) else {
         return Step::Failed(ReadStep::Frame);

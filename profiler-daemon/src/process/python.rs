@@ -1430,7 +1430,7 @@ mod tests {
     /// walker's decisions and the symboliser's code reader.
     fn cpython312_frames(mem: &ProcessMemory, p: &PythonProcess, tstate: u64) -> Vec<Frame312> {
         use crate::python::code::read_code;
-        use profiler_common::{instr_index, FrameFields, FRAME_READ_LEN};
+        use profiler_common::{instr_index, words_of, FrameFields, FRAME_READ_LEN};
         let (t, w) = (&p.layout.threads, &p.walker);
         let cframe = mem.read_u64(tstate + t.tstate_frame).unwrap();
         let mut addr = mem.read_u64(cframe + t.cframe_frame.unwrap()).unwrap();
@@ -1439,7 +1439,7 @@ mod tests {
             assert!(out.len() < 16, "no end to the frame chain: {out:?}");
             let mut bytes = [0u8; FRAME_READ_LEN];
             mem.read(addr, &mut bytes).unwrap();
-            let f = FrameFields::parse(&bytes, w).unwrap();
+            let f = FrameFields::parse(&words_of(&bytes), w).unwrap();
             let code = read_code(mem, f.code, &p.code_format()).unwrap();
             let index = instr_index(f.instr, f.code, i64::from(code.n_units), w);
             out.push((

@@ -7,7 +7,7 @@
 //! [`Layout`](super::layout::Layout).
 use std::sync::Arc;
 
-use profiler_common::{code_checksum, CODE_READ_LEN, CODE_READ_START};
+use profiler_common::{code_checksum, words_of, CODE_READ_LEN, CODE_READ_START, CODE_READ_WORDS};
 
 use super::layout::{BytesLayout, CodeLayout, Layout, StrLayout};
 use super::linetable::LineTable;
@@ -135,8 +135,8 @@ fn u64_at(b: &[u8], off: u64) -> u64 {
 
 /// The header words the walker checksums, from a header read at the code
 /// object's start.
-pub fn checksum_window(hdr: &[u8]) -> [u8; CODE_READ_LEN] {
-    bytes_at(hdr, CODE_READ_START)
+pub fn checksum_window(hdr: &[u8]) -> [u64; CODE_READ_WORDS] {
+    words_of(&bytes_at::<CODE_READ_LEN>(hdr, CODE_READ_START))
 }
 
 /// Read and validate the code object at `addr`.
@@ -430,7 +430,7 @@ for cmd in sys.stdin:
                 .expect("64 bytes");
             assert_eq!(
                 info.checksum,
-                code_checksum(&hdr, &layout.code.checksum_masks),
+                code_checksum(&words_of(&hdr), &layout.code.checksum_masks),
                 "{}",
                 info.qualname
             );

@@ -217,6 +217,11 @@ pub enum LayoutError {
         object: &'static str,
         limit: u64,
     },
+    #[error("the {object}'s {what} is not word-aligned (the walker loads whole words)")]
+    Misaligned {
+        what: &'static str,
+        object: &'static str,
+    },
 }
 
 fn fits(
@@ -286,7 +291,14 @@ impl Layout {
             code_tag_bits: f.code_tag_bits,
             checksum_masks: c.checksum_masks,
         };
-        debug_assert!(layout.check().is_ok());
+        // Whole words where the walker loads words.
+        layout.check().map_err(|e| {
+            let (what, object) = match e {
+                profiler_common::LayoutError::FrameField(what) => (what, "frame"),
+                profiler_common::LayoutError::CodeField(what) => (what, "code header"),
+            };
+            LayoutError::Misaligned { what, object }
+        })?;
         Ok(layout)
     }
 
@@ -335,5 +347,11 @@ mod tests {
         let mut l = Minor::V3_14.header_layout();
         l.threads.tstate_frame = 70_000;
         assert!(l.walker().is_err());
+        let mut l = Minor::V3_14.header_layout();
+        l.frame.previous = 12;
+        assert_eq!(
+            l.walker().unwrap_err().to_string(),
+            "the frame's previous is not word-aligned (the walker loads whole words)"
+        );
     }
 }
