@@ -14,6 +14,7 @@ mod report;
 mod self_profile;
 mod stats;
 mod sys;
+mod versions;
 
 use crate::util::{cargo, cmd, root, target_dir};
 use anyhow::{bail, Context, Result};
@@ -67,8 +68,30 @@ pub struct Plan {
     pub acc_rates: Vec<u64>,
     pub acc_secs: f64,
     pub acc_reps: usize,
+    /// 7. CPython versions: the roots' interpreters measured besides the 3.11
+    ///    baseline, rounds, cycles of the BPF walk session per round, seconds at
+    ///    each walk depth, warm-up and window of the cost per sample, seconds of
+    ///    the split (accuracy).
+    pub ver_interpreters: Vec<versions::Wanted>,
+    pub ver_reps: usize,
+    pub ver_cycles: usize,
+    pub ver_warm_secs: f64,
+    pub ver_window_secs: f64,
+    pub ver_phase_secs: f64,
+    pub ver_acc_secs: f64,
     /// Criterion warm-up and measurement seconds; `None` skips them.
     pub criterion: Option<(f64, f64)>,
+}
+
+/// The static builds of 3.13, 3.14 and 3.15 (Debian's `/usr/bin/python3.X`).
+fn static_builds(minors: &[u8]) -> Vec<versions::Wanted> {
+    minors
+        .iter()
+        .map(|&minor| versions::Wanted {
+            minor,
+            shared: false,
+        })
+        .collect()
 }
 
 impl Plan {
@@ -105,6 +128,13 @@ impl Plan {
                 acc_rates: vec![99, 999],
                 acc_secs: 8.0,
                 acc_reps: 3,
+                ver_interpreters: static_builds(&[13, 14, 15]),
+                ver_reps: 3,
+                ver_cycles: 5,
+                ver_warm_secs: 1.0,
+                ver_window_secs: 3.0,
+                ver_phase_secs: 0.5,
+                ver_acc_secs: 4.0,
                 criterion: Some((0.5, 2.0)),
             },
             Mode::Quick => Plan {
@@ -132,6 +162,13 @@ impl Plan {
                 acc_rates: vec![999],
                 acc_secs: 2.0,
                 acc_reps: 2,
+                ver_interpreters: static_builds(&[13, 14, 15]),
+                ver_reps: 1,
+                ver_cycles: 6,
+                ver_warm_secs: 0.5,
+                ver_window_secs: 1.5,
+                ver_phase_secs: 0.4,
+                ver_acc_secs: 2.0,
                 criterion: Some((0.3, 1.0)),
             },
             Mode::Smoke => Plan {
@@ -159,6 +196,13 @@ impl Plan {
                 acc_rates: vec![999],
                 acc_secs: 1.0,
                 acc_reps: 1,
+                ver_interpreters: static_builds(&[15]),
+                ver_reps: 1,
+                ver_cycles: 1,
+                ver_warm_secs: 0.3,
+                ver_window_secs: 0.7,
+                ver_phase_secs: 0.3,
+                ver_acc_secs: 0.7,
                 criterion: None,
             },
         }

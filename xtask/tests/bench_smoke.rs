@@ -1,7 +1,9 @@
 //! Keeps `cargo xtask bench` working: runs it in its smallest form
 //! (`--smoke`: every measurement once, tiny, no criterion) into a scratch
 //! directory and checks that both reports are written and hold every
-//! section. No timing is asserted.
+//! section. No timing is asserted. Section 7 (CPython versions) runs 3.15 from the
+//! Debian roots of `cargo xtask bootstrap`; without them it measures 3.11 only and
+//! prints that it skipped the rest.
 //!
 //! Needs root (BPF, and py-spy reading another process). Without root it
 //! fails when PYEBPF_REQUIRE_BPF_TESTS is set, and is skipped otherwise.
@@ -78,6 +80,7 @@ fn bench_smoke() {
         "## 4. Throughput",
         "## 5. Memory",
         "## 6. Accuracy",
+        "## 7. CPython versions",
     ] {
         assert!(
             md.contains(section),
@@ -111,6 +114,28 @@ fn bench_smoke() {
         acc.iter().all(|r| r["samples"][0].as_u64() > Some(0)),
         "{acc:?}"
     );
+    // 7. CPython versions: the 3.11 baseline always; the roots' interpreter (3.15) when
+    // `cargo xtask bootstrap` built the roots, else a reason.
+    let versions = &json["versions"];
+    let rows = versions["rows"].as_array().expect("versions rows");
+    let measured = |r: &serde_json::Value| {
+        r["bpf_ns_per_frame"][0].as_f64().is_some()
+            && r["pyebpf_cost"]["ns_per_sample"][0].as_f64() > Some(0.0)
+            && r["pyebpf_accuracy"]["samples"][0].as_f64() > Some(0.0)
+    };
+    assert!(
+        rows.iter()
+            .any(|r| r["interpreter"]["baseline"] == true && measured(r)),
+        "{versions:#}"
+    );
+    match versions["skipped"].as_str() {
+        Some(why) => eprintln!("SKIPPED: CPython versions other than 3.11: {why}"),
+        None => assert!(
+            rows.iter()
+                .any(|r| r["interpreter"]["baseline"] == false && measured(r)),
+            "{versions:#}"
+        ),
+    }
     assert!(json["targets"].as_array().is_some_and(|t| !t.is_empty()));
     let _ = std::fs::remove_dir_all(&out);
 }

@@ -1,4 +1,4 @@
-//! The six measurements. Each returns raw per-repetition values; the
+//! The seven measurements. Each returns raw per-repetition values; the
 //! summaries (medians, ratios) are computed here too, and rendered by
 //! `report`.
 
@@ -6,7 +6,7 @@ use super::daemon::{delta, Daemon, DaemonConfig, Delta};
 use super::report::{self, Meta, Results};
 use super::stats::{self, Summary};
 use super::sys::{self, Output, Proc};
-use super::{micro, Ctx};
+use super::{micro, versions, Ctx};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -26,7 +26,7 @@ pub fn all(ctx: &Ctx, meta: Meta) -> Result<Results> {
         clock = Instant::now();
         if !what.is_empty() {
             sections.push((what.to_string(), 0.0));
-            crate::util::banner(&format!("[{n}/7] {what}"));
+            crate::util::banner(&format!("[{n}/8] {what}"));
         }
     };
     step(1, "target slowdown");
@@ -41,7 +41,10 @@ pub fn all(ctx: &Ctx, meta: Meta) -> Result<Results> {
     let memory = ctx.soft("memory", memory(ctx));
     step(6, "accuracy");
     let accuracy = accuracy(ctx).context("accuracy")?;
-    step(7, "criterion microbenchmarks");
+    step(7, "CPython versions");
+    let early_exit = walk.early_exit_ns.as_ref().map_or(0.0, |s| s.median);
+    let versions = ctx.soft("CPython versions", versions::run(ctx, early_exit));
+    step(8, "criterion microbenchmarks");
     let micro = match ctx.plan.criterion {
         Some((warm, measure)) => micro::run(ctx, warm, measure).context("criterion")?,
         None => {
@@ -49,7 +52,7 @@ pub fn all(ctx: &Ctx, meta: Meta) -> Result<Results> {
             Vec::new()
         }
     };
-    step(8, "");
+    step(9, "");
     let mut meta = meta;
     meta.section_seconds = sections;
     let mut r = Results {
@@ -61,6 +64,7 @@ pub fn all(ctx: &Ctx, meta: Meta) -> Result<Results> {
         throughput,
         memory,
         accuracy,
+        versions,
         micro,
         targets: Vec::new(),
         failures: ctx.failures.borrow().clone(),
@@ -97,7 +101,7 @@ const ALL_PROFILERS: [Profiler; 3] = [
 ];
 
 /// `items` rotated left by `k`: each round starts with another condition.
-fn rotated<T: Clone>(items: &[T], k: usize) -> Vec<T> {
+pub(super) fn rotated<T: Clone>(items: &[T], k: usize) -> Vec<T> {
     let mut v = items.to_vec();
     if !v.is_empty() {
         let n = k % v.len();
@@ -107,15 +111,15 @@ fn rotated<T: Clone>(items: &[T], k: usize) -> Vec<T> {
 }
 
 /// A `pyebpf record` or `py-spy record` of one process, to a folded file.
-struct Recording {
-    proc: Proc,
+pub(super) struct Recording {
+    pub(super) proc: Proc,
     profiler: Profiler,
     out: PathBuf,
     /// When sampling started (attached).
-    started: Instant,
+    pub(super) started: Instant,
 }
 
-fn start_recording(
+pub(super) fn start_recording(
     ctx: &Ctx,
     profiler: Profiler,
     pid: u32,
@@ -123,7 +127,21 @@ fn start_recording(
     duration: Option<u64>,
     out: &Path,
 ) -> Result<Recording> {
-    let pid_s = pid.to_string();
+    start_recording_pids(ctx, profiler, &[pid], rate, duration, out)
+}
+
+/// [`start_recording`] of several processes (`pyebpf record` only: py-spy takes one).
+pub(super) fn start_recording_pids(
+    ctx: &Ctx,
+    profiler: Profiler,
+    pids: &[u32],
+    rate: u64,
+    duration: Option<u64>,
+    out: &Path,
+) -> Result<Recording> {
+    if pids.len() != 1 && profiler != Profiler::Pyebpf {
+        bail!("{} records one process", profiler.label());
+    }
     let rate_s = rate.to_string();
     let mut cmd;
     match profiler {
@@ -139,9 +157,10 @@ fn start_recording(
             }
         }
     }
-    cmd.args(["--pid", &pid_s, "--rate", &rate_s])
-        .arg("--output")
-        .arg(out);
+    for pid in pids {
+        cmd.args(["--pid", &pid.to_string()]);
+    }
+    cmd.args(["--rate", &rate_s]).arg("--output").arg(out);
     if let Some(d) = duration {
         cmd.args(["--duration", &d.to_string()]);
     }
@@ -170,7 +189,25 @@ impl Recording {
     /// profile; py-spy also ends by itself when its target exits) and
     /// returns the folded profile, the profiler's CPU time and how long it
     /// sampled.
-    fn finish(mut self, target_exited: bool) -> Result<(String, Duration, Duration)> {
+    fn finish(self, target_exited: bool) -> Result<(String, Duration, Duration)> {
+        self.end(target_exited, false)
+            .map(|(text, cpu, sampled_for, _)| (text, cpu, sampled_for))
+    }
+
+    /// [`Self::finish`], with how `pyebpf record` described each target in its summary
+    /// (`process PID (COMM): CPython X.Y.Z, static build`); none for py-spy.
+    pub(super) fn finish_described(
+        self,
+        target_exited: bool,
+    ) -> Result<(String, Duration, Duration, Vec<String>)> {
+        self.end(target_exited, true)
+    }
+
+    fn end(
+        mut self,
+        target_exited: bool,
+        describe: bool,
+    ) -> Result<(String, Duration, Duration, Vec<String>)> {
         let sampled_for = self.started.elapsed();
         if target_exited {
             // py-spy stops by itself then; give it the time to.
@@ -192,7 +229,19 @@ impl Recording {
         }
         let text = std::fs::read_to_string(&self.out)
             .with_context(|| format!("reading {}", self.out.display()))?;
-        Ok((text, cpu, sampled_for))
+        let mut described = Vec::new();
+        if describe && self.profiler == Profiler::Pyebpf {
+            // The summary names each process, then says what was truncated.
+            let _ = self.proc.wait_line("truncated at", Duration::from_secs(2));
+            described = self
+                .proc
+                .tail()
+                .lines()
+                .filter(|l| l.contains("): CPython "))
+                .map(|l| l.trim().to_string())
+                .collect();
+        }
+        Ok((text, cpu, sampled_for, described))
     }
 }
 

@@ -3,7 +3,8 @@
 
 use super::measure::{Accuracy, CostRow, Profiler, Slowdown, Throughput, Tool, Walk};
 use super::micro::Micro;
-use super::stats::Summary;
+use super::stats::{self, Summary};
+use super::versions::{self, VersionRow, Versions};
 use super::{git_revision, Ctx, Plan};
 use crate::util::cmd;
 use anyhow::Result;
@@ -98,6 +99,8 @@ pub enum Verdict {
     /// The median misses, but by less than the noise of the measurement:
     /// this run cannot tell.
     WithinNoise,
+    /// Nothing to judge: the measurement could not be made here.
+    NotMeasured,
 }
 
 impl Verdict {
@@ -114,6 +117,7 @@ impl Verdict {
             Verdict::Met => "met",
             Verdict::Missed => "MISSED",
             Verdict::WithinNoise => "NOT RESOLVED (within noise)",
+            Verdict::NotMeasured => "NOT MEASURED",
         }
     }
 
@@ -122,6 +126,7 @@ impl Verdict {
             Verdict::Met => "met",
             Verdict::Missed => "**missed**",
             Verdict::WithinNoise => "**not resolved**: the miss is within the noise",
+            Verdict::NotMeasured => "**not measured**",
         }
     }
 }
@@ -136,6 +141,8 @@ pub struct Results {
     pub throughput: Throughput,
     pub memory: Option<super::measure::Memory>,
     pub accuracy: Accuracy,
+    /// 7. CPython versions (`None`: the section failed).
+    pub versions: Option<super::versions::Versions>,
     pub micro: Vec<Micro>,
     pub targets: Vec<Target>,
     /// Runs that failed; their conditions have fewer repetitions.
@@ -248,6 +255,9 @@ pub fn targets(r: &Results) -> Vec<Target> {
             });
         }
     }
+    if let Some(v) = &r.versions {
+        out.extend(version_targets(v));
+    }
     for c in r.cost.iter().filter(|c| !c.tool.is_pyebpf()) {
         if let Some(x) = c.vs_pyebpf {
             out.push(Target {
@@ -261,6 +271,76 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 verdict: Verdict::of(x >= 10.0),
             });
         }
+    }
+    out
+}
+
+/// Section 7's target: no version costs more per frame than 3.11 by more than 20%.
+/// The ratios to 3.11 (one per cycle, each to the baseline of the same cycle) give the
+/// noise: the median's distribution-free 95% confidence interval. A median above the
+/// target whose interval reaches down to it is not resolved.
+pub fn version_targets(v: &Versions) -> Vec<Target> {
+    let Some(base) = v.rows.iter().find(|x| x.interpreter.baseline) else {
+        return Vec::new();
+    };
+    let max = versions::MAX_FRAME_RATIO;
+    let mut out = Vec::new();
+    for row in v.rows.iter().filter(|x| !x.interpreter.baseline) {
+        let target = format!(
+            "pyebpf BPF cost per frame on CPython {} at most {max}x CPython {}'s \
+             (kernel stats, depth {} → {})",
+            row.interpreter.label(),
+            base.interpreter.version,
+            v.walk_depths[0],
+            v.walk_depths[1]
+        );
+        let (Some(ratio), Some(mine), Some(theirs)) = (
+            &row.frame_ratio_summary,
+            &row.ns_per_frame,
+            &base.ns_per_frame,
+        ) else {
+            out.push(Target {
+                target,
+                measured: row
+                    .skipped
+                    .clone()
+                    .unwrap_or_else(|| "no complete round (see Failures)".into()),
+                verdict: Verdict::NotMeasured,
+            });
+            continue;
+        };
+        let (lo, hi) = stats::median_ci95(&row.frame_ratio).unwrap_or((ratio.min, ratio.max));
+        out.push(Target {
+            target,
+            measured: format!(
+                "{:.2}x ({:.1} ns against {:.1} ns per frame; noise: {:.2}x–{:.2}x, {}{})",
+                ratio.median,
+                mine.median,
+                theirs.median,
+                lo,
+                hi,
+                if ratio.n >= 6 {
+                    format!(
+                        "95% confidence interval of the median of {} cycles",
+                        ratio.n
+                    )
+                } else {
+                    format!("the range of {} cycle(s)", ratio.n)
+                },
+                if row.walked_in_full && base.walked_in_full {
+                    ""
+                } else {
+                    "; **not every stack was walked in full**"
+                }
+            ),
+            verdict: if ratio.median <= max {
+                Verdict::Met
+            } else if lo > max {
+                Verdict::Missed
+            } else {
+                Verdict::WithinNoise
+            },
+        });
     }
     out
 }
@@ -353,6 +433,10 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(s, "Every target above was met in this run.");
     } else {
         for t in &missed {
+            if t.verdict == Verdict::NotMeasured {
+                let _ = writeln!(s, "- **{}**: not measured: {}.", t.target, t.measured);
+                continue;
+            }
             let _ = writeln!(
                 s,
                 "- **{}**: measured {}{}.",
@@ -659,6 +743,17 @@ pub fn markdown(r: &Results) -> String {
         );
     }
 
+    // 7.
+    match &r.versions {
+        Some(v) => versions_markdown(&mut s, &r.plan, &r.meta.pyspy_version, v),
+        None => {
+            let _ = writeln!(
+                s,
+                "\n## 7. CPython versions\n\nFailed in this run (see Failures)."
+            );
+        }
+    }
+
     // Micro.
     let _ = writeln!(
         s,
@@ -703,6 +798,238 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     s
+}
+
+/// What to show in a py-spy column of section 7 when py-spy gave no number.
+fn pyspy_missing(row: &VersionRow, pyspy_version: &str) -> Option<String> {
+    let e = row.pyspy_error.as_ref()?;
+    let version = pyspy_version.trim_start_matches("py-spy ").trim();
+    Some(if row.pyspy_unsupported {
+        format!(
+            "unsupported by py-spy {version} ({})",
+            e.replace('|', "\\|")
+        )
+    } else {
+        format!("py-spy {version} failed: {}", e.replace('|', "\\|"))
+    })
+}
+
+/// `CPython 3.13.18 (static)`, or why the row has no numbers.
+fn version_cells(row: &VersionRow) -> (String, Option<String>) {
+    let i = &row.interpreter;
+    let name = format!(
+        "{}{} ({})",
+        i.version,
+        if i.baseline { ", baseline" } else { "" },
+        i.build
+    );
+    (
+        name,
+        row.skipped.as_ref().map(|w| format!("not measured: {w}")),
+    )
+}
+
+/// Section 7. `pyspy_version`: `py-spy --version`.
+pub fn versions_markdown(s: &mut String, p: &Plan, pyspy_version: &str, v: &Versions) {
+    let base = v
+        .rows
+        .iter()
+        .find(|x| x.interpreter.baseline)
+        .map(|x| x.interpreter.version.clone())
+        .unwrap_or_else(|| "3.11".into());
+    let (d0, d1) = (v.walk_depths[0], v.walk_depths[1]);
+    let _ = writeln!(
+        s,
+        "\n## 7. CPython versions\n\n\
+         Every real CPython version on this machine, one interpreter per minor version (the \
+         baseline, {base}, is the interpreter of sections 1–6), with the definitions of \
+         sections 2, 3 and 6, at {rate} Hz. The interpreters of the Debian roots run chrooted in \
+         their root, in their own mount and pid namespaces, as the end-to-end tests run them \
+         (`tests/` mounted read-only at `/pyebpf`); the baseline runs on the host. Each of the \
+         {rounds} round(s) starts one process of every interpreter on \
+         `tests/workloads/bench_versions.py`, which runs `scenarios.py`'s `recurse:N` or `split`, \
+         or waits off CPU, and switches on a line of stdin, so that one recorder can measure \
+         several modes and processes in turn. A stack belongs to a mode by its number of \
+         `recurse` frames (and to a process by the root frame `pyebpf record` adds when it \
+         records several).\n\
+         - **BPF cost per frame** (pyebpf only: py-spy has no BPF part). One `pyebpf record` of \
+           every process, all waiting off CPU. The kernel's BPF run time and run count of its \
+           programs (`/proc/PID/fdinfo`) are read at each switch while the processes are made \
+           busy one at a time, {phase:.1} s at depth {d0} and {phase:.1} s at depth {d1} each, \
+           in {cycles} cycle(s) per round; each cycle runs the interpreters in an order rotated \
+           from cycle to cycle, so the phases compared are seconds apart and every interpreter \
+           sees the same state of the machine. The processes are pinned to the last CPU for \
+           the session (on this VM the run time per stack differs from one CPU to the other). \
+           (Cycle c runs depths {d0} + c and {d1} + c, so \
+           that each phase's stacks are told apart by their depth.) Per stack = (run time − \
+           early exits × the cost of an early exit) / stacks of that phase, where early exits \
+           are the runs that sent no stack, and their cost is measured with every process \
+           waiting ({early}); per frame = (per stack at depth {d1} − per stack at depth {d0}) / \
+           {diff}, per cycle; *vs {base}* divides by the baseline's of the same cycle. Target: \
+           at most {max}x; the noise is the distribution-free 95% confidence interval of the \
+           median ratio (order statistics; the whole range with fewer than 6 cycles): a \
+           median above the target is a miss only when the whole interval is. The cycles of \
+           one round share their processes. *Walked in full*: the deepest stacks had all \
+           their `recurse` frames ({d1} + c + 1) and no stack was truncated or partial.\n\
+         - **Cost per sample** (then each interpreter alone, the others waiting): section 2's \
+           definition at depth {cd}: (profiler CPU over a {window:.1} s window after \
+           {warm:.1} s of warm-up, from schedstat, + BPF run time over the window) / samples \
+           in the window (the recorder's depth-{cd} samples over the time it sampled depth \
+           {cd}, times the window). `pyebpf record` and `py-spy record` (`--format raw`, \
+           default mode) one after the other, the first alternating from round to round.\n\
+         - **Accuracy**: the same recorder goes on over {acc:.1} s of the split: section 6's TV \
+           distance from the true 1 : 2 : 3 split and hot-line agreement. Every stack without \
+           `recurse` counts, so a stray stack of any mode counts as an error.\n\n\
+         CPython 3.12 has no row: no real 3.12 interpreter exists on this machine, so pyebpf's \
+         3.12 support is tested only against 3.12's headers (its struct layouts), never on a \
+         running 3.12.\n",
+        rate = v.rate_hz,
+        rounds = v.rounds,
+        phase = p.ver_phase_secs,
+        cycles = v.cycles_per_round,
+        early = summary_or_dash(&v.early_exit_ns, ns),
+        diff = d1 - d0,
+        max = versions::MAX_FRAME_RATIO,
+        cd = v.cost_depth,
+        window = p.ver_window_secs,
+        warm = p.ver_warm_secs,
+        acc = p.ver_acc_secs,
+    );
+    if let Some(why) = &v.skipped {
+        let _ = writeln!(s, "Only the baseline was measured: {why}.\n");
+    }
+    let _ = writeln!(
+        s,
+        "| CPython | interpreter | where it comes from | `pyebpf record` saw |\n|---|---|---|---|"
+    );
+    for row in &v.rows {
+        let i = &row.interpreter;
+        let (name, skipped) = version_cells(row);
+        // `process PID (COMM): CPython …`: the pid is of no interest here.
+        let saw = row
+            .pyebpf_saw
+            .as_deref()
+            .map(
+                |l| match l.split_once(" (").and_then(|(_, r)| r.split_once("): ")) {
+                    Some((comm, what)) => format!("`{comm}`: {what}"),
+                    None => l.to_string(),
+                },
+            )
+            .unwrap_or_else(|| "–".into());
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {saw} |",
+            if i.path.is_empty() {
+                "–".into()
+            } else {
+                format!("`{}`", i.path)
+            },
+            skipped.unwrap_or_else(|| i.origin.clone()),
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\n### BPF cost per frame\n\n\
+         | CPython | BPF per stack, depth {} | BPF per stack, depth {} | BPF per frame | vs {} | \
+         most `recurse` frames in a stack | walked in full |\n|---|---|---|---|---|---|---|",
+        v.walk_depths[0], v.walk_depths[1], base
+    );
+    for row in &v.rows {
+        let (name, skipped) = version_cells(row);
+        if let Some(w) = skipped {
+            let _ = writeln!(s, "| {name} | {w} | | | | | |");
+            continue;
+        }
+        let per_stack = |d: u32| {
+            summary_or_dash(
+                &row.bpf_ns_per_stack.get(&d).and_then(|x| Summary::of(x)),
+                ns,
+            )
+        };
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} | {} | {} |",
+            per_stack(v.walk_depths[0]),
+            per_stack(v.walk_depths[1]),
+            summary_or_dash(&row.ns_per_frame, |x| format!("{x:.1} ns")),
+            if row.interpreter.baseline {
+                "(baseline)".into()
+            } else {
+                summary_or_dash(&row.frame_ratio_summary, |x| format!("{x:.2}x"))
+            },
+            row.deepest_recurse,
+            if row.walked_in_full { "yes" } else { "**no**" }
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\n### Cost per sample ({} Hz, depth {})\n\n\
+         | CPython | pyebpf record | userspace | BPF | samples/s | py-spy record | samples/s | \
+         py-spy / pyebpf |\n|---|---|---|---|---|---|---|---|",
+        v.rate_hz, v.cost_depth
+    );
+    for row in &v.rows {
+        let (name, skipped) = version_cells(row);
+        if let Some(w) = skipped {
+            let _ = writeln!(s, "| {name} | {w} | | | | | | |");
+            continue;
+        }
+        let (a, b) = (&row.pyebpf_cost, &row.pyspy_cost);
+        let spy = match pyspy_missing(row, pyspy_version) {
+            Some(why) => format!("{why} | – | –"),
+            None => format!(
+                "{} | {} | {}",
+                summary_or_dash(&b.summary, ns),
+                summary_or_dash(&Summary::of(&b.samples_per_s), |x| format!("{x:.0}")),
+                match (&a.summary, &b.summary) {
+                    (Some(x), Some(y)) => format!("{:.1}x", y.median / x.median),
+                    _ => "–".into(),
+                }
+            ),
+        };
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} | {} | {spy} |",
+            summary_or_dash(&a.summary, ns),
+            summary_or_dash(&Summary::of(&a.user_ns_per_sample), ns),
+            summary_or_dash(&Summary::of(&a.bpf_ns_per_sample), ns),
+            summary_or_dash(&Summary::of(&a.samples_per_s), |x| format!("{x:.0}")),
+        );
+    }
+
+    let _ = writeln!(
+        s,
+        "\n### Accuracy ({} Hz, 1 : 2 : 3 split)\n\n\
+         | CPython | pyebpf samples | pyebpf TV distance | pyebpf hot-line agreement | \
+         py-spy samples | py-spy TV distance | py-spy hot-line agreement |\n\
+         |---|---|---|---|---|---|---|",
+        v.rate_hz
+    );
+    let acc = |a: &versions::AccSeries| {
+        format!(
+            "{} | {} | {}",
+            summary_or_dash(&Summary::of(&a.samples), |x| format!("{x:.0}")),
+            summary_or_dash(&a.tv, |x| format!("{x:.4}")),
+            summary_or_dash(&Summary::of(&a.line_agreement), |x| format!(
+                "{:.2}%",
+                100.0 * x
+            )),
+        )
+    };
+    for row in &v.rows {
+        let (name, skipped) = version_cells(row);
+        if let Some(w) = skipped {
+            let _ = writeln!(s, "| {name} | {w} | | | | | |");
+            continue;
+        }
+        let spy = match pyspy_missing(row, pyspy_version) {
+            Some(why) => format!("{why} | – | –"),
+            None => acc(&row.pyspy_accuracy),
+        };
+        let _ = writeln!(s, "| {name} | {} | {spy} |", acc(&row.pyebpf_accuracy));
+    }
 }
 
 fn micro_what(name: &str) -> &'static str {
@@ -755,6 +1082,35 @@ fn findings(r: &Results) -> Vec<String> {
             m.code_objects,
             m.processes * m.functions_per_process
         ));
+    }
+    if let Some(v) = &r.versions {
+        let pyspy = r.meta.pyspy_version.trim_start_matches("py-spy ").trim();
+        for row in v.rows.iter().filter(|x| x.skipped.is_none()) {
+            let label = row.interpreter.label();
+            if !row.walked_in_full && row.ns_per_frame.is_some() {
+                out.push(format!(
+                    "CPython {label}: stacks of recursion depth {} were not walked in full (most \
+                     `recurse` frames in a stack: {}{}).",
+                    v.walk_depths[1],
+                    row.deepest_recurse,
+                    if row.cut_stacks {
+                        "; truncated or partial stacks"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            if let Some(e) = &row.pyspy_error {
+                out.push(format!(
+                    "py-spy {pyspy} {} CPython {label}: {e}",
+                    if row.pyspy_unsupported {
+                        "does not support"
+                    } else {
+                        "failed on"
+                    }
+                ));
+            }
+        }
     }
     let tv = |p: Profiler| {
         r.accuracy

@@ -49,6 +49,35 @@ impl Summary {
     }
 }
 
+/// A distribution-free 95% confidence interval of the median of `values` (finite ones):
+/// the order statistics x(r) and x(n + 1 − r) for the largest r with
+/// P(Bin(n, ½) ≤ r − 1) ≤ 2.5%. With fewer than 6 values no such r exists, and the
+/// interval is the whole range.
+pub fn median_ci95(values: &[f64]) -> Option<(f64, f64)> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    // P(X <= j) for X ~ Bin(n, 1/2), accumulated term by term.
+    let mut term = 0.5f64.powi(n as i32);
+    let mut below = term; // P(X <= 0)
+    let mut r = 1;
+    while r < n / 2 {
+        term *= (n - r + 1) as f64 / r as f64;
+        if below + term > 0.025 {
+            break;
+        }
+        below += term;
+        r += 1;
+    }
+    if r == 1 && below > 0.025 {
+        return Some((v[0], v[n - 1]));
+    }
+    Some((v[r - 1], v[n - r]))
+}
+
 /// One frame of a folded line: `qualname (file:line)`, or a synthetic frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frame<'a> {
@@ -177,6 +206,25 @@ mod tests {
         assert_eq!(Summary::of(&[1.0, 2.0]).unwrap().median, 1.5);
         assert!(Summary::of(&[]).is_none());
         assert_eq!(s.show(|x| format!("{x:.0}")), "3 [1–5]");
+    }
+
+    #[test]
+    fn median_confidence_interval() {
+        let v: Vec<f64> = (1..=15).map(f64::from).collect();
+        // P(Bin(15, ½) <= 3) = 1.76%, P(<= 4) = 5.9%: x(4) and x(12).
+        assert_eq!(median_ci95(&v), Some((4.0, 12.0)));
+        // P(Bin(6, ½) <= 0) = 1.6%, P(<= 1) = 10.9%: the extremes.
+        assert_eq!(
+            median_ci95(&[3.0, 1.0, 2.0, 6.0, 5.0, 4.0]),
+            Some((1.0, 6.0))
+        );
+        // Fewer than 6: the whole range.
+        assert_eq!(median_ci95(&[2.0, f64::NAN, 1.0]), Some((1.0, 2.0)));
+        assert_eq!(median_ci95(&[7.0]), Some((7.0, 7.0)));
+        assert_eq!(median_ci95(&[]), None);
+        // n = 20: P(<= 5) = 2.07%, P(<= 6) = 5.8%: x(6) and x(15).
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(median_ci95(&v), Some((6.0, 15.0)));
     }
 
     #[test]

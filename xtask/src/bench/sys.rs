@@ -330,6 +330,38 @@ pub fn wait_sampler_running(p: &mut Proc, timeout: Duration) -> Result<()> {
     )
 }
 
+/// The CPUs thread `tid` may run on.
+pub fn affinity(tid: u32) -> Option<libc::cpu_set_t> {
+    // SAFETY: cpu_set_t is plain data; the kernel writes at most its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: as above.
+    let r = unsafe { libc::sched_getaffinity(tid as libc::pid_t, size, &mut set) };
+    (r == 0).then_some(set)
+}
+
+/// Restricts thread `tid` to `set` (see [`affinity`], [`cpu_set`]).
+pub fn set_affinity(tid: u32, set: &libc::cpu_set_t) -> Result<()> {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: `set` is a valid cpu_set_t of `size` bytes.
+    if unsafe { libc::sched_setaffinity(tid as libc::pid_t, size, set) } != 0 {
+        bail!(
+            "sched_setaffinity({tid}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// The set of just `cpu`.
+pub fn cpu_set(cpu: usize) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain data, all zeros is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET bounds-checks `cpu` against the set's size.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set
+}
+
 pub fn sleep_secs(s: f64) {
     thread::sleep(Duration::from_secs_f64(s));
 }
@@ -364,6 +396,16 @@ mod tests {
         let a = HashMap::from([(1, 100), (2, 50), (3, 10)]);
         let b = HashMap::from([(1, 160), (2, 50), (4, 7)]);
         assert_eq!(cpu_between(&a, &b), Duration::from_nanos(67));
+    }
+
+    #[test]
+    fn affinity_round_trip() {
+        let tid = unsafe { libc::gettid() } as u32;
+        let before = affinity(tid).unwrap();
+        set_affinity(tid, &cpu_set(0)).unwrap();
+        let now = affinity(tid).unwrap();
+        assert!(unsafe { libc::CPU_ISSET(0, &now) } && unsafe { libc::CPU_COUNT(&now) } == 1);
+        set_affinity(tid, &before).unwrap();
     }
 
     #[test]
