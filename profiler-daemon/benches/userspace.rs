@@ -188,7 +188,9 @@ fn store() -> Store {
         StoreLimits {
             retention_secs: 600,
             max_processes: 1000,
-            max_stacks_per_process: 20_000,
+            max_stacks_per_process: 100_000,
+            max_bytes: 256 << 20,
+            max_bytes_per_process: 32 << 20,
         },
         99,
     );

@@ -255,11 +255,22 @@ pub struct Aggregation {
     /// processes are not profiled (and counted) until others exit.
     #[serde(deserialize_with = "ranged::<_, _, 1, 100_000>")]
     pub max_processes: u32,
-    /// Most distinct stacks kept per process within the retention,
-    /// `1..=10000000`; default 20000. Samples of further new stacks are
-    /// dropped (and counted).
+    /// Most distinct stacks (at line level) kept per process within the
+    /// retention, `1..=10000000`; default 100000. Samples of further new
+    /// stacks are counted under `[stack table full]`.
     #[serde(deserialize_with = "ranged::<_, _, 1, 10_000_000>")]
     pub max_stacks_per_process: u32,
+    /// Memory all profiles may hold together, in MiB (interned frames and
+    /// stacks, per-second counts, the raw-stack and symbol caches),
+    /// `16..=65536`; default 256, half of the DaemonSet's memory limit.
+    /// Beyond it the oldest seconds of the largest processes are evicted
+    /// (counted in `pyebpf_store_evicted_samples_total`).
+    #[serde(deserialize_with = "ranged::<_, _, 16, 65_536>")]
+    pub memory_budget_mib: u32,
+    /// Memory one process's profile may hold, in MiB, `1..=65536`; default
+    /// 32. Beyond it that process's oldest seconds are evicted (counted).
+    #[serde(deserialize_with = "ranged::<_, _, 1, 65_536>")]
+    pub process_memory_budget_mib: u32,
 }
 
 impl Default for Aggregation {
@@ -268,7 +279,9 @@ impl Default for Aggregation {
             window_secs: 60,
             retention_secs: 600,
             max_processes: 1000,
-            max_stacks_per_process: 20_000,
+            max_stacks_per_process: 100_000,
+            memory_budget_mib: 256,
+            process_memory_budget_mib: 32,
         }
     }
 }
@@ -954,7 +967,9 @@ mod tests {
         assert_eq!(c.aggregation.window_secs, 60);
         assert_eq!(c.aggregation.retention_secs, 600);
         assert_eq!(c.aggregation.max_processes, 1000);
-        assert_eq!(c.aggregation.max_stacks_per_process, 20_000);
+        assert_eq!(c.aggregation.max_stacks_per_process, 100_000);
+        assert_eq!(c.aggregation.memory_budget_mib, 256);
+        assert_eq!(c.aggregation.process_memory_budget_mib, 32);
         assert_eq!(c.metrics.top_functions, 10);
         assert_eq!(c.metrics.max_function_series, 5000);
         assert_eq!(c.outputs, Outputs::default());
@@ -1164,6 +1179,8 @@ aggregation:
   retention_secs: 10
   max_processes: 5
   max_stacks_per_process: 100
+  memory_budget_mib: 64
+  process_memory_budget_mib: 4
 metrics: { top_functions: 0, max_function_series: 1 }
 outputs:
   pprof_dir: { path: /tmp/p, max_age_secs: 60, max_total_bytes: 1048576 }
@@ -1195,7 +1212,9 @@ logging: { format: json, level: "warn,pyebpf=debug" }
                 window_secs: 10,
                 retention_secs: 10,
                 max_processes: 5,
-                max_stacks_per_process: 100
+                max_stacks_per_process: 100,
+                memory_budget_mib: 64,
+                process_memory_budget_mib: 4,
             }
         );
         assert_eq!(
@@ -1304,6 +1323,16 @@ logging: { format: json, level: "warn,pyebpf=debug" }
                 "aggregation",
                 "max_processes",
                 "0 is out of range 1..=100000",
+            ),
+            (
+                "aggregation",
+                "memory_budget_mib",
+                "15 is out of range 16..=65536",
+            ),
+            (
+                "aggregation",
+                "process_memory_budget_mib",
+                "0 is out of range 1..=65536",
             ),
             (
                 "aggregation",

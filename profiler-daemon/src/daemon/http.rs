@@ -8,8 +8,8 @@
 //! | `GET /flamegraph.svg?...` | SVG flamegraph (same parameters) |
 //! | `GET /folded?...` | folded stacks (same parameters) |
 //! | `GET /processes[?all=1]` | JSON array of the profiled processes; `all=1` adds the CPython processes refused for their version or build |
-//! | `GET /api/top?seconds=N&line=0\|1[&pid=PID...][&service=NAME]` | JSON snapshot for `pyebpf top` |
-//! | `GET /healthz` | `ok`: the daemon is alive |
+//! | `GET /api/top?seconds=N&line=0\|1[&limit=N][&pid=PID...][&service=NAME]` | JSON snapshot for `pyebpf top` |
+//! | `GET /healthz` | `ok`: ingest is alive (the ring buffer was drained in the last 10 s), else 503 and why |
 //! | `GET /readyz` | `ready`, or 503 and why not |
 //!
 //! `seconds` defaults to 10 and must be within 1 ..= the retention. Exactly
@@ -17,7 +17,10 @@
 //! are refused. `/api/top` differs: `seconds` may also be `all` (everything
 //! held), `pid` may be repeated (up to [`MAX_TOP_PIDS`]) and combined with
 //! `service` (a process must match both), neither is required (then every
-//! process), and `line` (default 0) chooses line-level rows. Every error is a one-line `text/plain` body: 400 for bad
+//! process), `line` (default 0) chooses line-level rows, and `limit`
+//! (default [`DEFAULT_TOP_LIMIT`]) bounds the rows: that many hottest by own
+//! samples plus that many by total samples, and that many processes;
+//! `functions_total` and `processes_total` say how many there were. Every error is a one-line `text/plain` body: 400 for bad
 //! parameters, 404 for an unknown process or path, 405 for methods other than
 //! GET and HEAD, 414 for a query string over [`MAX_QUERY_LEN`] bytes, 503 when
 //! the daemon is not ready.
@@ -42,6 +45,12 @@ use crate::top::model::TopQuery;
 
 /// Longest query string accepted, in bytes (longer: 414).
 pub const MAX_QUERY_LEN: usize = 2048;
+/// `/api/top`'s `limit` when the query does not say: rows by own and by
+/// total samples (and processes) each, a bound on the answer's size.
+pub const DEFAULT_TOP_LIMIT: u32 = 1000;
+/// The largest `limit` accepted.
+pub const MAX_TOP_LIMIT: u32 = 100_000;
+
 /// `seconds` when the query does not say.
 pub const DEFAULT_SECONDS: u32 = 10;
 /// Most `pid` parameters one `/api/top` request may give.
@@ -155,8 +164,14 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-async fn healthz() -> Response {
-    text(StatusCode::OK, "ok")
+async fn healthz(State(st): State<AppState>) -> Response {
+    match st.source.live() {
+        Ok(()) => text(StatusCode::OK, "ok"),
+        Err(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("unhealthy: {why}"),
+        ),
+    }
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
@@ -306,9 +321,10 @@ fn parse_profile_query(pairs: &[(String, String)], retention: u32) -> Result<Pro
 fn parse_top_query(pairs: &[(String, String)], retention: u32) -> Result<TopQuery, String> {
     let mut q = TopQuery {
         seconds: Some(DEFAULT_SECONDS.min(retention.max(1))),
+        limit: Some(DEFAULT_TOP_LIMIT),
         ..TopQuery::default()
     };
-    let (mut seen_seconds, mut seen_line) = (false, false);
+    let (mut seen_seconds, mut seen_line, mut seen_limit) = (false, false, false);
     for (k, v) in pairs {
         let once = |seen: &mut bool| {
             if std::mem::replace(seen, true) {
@@ -355,6 +371,18 @@ fn parse_top_query(pairs: &[(String, String)], retention: u32) -> Result<TopQuer
                     ))
                 }
             },
+            "limit" => {
+                once(&mut seen_limit)?;
+                q.limit = match parse_number(v) {
+                    Some(n) if (1..=MAX_TOP_LIMIT).contains(&n) => Some(n),
+                    _ => {
+                        return Err(format!(
+                            "bad limit {}: expected a whole number from 1 to {MAX_TOP_LIMIT}",
+                            quoted(v)
+                        ))
+                    }
+                };
+            }
             "service" => {
                 if q.service.is_some() {
                     return Err("parameter service given more than once".to_string());
@@ -366,7 +394,7 @@ fn parse_top_query(pairs: &[(String, String)], retention: u32) -> Result<TopQuer
             }
             _ => {
                 return Err(format!(
-                    "unknown parameter {}: expected seconds, line, pid or service",
+                    "unknown parameter {}: expected seconds, line, limit, pid or service",
                     quoted(k)
                 ))
             }
@@ -653,6 +681,7 @@ mod tests {
 
     struct Fake {
         ready: Mutex<Result<(), String>>,
+        live: Mutex<Result<(), String>>,
         /// Every (selector, seconds) asked of `profile`.
         asked: Mutex<Vec<(Selector, u32)>>,
     }
@@ -723,6 +752,10 @@ mod tests {
             self.ready.lock().unwrap().clone()
         }
 
+        fn live(&self) -> Result<(), String> {
+            self.live.lock().unwrap().clone()
+        }
+
         fn retention_secs(&self) -> u32 {
             RETENTION
         }
@@ -739,6 +772,7 @@ mod tests {
     async fn start() -> Server {
         let fake = Arc::new(Fake {
             ready: Mutex::new(Ok(())),
+            live: Mutex::new(Ok(())),
             asked: Mutex::new(Vec::new()),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -822,8 +856,19 @@ mod tests {
                 "not ready: sampler\\nnot loaded\n".into()
             )
         );
-        // Liveness does not depend on readiness.
+        // Liveness does not depend on readiness...
         assert_eq!(s.get_text("/healthz").await.0, 200);
+        // ...but on ingest.
+        *s.fake.live.lock().unwrap() = Err("ingest stalled: drained 12.0 s ago".into());
+        assert_eq!(
+            s.get_text("/healthz").await,
+            (
+                503,
+                TEXT_PLAIN.into(),
+                "unhealthy: ingest stalled: drained 12.0 s ago\n".into()
+            )
+        );
+        *s.fake.live.lock().unwrap() = Ok(());
 
         let (status, ct, body) = s.get_text("/metrics").await;
         assert_eq!(status, 200);
@@ -1180,7 +1225,8 @@ mod tests {
                 "/api/top?service=a&service=b",
                 "service given more than once",
             ),
-            ("/api/top?limit=5", "unknown parameter \"limit\""),
+            ("/api/top?limit=0", "bad limit \"0\""),
+            ("/api/top?rows=5", "unknown parameter \"rows\""),
             (&format!("/api/top?{many_pids}"), "too many pid parameters"),
         ] {
             let (status, ct, body) = s.get_text(path).await;
@@ -1263,6 +1309,7 @@ mod tests {
             parse_top_query(&q(""), 300),
             Ok(TopQuery {
                 seconds: Some(10),
+                limit: Some(DEFAULT_TOP_LIMIT),
                 ..Default::default()
             })
         );
@@ -1273,10 +1320,22 @@ mod tests {
                 pids: vec![3, 4],
                 service: Some("web".into()),
                 line_level: true,
+                limit: Some(DEFAULT_TOP_LIMIT),
             })
         );
         assert_eq!(parse_top_query(&q(""), 5).unwrap().seconds, Some(5));
         assert!(parse_top_query(&q("seconds=6"), 5).is_err());
+        assert_eq!(parse_top_query(&q("limit=7"), 5).unwrap().limit, Some(7));
+        for bad in [
+            "limit=0",
+            "limit=-1",
+            "limit=100001",
+            "limit=x",
+            "limit=1&limit=2",
+        ] {
+            let e = parse_top_query(&q(bad), 5).unwrap_err();
+            assert!(e.contains("limit"), "{bad}: {e}");
+        }
     }
 
     #[test]

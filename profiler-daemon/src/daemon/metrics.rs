@@ -153,7 +153,7 @@ struct Last {
     outcomes: [u64; Counter::ALL.len()],
     read_errors: [u64; ReadStep::ALL.len()],
     symbols: [u64; SYMBOL_RESULTS.len()],
-    symbol_resets: u64,
+    symbol_evictions: u64,
     run_time_ns: u64,
     run_count: u64,
 }
@@ -179,7 +179,7 @@ pub struct Metrics {
     processes_profiled: IntGaugeVec,
     processes_discovered: IntCounterVec,
     symbol_cache: IntCounterVec,
-    symbol_cache_resets: IntCounter,
+    symbol_cache_evictions: IntCounter,
     stacks_evicted: IntCounter,
     bpf_run_time: prometheus::Counter,
     bpf_run_count: IntCounter,
@@ -265,15 +265,15 @@ impl Metrics {
              unreadable and invalid are the misses that gave an unknown frame.",
             &["result"],
         );
-        let symbol_cache_resets = counter(
+        let symbol_cache_evictions = counter(
             &r,
-            "pyebpf_symbol_cache_resets_total",
-            "Times a per-process symbol cache was emptied on reaching its size cap.",
+            "pyebpf_symbol_cache_evictions_total",
+            "Code objects evicted from the per-process symbol caches (least recently used first) to stay within their byte bounds.",
         );
         let stacks_evicted = counter(
             &r,
             "pyebpf_stacks_evicted_total",
-            "Distinct stacks evicted from the in-memory store to stay within its memory bound.",
+            "Distinct stacks freed before the end of the retention, with the oldest seconds that held them, to fit the memory budgets.",
         );
         let bpf_run_time = register(
             &r,
@@ -387,7 +387,7 @@ impl Metrics {
             processes_profiled,
             processes_discovered,
             symbol_cache,
-            symbol_cache_resets,
+            symbol_cache_evictions,
             stacks_evicted,
             bpf_run_time,
             bpf_run_count,
@@ -439,7 +439,7 @@ impl Metrics {
     }
 
     /// Updates `pyebpf_symbol_cache_total` and
-    /// `pyebpf_symbol_cache_resets_total` from absolute totals. They must be
+    /// `pyebpf_symbol_cache_evictions_total` from absolute totals. They must be
     /// monotonic (e.g. summed over every symbolizer ever, exited processes
     /// included): a decrease is taken as a restart. For per-process stats
     /// that come and go, use [`Metrics::add_symbol_stats`] with differences.
@@ -452,7 +452,11 @@ impl Metrics {
                 now,
             );
         }
-        advance(&self.symbol_cache_resets, &mut last.symbol_resets, s.resets);
+        advance(
+            &self.symbol_cache_evictions,
+            &mut last.symbol_evictions,
+            s.evictions,
+        );
     }
 
     /// Adds `s`, counts since the previous call (not totals), to the symbol
@@ -461,7 +465,7 @@ impl Metrics {
         for (name, n) in SYMBOL_RESULTS.iter().zip(symbol_values(s)) {
             self.symbol_cache.with_label_values(&[name]).inc_by(n);
         }
-        self.symbol_cache_resets.inc_by(s.resets);
+        self.symbol_cache_evictions.inc_by(s.evictions);
     }
 
     /// Updates `pyebpf_bpf_run_time_seconds_total`, `pyebpf_bpf_run_count_total`
@@ -742,7 +746,7 @@ mod tests {
             "pyebpf_processes_profiled",
             "pyebpf_processes_discovered_total",
             "pyebpf_symbol_cache_total",
-            "pyebpf_symbol_cache_resets_total",
+            "pyebpf_symbol_cache_evictions_total",
             "pyebpf_stacks_evicted_total",
             "pyebpf_bpf_run_time_seconds_total",
             "pyebpf_bpf_run_count_total",
@@ -893,7 +897,7 @@ mod tests {
             stale: 1,
             unreadable: 2,
             invalid: 0,
-            resets: 1,
+            evictions: 1,
         };
         m.set_symbol_stats(&s);
         s.hits = 25;
@@ -916,7 +920,7 @@ mod tests {
         assert_eq!(sym(&m, "invalid"), Some(7.0));
         assert_eq!(sym(&m, "hit"), Some(28.0));
         assert_eq!(
-            value(&m.render(), "pyebpf_symbol_cache_resets_total", &[]),
+            value(&m.render(), "pyebpf_symbol_cache_evictions_total", &[]),
             Some(1.0)
         );
 

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod run;
 pub mod shared;
 pub mod store;
+pub mod store_metrics;
 
 /// Whole seconds since the Unix epoch (0 for a time before it).
 pub fn unix_secs(t: SystemTime) -> u64 {
@@ -182,6 +183,11 @@ pub trait ApiSource: Send + Sync + 'static {
     fn metrics_text(&self) -> String;
     /// Sampler loaded and first discovery done.
     fn ready(&self) -> Result<(), String>;
+    /// Whether ingest is alive: the ring buffer was drained lately. The
+    /// default (a source without ingest) is always alive.
+    fn live(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Retention in seconds (the largest `seconds` a query may ask for).
     fn retention_secs(&self) -> u32;
     /// What `pyebpf top` shows (`GET /api/top`): functions and processes of

@@ -25,6 +25,7 @@ use super::export::Exporters;
 use super::metrics::{top_functions, DiscoveryResult, Metrics};
 use super::shared::Shared;
 use super::store::{NewProcess, Store, StoreLimits};
+use super::store_metrics::StoreMetrics;
 use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
 use crate::process::python::{self, InspectError};
@@ -132,6 +133,8 @@ fn store_limits(c: &Config) -> StoreLimits {
         retention_secs: u32::try_from(c.aggregation.retention_secs).unwrap_or(u32::MAX),
         max_processes: c.aggregation.max_processes as usize,
         max_stacks_per_process: c.aggregation.max_stacks_per_process as usize,
+        max_bytes: (c.aggregation.memory_budget_mib as usize) << 20,
+        max_bytes_per_process: (c.aggregation.process_memory_budget_mib as usize) << 20,
     }
 }
 
@@ -148,7 +151,8 @@ struct Daemon {
     window_start: u64,
     /// Totals already reported to counters, to add deltas.
     reported_samples: u64,
-    reported_overflow: u64,
+    reported_evicted_stacks: u64,
+    store_metrics: StoreMetrics,
     decode_errors: u64,
     /// Exec and exit events seen, and the count at each pid's last one (kept
     /// until the next full scan): an inspection started before the pid's
@@ -357,6 +361,7 @@ impl Daemon {
     /// that take it only briefly (`Shared::add_samples`); batches bound the
     /// memory of decoded stacks while the ring keeps filling.
     fn drain_samples(&mut self, ring: &mut RingBuf<MapData>) {
+        self.shared.note_drain();
         const BATCH: usize = 1024;
         let now = SystemTime::now();
         let mut batch = Vec::with_capacity(BATCH);
@@ -380,20 +385,29 @@ impl Daemon {
     /// Once a second: expire old data and refresh the health metrics.
     fn tick(&mut self) {
         let metrics = &self.shared.metrics;
-        let (samples, overflow, symbols, by_python) = {
+        let (stats, symbols, by_python) = {
             let mut store = self.shared.store();
             store.expire(SystemTime::now());
+            self.store_metrics.set(
+                &store.stats,
+                &store.bytes(),
+                &store.limits(),
+                store.stacks_held(),
+            );
             (
-                store.stats.samples,
-                store.stats.stacks_overflowed,
+                store.stats,
                 store.symbol_stats(),
                 store.processes_profiled_by_python(),
             )
         };
-        metrics.add_samples_received(samples.saturating_sub(self.reported_samples));
-        metrics.add_stacks_evicted(overflow.saturating_sub(self.reported_overflow));
-        self.reported_samples = samples;
-        self.reported_overflow = overflow;
+        metrics.add_samples_received(stats.samples.saturating_sub(self.reported_samples));
+        metrics.add_stacks_evicted(
+            stats
+                .stacks_evicted
+                .saturating_sub(self.reported_evicted_stacks),
+        );
+        self.reported_samples = stats.samples;
+        self.reported_evicted_stacks = stats.stacks_evicted;
         metrics.set_symbol_stats(&symbols);
         metrics.set_processes_profiled(by_python.iter().map(|(p, n)| (p.as_str(), *n)));
         match self.sampler.counters() {
@@ -509,7 +523,9 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     )?;
 
     let store = Store::new(store_limits(&config), config.sampling.rate_hz as u32);
-    let shared = Arc::new(Shared::new(store, Metrics::new()));
+    let metrics = Metrics::new();
+    let store_metrics = StoreMetrics::register(metrics.registry());
+    let shared = Arc::new(Shared::new(store, metrics));
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let (http, http_addr) = if opts.serve_http {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -538,7 +554,8 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         exporters,
         window_start: unix_secs(SystemTime::now()),
         reported_samples: 0,
-        reported_overflow: 0,
+        reported_evicted_stacks: 0,
+        store_metrics,
         decode_errors: 0,
         execs: 0,
         last_exec: HashMap::new(),

@@ -1,7 +1,8 @@
 //! State the sampling loop shares with the HTTP API.
 use super::unix_secs;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use super::metrics::Metrics;
 use super::store::Store;
@@ -17,7 +18,16 @@ pub struct Shared {
     ready: Mutex<Result<(), String>>,
     /// When sampling started: the start of `top`'s whole-run window.
     started: SystemTime,
+    /// `epoch`: when this was made; `last_drain_ms`: milliseconds after it
+    /// that ingest last drained the ring buffer.
+    epoch: Instant,
+    last_drain_ms: AtomicU64,
 }
+
+/// Longest time without a drain before `/healthz` says ingest is stalled:
+/// the loop drains at least every 200 ms, and a window flush or a burst of
+/// inspections takes well under a second.
+pub const MAX_DRAIN_GAP: Duration = Duration::from_secs(10);
 
 impl Shared {
     pub fn new(store: Store, metrics: Metrics) -> Self {
@@ -26,7 +36,34 @@ impl Shared {
             metrics,
             ready: Mutex::new(Err("starting: first process scan not done".into())),
             started: SystemTime::now(),
+            epoch: Instant::now(),
+            last_drain_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Ingest drained the ring buffer now.
+    pub fn note_drain(&self) {
+        let ms = self.epoch.elapsed().as_millis();
+        self.last_drain_ms
+            .store(u64::try_from(ms).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// `Ok` if ingest drained the ring buffer within `max_gap`.
+    pub fn check_drained_within(&self, max_gap: Duration) -> Result<(), String> {
+        let gap = self.since_drain();
+        if gap > max_gap {
+            return Err(format!(
+                "ingest stalled: the sample ring buffer was last drained {:.1} s ago",
+                gap.as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Time since ingest last drained the ring buffer (since start if never).
+    pub fn since_drain(&self) -> Duration {
+        let last = Duration::from_millis(self.last_drain_ms.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
     }
 
     /// When sampling started.
@@ -72,8 +109,34 @@ impl ApiSource for Shared {
         self.store().views()
     }
 
+    /// A service's processes are queried one at a time, each under its
+    /// own hold of the store lock (see `top`).
     fn profile(&self, selector: &Selector, seconds: u32) -> Result<Profile, QueryError> {
-        self.store().query(selector, seconds, SystemTime::now())
+        let now = SystemTime::now();
+        let pids = match selector {
+            Selector::Pid(_) => return self.store().query(selector, seconds, now),
+            Selector::Service(_) => self.store().selected(selector),
+        };
+        let mut merged: Option<Profile> = None;
+        for pid in pids {
+            // Gone meanwhile (expired): it has nothing left to add.
+            let Ok(p) = self.store().query(&Selector::Pid(pid), seconds, now) else {
+                continue;
+            };
+            match merged.as_mut() {
+                None => merged = Some(p),
+                Some(m) => {
+                    for (stack, n) in p.stacks {
+                        m.add(stack, n);
+                    }
+                }
+            }
+        }
+        match merged {
+            Some(m) => Ok(m),
+            // Nothing selected: the store says why (not found, bad seconds).
+            None => self.store().query(selector, seconds, now),
+        }
     }
 
     fn metrics_text(&self) -> String {
@@ -84,51 +147,49 @@ impl ApiSource for Shared {
         self.ready.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    fn live(&self) -> Result<(), String> {
+        self.check_drained_within(MAX_DRAIN_GAP)
+    }
+
     fn retention_secs(&self) -> u32 {
         self.store().retention_secs()
     }
 
+    /// Takes the store lock once per process, not for the whole snapshot,
+    /// so that a query of every process over the whole retention never
+    /// holds up ingest for longer than one process's share.
     fn top(&self, q: &TopQuery) -> Result<TopSnapshot, QueryError> {
         let now = SystemTime::now();
         let (drops, errors) = self.bpf_drops_and_errors();
-        let store = self.store();
-        let retention = store.retention_secs();
+        let (retention, rate_hz, views, profiled) = {
+            let store = self.store();
+            (
+                store.retention_secs(),
+                store.rate_hz(),
+                store.views(),
+                store.processes_profiled() as u64,
+            )
+        };
         let seconds = checked_top_seconds(q.seconds, retention)?;
         let span = top_span(seconds, retention);
         let now_s = unix_secs(now);
         let elapsed = now
             .duration_since(self.started)
             .map_or(0, |d| d.as_secs_f64().ceil() as u64);
-        let views = store.views();
         let mut per_process = Vec::new();
-        let mut rate_hz = 0;
         for v in views.iter().filter(|v| q.selects(&v.labels)) {
-            // `views` and `query` see the same store: the pid is there.
-            if let Ok(p) = store.query(&Selector::Pid(v.labels.pid), span, now) {
-                rate_hz = p.rate_hz;
+            // Gone since `views` (expired): nothing to show for it.
+            if let Ok(p) = self.store().query(&Selector::Pid(v.labels.pid), span, now) {
                 per_process.push((v.labels.clone(), p));
-            }
-        }
-        if rate_hz == 0 {
-            // No process selected: any process's (empty) profile tells the rate.
-            if let Some(p) = views
-                .first()
-                .and_then(|v| store.query(&Selector::Pid(v.labels.pid), 1, now).ok())
-            {
-                rate_hz = p.rate_hz;
             }
         }
         // Samples per second over the last complete seconds (up to 3).
         let k = elapsed.clamp(1, 3);
-        let recent: u64 = store
-            .window(now_s.saturating_sub(k), now_s)
-            .iter()
-            .map(|(_, p)| p.total_samples())
-            .sum();
+        let recent = self.store().samples_between(now_s.saturating_sub(k), now_s);
         let header = Header {
-            rate_hz,
+            rate_hz: if views.is_empty() { 0 } else { rate_hz },
             samples_per_sec: recent as f64 / k as f64,
-            processes_profiled: store.processes_profiled() as u64,
+            processes_profiled: profiled,
             drops,
             errors,
             window_secs: match q.seconds {
@@ -138,7 +199,6 @@ impl ApiSource for Shared {
                     .min(seconds),
             },
         };
-        drop(store);
         Ok(model::snapshot(&per_process, q, &header))
     }
 }
@@ -213,9 +273,26 @@ mod tests {
                 retention_secs: 60,
                 max_processes: 10,
                 max_stacks_per_process: 100,
+                max_bytes: 64 << 20,
+                max_bytes_per_process: 8 << 20,
             },
             99,
         )
+    }
+
+    #[test]
+    fn liveness_follows_the_last_drain() {
+        let shared = Shared::new(small_store(), Metrics::new());
+        assert!(shared.live().is_ok(), "just started");
+        std::thread::sleep(Duration::from_millis(30));
+        let e = shared
+            .check_drained_within(Duration::from_millis(20))
+            .unwrap_err();
+        assert!(e.starts_with("ingest stalled"), "{e}");
+        shared.note_drain();
+        assert!(shared
+            .check_drained_within(Duration::from_millis(20))
+            .is_ok());
     }
 
     #[test]

@@ -230,8 +230,42 @@ pub(crate) mod test_code {
 
     /// [`fake`] laid out as `l` says.
     pub fn fake_in(l: &Layout, size: i64, first: i32, table_len: i64) -> SliceMemory {
-        const NAME: u64 = 0x20_000;
-        const TABLE: u64 = 0x30_000;
+        let mut m = SliceMemory::new();
+        m.add(CODE, header(l, size, first));
+        add_name_and_table(&mut m, l, table_len);
+        m
+    }
+
+    /// `n` synthetic 3.11 code objects of 8 units, the `k`th at
+    /// `CODE + k * 0x1000` with first line `10 * (k + 1)`, and their
+    /// checksums: instruction 0 is on the line after the first, the others
+    /// on the first line.
+    pub fn fakes(n: u64) -> (SliceMemory, Vec<(u64, u32)>) {
+        let l = Minor::V3_11.header_layout();
+        let fmt = format();
+        let mut m = SliceMemory::new();
+        add_name_and_table(&mut m, &l, 2);
+        let mut codes = Vec::new();
+        for k in 0..n {
+            let addr = CODE + k * 0x1000;
+            m.add(addr, header(&l, 8, 10 * (k as i32 + 1)));
+            codes.push(addr);
+        }
+        let sums = codes
+            .into_iter()
+            .map(|a| {
+                let info = read_code(&m, a, &fmt).expect("synthetic code object reads");
+                (a, info.checksum)
+            })
+            .collect();
+        (m, sums)
+    }
+
+    /// Past the last of 480 [`fakes`].
+    const NAME: u64 = 0x20_0000;
+    const TABLE: u64 = 0x30_0000;
+
+    fn header(l: &Layout, size: i64, first: i32) -> Vec<u8> {
         let c = &l.code;
         let mut hdr = vec![0u8; l.code_header_len()];
         let mut put = |off: u64, v: &[u8]| {
@@ -244,6 +278,10 @@ pub(crate) mod test_code {
         put(c.filename, &NAME.to_le_bytes());
         put(c.qualname, &NAME.to_le_bytes());
         put(c.linetable, &TABLE.to_le_bytes());
+        hdr
+    }
+
+    fn add_name_and_table(m: &mut SliceMemory, l: &Layout, table_len: i64) {
         // Compact ASCII "f": length 1, state = ascii|compact|kind 1.
         let s = &l.string;
         let mut name = vec![0u8; s.ascii_data as usize + 2];
@@ -255,9 +293,7 @@ pub(crate) mod test_code {
         table[b.ob_size as usize..b.ob_size as usize + 8].copy_from_slice(&table_len.to_le_bytes());
         table[b.ob_sval as usize] = 0x80 | (13 << 3); // 1 unit, line +1
         table[b.ob_sval as usize + 1] = 2;
-        let mut m = SliceMemory::new();
-        m.add(CODE, hdr).add(NAME, name).add(TABLE, table);
-        m
+        m.add(NAME, name).add(TABLE, table);
     }
 }
 

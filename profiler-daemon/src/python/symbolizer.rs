@@ -2,18 +2,25 @@
 //!
 //! Keyed by (address, checksum): a code object freed and replaced at the same
 //! address carries another checksum, so it is read afresh and never shown
-//! under the old name.
+//! under the old name. A least-recently-used cache bounded in bytes: a
+//! process that makes code objects without end (`exec`, templating) costs
+//! re-reads of its coldest code objects, never unbounded memory.
 use std::sync::Arc;
+
+use lru::LruCache;
 
 use profiler_common::RawFrame;
 
 use super::code::{read_code, CodeFormat, CodeInfo};
 use crate::process::memory::RemoteMemory;
 use crate::profile::{Frame, UnknownReason};
-use crate::FastHashMap;
 
-/// Most entries kept per process before the cache is reset (counted).
-pub const CACHE_CAP: usize = 200_000;
+/// Default byte bound of one process's cache.
+pub const DEFAULT_CACHE_BYTES: usize = 8 << 20;
+
+/// Bytes an entry costs beyond its strings and line table: the key, the
+/// `Arc`'s counters, the LRU's links and the hash table's slot.
+const ENTRY_OVERHEAD: usize = 96;
 
 /// Symbolisation outcomes, for status lines and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -24,8 +31,9 @@ pub struct SymbolStats {
     pub stale: u64,
     pub unreadable: u64,
     pub invalid: u64,
-    /// Times the cache was reset at `CACHE_CAP`.
-    pub resets: u64,
+    /// Entries evicted (least recently used first) to stay within the
+    /// cache's byte bound.
+    pub evictions: u64,
 }
 
 impl SymbolStats {
@@ -43,7 +51,7 @@ impl SymbolStats {
             stale: self.stale.saturating_sub(earlier.stale),
             unreadable: self.unreadable.saturating_sub(earlier.unreadable),
             invalid: self.invalid.saturating_sub(earlier.invalid),
-            resets: self.resets.saturating_sub(earlier.resets),
+            evictions: self.evictions.saturating_sub(earlier.evictions),
         }
     }
 }
@@ -55,27 +63,87 @@ impl std::ops::AddAssign for SymbolStats {
         self.stale += o.stale;
         self.unreadable += o.unreadable;
         self.invalid += o.invalid;
-        self.resets += o.resets;
+        self.evictions += o.evictions;
     }
 }
 
 type Entry = Result<Arc<CodeInfo>, UnknownReason>;
 
+/// Bytes `e` holds in the cache.
+fn entry_bytes(e: &Entry) -> usize {
+    ENTRY_OVERHEAD
+        + match e {
+            Ok(info) => {
+                std::mem::size_of::<CodeInfo>()
+                    + info.qualname.len()
+                    + info.filename.len()
+                    + info.lines.heap_bytes()
+            }
+            Err(_) => 0,
+        }
+}
+
 /// Symbolises the frames of one process.
 pub struct Symbolizer<M> {
     mem: M,
     format: CodeFormat,
-    cache: FastHashMap<(u64, u32), Entry>,
+    cache: LruCache<(u64, u32), Entry, foldhash::fast::RandomState>,
+    /// What the cached entries hold, by [`entry_bytes`].
+    bytes: usize,
+    max_bytes: usize,
     pub stats: SymbolStats,
 }
 
 impl<M: RemoteMemory> Symbolizer<M> {
     pub fn new(mem: M, format: CodeFormat) -> Self {
+        Self::with_max_bytes(mem, format, DEFAULT_CACHE_BYTES)
+    }
+
+    /// A cache holding at most `max_bytes` (but always the last entry read).
+    pub fn with_max_bytes(mem: M, format: CodeFormat, max_bytes: usize) -> Self {
         Symbolizer {
             mem,
             format,
-            cache: FastHashMap::default(),
+            cache: LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
+            bytes: 0,
+            max_bytes,
             stats: SymbolStats::default(),
+        }
+    }
+
+    /// Bytes the cache holds now.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    /// Changes the bound, evicting what is over it now.
+    pub fn set_max_bytes(&mut self, max_bytes: usize) {
+        self.max_bytes = max_bytes;
+        self.evict_to(max_bytes);
+    }
+
+    /// Evicts least recently used entries until at most `limit` bytes are
+    /// held.
+    fn evict_to(&mut self, limit: usize) {
+        while self.bytes > limit {
+            match self.cache.pop_lru() {
+                Some((_, e)) => {
+                    self.bytes = self.bytes.saturating_sub(entry_bytes(&e));
+                    self.stats.evictions += 1;
+                }
+                None => {
+                    self.bytes = 0;
+                    break;
+                }
+            }
         }
     }
 
@@ -102,11 +170,10 @@ impl<M: RemoteMemory> Symbolizer<M> {
                 Err(UnknownReason::Invalid)
             }
         };
-        if self.cache.len() >= CACHE_CAP {
-            self.cache.clear();
-            self.stats.resets += 1;
-        }
-        self.cache.insert(key, entry.clone());
+        let size = entry_bytes(&entry);
+        self.evict_to(self.max_bytes.saturating_sub(size));
+        self.bytes += size;
+        self.cache.put(key, entry.clone());
         entry
     }
 

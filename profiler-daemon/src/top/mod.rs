@@ -126,6 +126,7 @@ fn run_once(src: &mut dyn TopSource, opts: &TopOptions, once: Once) -> anyhow::R
         pids: opts.pids.clone(),
         service: opts.service.clone(),
         line_level: opts.line_level,
+        limit: None,
     };
     let deadline = Instant::now() + Duration::from_secs(u64::from(once.duration_secs));
     loop {
@@ -290,6 +291,8 @@ mod tests {
                 python: "3.14".into(),
                 samples: 200,
             }],
+            functions_total: 2,
+            processes_total: 1,
         }
     }
 

@@ -29,6 +29,10 @@ pub struct TopQuery {
     pub service: Option<String>,
     /// One row per (function, line) instead of per function.
     pub line_level: bool,
+    /// At most this many function rows by own samples plus this many by
+    /// total samples (their union), and this many process rows; `None`:
+    /// all. The daemon's `/api/top` always sets it, to bound its answers.
+    pub limit: Option<u32>,
 }
 
 impl TopQuery {
@@ -116,6 +120,13 @@ pub struct TopSnapshot {
     pub functions: Vec<FunctionRow>,
     /// Sorted by samples, most first.
     pub processes: Vec<ProcessRow>,
+    /// Function rows before the query's `limit` (more than `functions`
+    /// holds when rows were left out).
+    #[serde(default)]
+    pub functions_total: u64,
+    /// Process rows before the query's `limit`.
+    #[serde(default)]
+    pub processes_total: u64,
 }
 
 impl TopSnapshot {
@@ -242,8 +253,13 @@ pub fn snapshot(
             });
         }
     }
-    sort_functions(&mut functions, SortKey::Own);
+    let (functions_total, processes_total) = (functions.len() as u64, processes.len() as u64);
     sort_processes(&mut processes);
+    if let Some(limit) = query.limit {
+        functions = hottest(functions, limit as usize);
+        processes.truncate(limit as usize);
+    }
+    sort_functions(&mut functions, SortKey::Own);
     TopSnapshot {
         rate_hz: header.rate_hz,
         samples_per_sec: header.samples_per_sec,
@@ -254,7 +270,23 @@ pub fn snapshot(
         window_secs: header.window_secs,
         functions,
         processes,
+        functions_total,
+        processes_total,
     }
+}
+
+/// The `limit` hottest rows by total samples and the `limit` hottest by own
+/// samples: a view sorted by either shows its top rows right.
+fn hottest(mut rows: Vec<FunctionRow>, limit: usize) -> Vec<FunctionRow> {
+    if rows.len() <= limit {
+        return rows;
+    }
+    sort_functions(&mut rows, SortKey::Total);
+    let mut by_own: Vec<FunctionRow> = rows.split_off(limit);
+    sort_functions(&mut by_own, SortKey::Own);
+    by_own.truncate(limit);
+    rows.extend(by_own);
+    rows
 }
 
 fn by_name(a: &FunctionRow, b: &FunctionRow) -> Ordering {
@@ -432,6 +464,32 @@ mod tests {
                 samples: 16
             }]
         );
+    }
+
+    #[test]
+    fn a_limit_keeps_the_hottest_by_own_and_by_total() {
+        // handle: own 8, total 11; dumps: own 3, total 3; <module>: own 1,
+        // total 14.
+        let procs = [(labels(42, "web"), web()), (labels(43, "web"), web())];
+        let all = snapshot(&procs, &TopQuery::default(), &header());
+        assert_eq!((all.functions.len(), all.functions_total), (6, 6));
+        let q = TopQuery {
+            limit: Some(1),
+            ..Default::default()
+        };
+        let s = snapshot(&procs, &q, &header());
+        assert_eq!((s.functions_total, s.processes_total), (6, 2));
+        assert_eq!(s.processes.len(), 1);
+        // The hottest by total (<module> of one pid) and by own (handle of
+        // one pid), sorted by own.
+        let rows: Vec<(&str, u64, u64)> = s
+            .functions
+            .iter()
+            .map(|r| (r.qualname.as_str(), r.own, r.total))
+            .collect();
+        assert_eq!(rows, [("handle", 8, 11), ("<module>", 1, 14)]);
+        // The totals the percentages are of are not cut.
+        assert_eq!(s.total_samples, all.total_samples);
     }
 
     #[test]

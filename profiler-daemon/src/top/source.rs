@@ -225,6 +225,9 @@ pub fn query_params(q: &TopQuery) -> Vec<(&'static str, String)> {
     if let Some(s) = &q.service {
         v.push(("service", s.clone()));
     }
+    if let Some(n) = q.limit {
+        v.push(("limit", n.to_string()));
+    }
     v
 }
 
@@ -333,6 +336,7 @@ mod tests {
             pids: vec![3, 4],
             service: Some("a b".into()),
             line_level: true,
+            limit: Some(50),
         };
         assert_eq!(
             query_params(&q),
@@ -341,7 +345,8 @@ mod tests {
                 ("line", "1".to_string()),
                 ("pid", "3".to_string()),
                 ("pid", "4".to_string()),
-                ("service", "a b".to_string())
+                ("service", "a b".to_string()),
+                ("limit", "50".to_string())
             ]
         );
         assert_eq!(

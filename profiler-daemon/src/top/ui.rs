@@ -114,6 +114,8 @@ impl App {
             },
             service: self.service.clone(),
             line_level: self.line_level,
+            // The daemon's default bound (1000 rows by own and by total).
+            limit: None,
         }
     }
 
@@ -859,6 +861,8 @@ mod tests {
                     samples: 400,
                 },
             ],
+            functions_total: 4,
+            processes_total: 2,
         }
     }
 

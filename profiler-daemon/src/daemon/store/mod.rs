@@ -1,21 +1,33 @@
-//! Per-process stacks in one-second buckets, bounded in memory.
+//! Per-process stacks in one-second buckets, bounded in bytes.
 //!
-//! Each distinct raw stack of a process is interned once and symbolised at
-//! that moment (while its code objects are alive); buckets then only hold
-//! `(stack id, count)` pairs. Queries merge the buckets they cover, so any
-//! `seconds` up to the retention is answered at once, without waiting for a
-//! window to close.
+//! A raw stack (code objects and instruction indexes) is symbolised when a
+//! process first shows it, while its code objects are alive, into a stack of
+//! line-level frames interned in the process's [`StackTable`]: many raw
+//! stacks (instructions on the same lines) share one stack there. A
+//! byte-bounded LRU maps raw stacks to their stack ids, so repeated samples
+//! cost a hash lookup. Buckets only hold `(stack id, count)` pairs, and
+//! queries merge the buckets they cover, so any `seconds` up to the
+//! retention is answered at once.
+//!
+//! Memory is bounded in bytes, per process and in total (frames, stacks,
+//! buckets, the raw-stack cache and the symbol cache). A new stack that does
+//! not fit first evicts the oldest seconds (of its process, or of the
+//! largest process when the total is the limit), counted; only when nothing
+//! older is left are its samples counted under `[stack table full]`.
 //!
 //! Samples are added in three steps so that symbolisation, which reads the
 //! target's memory, never runs under the lock the HTTP API shares:
-//! [`Store::begin_batch`] counts samples of known stacks and returns the new
-//! ones, [`Pending::resolve`] symbolises them without touching the store,
-//! and [`Store::insert`] interns and counts them.
+//! [`Store::begin_batch`] counts samples of cached raw stacks and returns the
+//! new ones, [`Pending::resolve`] symbolises them without touching the
+//! store, and [`Store::insert`] interns and counts them.
+mod stacks;
+
 use super::unix_secs;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use lru::LruCache;
 use profiler_common::RawFrame;
 
 use super::{
@@ -28,13 +40,29 @@ use crate::profile::{Frame, Profile};
 use crate::python::code::CodeFormat;
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
 use crate::FastHashMap;
+use stacks::{StackId, StackTable};
 
 /// Limits of the store.
 #[derive(Clone, Copy, Debug)]
 pub struct StoreLimits {
     pub retention_secs: u32,
     pub max_processes: usize,
+    /// Most distinct (line-level) stacks per process.
     pub max_stacks_per_process: usize,
+    /// Bytes all processes may hold together.
+    pub max_bytes: usize,
+    /// Bytes one process may hold.
+    pub max_bytes_per_process: usize,
+}
+
+impl StoreLimits {
+    /// The byte bound of each of a process's two caches (symbols, raw
+    /// stacks) when `processes` are held: a quarter of its share, so that
+    /// at least half of it is left for its stacks and counts.
+    fn cache_bytes(&self, processes: usize) -> usize {
+        let share = self.max_bytes / processes.max(1);
+        self.max_bytes_per_process.min(share) / 4
+    }
 }
 
 /// Counters of what the store had to refuse or drop.
@@ -44,11 +72,22 @@ pub struct StoreStats {
     pub samples: u64,
     /// Samples from a pid the store does not hold.
     pub foreign_samples: u64,
-    /// Samples whose stack was new while the stack table was full: counted
+    /// Samples whose stack was new while it could not be stored (stack cap
+    /// or byte budget reached with nothing older left to evict): counted
     /// under a synthetic `[stack table full]` stack instead.
     pub stacks_overflowed: u64,
-    /// Stacks dropped by garbage collection after their buckets expired.
+    /// Stacks freed because every second counting them expired.
     pub stacks_collected: u64,
+    /// Stacks freed early, with the seconds evicted to fit the budgets.
+    pub stacks_evicted: u64,
+    /// Samples of seconds evicted before the end of the retention to fit
+    /// the budgets.
+    pub samples_evicted: u64,
+    /// Seconds (one process's bucket each) evicted to fit the budgets.
+    pub seconds_evicted: u64,
+    /// Raw stacks dropped from the per-process raw-stack caches (least
+    /// recently used first).
+    pub raw_cache_evictions: u64,
     /// Processes refused because `max_processes` were held.
     pub processes_refused: u64,
     /// Unsupported processes dropped from the list of them (the oldest, to
@@ -56,8 +95,34 @@ pub struct StoreStats {
     pub unsupported_evicted: u64,
 }
 
+/// Bytes the store holds, by what holds them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreBytes {
+    /// Interned frames and stacks.
+    pub stacks: usize,
+    /// One-second buckets of counts.
+    pub buckets: usize,
+    /// Raw-stack caches.
+    pub raw_cache: usize,
+    /// Symbol caches (as of their last use).
+    pub symbols: usize,
+}
+
+impl StoreBytes {
+    pub fn total(&self) -> usize {
+        self.stacks + self.buckets + self.raw_cache + self.symbols
+    }
+}
+
 /// Most unsupported processes listed; the oldest is dropped for a new one.
 pub const MAX_UNSUPPORTED: usize = 256;
+
+/// Bytes a bucket costs beyond its entries.
+const BUCKET_OVERHEAD: usize = 64;
+/// Bytes a `(stack id, count)` entry of a bucket costs, load factor included.
+const BUCKET_ENTRY: usize = 24;
+/// Bytes a raw-stack cache entry costs beyond its frames.
+const RAW_ENTRY_OVERHEAD: usize = 96;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct RawKey {
@@ -73,6 +138,10 @@ impl RawKey {
             partial: s.read_error.is_some(),
             frames: s.frames.into_boxed_slice(),
         }
+    }
+
+    fn bytes(&self) -> usize {
+        RAW_ENTRY_OVERHEAD + std::mem::size_of_val(&*self.frames)
     }
 }
 
@@ -97,7 +166,7 @@ impl RemoteMemory for TargetMemory {
 type Symbols = Arc<Mutex<Symbolizer<TargetMemory>>>;
 
 /// Symbolises a raw stack, root first (leaf first as sampled).
-fn symbolise(symbols: &mut Symbolizer<TargetMemory>, key: &RawKey) -> Arc<[Frame]> {
+fn symbolise(symbols: &mut Symbolizer<TargetMemory>, key: &RawKey) -> Vec<Frame> {
     let mut v = Vec::with_capacity(key.frames.len() + 1);
     if key.truncated {
         v.push(Frame::Truncated);
@@ -105,7 +174,7 @@ fn symbolise(symbols: &mut Symbolizer<TargetMemory>, key: &RawKey) -> Arc<[Frame
         v.push(Frame::Partial);
     }
     v.extend(key.frames.iter().rev().map(|f| symbols.frame(f)));
-    v.into()
+    v
 }
 
 /// New stacks of a batch, to symbolise without the store lock.
@@ -118,7 +187,9 @@ struct PendingProcess {
     pid: u32,
     generation: u64,
     symbols: Symbols,
-    /// Distinct new stacks and their sample counts.
+    /// The symbol cache's byte bound now.
+    symbol_bytes: usize,
+    /// Distinct new raw stacks and their sample counts.
     stacks: Vec<(RawKey, u64)>,
 }
 
@@ -133,7 +204,9 @@ struct ResolvedProcess {
     generation: u64,
     /// What this resolution added to the process's symbol statistics.
     symbol_stats: SymbolStats,
-    stacks: Vec<(RawKey, Arc<[Frame]>, u64)>,
+    /// Bytes its symbol cache holds after resolving.
+    symbol_bytes: usize,
+    stacks: Vec<(RawKey, Vec<Frame>, u64)>,
 }
 
 impl Pending {
@@ -151,6 +224,7 @@ impl Pending {
             .map(|p| {
                 // A panic while symbolising leaves at worst a partial cache.
                 let mut symbols = p.symbols.lock().unwrap_or_else(|e| e.into_inner());
+                symbols.set_max_bytes(p.symbol_bytes);
                 let before = symbols.stats;
                 let stacks = p
                     .stacks
@@ -164,6 +238,7 @@ impl Pending {
                     pid: p.pid,
                     generation: p.generation,
                     symbol_stats: symbols.stats.since(&before),
+                    symbol_bytes: symbols.bytes(),
                     stacks,
                 }
             })
@@ -177,7 +252,7 @@ impl Pending {
 
 struct Bucket {
     second: u64,
-    counts: HashMap<u32, u64>,
+    counts: FastHashMap<StackId, u64>,
 }
 
 /// One profiled process.
@@ -196,106 +271,174 @@ struct Entry {
     symbols: Symbols,
     /// Symbolisation outcomes, added as resolved stacks are inserted.
     symbol_stats: SymbolStats,
-    intern: FastHashMap<RawKey, u32>,
-    /// Symbolised stacks by id, root first; `None` for free slots.
-    stacks: Vec<Option<Arc<[Frame]>>>,
-    free: Vec<u32>,
-    overflow_id: Option<u32>,
+    /// Bytes its symbol cache held at its last use.
+    symbol_bytes: usize,
+    /// Raw stack -> (stack id, that stack's serial): a stale id (its stack
+    /// freed, the slot reused) is told by the serial.
+    raw: LruCache<RawKey, (StackId, u64), foldhash::fast::RandomState>,
+    raw_bytes: usize,
+    table: StackTable,
     buckets: VecDeque<Bucket>,
+    bucket_bytes: usize,
+    /// Samples in `buckets`.
+    retained_samples: u64,
+    /// Counts per stack over all of `buckets`: a query of the whole
+    /// retention reads this instead of every bucket.
+    retained: FastHashMap<StackId, u64>,
+}
+
+/// What evicting a process's oldest second freed.
+struct Evicted {
     samples: u64,
+    stacks: u64,
+    bytes: usize,
 }
 
 impl Entry {
-    fn store_stack(&mut self, frames: Arc<[Frame]>) -> u32 {
-        match self.free.pop() {
-            Some(id) => {
-                self.stacks[id as usize] = Some(frames);
-                id
-            }
-            None => {
-                self.stacks.push(Some(frames));
-                (self.stacks.len() - 1) as u32
-            }
-        }
+    fn bytes(&self) -> usize {
+        self.table.bytes()
+            + self.bucket_bytes
+            + BUCKET_ENTRY * self.retained.len()
+            + self.raw_bytes
+            + self.symbol_bytes
     }
 
-    fn live_stacks(&self) -> usize {
-        self.stacks.len() - self.free.len()
+    /// The cached stack id of raw stack `key`, if still valid.
+    fn cached(&mut self, key: &RawKey) -> Option<StackId> {
+        let &(id, serial) = self.raw.get(key)?;
+        if self.table.serial(id) == Some(serial) {
+            return Some(id);
+        }
+        if let Some((k, _)) = self.raw.pop_entry(key) {
+            self.raw_bytes = self.raw_bytes.saturating_sub(k.bytes());
+        }
+        None
     }
 
-    /// The synthetic `[stack table full]` stack, stored on first use.
-    fn overflow_id(&mut self) -> u32 {
-        if let Some(id) = self.overflow_id {
-            return id;
+    /// Caches `key` -> `id`, evicting the least recently used beyond
+    /// `max_bytes`; returns how many were evicted.
+    fn cache(&mut self, key: RawKey, id: StackId, max_bytes: usize) -> u64 {
+        let Some(serial) = self.table.serial(id) else {
+            return 0;
+        };
+        let size = key.bytes();
+        if size > max_bytes {
+            return 0;
         }
-        let id = self.store_stack(vec![Frame::Overflow].into());
-        self.overflow_id = Some(id);
-        id
+        let mut evicted = 0;
+        while self.raw_bytes + size > max_bytes {
+            match self.raw.pop_lru() {
+                Some((k, _)) => {
+                    self.raw_bytes = self.raw_bytes.saturating_sub(k.bytes());
+                    evicted += 1;
+                }
+                None => {
+                    self.raw_bytes = 0;
+                    break;
+                }
+            }
+        }
+        if let Some((old, _)) = self.raw.push(key, (id, serial)) {
+            // Same key replaced (or an LRU push-out, which unbounded never does).
+            self.raw_bytes = self.raw_bytes.saturating_sub(old.bytes());
+        }
+        self.raw_bytes += size;
+        evicted
     }
 
     /// Counts `n` samples of stack `id` in second `second`.
-    fn add(&mut self, second: u64, id: u32, n: u64) {
-        self.samples += n;
-        match self.buckets.back_mut() {
-            Some(b) if b.second == second => *b.counts.entry(id).or_insert(0) += n,
-            Some(b) if b.second > second => {
-                // A late sample (clock step): count it in the newest bucket.
-                *b.counts.entry(id).or_insert(0) += n;
-            }
+    fn add(&mut self, second: u64, id: StackId, n: u64) {
+        self.retained_samples += n;
+        *self.retained.entry(id).or_insert(0) += n;
+        let b = match self.buckets.back_mut() {
+            // A late sample (clock step) counts in the newest bucket.
+            Some(b) if b.second >= second => b,
             _ => {
-                let mut counts = HashMap::new();
-                counts.insert(id, n);
-                self.buckets.push_back(Bucket { second, counts });
+                self.bucket_bytes += BUCKET_OVERHEAD;
+                self.buckets.push_back(Bucket {
+                    second,
+                    counts: FastHashMap::default(),
+                });
+                match self.buckets.back_mut() {
+                    Some(b) => b,
+                    None => return,
+                }
+            }
+        };
+        match b.counts.get_mut(&id) {
+            Some(c) => *c += n,
+            None => {
+                b.counts.insert(id, n);
+                self.bucket_bytes += BUCKET_ENTRY;
+                self.table.retain(id);
             }
         }
     }
 
-    /// Drops buckets before `oldest` and the stacks no bucket refers to.
-    fn expire(&mut self, oldest: u64) -> u64 {
-        let mut dropped = false;
-        while self.buckets.front().is_some_and(|b| b.second < oldest) {
-            self.buckets.pop_front();
-            dropped = true;
-        }
-        if !dropped {
-            return 0;
-        }
-        let mut used = vec![false; self.stacks.len()];
-        for b in &self.buckets {
-            for id in b.counts.keys() {
-                if let Some(u) = used.get_mut(*id as usize) {
-                    *u = true;
+    /// Drops the oldest bucket, releasing its stacks.
+    fn pop_oldest(&mut self) -> Option<Evicted> {
+        let b = self.buckets.pop_front()?;
+        let before = self.bytes();
+        let freed_bucket = BUCKET_OVERHEAD + BUCKET_ENTRY * b.counts.len();
+        self.bucket_bytes = self.bucket_bytes.saturating_sub(freed_bucket);
+        let mut ev = Evicted {
+            samples: 0,
+            stacks: 0,
+            bytes: 0,
+        };
+        for (id, n) in b.counts {
+            ev.samples += n;
+            if let Some(c) = self.retained.get_mut(&id) {
+                *c = c.saturating_sub(n);
+                if *c == 0 {
+                    self.retained.remove(&id);
                 }
             }
-        }
-        let mut collected = 0;
-        self.intern.retain(|_, id| {
-            let keep = used.get(*id as usize).copied().unwrap_or(false);
-            if !keep {
-                collected += 1;
-            }
-            keep
-        });
-        for (id, slot) in self.stacks.iter_mut().enumerate() {
-            if slot.is_some() && !used[id] {
-                *slot = None;
-                self.free.push(id as u32);
-                if self.overflow_id == Some(id as u32) {
-                    self.overflow_id = None;
-                }
+            if self.table.release(id) {
+                ev.stacks += 1;
             }
         }
-        collected
+        self.retained_samples = self.retained_samples.saturating_sub(ev.samples);
+        ev.bytes = before.saturating_sub(self.bytes());
+        Some(ev)
+    }
+
+    /// Whether it has a second older than `second` to evict.
+    fn can_evict_before(&self, second: u64) -> bool {
+        self.buckets.front().is_some_and(|b| b.second < second)
     }
 
     /// Counts per stack over buckets with `second >= from` and `< until`.
-    fn counts(&self, from: u64, until: u64) -> HashMap<u32, u64> {
-        let mut out = HashMap::new();
-        for b in self
-            .buckets
-            .iter()
-            .filter(|b| b.second >= from && b.second < until)
-        {
+    /// When the buckets outside the range hold fewer entries than those in
+    /// it (a query of most of the retention), the running totals minus the
+    /// outside buckets: a query of the whole retention costs O(stacks), not
+    /// O(retention x stacks).
+    fn counts(&self, from: u64, until: u64) -> FastHashMap<StackId, u64> {
+        let inside = |b: &&Bucket| b.second >= from && b.second < until;
+        let (mut in_entries, mut out_entries) = (0, 0);
+        for b in &self.buckets {
+            if inside(&b) {
+                in_entries += b.counts.len();
+            } else {
+                out_entries += b.counts.len();
+            }
+        }
+        if out_entries < in_entries {
+            let mut out = self.retained.clone();
+            for b in self.buckets.iter().filter(|b| !inside(b)) {
+                for (id, c) in &b.counts {
+                    if let Some(t) = out.get_mut(id) {
+                        *t = t.saturating_sub(*c);
+                        if *t == 0 {
+                            out.remove(id);
+                        }
+                    }
+                }
+            }
+            return out;
+        }
+        let mut out = FastHashMap::default();
+        for b in self.buckets.iter().filter(inside) {
             for (id, c) in &b.counts {
                 *out.entry(*id).or_insert(0) += c;
             }
@@ -305,8 +448,9 @@ impl Entry {
 
     fn add_to_profile(&self, profile: &mut Profile, from: u64, until: u64) {
         for (id, c) in self.counts(from, until) {
-            if let Some(Some(frames)) = self.stacks.get(id as usize) {
-                profile.add(frames.to_vec(), c);
+            let frames = self.table.frames(id);
+            if !frames.is_empty() {
+                profile.add(frames, c);
             }
         }
     }
@@ -368,8 +512,14 @@ impl Store {
         }
     }
 
+    /// New limits; lower byte budgets are enforced at the next
+    /// [`Store::expire`].
     pub fn set_limits(&mut self, limits: StoreLimits) {
         self.limits = limits;
+    }
+
+    pub fn limits(&self) -> StoreLimits {
+        self.limits
     }
 
     pub fn retention_secs(&self) -> u32 {
@@ -400,11 +550,17 @@ impl Store {
             self.stats.processes_refused += 1;
             return false;
         }
+        let symbol_bytes = self.limits.cache_bytes(self.entries.len() + 1);
         self.entries.insert(
             pid,
             Entry {
-                symbols: Arc::new(Mutex::new(Symbolizer::new(mem, p.code_format))),
+                symbols: Arc::new(Mutex::new(Symbolizer::with_max_bytes(
+                    mem,
+                    p.code_format,
+                    symbol_bytes,
+                ))),
                 symbol_stats: SymbolStats::default(),
+                symbol_bytes: 0,
                 labels: p.labels,
                 start_time: p.start_time,
                 generation: self.next_generation,
@@ -412,12 +568,13 @@ impl Store {
                 free_threaded: false,
                 since: now,
                 exited_at: None,
-                intern: FastHashMap::default(),
-                stacks: Vec::new(),
-                free: Vec::new(),
-                overflow_id: None,
+                raw: LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
+                raw_bytes: 0,
+                table: StackTable::default(),
                 buckets: VecDeque::new(),
-                samples: 0,
+                bucket_bytes: 0,
+                retained_samples: 0,
+                retained: FastHashMap::default(),
             },
         );
         self.next_generation += 1;
@@ -501,17 +658,15 @@ impl Store {
     }
 
     /// Step one of adding samples (all counted at `now`): counts those whose
-    /// stack is interned, and those over the per-process stack cap under
-    /// `[stack table full]`; returns the distinct new stacks, with their
-    /// counts, to resolve. Slots for them are reserved against the cap, so
-    /// the cap holds as if they had been interned one by one.
+    /// raw stack is cached; returns the distinct others, with their counts,
+    /// to resolve.
     pub fn begin_batch(
         &mut self,
         samples: impl IntoIterator<Item = RawSample>,
         now: SystemTime,
     ) -> Pending {
         let second = unix_secs(now);
-        let cap = self.limits.max_stacks_per_process;
+        let symbol_bytes = self.limits.cache_bytes(self.entries.len());
         let mut procs: Vec<PendingProcess> = Vec::new();
         // Index in `procs` of each pid, and, for each of `procs`, where each
         // of its new stacks is in its `stacks`.
@@ -524,33 +679,19 @@ impl Store {
                 continue;
             };
             let key = RawKey::of(s);
-            if let Some(&id) = e.intern.get(&key) {
+            if let Some(id) = e.cached(&key) {
                 self.stats.samples += 1;
                 e.add(second, id, 1);
                 continue;
             }
-            let at = at_pid.get(&pid).copied();
-            if let Some(at) = at {
-                if let Some(&k) = seen[at].get(&key) {
-                    procs[at].stacks[k].1 += 1;
-                    continue;
-                }
-            }
-            let reserved = at.map_or(0, |at| procs[at].stacks.len());
-            if e.live_stacks() + reserved >= cap {
-                self.stats.samples += 1;
-                self.stats.stacks_overflowed += 1;
-                let id = e.overflow_id();
-                e.add(second, id, 1);
-                continue;
-            }
-            let at = match at {
-                Some(at) => at,
+            let at = match at_pid.get(&pid) {
+                Some(&at) => at,
                 None => {
                     procs.push(PendingProcess {
                         pid,
                         generation: e.generation,
                         symbols: e.symbols.clone(),
+                        symbol_bytes,
                         stacks: Vec::new(),
                     });
                     seen.push(FastHashMap::default());
@@ -558,51 +699,139 @@ impl Store {
                     procs.len() - 1
                 }
             };
-            seen[at].insert(key.clone(), procs[at].stacks.len());
-            procs[at].stacks.push((key, 1));
+            match seen[at].get(&key) {
+                Some(&k) => procs[at].stacks[k].1 += 1,
+                None => {
+                    seen[at].insert(key.clone(), procs[at].stacks.len());
+                    procs[at].stacks.push((key, 1));
+                }
+            }
         }
         Pending { second, procs }
     }
 
     /// Step three: interns and counts resolved stacks. Stacks of a process
     /// removed or replaced meanwhile are counted as foreign samples.
-    ///
-    /// The cap is not checked again: `begin_batch` reserved the slots (and
-    /// may have taken one more for `[stack table full]` since, as one by one
-    /// it would have after them). Only batches overlapping (the daemon adds
-    /// one at a time) or a cap lowered in between (a reload) can exceed it,
-    /// by at most a batch, until expiry.
     pub fn insert(&mut self, r: Resolved) {
+        let raw_bytes = self.limits.cache_bytes(self.entries.len());
+        let mut total = self.bytes().total();
         for p in r.procs {
-            let entry = self.entries.get_mut(&p.pid);
-            let Some(e) = entry.filter(|e| e.generation == p.generation) else {
+            let fresh = self
+                .entries
+                .get(&p.pid)
+                .is_some_and(|e| e.generation == p.generation);
+            if !fresh {
                 self.stats.foreign_samples += p.stacks.iter().map(|s| s.2).sum::<u64>();
                 self.retired_symbols += p.symbol_stats;
                 continue;
-            };
-            e.symbol_stats += p.symbol_stats;
+            }
+            if let Some(e) = self.entries.get_mut(&p.pid) {
+                e.symbol_stats += p.symbol_stats;
+                total = (total + p.symbol_bytes).saturating_sub(e.symbol_bytes);
+                e.symbol_bytes = p.symbol_bytes;
+            }
             for (key, frames, n) in p.stacks {
                 self.stats.samples += n;
-                // Interned meanwhile only if batches overlapped.
-                let id = match e.intern.get(&key) {
-                    Some(&id) => id,
-                    None => {
-                        let id = e.store_stack(frames);
-                        e.intern.insert(key, id);
-                        id
-                    }
+                let known = self.entries.get(&p.pid).and_then(|e| e.table.get(&frames));
+                let id = match known {
+                    Some(id) => Some(id),
+                    None => self.intern_new(p.pid, &frames, r.second, &mut total),
                 };
-                e.add(r.second, id, n);
+                let Some(e) = self.entries.get_mut(&p.pid) else {
+                    break;
+                };
+                let before = e.bytes();
+                match id {
+                    Some(id) => {
+                        self.stats.raw_cache_evictions += e.cache(key, id, raw_bytes);
+                        e.add(r.second, id, n);
+                    }
+                    None => {
+                        // Not cached: once there is room, it gets its stack.
+                        self.stats.stacks_overflowed += n;
+                        let id = e.table.intern(&[Frame::Overflow]);
+                        e.add(r.second, id, n);
+                    }
+                }
+                total = (total + e.bytes()).saturating_sub(before);
             }
         }
     }
 
-    /// Drops data older than the retention, and exited processes with none left.
+    /// Interns a new stack of `pid`, evicting older seconds to make room;
+    /// `None` if it cannot fit.
+    fn intern_new(
+        &mut self,
+        pid: u32,
+        frames: &[Frame],
+        second: u64,
+        total: &mut usize,
+    ) -> Option<StackId> {
+        let cost = {
+            let e = self.entries.get(&pid)?;
+            if e.table.len() >= self.limits.max_stacks_per_process {
+                return None;
+            }
+            e.table.cost(frames) + BUCKET_ENTRY
+        };
+        loop {
+            let own = self.entries.get(&pid)?.bytes();
+            if own + cost > self.limits.max_bytes_per_process {
+                // Its own budget: its own oldest second goes.
+                if !self.evict_oldest(pid, second, total) {
+                    return None;
+                }
+            } else if *total + cost > self.limits.max_bytes {
+                // The total: the largest process's oldest second goes.
+                let victim = self
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| e.can_evict_before(second))
+                    .max_by_key(|(_, e)| e.bytes())
+                    .map(|(pid, _)| *pid)?;
+                self.evict_oldest(victim, second, total);
+            } else {
+                break;
+            }
+        }
+        let e = self.entries.get_mut(&pid)?;
+        let before = e.bytes();
+        let id = e.table.intern(frames);
+        *total = (*total + e.bytes()).saturating_sub(before);
+        Some(id)
+    }
+
+    /// Evicts `pid`'s oldest second if older than `second`, counting it.
+    fn evict_oldest(&mut self, pid: u32, second: u64, total: &mut usize) -> bool {
+        let Some(e) = self.entries.get_mut(&pid) else {
+            return false;
+        };
+        if !e.can_evict_before(second) {
+            return false;
+        }
+        let Some(ev) = e.pop_oldest() else {
+            return false;
+        };
+        self.stats.seconds_evicted += 1;
+        self.stats.samples_evicted += ev.samples;
+        self.stats.stacks_evicted += ev.stacks;
+        *total = total.saturating_sub(ev.bytes);
+        true
+    }
+
+    /// Drops data older than the retention, and exited processes with none
+    /// left; then evicts the oldest seconds while the byte budgets (maybe
+    /// lowered by a reload) are exceeded.
     pub fn expire(&mut self, now: SystemTime) {
-        let oldest = unix_secs(now).saturating_sub(u64::from(self.limits.retention_secs));
+        let now_s = unix_secs(now);
+        let oldest = now_s.saturating_sub(u64::from(self.limits.retention_secs));
         let mut gone = Vec::new();
         for (pid, e) in &mut self.entries {
-            self.stats.stacks_collected += e.expire(oldest);
+            while e.can_evict_before(oldest) {
+                if let Some(ev) = e.pop_oldest() {
+                    self.stats.stacks_collected += ev.stacks;
+                }
+            }
             if e.exited_at.is_some() && e.buckets.is_empty() {
                 gone.push(*pid);
             }
@@ -612,6 +841,91 @@ impl Store {
                 self.retire(e);
             }
         }
+        self.trim_caches();
+        let mut total = self.bytes().total();
+        let pids: Vec<u32> = self.entries.keys().copied().collect();
+        for pid in pids {
+            while self
+                .entries
+                .get(&pid)
+                .is_some_and(|e| e.bytes() > self.limits.max_bytes_per_process)
+                && self.evict_oldest(pid, now_s, &mut total)
+            {}
+        }
+        while total > self.limits.max_bytes {
+            let victim = self
+                .entries
+                .iter()
+                .filter(|(_, e)| e.can_evict_before(now_s))
+                .max_by_key(|(_, e)| e.bytes())
+                .map(|(pid, _)| *pid);
+            match victim {
+                Some(pid) if self.evict_oldest(pid, now_s, &mut total) => {}
+                _ => break,
+            }
+        }
+    }
+
+    /// Shrinks the raw-stack and symbol caches to their current bounds
+    /// (lower after a reload, or with more processes held). A symbol cache
+    /// being used by a resolution is left for the next call.
+    fn trim_caches(&mut self) {
+        let cap = self.limits.cache_bytes(self.entries.len());
+        for e in self.entries.values_mut() {
+            while e.raw_bytes > cap {
+                match e.raw.pop_lru() {
+                    Some((k, _)) => {
+                        e.raw_bytes = e.raw_bytes.saturating_sub(k.bytes());
+                        self.stats.raw_cache_evictions += 1;
+                    }
+                    None => e.raw_bytes = 0,
+                }
+            }
+            if e.symbol_bytes > cap {
+                if let Ok(mut symbols) = e.symbols.try_lock() {
+                    let before = symbols.stats;
+                    symbols.set_max_bytes(cap);
+                    e.symbol_stats += symbols.stats.since(&before);
+                    e.symbol_bytes = symbols.bytes();
+                }
+            }
+        }
+    }
+
+    /// The pids `selector` selects.
+    pub fn selected(&self, selector: &Selector) -> Vec<u32> {
+        self.select(selector).map(|e| e.labels.pid).collect()
+    }
+
+    pub fn rate_hz(&self) -> u32 {
+        self.rate_hz
+    }
+
+    /// Samples counted in seconds `[from, until)`, over all processes.
+    pub fn samples_between(&self, from: u64, until: u64) -> u64 {
+        self.entries
+            .values()
+            .flat_map(|e| e.buckets.iter().rev().take_while(|b| b.second >= from))
+            .filter(|b| b.second < until)
+            .map(|b| b.counts.values().sum::<u64>())
+            .sum()
+    }
+
+    /// Bytes held now, by kind.
+    pub fn bytes(&self) -> StoreBytes {
+        let mut b = StoreBytes::default();
+        for e in self.entries.values() {
+            b.stacks += e.table.bytes();
+            b.buckets += e.bucket_bytes + BUCKET_ENTRY * e.retained.len();
+            b.raw_cache += e.raw_bytes;
+            b.symbols += e.symbol_bytes;
+        }
+        b
+    }
+
+    /// Distinct stacks held, over all processes.
+    pub fn stacks_held(&self) -> usize {
+        self.entries.values().map(|e| e.table.len()).sum()
     }
 
     /// Symbolisation statistics over every process ever held.
@@ -660,7 +974,7 @@ impl Store {
                     STATUS_PROFILED
                 },
                 since: unix_secs(e.since),
-                samples: e.buckets.iter().flat_map(|b| b.counts.values()).sum(),
+                samples: e.retained_samples,
                 reason: None,
             })
             .collect();
@@ -751,15 +1065,45 @@ mod tests {
         ProcessLabels::python3(pid, service)
     }
 
+    fn limits(max_stacks: usize) -> StoreLimits {
+        StoreLimits {
+            retention_secs: 10,
+            max_processes: 2,
+            max_stacks_per_process: max_stacks,
+            max_bytes: 64 << 20,
+            max_bytes_per_process: 16 << 20,
+        }
+    }
+
     fn store(max_stacks: usize) -> Store {
-        Store::new(
-            StoreLimits {
-                retention_secs: 10,
-                max_processes: 2,
-                max_stacks_per_process: max_stacks,
-            },
-            100,
-        )
+        Store::new(limits(max_stacks), 100)
+    }
+
+    /// `n` readable code objects (see `test_code::fakes`).
+    fn codes(n: u64) -> (TargetMemory, Vec<(u64, u32)>) {
+        let (m, c) = crate::python::code::test_code::fakes(n);
+        (TargetMemory::new(m), c)
+    }
+
+    /// A one-frame sample of fake code `c` at instruction `instr`.
+    fn at(pid: u32, c: (u64, u32), instr: i32) -> RawSample {
+        let mut s = RawSample::one_frame(pid, c.0, c.1);
+        s.frames[0].instr = instr;
+        s
+    }
+
+    /// A process reading `n` fake code objects.
+    fn with_codes(s: &mut Store, pid: u32, n: u64, t: SystemTime) -> Vec<(u64, u32)> {
+        let (mem, c) = codes(n);
+        assert!(s.add_process_reading(new_proc(pid, "a"), t, mem));
+        c
+    }
+
+    fn line_of(stack: &[Frame]) -> u32 {
+        match stack.last() {
+            Some(Frame::Python { line, .. }) => *line,
+            f => panic!("not a Python frame: {f:?}"),
+        }
     }
 
     fn sample(pid: u32, code: u64) -> RawSample {
@@ -823,9 +1167,9 @@ mod tests {
     fn stack_table_is_capped_with_a_visible_overflow() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
         let mut s = store(3);
-        s.add_process(new_proc(1, "a"), t0);
-        for code in 0..10 {
-            s.add_sample(sample(1, 8 + code * 8), t0);
+        let c = with_codes(&mut s, 1, 10, t0);
+        for &code in &c {
+            s.add_sample(at(1, code, 0), t0);
         }
         assert_eq!(s.stats.stacks_overflowed, 7);
         let p = s.query(&Selector::Pid(1), 1, t0).unwrap();
@@ -834,32 +1178,215 @@ mod tests {
     }
 
     #[test]
+    fn stacks_are_kept_by_line_not_by_instruction() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(100);
+        let c = with_codes(&mut s, 1, 2, t0);
+        // Instructions 1..8 of code 0 are all on its first line (10);
+        // instruction 0 is on line 11.
+        for instr in 0..8 {
+            s.add_sample(at(1, c[0], instr), t0);
+            s.add_sample(at(1, c[0], instr), t0);
+        }
+        s.add_sample(at(1, c[1], 3), t0);
+        assert_eq!(s.stacks_held(), 3, "line 10, line 11, and code 1");
+        let p = s.query(&Selector::Pid(1), 1, t0).unwrap();
+        let mut lines: Vec<(u32, u64)> = p.stacks.iter().map(|(k, n)| (line_of(k), *n)).collect();
+        lines.sort();
+        assert_eq!(lines, [(10, 14), (11, 2), (20, 1)]);
+        // Each raw stack was symbolised once, then found in the raw cache.
+        assert_eq!(s.symbol_stats().misses, 2);
+        assert_eq!(s.stats.samples, 17);
+    }
+
+    #[test]
     fn a_batch_counts_as_samples_added_one_by_one() {
         let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
         // New stacks repeated within the batch, a known one, a foreign pid,
         // and more new stacks than the cap leaves room for.
-        let codes = [8, 16, 8, 24, 32, 16, 40, 48, 8, 56];
+        let ks = [0, 1, 0, 2, 3, 1, 4, 5, 0, 6];
         let mut one = store(4);
         let mut batch = store(4);
+        let mut c = Vec::new();
         for s in [&mut one, &mut batch] {
-            s.add_process(new_proc(1, "a"), t0);
-            s.add_sample(sample(1, 8), t0);
+            c = with_codes(s, 1, 7, t0);
+            s.add_sample(at(1, c[0], 0), t0);
         }
-        for code in codes {
-            one.add_sample(sample(1, code), t0);
+        for k in ks {
+            one.add_sample(at(1, c[k], 0), t0);
         }
-        one.add_sample(sample(9, 8), t0);
-        let samples = codes.map(|c| sample(1, c)).into_iter();
-        let pending = batch.begin_batch(samples.chain([sample(9, 8)]), t0);
+        one.add_sample(at(9, c[0], 0), t0);
+        let samples = ks.map(|k| at(1, c[k], 0)).into_iter();
+        let pending = batch.begin_batch(samples.chain([at(9, c[0], 0)]), t0);
         assert_eq!(pending.procs.len(), 1);
-        assert_eq!(pending.procs[0].stacks.len(), 3, "16, 24, 32: room for 3");
+        assert_eq!(pending.procs[0].stacks.len(), 6, "1 to 6 are not cached");
         batch.insert(pending.resolve());
         assert_eq!(batch.stats, one.stats);
-        assert_eq!(batch.stats.stacks_overflowed, 3, "40, 48, 56");
+        assert_eq!(batch.stats.stacks_overflowed, 3, "4, 5, 6");
         assert_eq!(batch.symbol_stats(), one.symbol_stats());
         let q = |s: &Store| s.query(&Selector::Pid(1), 1, t0).unwrap().stacks;
         assert_eq!(q(&batch), q(&one));
         assert_eq!(q(&batch).get(&vec![Frame::Overflow]), Some(&3));
+    }
+
+    #[test]
+    fn a_process_over_its_budget_loses_its_oldest_seconds_counted() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut l = limits(1_000);
+        l.max_bytes_per_process = 8 << 10;
+        let mut s = Store::new(l, 100);
+        let c = with_codes(&mut s, 1, 400, t0);
+        // Ten new stacks a second, for the whole retention.
+        let mut added = 0;
+        let mut peak = 0;
+        for sec in 0..10u64 {
+            let now = t0 + Duration::from_secs(sec);
+            for k in 0..10 {
+                s.add_sample(at(1, c[(sec * 10 + k) as usize], 0), now);
+                added += 1;
+            }
+            peak = peak.max(s.bytes().total());
+        }
+        assert!(peak <= 8 << 10, "{peak} bytes held");
+        assert!(s.stats.seconds_evicted > 0);
+        assert_eq!(s.stats.stacks_overflowed, 0, "older seconds could go");
+        let now = t0 + Duration::from_secs(9);
+        let kept = s.query(&Selector::Pid(1), 10, now).unwrap().total_samples();
+        assert_eq!(
+            kept + s.stats.samples_evicted,
+            added,
+            "evictions are counted"
+        );
+        assert_eq!(s.stats.stacks_evicted, s.stats.samples_evicted);
+        // The newest second is whole.
+        assert_eq!(
+            s.query(&Selector::Pid(1), 1, now).unwrap().total_samples(),
+            10
+        );
+        assert_eq!(s.views()[0].samples, kept);
+    }
+
+    #[test]
+    fn the_total_budget_evicts_from_the_largest_process() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut l = limits(1_000);
+        l.max_bytes_per_process = 1 << 20;
+        let mut s = Store::new(l, 100);
+        let big = with_codes(&mut s, 1, 300, t0);
+        let small = with_codes(&mut s, 2, 10, t0);
+        for &code in &big {
+            s.add_sample(at(1, code, 0), t0);
+        }
+        s.add_sample(at(2, small[0], 0), t0);
+        let held = s.bytes().total();
+        // Shrink the total under what is held: the next second's new stack
+        // of the small process takes room from the big one's oldest second.
+        l.max_bytes = held;
+        s.set_limits(l);
+        let t1 = t0 + Duration::from_secs(1);
+        s.add_sample(at(2, small[1], 0), t1);
+        assert!(s.bytes().total() <= held);
+        assert_eq!(s.stats.samples_evicted, 300, "the big process's second");
+        assert_eq!(
+            s.query(&Selector::Pid(2), 10, t1).unwrap().total_samples(),
+            2
+        );
+        assert_eq!(s.stats.stacks_overflowed, 0);
+    }
+
+    #[test]
+    fn a_lowered_budget_is_enforced_at_expiry() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut l = limits(1_000);
+        let mut s = Store::new(l, 100);
+        let c = with_codes(&mut s, 1, 50, t0);
+        for sec in 0..5u64 {
+            for k in 0..10 {
+                let now = t0 + Duration::from_secs(sec);
+                s.add_sample(at(1, c[(sec * 10 + k) as usize], 0), now);
+            }
+        }
+        let held = s.bytes().total();
+        l.max_bytes_per_process = held / 2;
+        s.set_limits(l);
+        s.expire(t0 + Duration::from_secs(5));
+        assert!(s.bytes().total() <= held / 2);
+        assert!(s.stats.samples_evicted >= 20);
+    }
+
+    #[test]
+    fn expiry_is_incremental_and_returns_every_byte() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(1_000);
+        let c = with_codes(&mut s, 1, 20, t0);
+        for sec in 0..10u64 {
+            let now = t0 + Duration::from_secs(sec);
+            // A stack every second shares, and one of its own.
+            s.add_sample(at(1, c[0], 0), now);
+            s.add_sample(at(1, c[1 + sec as usize], 0), now);
+        }
+        assert_eq!(s.stacks_held(), 11);
+        // Seconds 0..=4 expire: their own stacks go, the shared one stays.
+        s.expire(t0 + Duration::from_secs(15));
+        assert_eq!(s.stacks_held(), 6);
+        assert_eq!(s.stats.stacks_collected, 5);
+        let p = s
+            .query(&Selector::Pid(1), 10, t0 + Duration::from_secs(14))
+            .unwrap();
+        assert_eq!(p.total_samples(), 10);
+        s.expire(t0 + Duration::from_secs(30));
+        let b = s.bytes();
+        assert_eq!((b.stacks, b.buckets), (0, 0));
+        assert_eq!(s.stacks_held(), 0);
+        assert_eq!(s.stats.samples_evicted, 0, "expiry is not eviction");
+    }
+
+    #[test]
+    fn any_range_counts_the_same_by_either_path() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(1_000);
+        let c = with_codes(&mut s, 1, 30, t0);
+        for sec in 0..10u64 {
+            for k in 0..=sec {
+                let now = t0 + Duration::from_secs(sec);
+                s.add_sample(at(1, c[(k * 3 % 30) as usize], (sec % 2) as i32), now);
+            }
+        }
+        let e = &s.entries[&1];
+        for from in 995..1012 {
+            for until in from..1013 {
+                let mut direct: FastHashMap<StackId, u64> = FastHashMap::default();
+                for b in e
+                    .buckets
+                    .iter()
+                    .filter(|b| b.second >= from && b.second < until)
+                {
+                    for (id, n) in &b.counts {
+                        *direct.entry(*id).or_insert(0) += n;
+                    }
+                }
+                assert_eq!(e.counts(from, until), direct, "[{from}, {until})");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cached_raw_stack_never_names_a_reused_slot() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(1_000);
+        let c = with_codes(&mut s, 1, 2, t0);
+        s.add_sample(at(1, c[0], 0), t0);
+        let t1 = t0 + Duration::from_secs(11);
+        s.expire(t1);
+        assert_eq!(s.stacks_held(), 0);
+        // Code 1's stack takes the freed slot; code 0's raw stack is still
+        // in the raw cache with the old id.
+        s.add_sample(at(1, c[1], 0), t1);
+        s.add_sample(at(1, c[0], 0), t1);
+        let p = s.query(&Selector::Pid(1), 1, t1).unwrap();
+        let mut lines: Vec<u32> = p.stacks.keys().map(|k| line_of(k)).collect();
+        lines.sort();
+        assert_eq!(lines, [11, 21]);
     }
 
     #[test]
@@ -924,6 +1451,8 @@ mod tests {
                 retention_secs: 10,
                 max_processes: 10,
                 max_stacks_per_process: 10,
+                max_bytes: 64 << 20,
+                max_bytes_per_process: 16 << 20,
             },
             100,
         );
