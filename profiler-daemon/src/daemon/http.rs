@@ -704,6 +704,8 @@ mod tests {
                     status: "profiled",
                     since: 1_700_000_000,
                     samples: 10,
+                    memory_bytes: 0,
+                    evicted_samples: 0,
                     reason: None,
                 },
                 ProcessView {
@@ -718,6 +720,8 @@ mod tests {
                     status: STATUS_UNSUPPORTED,
                     since: 1_700_000_100,
                     samples: 0,
+                    memory_bytes: 0,
+                    evicted_samples: 0,
                     reason: Some(
                         "process 43 runs Python 3.16.0; pyebpf supports CPython 3.11 to 3.15"
                             .into(),
@@ -898,7 +902,9 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "evicted_samples",
                 "labels",
+                "memory_bytes",
                 "python",
                 "python_version",
                 "samples",

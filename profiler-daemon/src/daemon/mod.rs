@@ -155,6 +155,11 @@ pub struct ProcessView {
     pub since: u64,
     /// Samples held for this process (within retention).
     pub samples: u64,
+    /// Memory its profile holds now (stacks, counts, caches).
+    pub memory_bytes: u64,
+    /// Samples dropped before the end of the retention (its oldest
+    /// seconds evicted) to fit the memory budgets.
+    pub evicted_samples: u64,
     /// Why an unsupported process is not profiled (absent for the others).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -298,6 +303,8 @@ mod tests {
                 status,
                 since: 0,
                 samples: 0,
+                memory_bytes: 0,
+                evicted_samples: 0,
                 reason: (status == STATUS_UNSUPPORTED).then(|| "too new".to_string()),
             };
             vec![

@@ -414,10 +414,20 @@ mod tests {
                     .is_some_and(|n| n.starts_with("libc.so") || n.starts_with("libc-"))
             })
             .expect("libc mapped");
+        let of_libc = |m: &&maps::MapEntry| m.inode == libc_map.inode && m.dev == libc_map.dev;
+        // The loader's mappings: its executable segment and the offset-0
+        // one right below it. (Other tests running in this process can map
+        // the same file elsewhere for a moment, which once failed this test.)
+        let text = maps
+            .iter()
+            .filter(of_libc)
+            .find(|m| m.perms.exec)
+            .expect("libc's executable segment");
         let first = maps
             .iter()
-            .filter(|m| m.inode == libc_map.inode && m.dev == libc_map.dev)
-            .min_by_key(|m| (m.offset, m.start))
+            .filter(of_libc)
+            .filter(|m| m.offset == 0 && m.start <= text.start)
+            .max_by_key(|m| m.start)
             .unwrap();
         let file = ElfFile::open(&root_path(pid, libc_map.path.as_deref().unwrap())).unwrap();
         assert!(!file.is_fixed_address());
@@ -427,10 +437,19 @@ mod tests {
             .unwrap()
             .expect("getpid in libc");
         assert!(sym.size > 0);
-        // Every mapping of the file must give the same bias.
+        // Every mapping of the loaded file (up to another mapping of its
+        // start) must give the same bias.
+        let next = maps
+            .iter()
+            .filter(of_libc)
+            .filter(|m| m.offset == 0 && m.start > first.start)
+            .map(|m| m.start)
+            .min()
+            .unwrap_or(u64::MAX);
         for m in maps
             .iter()
-            .filter(|m| m.inode == libc_map.inode && m.dev == libc_map.dev)
+            .filter(of_libc)
+            .filter(|m| m.start >= first.start && m.start < next)
         {
             assert_eq!(file.load_bias(m.start, m.offset).unwrap(), bias, "{m:?}");
         }

@@ -382,6 +382,8 @@ mod tests {
                 status: "profiled",
                 since: 0,
                 samples: 3,
+                memory_bytes: 0,
+                evicted_samples: 0,
                 reason: None,
             }]
         }

@@ -285,6 +285,8 @@ struct Entry {
     /// Counts per stack over all of `buckets`: a query of the whole
     /// retention reads this instead of every bucket.
     retained: FastHashMap<StackId, u64>,
+    /// Samples of its seconds evicted to fit the budgets.
+    evicted_samples: u64,
 }
 
 /// What evicting a process's oldest second freed.
@@ -575,6 +577,7 @@ impl Store {
                 bucket_bytes: 0,
                 retained_samples: 0,
                 retained: FastHashMap::default(),
+                evicted_samples: 0,
             },
         );
         self.next_generation += 1;
@@ -812,6 +815,7 @@ impl Store {
         let Some(ev) = e.pop_oldest() else {
             return false;
         };
+        e.evicted_samples += ev.samples;
         self.stats.seconds_evicted += 1;
         self.stats.samples_evicted += ev.samples;
         self.stats.stacks_evicted += ev.stacks;
@@ -975,6 +979,8 @@ impl Store {
                 },
                 since: unix_secs(e.since),
                 samples: e.retained_samples,
+                memory_bytes: e.bytes() as u64,
+                evicted_samples: e.evicted_samples,
                 reason: None,
             })
             .collect();
@@ -991,6 +997,8 @@ impl Store {
                 status: STATUS_UNSUPPORTED,
                 since: unix_secs(*at),
                 samples: 0,
+                memory_bytes: 0,
+                evicted_samples: 0,
                 reason: Some(u.reason.clone()),
             })
             .collect();
@@ -1263,7 +1271,12 @@ mod tests {
             s.query(&Selector::Pid(1), 1, now).unwrap().total_samples(),
             10
         );
-        assert_eq!(s.views()[0].samples, kept);
+        let v = &s.views()[0];
+        assert_eq!(
+            (v.samples, v.evicted_samples),
+            (kept, s.stats.samples_evicted)
+        );
+        assert!(v.memory_bytes > 0 && v.memory_bytes <= 8 << 10);
     }
 
     #[test]
