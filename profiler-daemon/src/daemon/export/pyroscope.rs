@@ -1961,6 +1961,7 @@ mod tests {
         // Not every slot retrying on its own: the first failures, then one
         // probe per global pause (10..100 ms apart here).
         let requests = rec.count();
+        println!("server down for {outage:?}: {requests} requests, {s:?}");
         let bound = DEFAULT_MAX_CONCURRENT_UPLOADS + (outage.as_millis() / 10) as usize;
         assert!(requests < bound / 2, "{requests} requests in {outage:?}");
         assert_eq!(s.failed_attempts, requests as u64);
