@@ -1824,8 +1824,9 @@ fn bpf_push_to_pyroscope() {
 
 /// The receiver is down when the first windows close, and comes up later on
 /// the same port: every window queued meanwhile (the queue holds them all)
-/// arrives, in order, sampling never stalled, and the windows pushed add up
-/// to every sample the daemon took of the process.
+/// arrives (in any order: uploads run concurrently), sampling never stalled,
+/// and the windows pushed add up to every sample the daemon took of the
+/// process.
 #[test]
 fn bpf_push_survives_a_receiver_outage() {
     if !bpf_available() {
@@ -1838,7 +1839,7 @@ fn bpf_push_survives_a_receiver_outage() {
         "push-outage",
         &pyroscope_config(
             addr,
-            "    max_queue_windows: 500\n    max_retry_secs: 120\n",
+            "    max_queue_bytes: 268435456\n    max_retry_secs: 120\n",
         ),
     );
     let mut p = Py::spawn(
@@ -1889,11 +1890,15 @@ fn bpf_push_survives_a_receiver_outage() {
     let rx = Receiver::start(TcpListener::bind(addr).expect("rebind the receiver's port"));
     let up_unix = unix_now();
     let up = Instant::now();
-    // Windows are sent in order: once one that closed after the receiver
-    // came up arrives, all the queued ones have been sent.
+    // Once a window that closed after the receiver came up has arrived and
+    // nothing is held for sending, all the queued ones have been sent.
     let windows = loop {
-        let w = rx.for_service(&service);
-        if w.iter().any(|w| w.from() > up_unix) {
+        let mut w = rx.for_service(&service);
+        let m = d.metrics();
+        let held = prom_sum(&m, "pyebpf_pyroscope_queue_profiles", &[])
+            + prom_sum(&m, "pyebpf_pyroscope_uploads_in_flight", &[]);
+        if w.iter().any(|w| w.from() > up_unix) && held == 0.0 {
+            w.sort_by_key(Ingest::from);
             break w;
         }
         assert!(
@@ -1957,7 +1962,8 @@ fn bpf_push_survives_a_receiver_outage() {
     );
     let (status, _) = d.terminate(Duration::from_secs(20));
     assert!(status.success(), "exit status after SIGTERM: {status}");
-    let windows = rx.for_service(&service);
+    let mut windows = rx.for_service(&service);
+    windows.sort_by_key(Ingest::from);
     check_window_order(&windows);
     let pushed: i64 = windows.iter().map(Ingest::samples).sum();
     eprintln!(

@@ -366,10 +366,20 @@ pub struct Pyroscope {
     /// Timeout of one upload in seconds, `1..=300`; default 10.
     #[serde(deserialize_with = "ranged::<_, _, 1, 300>")]
     pub timeout_secs: u64,
-    /// Windows queued while the server is unreachable, `1..=10000`; default
-    /// 120. The oldest are dropped (and counted) beyond it.
-    #[serde(deserialize_with = "ranged::<_, _, 1, 10_000>")]
-    pub max_queue_windows: u32,
+    /// Memory for profiles waiting to be sent (or being sent), in bytes of
+    /// gzipped pprof and request plus a small fixed overhead per profile,
+    /// `1048576..=17179869184` (1 MiB to 16 GiB); default 67108864 (64 MiB).
+    /// Beyond it the oldest queued profiles are dropped (and counted).
+    #[serde(deserialize_with = "ranged::<_, _, 1_048_576, 17_179_869_184>")]
+    pub max_queue_bytes: u64,
+    /// Uploads in progress at once, `1..=256`; default 8.
+    #[serde(deserialize_with = "ranged::<_, _, 1, 256>")]
+    pub max_concurrent_uploads: u32,
+    /// Removed (the queue is bounded in bytes now): present only so that
+    /// setting it is an error naming its replacement, at its position.
+    #[serde(deserialize_with = "removed_max_queue_windows")]
+    #[doc(hidden)]
+    pub max_queue_windows: Removed,
     /// How long one window's upload is retried (with exponential back-off,
     /// 1 s up to 30 s between attempts) before it is dropped and counted, in
     /// seconds, `1..=86400`; default 300.
@@ -388,12 +398,62 @@ impl Default for Pyroscope {
             url: "http://127.0.0.1:4040".into(),
             application_name: "python".into(),
             timeout_secs: 10,
-            max_queue_windows: 120,
+            max_queue_bytes: 64 << 20,
+            max_concurrent_uploads: 8,
+            max_queue_windows: Removed,
             max_retry_secs: 300,
             basic_auth: None,
             tenant_id: None,
         }
     }
+}
+
+/// A removed option: it never deserializes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Removed;
+
+fn removed_max_queue_windows<'de, D: Deserializer<'de>>(d: D) -> Result<Removed, D::Error> {
+    removed(
+        d,
+        "max_queue_windows was removed: the queue is bounded in bytes now; use \
+         max_queue_bytes (default 67108864, 64 MiB) instead",
+    )
+}
+
+/// Fails with `message` at the value's position, whatever the value.
+fn removed<'de, D: Deserializer<'de>>(d: D, message: &'static str) -> Result<Removed, D::Error> {
+    struct Reject(&'static str);
+    impl<'de> Visitor<'de> for Reject {
+        type Value = Removed;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Removed, E> {
+            Err(E::custom(self.0))
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Removed, E> {
+            Err(E::custom(self.0))
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Removed, E> {
+            Err(E::custom(self.0))
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Removed, E> {
+            Err(E::custom(self.0))
+        }
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Removed, E> {
+            Err(E::custom(self.0))
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Removed, E> {
+            Err(E::custom(self.0))
+        }
+        fn visit_seq<A: de::SeqAccess<'de>>(self, _: A) -> Result<Removed, A::Error> {
+            Err(de::Error::custom(self.0))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Removed, A::Error> {
+            Err(de::Error::custom(self.0))
+        }
+    }
+    d.deserialize_any(Reject(message))
 }
 
 /// `outputs.pyroscope.basic_auth:` both fields required.
@@ -983,9 +1043,18 @@ mod tests {
         assert_eq!(y.url, "http://127.0.0.1:4040");
         assert_eq!(y.application_name, "python");
         assert_eq!(
-            (y.timeout_secs, y.max_queue_windows, y.max_retry_secs),
-            (10, 120, 300)
+            (
+                y.timeout_secs,
+                y.max_queue_bytes,
+                y.max_concurrent_uploads,
+                y.max_retry_secs
+            ),
+            (10, 64 << 20, 8, 300)
         );
+        // The pusher's own defaults agree.
+        let p = crate::daemon::export::pyroscope::PyroscopeConfig::new("http://h", "a");
+        assert_eq!(p.max_queue_bytes, y.max_queue_bytes);
+        assert_eq!(p.max_concurrent_uploads, y.max_concurrent_uploads as usize);
         assert!(y.basic_auth.is_none() && y.tenant_id.is_none());
         // The sampler's own defaults agree.
         let s = crate::bpf::sampler::SamplerConfig::default();
@@ -1188,7 +1257,8 @@ outputs:
     url: https://profiles.example.com:443/
     application_name: shop
     timeout_secs: 1
-    max_queue_windows: 1
+    max_queue_bytes: 1048576
+    max_concurrent_uploads: 1
     max_retry_secs: 1
     basic_auth: { username: u, password: p }
     tenant_id: t
@@ -1236,6 +1306,7 @@ logging: { format: json, level: "warn,pyebpf=debug" }
             })
         );
         assert_eq!(y.tenant_id.as_deref(), Some("t"));
+        assert_eq!((y.max_queue_bytes, y.max_concurrent_uploads), (1 << 20, 1));
         assert_eq!(c.logging.format, LogFormat::Json);
         assert_eq!(c.logging.level, "warn,pyebpf=debug");
         assert!(c.discovery.selects(&labels()));
@@ -1269,6 +1340,61 @@ logging: { format: json, level: "warn,pyebpf=debug" }
             err("outputs:\n  pyroscope:\n    basic_auth: {username: a, password: b, x: 1}\n");
         assert_eq!(line, 3);
         assert!(msg.contains("unknown field `x`"), "{msg}");
+    }
+
+    #[test]
+    fn pyroscope_queue_options() {
+        let y = parse("outputs:\n  pyroscope: {url: http://h:4040}\n", "t")
+            .unwrap()
+            .outputs
+            .pyroscope
+            .unwrap();
+        assert_eq!((y.max_queue_bytes, y.max_concurrent_uploads), (64 << 20, 8));
+        let y = parse(
+            "outputs:\n  pyroscope:\n    max_queue_bytes: 17179869184\n    \
+             max_concurrent_uploads: 256\n",
+            "t",
+        )
+        .unwrap()
+        .outputs
+        .pyroscope
+        .unwrap();
+        assert_eq!(
+            (y.max_queue_bytes, y.max_concurrent_uploads),
+            (16 << 30, 256)
+        );
+
+        // The removed option is refused where it is, naming its replacement.
+        for value in ["120", "0", "x", "[1]", "{a: 1}", "null"] {
+            let text = format!(
+                "outputs:\n  pyroscope:\n    url: http://h:4040\n    max_queue_windows: {value}\n"
+            );
+            let (line, col, msg) = err(&text);
+            assert_eq!((line, col), (4, 24), "{text}");
+            assert!(
+                msg.starts_with(
+                    "outputs.pyroscope.max_queue_windows: max_queue_windows was removed"
+                ),
+                "{msg}"
+            );
+            assert!(msg.contains("use max_queue_bytes"), "{msg}");
+        }
+
+        // Wrong types and values, at the value.
+        for key in ["max_queue_bytes", "max_concurrent_uploads"] {
+            for (value, what) in [
+                ("\"64MiB\"", "invalid type: string \"64MiB\""),
+                ("1.5", "invalid type: floating point"),
+                ("true", "invalid type: boolean"),
+                ("[8]", "invalid type: sequence"),
+                ("-1", "-1 is out of range"),
+                ("0", "0 is out of range"),
+            ] {
+                let text = format!("outputs:\n  pyroscope:\n    {key}: {value}\n");
+                let (line, col) = err_at(&text, &[&format!("outputs.pyroscope.{key}: "), what]);
+                assert_eq!((line, col), (3, key.len() + 7), "{text}");
+            }
+        }
     }
 
     #[test]
@@ -1363,8 +1489,20 @@ logging: { format: json, level: "warn,pyebpf=debug" }
             ),
             ("pyroscope: {timeout_secs: 0}", "0 is out of range 1..=300"),
             (
-                "pyroscope: {max_queue_windows: 0}",
-                "0 is out of range 1..=10000",
+                "pyroscope: {max_queue_bytes: 0}",
+                "0 is out of range 1048576..=17179869184",
+            ),
+            (
+                "pyroscope: {max_queue_bytes: 17179869185}",
+                "17179869185 is out of range 1048576..=17179869184",
+            ),
+            (
+                "pyroscope: {max_concurrent_uploads: 0}",
+                "0 is out of range 1..=256",
+            ),
+            (
+                "pyroscope: {max_concurrent_uploads: 257}",
+                "257 is out of range 1..=256",
             ),
             (
                 "pyroscope: {max_retry_secs: 86401}",

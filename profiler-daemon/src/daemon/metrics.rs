@@ -118,6 +118,58 @@ impl ExportResult {
     }
 }
 
+/// Why profiles meant for Pyroscope were lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The push queue reached its byte bound; the oldest profiles went.
+    QueueFull,
+    /// The server refused them (4xx other than 408/429, a redirect), or
+    /// they could not be encoded.
+    Rejected,
+    /// Still failing `max_retry` after the first attempt.
+    GaveUp,
+    /// Still queued or in flight when the shutdown deadline passed.
+    Shutdown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 4] = [
+        DropReason::QueueFull,
+        DropReason::Rejected,
+        DropReason::GaveUp,
+        DropReason::Shutdown,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::Rejected => "rejected",
+            DropReason::GaveUp => "gave_up",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Handles on the Pyroscope pusher's metrics, updated by the pusher as
+/// things happen (so a scrape never waits for the next window).
+#[derive(Clone)]
+pub struct PushMetrics {
+    /// `pyebpf_export_total{target="pyroscope",result="ok"}`.
+    pub sent: IntCounter,
+    /// `pyebpf_export_total{target="pyroscope",result="error"}`.
+    pub failed_attempts: IntCounter,
+    /// `pyebpf_export_total{target="pyroscope",result="dropped"}`.
+    pub dropped: IntCounter,
+    /// By [`DropReason`], in [`DropReason::ALL`] order.
+    pub dropped_profiles: [IntCounter; 4],
+    pub dropped_bytes: [IntCounter; 4],
+    pub sent_bytes: IntCounter,
+    pub queue_bytes: IntGauge,
+    pub queue_profiles: IntGauge,
+    pub in_flight: IntGauge,
+    pub upload_seconds: Histogram,
+}
+
 /// `(function, file, samples)` of one function in one process.
 pub type FunctionSamples = (String, String, u64);
 
@@ -186,6 +238,7 @@ pub struct Metrics {
     bpf_ns_per_sample: prometheus::Gauge,
     window_flush: Histogram,
     export: IntCounterVec,
+    push: PushMetrics,
     samples_received: IntCounter,
     function_samples: IntGaugeVec,
     function_series_dropped: IntGauge,
@@ -316,9 +369,80 @@ impl Metrics {
         let export = counter_vec(
             &r,
             "pyebpf_export_total",
-            "Profile exports, by target (pprof_dir, pyroscope) and result (ok, error, dropped).",
+            "Profile exports, by target (pprof_dir, pyroscope) and result: ok (written, or \
+             accepted by the server), error (a failed write; for pyroscope a failed upload \
+             attempt, retried) or dropped (for pyroscope, profiles lost for any reason; see \
+             pyebpf_pyroscope_dropped_profiles_total).",
             &["target", "result"],
         );
+        let dropped_profiles = counter_vec(
+            &r,
+            "pyebpf_pyroscope_dropped_profiles_total",
+            "Profiles not delivered to Pyroscope, by reason: queue_full (the oldest dropped to \
+             stay within max_queue_bytes), rejected (refused by the server), gave_up (still \
+             failing after max_retry_secs) or shutdown (left at the shutdown deadline).",
+            &["reason"],
+        );
+        let dropped_bytes = counter_vec(
+            &r,
+            "pyebpf_pyroscope_dropped_bytes_total",
+            "Queue bytes (gzipped pprof, request and a fixed per-profile overhead) of the \
+             profiles counted by pyebpf_pyroscope_dropped_profiles_total, by reason.",
+            &["reason"],
+        );
+        let by_reason =
+            |v: &IntCounterVec| DropReason::ALL.map(|x| v.with_label_values(&[x.as_str()]));
+        let push = PushMetrics {
+            sent: export.with_label_values(&["pyroscope", "ok"]),
+            failed_attempts: export.with_label_values(&["pyroscope", "error"]),
+            dropped: export.with_label_values(&["pyroscope", "dropped"]),
+            dropped_profiles: by_reason(&dropped_profiles),
+            dropped_bytes: by_reason(&dropped_bytes),
+            sent_bytes: counter(
+                &r,
+                "pyebpf_pyroscope_sent_bytes_total",
+                "Queue bytes of the profiles Pyroscope accepted.",
+            ),
+            queue_bytes: register(
+                &r,
+                IntGauge::new(
+                    "pyebpf_pyroscope_queue_bytes",
+                    "Bytes held for Pyroscope now, queued or being uploaded (bounded by \
+                     max_queue_bytes).",
+                )
+                .expect("valid metric"),
+            ),
+            queue_profiles: register(
+                &r,
+                IntGauge::new(
+                    "pyebpf_pyroscope_queue_profiles",
+                    "Profiles waiting to be uploaded to Pyroscope now (being encoded, queued or \
+                     waiting to retry; not those in flight).",
+                )
+                .expect("valid metric"),
+            ),
+            in_flight: register(
+                &r,
+                IntGauge::new(
+                    "pyebpf_pyroscope_uploads_in_flight",
+                    "Uploads to Pyroscope in progress now (at most max_concurrent_uploads).",
+                )
+                .expect("valid metric"),
+            ),
+            upload_seconds: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "pyebpf_pyroscope_upload_duration_seconds",
+                        "Duration of each upload attempt to Pyroscope, successful or not.",
+                    )
+                    .buckets(vec![
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ]),
+                )
+                .expect("valid metric"),
+            ),
+        };
         let samples_received = counter(
             &r,
             "pyebpf_samples_received_total",
@@ -394,6 +518,7 @@ impl Metrics {
             bpf_ns_per_sample,
             window_flush,
             export,
+            push,
             samples_received,
             function_samples,
             function_series_dropped,
@@ -555,6 +680,11 @@ impl Metrics {
         self.export
             .with_label_values(&[target.as_str(), result.as_str()])
             .inc();
+    }
+
+    /// Handles on the Pyroscope pusher's metrics.
+    pub fn pyroscope(&self) -> PushMetrics {
+        self.push.clone()
     }
 
     /// Replaces every `pyebpf_function_samples` series with `top` (per
@@ -753,6 +883,13 @@ mod tests {
             "pyebpf_bpf_ns_per_sample",
             "pyebpf_window_flush_seconds",
             "pyebpf_export_total",
+            "pyebpf_pyroscope_dropped_profiles_total",
+            "pyebpf_pyroscope_dropped_bytes_total",
+            "pyebpf_pyroscope_sent_bytes_total",
+            "pyebpf_pyroscope_queue_bytes",
+            "pyebpf_pyroscope_queue_profiles",
+            "pyebpf_pyroscope_uploads_in_flight",
+            "pyebpf_pyroscope_upload_duration_seconds",
             "pyebpf_samples_received_total",
             "pyebpf_function_samples",
             "pyebpf_function_series_dropped",
@@ -822,6 +959,16 @@ mod tests {
                 );
             }
         }
+        for r in DropReason::ALL {
+            for name in [
+                "pyebpf_pyroscope_dropped_profiles_total",
+                "pyebpf_pyroscope_dropped_bytes_total",
+            ] {
+                assert_eq!(value(&text, name, &[("reason", r.as_str())]), Some(0.0));
+            }
+        }
+        assert!(text.contains("# TYPE pyebpf_pyroscope_queue_bytes gauge"));
+        assert!(text.contains("# TYPE pyebpf_pyroscope_upload_duration_seconds histogram"));
         assert!(text.contains("# TYPE pyebpf_bpf_events_total counter"));
         assert!(text.contains("# TYPE pyebpf_window_flush_seconds histogram"));
         assert!(text.contains("# TYPE pyebpf_function_samples gauge"));

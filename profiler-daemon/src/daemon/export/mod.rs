@@ -1,5 +1,5 @@
 //! Where closed windows go: pprof files on disk and Pyroscope's ingest API.
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::config::Outputs;
@@ -16,9 +16,6 @@ pub use pprof_dir::ExportError;
 pub struct Exporters {
     pprof_dir: Option<pprof_dir::PprofDir>,
     pyroscope: Option<pyroscope::Pusher>,
-    push_stats: Arc<pyroscope::PushStats>,
-    /// Push totals already added to the export metrics.
-    reported: Mutex<pyroscope::PushStatsSnapshot>,
 }
 
 impl Exporters {
@@ -27,13 +24,10 @@ impl Exporters {
         Exporters {
             pprof_dir: None,
             pyroscope: None,
-            push_stats: Arc::default(),
-            reported: Mutex::default(),
         }
     }
 
     pub fn new(cfg: &Outputs) -> Result<Self, ExportError> {
-        let push_stats = Arc::new(pyroscope::PushStats::default());
         let pprof_dir = match &cfg.pprof_dir {
             Some(d) => Some(pprof_dir::PprofDir::new(pprof_dir::PprofDirConfig {
                 path: d.path.clone(),
@@ -45,20 +39,19 @@ impl Exporters {
         let pyroscope = match &cfg.pyroscope {
             Some(p) => Some(pyroscope::Pusher::spawn(
                 pusher_config(p),
-                push_stats.clone(),
+                Arc::new(pyroscope::PushStats::default()),
             )?),
             None => None,
         };
         Ok(Exporters {
             pprof_dir,
             pyroscope,
-            push_stats,
-            reported: Mutex::default(),
         })
     }
 
     /// Writes and queues the window's profiles. Never blocks on the network:
-    /// pushes are queued and sent by their own task.
+    /// the window is handed to the pusher as a whole, encoded on a blocking
+    /// thread and sent by its own tasks.
     pub fn export(
         &self,
         windows: Vec<(ProcessLabels, Profile)>,
@@ -68,6 +61,13 @@ impl Exporters {
     ) {
         let start = UNIX_EPOCH + Duration::from_secs(from);
         let end = UNIX_EPOCH + Duration::from_secs(until);
+        // Before the push, so the pusher's counters reach the metrics.
+        self.report(metrics);
+        let mut push = Vec::with_capacity(if self.pyroscope.is_some() {
+            windows.len()
+        } else {
+            0
+        });
         for (labels, profile) in windows {
             let w = WindowProfile {
                 labels,
@@ -84,40 +84,27 @@ impl Exporters {
                     }
                 }
             }
-            if let Some(p) = &self.pyroscope {
-                p.push(w);
+            if self.pyroscope.is_some() {
+                push.push(w);
             }
+        }
+        if let Some(p) = &self.pyroscope {
+            p.push_window(push);
         }
         if let Some(dir) = &self.pprof_dir {
             if let Err(e) = dir.enforce_retention() {
                 tracing::warn!("pprof_dir retention: {e}");
             }
         }
-        self.report(metrics);
     }
 
-    /// Adds what the push task did since the last call to the metrics.
+    /// Connects the pusher to `metrics`: from the first call on, what it
+    /// does (and what it did before) shows in the metrics as it happens
+    /// (`pyebpf_export_total{target="pyroscope"}`, `pyebpf_pyroscope_*`).
     pub fn report(&self, metrics: &Metrics) {
-        let now = self.push_stats.snapshot();
-        let mut last = self.reported.lock().unwrap_or_else(|p| p.into_inner());
-        let add = |n: u64, r: ExportResult| {
-            for _ in 0..n {
-                metrics.inc_export(ExportTarget::Pyroscope, r);
-            }
-        };
-        add(now.sent.saturating_sub(last.sent), ExportResult::Ok);
-        add(
-            now.failed_attempts.saturating_sub(last.failed_attempts),
-            ExportResult::Error,
-        );
-        let dropped = |s: &pyroscope::PushStatsSnapshot| {
-            s.dropped_queue_full + s.dropped_gave_up + s.dropped_rejected
-        };
-        add(
-            dropped(&now).saturating_sub(dropped(&last)),
-            ExportResult::Dropped,
-        );
-        *last = now;
+        if let Some(p) = &self.pyroscope {
+            p.attach_metrics(metrics.pyroscope());
+        }
     }
 
     /// Sends what is queued, for at most `deadline`, and says what was left.
@@ -126,7 +113,7 @@ impl Exporters {
             let r = p.shutdown(deadline).await;
             if r.unsent > 0 {
                 tracing::warn!(
-                    "pyroscope: {} window(s) could not be sent before shutdown",
+                    "pyroscope: {} profile(s) could not be sent before shutdown",
                     r.unsent
                 );
             }
@@ -137,7 +124,8 @@ impl Exporters {
 fn pusher_config(p: &super::config::Pyroscope) -> pyroscope::PyroscopeConfig {
     let mut c = pyroscope::PyroscopeConfig::new(p.url.clone(), p.application_name.clone());
     c.timeout = Duration::from_secs(p.timeout_secs);
-    c.max_queue_windows = p.max_queue_windows as usize;
+    c.max_queue_bytes = p.max_queue_bytes;
+    c.max_concurrent_uploads = p.max_concurrent_uploads as usize;
     c.max_retry = Duration::from_secs(p.max_retry_secs);
     c.basic_auth = p
         .basic_auth
