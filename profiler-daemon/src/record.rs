@@ -306,6 +306,9 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     if opts.pids.is_empty() {
         bail!("no process to record: give at least one --pid");
     }
+    // Before the pids are looked up: in another namespace they name other
+    // processes than BPF will see.
+    crate::bpf::pidns::check()?;
     let targets = inspect_targets(&opts.pids)?;
     let mut config = opts.sampler;
     config.process_events = true;

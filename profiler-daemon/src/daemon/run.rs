@@ -103,7 +103,7 @@ struct Inspected {
     /// (only then is a "not Python" answer retried).
     plausible: bool,
     /// The pid's exec/exit generation when the inspection started (see
-    /// `Daemon::last_exec`).
+    /// [`Lifecycle`]).
     exec_gen: u64,
     /// The rules the inspection applied (a reload may replace them before
     /// it ends).
@@ -314,6 +314,7 @@ impl Daemon {
             }
             PROC_EVENT_EXIT => {
                 // Only tracked pids, once their last thread is gone.
+                tracing::debug!(pid = ev.pid, "exit event");
                 metrics.inc_process_event(ProcessEvent::Exit);
                 self.stop_profiling(ev.pid);
                 self.tracker.forget(ev.pid);
