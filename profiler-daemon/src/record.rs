@@ -249,7 +249,7 @@ impl Programs {
     }
 
     /// One profile of every program, oldest first.
-    fn to_profile(&mut self, rate_hz: u32, process_roots: bool) -> (crate::profile::Profile, u64) {
+    fn profile(&mut self, rate_hz: u32, process_roots: bool) -> (crate::profile::Profile, u64) {
         let mut profile = crate::profile::Profile::new(rate_hz);
         let mut unknown = 0;
         let mut programs: Vec<&mut Program> = self
@@ -504,7 +504,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         .collect::<std::collections::HashSet<_>>()
         .len();
     let (mut profile, unknown_frames) =
-        programs.to_profile(opts.sampler.rate_hz as u32, distinct_pids > 1);
+        programs.profile(opts.sampler.rate_hz as u32, distinct_pids > 1);
     profile.start = Some(wall_start);
     profile.duration = started.elapsed();
     write_profile(&profile, opts)?;
