@@ -154,6 +154,32 @@ pub struct ProcEvent {
 pub const PROC_EVENT_EXEC: u32 = 1;
 pub const PROC_EVENT_EXIT: u32 = 2;
 
+/// Most entries `PROCS` (the processes sampled) may be given: the largest
+/// `aggregation.max_processes` the daemon accepts. The kernel preallocates a
+/// hash map's entries (about 200 bytes each here), so this bounds the locked
+/// kernel memory to about 13 MiB.
+pub const MAX_PROCS_ENTRIES: u32 = 65_536;
+/// Entries of `WATCH`: pids not sampled whose exit userspace wants to hear
+/// of (being inspected, listed as unsupported, followed by `record`). A pid
+/// that does not fit is only seen gone by the next `/proc` scan.
+pub const WATCH_ENTRIES: u32 = 16_384;
+
+/// Counters of the exec and exit programs, in slots of `COUNTERS` the
+/// sampler's outcomes leave free (they are not perf-event outcomes).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcCounter {
+    /// Exec or exit events lost to a full `PROC_EVENTS` ring.
+    EventsLost = 9,
+    /// Exits of a tracked pid's threads where `signal->live` could not be
+    /// read: the leader's exit was taken as the process's, as a fallback.
+    LiveUnreadable = 10,
+}
+
+impl ProcCounter {
+    pub const ALL: [ProcCounter; 2] = [ProcCounter::EventsLost, ProcCounter::LiveUnreadable];
+}
+
 /// Where a sample's walk failed. Index into the `READ_ERRORS` counters.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,5 +309,9 @@ mod tests {
         // A frame read always fits in the block buffer, and the block
         // offset mask covers it.
         const { assert!(FRAME_READ_LEN <= FRAME_BLOCK && FRAME_BLOCK.is_power_of_two()) };
+        // Process counters sit between the outcomes and the read errors.
+        for c in ProcCounter::ALL {
+            assert!(c as u32 >= COUNTER_SLOTS && (c as u32) < READ_ERROR_BASE);
+        }
     }
 }

@@ -12,8 +12,10 @@ use crate::aggregate::Aggregator;
 use crate::bpf::counters::Counters;
 use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
-use crate::process::python::{self, PythonProcess};
+use crate::process::exe_filter::ExeFilter;
+use crate::process::python::{self, InspectError, PythonProcess};
 use crate::profile::Format;
+use profiler_common::{ProcEvent, PROC_EVENT_EXEC, PROC_EVENT_EXIT};
 
 /// What `pyebpf record` was asked to do.
 #[derive(Clone, Debug)]
@@ -80,6 +82,9 @@ pub struct RecordSummary {
     pub stale_code: u64,
     pub decode_errors: u64,
     pub exited: Vec<u32>,
+    /// Targets that exec'd into a program that is not a CPython pyebpf can
+    /// profile: pid and why (their samples before the exec are kept).
+    pub exec_not_python: Vec<(u32, String)>,
     /// Kernel-measured run time of the BPF programs.
     pub bpf: crate::bpf::sampler::RunStats,
 }
@@ -144,6 +149,12 @@ impl RecordSummary {
                 p.join(", ")
             );
         }
+        for (pid, why) in &self.exec_not_python {
+            s += &format!(
+                "  process {pid} exec'd into a program that is not profiled ({why}); its samples \
+                 before the exec are kept\n"
+            );
+        }
         s
     }
 }
@@ -171,28 +182,163 @@ pub fn inspect_targets(pids: &[u32]) -> anyhow::Result<Vec<PythonProcess>> {
     Ok(out)
 }
 
+/// Delays of the re-inspections after a target's exec, while its new
+/// program is not recognisable yet (the loader maps libpython after exec;
+/// the interpreter initialises after that).
+const EXEC_RETRIES_MS: [u64; 8] = [20, 50, 100, 200, 500, 1000, 2000, 4000];
+
+/// One program run by a target pid: its samples, symbolised against it.
+struct Program {
+    pid: u32,
+    agg: Aggregator,
+}
+
+/// Every target's aggregation, per program: an exec starts a new one, so
+/// the old program's code objects are never looked up in the new one.
+#[derive(Default)]
+struct Programs {
+    /// The program each followed pid runs now.
+    current: HashMap<u32, Program>,
+    /// Programs that ended (exec'd away, exited).
+    done: Vec<Program>,
+    /// Samples of a pid between programs (none expected: BPF stops sampling
+    /// a pid at its exec).
+    unrouted: u64,
+}
+
+impl Programs {
+    fn start(&mut self, t: &PythonProcess) {
+        let mut agg = Aggregator::default();
+        agg.add_target(t.pid, &t.command, t.code_format());
+        if let Some(old) = self.current.insert(t.pid, Program { pid: t.pid, agg }) {
+            self.done.push(old);
+        }
+    }
+
+    fn end(&mut self, pid: u32) {
+        if let Some(p) = self.current.remove(&pid) {
+            self.done.push(p);
+        }
+    }
+
+    fn add(&mut self, s: events::RawSample) {
+        match self.current.get_mut(&s.pid) {
+            Some(p) => p.agg.add(s),
+            None => self.unrouted += 1,
+        }
+    }
+
+    fn all(&self) -> impl Iterator<Item = &Program> {
+        self.current.values().chain(self.done.iter())
+    }
+
+    fn samples(&self) -> u64 {
+        self.all().map(|p| p.agg.samples).sum()
+    }
+
+    fn distinct_stacks(&self) -> usize {
+        self.all().map(|p| p.agg.distinct_stacks()).sum()
+    }
+
+    fn symbol_stats(&self) -> crate::python::symbolizer::SymbolStats {
+        let mut t = crate::python::symbolizer::SymbolStats::default();
+        for p in self.all() {
+            t += p.agg.symbol_stats();
+        }
+        t
+    }
+
+    /// One profile of every program, oldest first.
+    fn profile(&mut self, rate_hz: u32, process_roots: bool) -> (crate::profile::Profile, u64) {
+        let mut profile = crate::profile::Profile::new(rate_hz);
+        let mut unknown = 0;
+        let mut programs: Vec<&mut Program> = self
+            .done
+            .iter_mut()
+            .chain(self.current.values_mut())
+            .collect();
+        programs.sort_by_key(|p| p.pid);
+        for p in programs {
+            let (part, u) = p.agg.to_profile(rate_hz, process_roots);
+            unknown += u;
+            for (stack, count) in part.stacks {
+                profile.add(stack, count);
+            }
+        }
+        (profile, unknown)
+    }
+}
+
+/// A target between an exec and its new program's inspection.
+#[derive(Clone, Copy, Debug)]
+struct Reinspect {
+    start_time: u64,
+    /// Inspections failed so far.
+    attempts: usize,
+    due: Instant,
+}
+
+/// What to do after an inspection of an exec'd target failed with `e`:
+/// `None` to give up (the reason given), `Some(delay)` to look again.
+fn exec_retry(e: &InspectError, attempts: usize, plausible: bool) -> Option<Duration> {
+    let retriable = match e {
+        // Not mapped yet, if the executable can load an interpreter.
+        InspectError::NotPython(..) => plausible,
+        InspectError::NotInitialized { .. }
+        | InspectError::Memory(_)
+        | InspectError::Tls { .. }
+        | InspectError::Elf(_)
+        | InspectError::Proc { .. } => true,
+        _ => false,
+    };
+    if !retriable {
+        return None;
+    }
+    EXEC_RETRIES_MS
+        .get(attempts)
+        .map(|ms| Duration::from_millis(*ms))
+}
+
 /// Records until the duration elapses, Ctrl-C, or every target has exited.
+/// A target that execs is followed into its new program (a CPython one is
+/// profiled with its own layout; another is reported and left).
 pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     if opts.pids.is_empty() {
         bail!("no process to record: give at least one --pid");
     }
+    // Before the pids are looked up: in another namespace they name other
+    // processes than BPF will see.
+    crate::bpf::pidns::check()?;
     let targets = inspect_targets(&opts.pids)?;
-    let mut sampler = Sampler::start(opts.sampler)?;
-    let mut agg = Aggregator::default();
+    let mut config = opts.sampler;
+    config.process_events = true;
+    config.max_processes = (targets.len() as u32)
+        .saturating_add(16)
+        .min(profiler_common::MAX_PROCS_ENTRIES);
+    let mut sampler = Sampler::start(config)?;
+    let mut programs = Programs::default();
     for t in &targets {
-        agg.add_target(t.pid, &t.command, t.code_format());
+        programs.start(t);
         sampler
             .add_process(t.pid, t.proc_info())
             .with_context(|| format!("cannot register process {}", t.pid))?;
     }
+    let mut processes: Vec<RecordedProcess> = targets.iter().map(RecordedProcess::of).collect();
     let ring = sampler.take_ring().context("ring buffer already taken")?;
     let mut ring = poll_ring(ring)?;
+    let proc_ring = sampler
+        .take_proc_events()
+        .context("process event ring buffer already taken")?;
+    let mut proc_ring = poll_ring(proc_ring)?;
+    let exe_filter = ExeFilter::new();
 
     let started = Instant::now();
     let wall_start = SystemTime::now();
     let deadline = opts.duration.map(|d| started + d);
     let mut alive: HashMap<u32, u64> = targets.iter().map(|t| (t.pid, t.start_time)).collect();
+    let mut pending: HashMap<u32, Reinspect> = HashMap::new();
     let mut exited = Vec::new();
+    let mut exec_not_python = Vec::new();
     let mut decode_errors = 0u64;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut batch = drain_timer();
@@ -202,26 +348,130 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
 
     loop {
         let sleep_until = deadline.map(tokio::time::Instant::from_std);
+        let retry_at = pending
+            .values()
+            .map(|p| p.due)
+            .min()
+            .map(tokio::time::Instant::from_std);
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("polling the ring buffer")?;
-                drain(guard.get_inner_mut(), &mut agg, &mut decode_errors);
+                drain(guard.get_inner_mut(), &mut programs, &mut decode_errors);
                 guard.clear_ready();
             }
-            _ = batch.tick() => drain(ring.get_mut(), &mut agg, &mut decode_errors),
+            guard = proc_ring.readable_mut() => {
+                let mut guard = guard.context("polling the process event ring buffer")?;
+                let events = take_proc_events(guard.get_inner_mut());
+                guard.clear_ready();
+                if events.iter().any(|e| alive.contains_key(&e.pid)) {
+                    // Samples queued before an exec or exit belong to the
+                    // program that ran until then.
+                    drain(ring.get_mut(), &mut programs, &mut decode_errors);
+                }
+                for ev in events {
+                    let Some(&start_time) = alive.get(&ev.pid) else {
+                        continue;
+                    };
+                    match ev.kind {
+                        PROC_EVENT_EXEC => {
+                            tracing::info!(pid = ev.pid, "target exec'd; inspecting its new program");
+                            programs.end(ev.pid);
+                            // Not in PROCS any more: its exit must still be heard of.
+                            sampler.watch(ev.pid);
+                            pending.insert(ev.pid, Reinspect {
+                                start_time,
+                                attempts: 0,
+                                due: Instant::now() + Duration::from_millis(EXEC_RETRIES_MS[0]),
+                            });
+                        }
+                        PROC_EVENT_EXIT => {
+                            programs.end(ev.pid);
+                            pending.remove(&ev.pid);
+                            sampler.remove_process(ev.pid);
+                            sampler.unwatch(ev.pid);
+                            alive.remove(&ev.pid);
+                            exited.push(ev.pid);
+                        }
+                        _ => {}
+                    }
+                }
+                if alive.is_empty() {
+                    tracing::info!("every target has exited; stopping");
+                    break;
+                }
+            }
+            _ = async { tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)).await }, if retry_at.is_some() => {
+                let now = Instant::now();
+                let due: Vec<(u32, Reinspect)> = pending
+                    .iter()
+                    .filter(|(_, r)| r.due <= now)
+                    .map(|(p, r)| (*p, *r))
+                    .collect();
+                for (pid, r) in due {
+                    let plausible = exe_filter.plausible(pid);
+                    let result = if plausible {
+                        python::inspect(pid)
+                    } else {
+                        Err(InspectError::NotPython(pid, python::command(pid).unwrap_or_default()))
+                    };
+                    match result {
+                        Ok(p) if p.start_time == r.start_time => {
+                            pending.remove(&pid);
+                            if let Err(e) = sampler.add_process(pid, p.proc_info()) {
+                                sampler.unwatch(pid);
+                                alive.remove(&pid);
+                                exec_not_python.push((pid, format!("cannot register it: {e}")));
+                                continue;
+                            }
+                            sampler.unwatch(pid);
+                            tracing::info!(pid, version = %p.version, "following the target into its new program");
+                            programs.start(&p);
+                            processes.push(RecordedProcess::of(&p));
+                        }
+                        // Another process under the pid: the target is gone.
+                        Ok(_) | Err(InspectError::NoSuchProcess(_)) => {
+                            pending.remove(&pid);
+                            sampler.unwatch(pid);
+                            alive.remove(&pid);
+                            exited.push(pid);
+                        }
+                        Err(e) => match exec_retry(&e, r.attempts, plausible) {
+                            Some(delay) => {
+                                pending.insert(pid, Reinspect { attempts: r.attempts + 1, due: now + delay, ..r });
+                            }
+                            None => {
+                                // Nothing more to record of it: not waited for.
+                                pending.remove(&pid);
+                                sampler.unwatch(pid);
+                                alive.remove(&pid);
+                                exec_not_python.push((pid, e.to_string()));
+                            }
+                        },
+                    }
+                }
+                if alive.is_empty() {
+                    tracing::info!("no target left to record; stopping");
+                    break;
+                }
+            }
+            _ = batch.tick() => drain(ring.get_mut(), &mut programs, &mut decode_errors),
             _ = tick.tick() => {
                 // Samples queued before an exit are symbolised first.
-                drain(ring.get_mut(), &mut agg, &mut decode_errors);
+                drain(ring.get_mut(), &mut programs, &mut decode_errors);
+                // Safety net for a lost exit event.
                 alive.retain(|pid, start| {
                     let same = python::is_alive(*pid, *start);
                     if !same {
                         sampler.remove_process(*pid);
+                        sampler.unwatch(*pid);
+                        pending.remove(pid);
+                        programs.end(*pid);
                         exited.push(*pid);
                     }
                     same
                 });
                 if show_status {
-                    status_line(&sampler, &agg, started.elapsed());
+                    status_line(&sampler, &programs, started.elapsed());
                 }
                 if alive.is_empty() {
                     tracing::info!("every target has exited; stopping");
@@ -243,35 +493,59 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         sampler.remove_process(*pid);
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
-    drain(ring.get_mut(), &mut agg, &mut decode_errors);
+    drain(ring.get_mut(), &mut programs, &mut decode_errors);
     let counters = sampler.counters()?;
     let bpf = sampler.run_stats();
     drop(sampler);
 
+    let distinct_pids = processes
+        .iter()
+        .map(|p| p.pid)
+        .collect::<std::collections::HashSet<_>>()
+        .len();
     let (mut profile, unknown_frames) =
-        agg.to_profile(opts.sampler.rate_hz as u32, targets.len() > 1);
+        programs.profile(opts.sampler.rate_hz as u32, distinct_pids > 1);
     profile.start = Some(wall_start);
     profile.duration = started.elapsed();
     write_profile(&profile, opts)?;
-    let sym = agg.symbol_stats();
+    let sym = programs.symbol_stats();
+    if programs.unrouted > 0 {
+        tracing::debug!(
+            samples = programs.unrouted,
+            "samples between programs dropped"
+        );
+    }
     Ok(RecordSummary {
         elapsed: started.elapsed(),
-        processes: targets.iter().map(RecordedProcess::of).collect(),
+        processes,
         counters,
-        samples: agg.samples,
-        distinct_stacks: agg.distinct_stacks(),
+        samples: programs.samples(),
+        distinct_stacks: programs.distinct_stacks(),
         unknown_frames,
         stale_code: sym.stale,
         decode_errors,
         exited,
+        exec_not_python,
         bpf,
     })
 }
 
-fn drain(ring: &mut RingBuf<MapData>, agg: &mut Aggregator, decode_errors: &mut u64) {
+/// The process events queued in `ring`, oldest first.
+fn take_proc_events(ring: &mut RingBuf<MapData>) -> Vec<ProcEvent> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<ProcEvent>() {
+            // SAFETY: ProcEvent is plain data and the length is checked.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) });
+        }
+    }
+    events
+}
+
+fn drain(ring: &mut RingBuf<MapData>, programs: &mut Programs, decode_errors: &mut u64) {
     while let Some(item) = ring.next() {
         match events::decode(&item) {
-            Ok(s) => agg.add(s),
+            Ok(s) => programs.add(s),
             Err(e) => {
                 *decode_errors += 1;
                 tracing::debug!("dropped a ring-buffer record: {e}");
@@ -280,14 +554,14 @@ fn drain(ring: &mut RingBuf<MapData>, agg: &mut Aggregator, decode_errors: &mut 
     }
 }
 
-fn status_line(sampler: &Sampler, agg: &Aggregator, elapsed: Duration) {
+fn status_line(sampler: &Sampler, programs: &Programs, elapsed: Duration) {
     let c = sampler.counters().unwrap_or_default();
     let errors = c.get(Counter::ReadFailed) + c.get(Counter::TailCallFailed);
     eprint!(
         "\r\x1b[2K[pyebpf] {:>6.1}s  samples {}  stacks {}  errors {}  dropped {}  truncated {}",
         elapsed.as_secs_f64(),
-        agg.samples,
-        agg.distinct_stacks(),
+        programs.samples(),
+        programs.distinct_stacks(),
         errors,
         c.get(Counter::RingBufFull),
         c.get(Counter::Truncated),

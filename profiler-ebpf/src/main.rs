@@ -24,10 +24,10 @@ use aya_ebpf::{
 };
 use profiler_common::{
     code_checksum, code_flags, code_size_units, instr_index, Counter, FrameFields, FrameKind,
-    ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf, SeenKey, TlsKind, WalkState,
+    ProcCounter, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf, SeenKey, TlsKind, WalkState,
     CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR, FLAG_TRUNCATED,
     FRAMES_PER_PROG, FRAME_BLOCK, FRAME_BLOCK_WORDS, FRAME_READ_LEN, FRAME_READ_WORDS, HEADER_LEN,
-    MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES,
+    MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES, WATCH_ENTRIES,
 };
 
 /// Offset of `task_struct.thread.fsbase`, from the kernel's BTF (set by
@@ -36,8 +36,20 @@ use profiler_common::{
 static FSBASE_OFFSET: u64 = 0;
 
 /// Processes to profile, keyed by tgid as the root PID namespace sees it.
+/// Userspace sets `max_entries` from its process limit.
 #[map]
-static PROCS: HashMap<u32, ProcInfo> = HashMap::with_max_entries(8192, 0);
+static PROCS: HashMap<u32, ProcInfo> = HashMap::with_max_entries(1024, 0);
+
+/// Pids not sampled whose exit userspace wants to hear of (see `on_exit`).
+#[map]
+static WATCH: HashMap<u32, u8> = HashMap::with_max_entries(WATCH_ENTRIES, 0);
+
+/// Offsets of `task_struct.signal` and `signal_struct.live.counter`, from
+/// the kernel's BTF (set by userspace before load; 0: not found).
+#[no_mangle]
+static SIGNAL_OFFSET: u64 = 0;
+#[no_mangle]
+static LIVE_OFFSET: u64 = 0;
 
 /// One scratch record per possible CPU (too big for a per-CPU value); userspace
 /// sets `max_entries` to the number of possible CPUs.
@@ -82,7 +94,8 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 #[inline(always)]
 fn count(c: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(c) {
-        // SAFETY: a per-CPU slot; perf_event programs do not nest on a CPU.
+        // SAFETY: a per-CPU slot; perf_event programs do not nest on a CPU,
+        // and the tracepoint programs' slots are theirs alone.
         unsafe { *p += 1 };
     }
 }
@@ -483,7 +496,12 @@ static PROC_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
 #[inline(always)]
 fn proc_event(kind: u32, pid: u32) {
     // A full buffer loses the event; the daemon's /proc rescan catches up.
-    let _ = PROC_EVENTS.output::<ProcEvent>(&ProcEvent { kind, pid }, 0);
+    if PROC_EVENTS
+        .output::<ProcEvent>(&ProcEvent { kind, pid }, 0)
+        .is_err()
+    {
+        count(ProcCounter::EventsLost as u32);
+    }
 }
 
 #[raw_tracepoint(tracepoint = "sched_process_exec")]
@@ -495,16 +513,55 @@ pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// Whether the exiting thread is the last of its group. `do_exit`
+/// decrements `signal->live` before this tracepoint fires, so 0 means no
+/// thread of the process is left. If it cannot be read, the leader's exit
+/// stands for the process's (the rule before this check): a stale entry
+/// would outlive the process until the next rescan, and be inherited by a
+/// reused pid meanwhile.
+#[inline(always)]
+fn group_dead(leader: bool) -> bool {
+    let sig_off = unsafe { core::ptr::read_volatile(&SIGNAL_OFFSET) };
+    let live_off = unsafe { core::ptr::read_volatile(&LIVE_OFFSET) };
+    if sig_off == 0 {
+        count(ProcCounter::LiveUnreadable as u32);
+        return leader;
+    }
+    // SAFETY: bpf_get_current_task returns the current task_struct; reads
+    // through it are bpf_probe_read_kernel, which fail instead of faulting.
+    let task = unsafe { bpf_get_current_task() };
+    let signal: Result<u64, i32> =
+        unsafe { bpf_probe_read_kernel((task + (sig_off & 0xffff)) as *const u64) };
+    let live: Result<i32, i32> = match signal {
+        Ok(s) if s != 0 => unsafe {
+            bpf_probe_read_kernel((s + (live_off & 0xffff)) as *const i32)
+        },
+        _ => Err(0),
+    };
+    match live {
+        Ok(n) => n <= 0,
+        Err(_) => {
+            count(ProcCounter::LiveUnreadable as u32);
+            leader
+        }
+    }
+}
+
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // Threads other than the leader exiting do not end the process.
-    if tgid == tid {
-        // Forget it at once, so a reused pid never inherits this layout.
-        let _ = PROCS.remove(&tgid);
-        proc_event(profiler_common::PROC_EVENT_EXIT, tgid);
+    // Only pids userspace tracks: a busy host's exits must not flood the
+    // ring (the /proc rescan catches any other).
+    // SAFETY: the values are only tested for presence.
+    let tracked = unsafe { PROCS.get(&tgid).is_some() || WATCH.get(&tgid).is_some() };
+    if !tracked || !group_dead(tgid == tid) {
+        return 0;
     }
+    // Forget it at once, so a reused pid never inherits this layout.
+    let _ = PROCS.remove(&tgid);
+    let _ = WATCH.remove(&tgid);
+    proc_event(profiler_common::PROC_EVENT_EXIT, tgid);
     0
 }
 

@@ -439,6 +439,19 @@ pub fn task_fsbase_offset() -> Result<u64, BtfError> {
     ))
 }
 
+/// Offsets of `task_struct.signal` and of `signal_struct.live.counter`: the
+/// exit program tells the last thread of a process by `signal->live`.
+pub fn group_live_offsets() -> Result<(u64, u64), BtfError> {
+    let btf = Btf::from_sys_fs()?;
+    live_offsets(&btf)
+}
+
+fn live_offsets(btf: &Btf) -> Result<(u64, u64), BtfError> {
+    let signal = btf.member_offset("task_struct", &["signal"])?;
+    let live = btf.member_offset("signal_struct", &["live", "counter"])?;
+    Ok((u64::from(signal), u64::from(live)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -841,6 +854,19 @@ mod tests {
         eprintln!(
             "task_struct: size {task_size}, pid at {pid}, thread at {thread}, fsbase at {fsbase}"
         );
+    }
+
+    #[test]
+    fn kernel_signal_live() {
+        let btf = kernel();
+        let (signal, live) = live_offsets(&btf).unwrap();
+        assert_eq!(signal % 8, 0, "task_struct.signal is a pointer");
+        assert_eq!(live % 4, 0, "signal_struct.live is an atomic_t");
+        assert!(signal > 0 && signal < u64::from(btf.struct_size("task_struct").unwrap()));
+        assert!(live < u64::from(btf.struct_size("signal_struct").unwrap()));
+        assert_eq!(group_live_offsets().unwrap(), (signal, live));
+        // What the exit program relies on to reject a bad offset: none is 0.
+        assert!(live > 0, "signal_struct starts with `sigcnt`, not `live`");
     }
 
     #[test]

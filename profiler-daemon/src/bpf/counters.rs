@@ -1,5 +1,5 @@
 //! The sampler's per-CPU outcome counters, summed over CPUs.
-use profiler_common::{Counter, ReadStep, READ_ERROR_BASE};
+use profiler_common::{Counter, ProcCounter, ReadStep, READ_ERROR_BASE};
 
 /// A snapshot of every outcome counter.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -8,6 +8,8 @@ pub struct Counters {
     pub outcomes: [u64; Counter::ALL.len()],
     /// Indexed by `ReadStep as usize`.
     pub read_errors: [u64; ReadStep::ALL.len()],
+    /// The exec and exit programs' counters, in `ProcCounter::ALL` order.
+    pub process: [u64; ProcCounter::ALL.len()],
 }
 
 impl Counters {
@@ -21,7 +23,17 @@ impl Counters {
             let i = (READ_ERROR_BASE + s as u32) as usize;
             c.read_errors[s as usize] = slots.get(i).copied().unwrap_or(0);
         }
+        for (n, k) in ProcCounter::ALL.into_iter().enumerate() {
+            c.process[n] = slots.get(k as usize).copied().unwrap_or(0);
+        }
         c
+    }
+
+    pub fn process(&self, k: ProcCounter) -> u64 {
+        ProcCounter::ALL
+            .iter()
+            .position(|x| *x == k)
+            .map_or(0, |i| self.process[i])
     }
 
     pub fn get(&self, k: Counter) -> u64 {
@@ -41,6 +53,9 @@ impl Counters {
         for (a, b) in d.read_errors.iter_mut().zip(earlier.read_errors) {
             *a = a.saturating_sub(b);
         }
+        for (a, b) in d.process.iter_mut().zip(earlier.process) {
+            *a = a.saturating_sub(b);
+        }
         d
     }
 }
@@ -57,6 +72,10 @@ mod tests {
         let c = Counters::from_slots(&slots);
         assert_eq!(c.get(Counter::Sampled), 5);
         assert_eq!(c.read_error(ReadStep::Code), 2);
+        slots[ProcCounter::EventsLost as usize] = 3;
+        let c = Counters::from_slots(&slots);
+        assert_eq!(c.process(ProcCounter::EventsLost), 3);
+        assert_eq!(c.process(ProcCounter::LiveUnreadable), 0);
         assert_eq!(c.since(&c).get(Counter::Sampled), 0);
     }
 }

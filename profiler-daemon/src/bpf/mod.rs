@@ -2,4 +2,5 @@
 pub mod btf;
 pub mod counters;
 pub mod events;
+pub mod pidns;
 pub mod sampler;

@@ -7,10 +7,13 @@ use aya::maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf};
 use aya::programs::perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
 use aya::programs::{PerfEvent, RawTracePoint};
 use aya::{Ebpf, EbpfLoader};
-use profiler_common::{ProcInfo, COUNTERS_LEN, HEADER_LEN, MAX_FRAMES, RAW_FRAME_LEN};
+use profiler_common::{
+    ProcInfo, COUNTERS_LEN, HEADER_LEN, MAX_FRAMES, MAX_PROCS_ENTRIES, RAW_FRAME_LEN,
+};
 
 use super::btf;
 use super::counters::Counters;
+use super::pidns;
 
 /// The compiled BPF object, built by `build.rs` with the pinned nightly.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -43,6 +46,10 @@ pub enum SamplerError {
     MaxDepth { got: u32, max: usize },
     #[error("--rate must be between 1 and 10000 Hz, got {0}")]
     Rate(u64),
+    #[error("at most {max} processes can be sampled at once, {got} were asked for")]
+    MaxProcesses { got: u32, max: u32 },
+    #[error(transparent)]
+    PidNamespace(#[from] pidns::PidNsError),
 }
 
 /// What to sample and how often.
@@ -54,6 +61,9 @@ pub struct SamplerConfig {
     pub ring_bytes: u32,
     /// Also report process exec/exit (for the daemon's discovery).
     pub process_events: bool,
+    /// Processes that can be sampled at once (`PROCS` entries), at most
+    /// [`MAX_PROCS_ENTRIES`].
+    pub max_processes: u32,
 }
 
 impl Default for SamplerConfig {
@@ -63,6 +73,7 @@ impl Default for SamplerConfig {
             max_depth: profiler_common::DEFAULT_MAX_DEPTH,
             ring_bytes: 8 << 20,
             process_events: false,
+            max_processes: 1024,
         }
     }
 }
@@ -86,6 +97,9 @@ pub struct Sampler {
     _walker: ProgramArray<MapData>,
     ring: Option<RingBuf<MapData>>,
     proc_events: Option<RingBuf<MapData>>,
+    /// Pids whose exit is reported though they are not sampled; present
+    /// with `process_events`.
+    watch: Option<HashMap<MapData, u32, u8>>,
     _stats: Option<OwnedFd>,
     config: SamplerConfig,
     /// Last `ProcInfo::generation` handed out.
@@ -151,7 +165,24 @@ impl Sampler {
         if !(1..=10_000).contains(&config.rate_hz) {
             return Err(SamplerError::Rate(config.rate_hz));
         }
+        if !(1..=MAX_PROCS_ENTRIES).contains(&config.max_processes) {
+            return Err(SamplerError::MaxProcesses {
+                got: config.max_processes,
+                max: MAX_PROCS_ENTRIES,
+            });
+        }
+        // Pids in the maps are the host's: they must be /proc's too.
+        pidns::check()?;
         let fsbase = btf::task_fsbase_offset()?;
+        // Not fatal: without them the exit program falls back to taking
+        // the leader thread's exit for the process's.
+        let (signal_off, live_off) = btf::group_live_offsets().unwrap_or_else(|e| {
+            tracing::warn!(
+                "kernel BTF lacks task_struct.signal or signal_struct.live ({e}): a process \
+                 whose main thread exits before its others will be taken for gone"
+            );
+            (0, 0)
+        });
         let ncpus =
             aya::util::nr_cpus().map_err(|(m, e)| SamplerError::Cpus(format!("{m}: {e}")))?;
         let ring_bytes = config.ring_bytes.max(1 << 16).next_power_of_two();
@@ -162,7 +193,10 @@ impl Sampler {
             .override_global("FSBASE_OFFSET", &fsbase, true)
             .override_global("MAX_DEPTH", &config.max_depth, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
+            .override_global("SIGNAL_OFFSET", &signal_off, true)
+            .override_global("LIVE_OFFSET", &live_off, true)
             .map_max_entries("SCRATCH", ncpus as u32)
+            .map_max_entries("PROCS", config.max_processes)
             .map_max_entries("EVENTS", ring_bytes)
             .load(OBJECT)?;
 
@@ -220,18 +254,23 @@ impl Sampler {
                 source,
             })?;
 
-        let proc_events = if config.process_events {
+        let (proc_events, watch) = if config.process_events {
             attach_process_events(&mut ebpf)?;
-            Some(
-                RingBuf::try_from(map(&mut ebpf, "PROC_EVENTS")?).map_err(|source| {
-                    SamplerError::Map {
-                        name: "PROC_EVENTS",
-                        source,
-                    }
-                })?,
-            )
+            let ring = RingBuf::try_from(map(&mut ebpf, "PROC_EVENTS")?).map_err(|source| {
+                SamplerError::Map {
+                    name: "PROC_EVENTS",
+                    source,
+                }
+            })?;
+            let watch = HashMap::try_from(map(&mut ebpf, "WATCH")?).map_err(|source| {
+                SamplerError::Map {
+                    name: "WATCH",
+                    source,
+                }
+            })?;
+            (Some(ring), Some(watch))
         } else {
-            None
+            (None, None)
         };
 
         let sample = perf_program(&mut ebpf, "sample")?;
@@ -261,6 +300,7 @@ impl Sampler {
             _walker: walker,
             ring: Some(ring),
             proc_events,
+            watch,
             _stats: stats,
             config,
             generation: 0,
@@ -288,6 +328,23 @@ impl Sampler {
     /// Stops sampling `pid`; not an error if it was not there.
     pub fn remove_process(&mut self, pid: u32) {
         let _ = self.procs.remove(&pid);
+    }
+
+    /// Reports the exit of `pid`, which is not sampled (being inspected,
+    /// listed, followed): `false` if the watch list is full or process
+    /// events are off (its end is then only seen by a `/proc` scan).
+    pub fn watch(&mut self, pid: u32) -> bool {
+        match &mut self.watch {
+            Some(w) => w.insert(pid, 1u8, 0).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Stops reporting the exit of `pid`; not an error if it was not there.
+    pub fn unwatch(&mut self, pid: u32) {
+        if let Some(w) = &mut self.watch {
+            let _ = w.remove(&pid);
+        }
     }
 
     /// The ring buffer, taken once by the reader task.

@@ -22,6 +22,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visi
 use serde::Deserialize;
 
 use super::ProcessLabels;
+use profiler_common::MAX_PROCS_ENTRIES;
 
 /// The conventional location of the file (used by the systemd unit and the
 /// container manifests); without `--config` the daemon uses the defaults.
@@ -238,6 +239,10 @@ impl PartialEq for Rule {
     }
 }
 
+/// Largest `aggregation.max_processes`: the entries the sampler's BPF map
+/// of processes may be given.
+pub const MAX_PROCESSES: u64 = MAX_PROCS_ENTRIES as u64;
+
 /// `aggregation:` how samples are kept in memory.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -251,9 +256,13 @@ pub struct Aggregation {
     /// `window_secs..=86400`; default 600.
     #[serde(deserialize_with = "ranged::<_, _, 1, 86_400>")]
     pub retention_secs: u64,
-    /// Most processes tracked at once, `1..=100000`; default 1000. Further
-    /// processes are not profiled (and counted) until others exit.
-    #[serde(deserialize_with = "ranged::<_, _, 1, 100_000>")]
+    /// Most processes tracked at once, `1..=65536`; default 1000. Further
+    /// processes are not profiled (and counted) until others exit. The BPF
+    /// map of sampled processes is sized from it at start (the kernel
+    /// preallocates its entries), so the maximum is what that map may hold
+    /// ([`MAX_PROCS_ENTRIES`]); a larger value after a reload takes effect
+    /// at the next restart.
+    #[serde(deserialize_with = "ranged::<_, _, 1, MAX_PROCESSES>")]
     pub max_processes: u32,
     /// Most distinct stacks (at line level) kept per process within the
     /// retention, `1..=10000000`; default 100000. Samples of further new
@@ -996,6 +1005,23 @@ mod tests {
         (line, column)
     }
 
+    /// The BPF map of sampled processes cannot hold more than
+    /// `MAX_PROCS_ENTRIES`: a larger limit is refused where it is written.
+    #[test]
+    fn max_processes_beyond_bpf_capacity_is_rejected() {
+        let text = "aggregation:\n  window_secs: 60\n  max_processes: 100000\n";
+        let (line, col) = err_at(
+            text,
+            &["aggregation.max_processes: 100000 is out of range 1..=65536"],
+        );
+        assert_eq!((line, col), (3, 18));
+        let ok = format!("aggregation:\n  max_processes: {MAX_PROCS_ENTRIES}\n");
+        assert_eq!(
+            parse(&ok, "test").unwrap().aggregation.max_processes,
+            MAX_PROCS_ENTRIES
+        );
+    }
+
     fn labels() -> ProcessLabels {
         ProcessLabels {
             pid: 42,
@@ -1448,7 +1474,12 @@ logging: { format: json, level: "warn,pyebpf=debug" }
             (
                 "aggregation",
                 "max_processes",
-                "0 is out of range 1..=100000",
+                "0 is out of range 1..=65536",
+            ),
+            (
+                "aggregation",
+                "max_processes",
+                "65537 is out of range 1..=65536",
             ),
             (
                 "aggregation",

@@ -51,6 +51,42 @@ pub fn list_pids() -> Vec<u32> {
     pids
 }
 
+/// Exec and exit events seen per pid, so that answers about a program the
+/// pid no longer runs are told apart: an inspection records the pid's
+/// generation when it starts, and its answer stands only if no exec or exit
+/// of the pid came since ([`Lifecycle::is_current`]). Exits count as well
+/// as execs: a pid may be reused by a new process after its exit event.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    events: u64,
+    last: HashMap<u32, u64>,
+}
+
+impl Lifecycle {
+    /// An exec or exit of `pid` was seen.
+    pub fn bump(&mut self, pid: u32) {
+        self.events += 1;
+        self.last.insert(pid, self.events);
+    }
+
+    /// `pid`'s generation now, to hand to an inspection.
+    pub fn generation(&self, pid: u32) -> u64 {
+        self.last.get(&pid).copied().unwrap_or(0)
+    }
+
+    /// Whether an answer started at generation `gen` is about `pid`'s
+    /// current program.
+    pub fn is_current(&self, pid: u32, gen: u64) -> bool {
+        self.generation(pid) == gen
+    }
+
+    /// Forgets the pids not in `live` (a full scan's): none of their old
+    /// inspections can still be running after a scan interval.
+    pub fn retain(&mut self, live: &HashSet<u32>) {
+        self.last.retain(|pid, _| live.contains(pid));
+    }
+}
+
 /// What [`inspect_candidate`] found.
 #[derive(Debug)]
 pub enum Inspection {
@@ -1090,6 +1126,28 @@ mod tests {
         t.prune(&HashSet::new());
         assert!(t.is_empty());
         assert_eq!(t.take_ended(), vec![cand(72, 72)]);
+    }
+
+    #[test]
+    fn exec_and_exit_both_outdate_inspections() {
+        let mut l = Lifecycle::default();
+        let before = l.generation(90);
+        assert!(l.is_current(90, before));
+        // An exit while the inspection ran: its answer is stale.
+        l.bump(90);
+        assert!(!l.is_current(90, before));
+        let after_exit = l.generation(90);
+        // So is one started before an exec.
+        l.bump(90);
+        assert!(!l.is_current(90, after_exit));
+        assert!(l.is_current(90, l.generation(90)));
+        // Other pids are not affected.
+        assert!(l.is_current(91, 0));
+        l.bump(91);
+        assert!(!l.is_current(91, 0));
+        l.retain(&[91].into_iter().collect());
+        assert_eq!(l.generation(90), 0);
+        assert!(l.generation(91) > 0);
     }
 
     #[test]

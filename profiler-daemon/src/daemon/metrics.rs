@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use profiler_common::{Counter, ReadStep};
+use profiler_common::{Counter, ProcCounter, ReadStep};
 use prometheus::core::Collector;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -208,6 +208,7 @@ struct Last {
     symbol_evictions: u64,
     run_time_ns: u64,
     run_count: u64,
+    process: [u64; ProcCounter::ALL.len()],
 }
 
 /// Advances `c` from `last` to the absolute total `now` (a decrease is a
@@ -242,6 +243,27 @@ pub struct Metrics {
     samples_received: IntCounter,
     function_samples: IntGaugeVec,
     function_series_dropped: IntGauge,
+    process_events: IntCounterVec,
+    process_events_lost: IntCounter,
+    exit_liveness_unreadable: IntCounter,
+    exec_inspections_skipped: IntCounter,
+    watched_processes: IntGauge,
+}
+
+/// A process lifecycle event userspace received.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProcessEvent {
+    Exec,
+    Exit,
+}
+
+impl ProcessEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProcessEvent::Exec => "exec",
+            ProcessEvent::Exit => "exit",
+        }
+    }
 }
 
 fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
@@ -468,6 +490,40 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let process_events = counter_vec(
+            &r,
+            "pyebpf_process_events_total",
+            "Process lifecycle events received from BPF, by event: exec (every exec on the \
+             host) or exit (only processes pyebpf tracks, once their last thread exits).",
+            &["event"],
+        );
+        let process_events_lost = counter(
+            &r,
+            "pyebpf_process_events_lost_total",
+            "Exec and exit events lost to a full BPF ring (the periodic /proc scan catches \
+             up with them).",
+        );
+        let exit_liveness_unreadable = counter(
+            &r,
+            "pyebpf_exit_liveness_unreadable_total",
+            "Thread exits of tracked processes where BPF could not read whether threads were \
+             left (signal->live); the main thread's exit was taken for the process's.",
+        );
+        let exec_inspections_skipped = counter(
+            &r,
+            "pyebpf_exec_inspections_skipped_total",
+            "Execs not inspected because the new executable (by device, inode, size and \
+             times) is already known not to be a Python interpreter.",
+        );
+        let watched_processes = register(
+            &r,
+            IntGauge::new(
+                "pyebpf_watched_processes",
+                "Processes not sampled whose exit BPF reports (being inspected, waiting for a \
+                 retry, or listed as unsupported).",
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &r,
             IntGaugeVec::new(
@@ -491,6 +547,9 @@ impl Metrics {
         }
         for s in SYMBOL_RESULTS {
             symbol_cache.with_label_values(&[s]);
+        }
+        for e in [ProcessEvent::Exec, ProcessEvent::Exit] {
+            process_events.with_label_values(&[e.as_str()]);
         }
         for t in ExportTarget::ALL {
             for res in ExportResult::ALL {
@@ -522,7 +581,29 @@ impl Metrics {
             samples_received,
             function_samples,
             function_series_dropped,
+            process_events,
+            process_events_lost,
+            exit_liveness_unreadable,
+            exec_inspections_skipped,
+            watched_processes,
         }
+    }
+
+    /// Counts one process event received.
+    pub fn inc_process_event(&self, e: ProcessEvent) {
+        self.process_events.with_label_values(&[e.as_str()]).inc();
+    }
+
+    /// Counts one exec decided "not Python" from its executable's cached
+    /// verdict, without an inspection.
+    pub fn inc_exec_inspection_skipped(&self) {
+        self.exec_inspections_skipped.inc();
+    }
+
+    /// Sets `pyebpf_watched_processes`.
+    pub fn set_watched_processes(&self, n: usize) {
+        self.watched_processes
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The registry, to add collectors of other parts.
@@ -535,9 +616,11 @@ impl Metrics {
         self.last.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Updates `pyebpf_bpf_events_total`, `pyebpf_bpf_read_errors_total` and
-    /// `pyebpf_ringbuf_dropped_samples_total` (the `ringbuf_full` outcome)
-    /// from a snapshot of the sampler's absolute counters.
+    /// Updates `pyebpf_bpf_events_total`, `pyebpf_bpf_read_errors_total`,
+    /// `pyebpf_ringbuf_dropped_samples_total` (the `ringbuf_full` outcome),
+    /// `pyebpf_process_events_lost_total` and
+    /// `pyebpf_exit_liveness_unreadable_total` from a snapshot of the
+    /// sampler's absolute counters.
     pub fn set_bpf_counters(&self, c: &Counters) {
         let mut last = self.last();
         for k in Counter::ALL {
@@ -560,6 +643,13 @@ impl Metrics {
                 &mut last.read_errors[i],
                 c.read_errors[i],
             );
+        }
+        for (i, k) in ProcCounter::ALL.into_iter().enumerate() {
+            let target = match k {
+                ProcCounter::EventsLost => &self.process_events_lost,
+                ProcCounter::LiveUnreadable => &self.exit_liveness_unreadable,
+            };
+            advance(target, &mut last.process[i], c.process[i]);
         }
     }
 
@@ -973,6 +1063,42 @@ mod tests {
         assert!(text.contains("# TYPE pyebpf_window_flush_seconds histogram"));
         assert!(text.contains("# TYPE pyebpf_function_samples gauge"));
         assert!(text.contains("# TYPE pyebpf_processes_profiled gauge"));
+    }
+
+    #[test]
+    fn process_lifecycle_metrics() {
+        let m = Metrics::new();
+        let r = m.render();
+        for e in ["exec", "exit"] {
+            assert_eq!(
+                value(&r, "pyebpf_process_events_total", &[("event", e)]),
+                Some(0.0)
+            );
+        }
+        m.inc_process_event(ProcessEvent::Exec);
+        m.inc_process_event(ProcessEvent::Exec);
+        m.inc_process_event(ProcessEvent::Exit);
+        m.inc_exec_inspection_skipped();
+        m.set_watched_processes(3);
+        let mut c = Counters::default();
+        c.process[0] = 5;
+        c.process[1] = 2;
+        m.set_bpf_counters(&c);
+        m.set_bpf_counters(&c);
+        let r = m.render();
+        let v = |name, l: &[(&str, &str)]| value(&r, name, l);
+        assert_eq!(
+            v("pyebpf_process_events_total", &[("event", "exec")]),
+            Some(2.0)
+        );
+        assert_eq!(
+            v("pyebpf_process_events_total", &[("event", "exit")]),
+            Some(1.0)
+        );
+        assert_eq!(v("pyebpf_exec_inspections_skipped_total", &[]), Some(1.0));
+        assert_eq!(v("pyebpf_watched_processes", &[]), Some(3.0));
+        assert_eq!(v("pyebpf_process_events_lost_total", &[]), Some(5.0));
+        assert_eq!(v("pyebpf_exit_liveness_unreadable_total", &[]), Some(2.0));
     }
 
     #[test]

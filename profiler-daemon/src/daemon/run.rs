@@ -4,7 +4,7 @@
 //! HTTP API reads the shared store. Inspections of new processes (ELF parsing,
 //! memory reads) run on the blocking pool so they never delay the ring buffer.
 use super::unix_secs;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,15 +19,17 @@ use tokio::task::JoinSet;
 
 use super::config::{Config, Discovery};
 use super::discovery::{
-    inspect_candidate, list_pids, unsupported_process, Candidate, Inspection, Seen, Tracker,
+    inspect_candidate, list_pids, unsupported_process, Candidate, Inspection, Lifecycle, Seen,
+    Tracker,
 };
 use super::export::Exporters;
-use super::metrics::{top_functions, DiscoveryResult, Metrics};
+use super::metrics::{top_functions, DiscoveryResult, Metrics, ProcessEvent};
 use super::shared::Shared;
 use super::store::{NewProcess, Store, StoreLimits};
 use super::store_metrics::StoreMetrics;
 use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
+use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError};
 
 /// How the daemon was started.
@@ -98,8 +100,11 @@ struct Inspected {
     candidate: Candidate,
     /// Triggered by an exec event (the new program may not be mapped yet).
     after_exec: bool,
+    /// After an exec: whether the executable can be or load an interpreter
+    /// (only then is a "not Python" answer retried).
+    plausible: bool,
     /// The pid's exec/exit generation when the inspection started (see
-    /// `Daemon::last_exec`).
+    /// [`Lifecycle`]).
     exec_gen: u64,
     /// The rules the inspection applied (a reload may replace them before
     /// it ends).
@@ -113,7 +118,24 @@ fn inspect(
     after_exec: bool,
     exec_gen: u64,
     rules: Discovery,
+    filter: &ExeFilter,
 ) -> Inspected {
+    // A program that can neither be nor load an interpreter is not waited
+    // for, nor inspected.
+    let plausible = !after_exec || filter.plausible(candidate.pid);
+    if !plausible {
+        return Inspected {
+            candidate,
+            after_exec,
+            plausible,
+            exec_gen,
+            rules,
+            result: Err(InspectError::NotPython(
+                candidate.pid,
+                python::command(candidate.pid).unwrap_or_default(),
+            )),
+        };
+    }
     if !delay.is_zero() {
         std::thread::sleep(delay);
     }
@@ -122,16 +144,27 @@ fn inspect(
     Inspected {
         candidate,
         after_exec,
+        plausible,
         exec_gen,
         rules,
         result,
     }
 }
 
-fn store_limits(c: &Config) -> StoreLimits {
+/// `PROCS` entries for a process limit: a few more than the limit, so a
+/// pid being replaced (exec, reuse) never makes an insert fail.
+fn procs_capacity(max_processes: u32) -> u32 {
+    max_processes
+        .saturating_add(64)
+        .min(profiler_common::MAX_PROCS_ENTRIES)
+}
+
+/// The store's limits from `c`; processes are capped at `procs_capacity`,
+/// what the BPF map sized at start holds.
+fn store_limits(c: &Config, procs_capacity: u32) -> StoreLimits {
     StoreLimits {
         retention_secs: u32::try_from(c.aggregation.retention_secs).unwrap_or(u32::MAX),
-        max_processes: c.aggregation.max_processes as usize,
+        max_processes: c.aggregation.max_processes.min(procs_capacity) as usize,
         max_stacks_per_process: c.aggregation.max_stacks_per_process as usize,
         max_bytes: (c.aggregation.memory_budget_mib as usize) << 20,
         max_bytes_per_process: (c.aggregation.process_memory_budget_mib as usize) << 20,
@@ -154,24 +187,51 @@ struct Daemon {
     reported_evicted_stacks: u64,
     store_metrics: StoreMetrics,
     decode_errors: u64,
-    /// Exec and exit events seen, and the count at each pid's last one (kept
-    /// until the next full scan): an inspection started before the pid's
-    /// latest exec or exit looked at a program that is gone, so its answer
-    /// is dropped (an exec starts a new inspection).
-    execs: u64,
-    last_exec: HashMap<u32, u64>,
+    /// Exec and exit generations per pid: an inspection started before the
+    /// pid's latest exec or exit looked at a program that is gone, so its
+    /// answer is dropped (an exec starts a new inspection).
+    lifecycle: Lifecycle,
+    /// Verdicts on executables, for execs (shared with inspections).
+    exe_filter: Arc<ExeFilter>,
+    /// Pids not sampled whose exit BPF reports (being inspected, waiting
+    /// for a retry, listed as unsupported).
+    watched: HashSet<u32>,
+    /// `PROCS` entries, fixed at load.
+    procs_capacity: u32,
 }
 
 impl Daemon {
     fn spawn_inspection(&mut self, c: Candidate, delay: Duration, after_exec: bool) {
-        let exec_gen = self.exec_gen(c.pid);
+        let exec_gen = self.lifecycle.generation(c.pid);
         let rules = self.config.discovery.clone();
+        let filter = self.exe_filter.clone();
+        // Its exit, should it come before the answer, must be heard of.
+        self.watch(c.pid);
         self.inspections
-            .spawn_blocking(move || inspect(c, delay, after_exec, exec_gen, rules));
+            .spawn_blocking(move || inspect(c, delay, after_exec, exec_gen, rules, &filter));
     }
 
-    fn exec_gen(&self, pid: u32) -> u64 {
-        self.last_exec.get(&pid).copied().unwrap_or(0)
+    /// Asks BPF to report `pid`'s exit though it is not sampled.
+    fn watch(&mut self, pid: u32) {
+        if self.watched.contains(&pid) || self.sampler.watch(pid) {
+            self.watched.insert(pid);
+        }
+    }
+
+    fn unwatch(&mut self, pid: u32) {
+        if self.watched.remove(&pid) {
+            self.sampler.unwatch(pid);
+        }
+    }
+
+    /// Keeps watching `pid` only while an answer about it is pending or it
+    /// is listed (unsupported); a profiled one is in `PROCS`, which BPF
+    /// reports the exit of anyway.
+    fn settle_watch(&mut self, pid: u32, state: Option<Seen>) {
+        match state {
+            Some(Seen::Failed { .. } | Seen::Unsupported) => {}
+            _ => self.unwatch(pid),
+        }
     }
 
     /// Between full scans: pids never seen before. A process forked without
@@ -192,7 +252,16 @@ impl Daemon {
         let pids = list_pids();
         let live: HashSet<u32> = pids.iter().copied().collect();
         self.tracker.prune(&live);
-        self.last_exec.retain(|pid, _| live.contains(pid));
+        self.lifecycle.retain(&live);
+        let gone: Vec<u32> = self
+            .watched
+            .iter()
+            .filter(|p| !live.contains(p))
+            .copied()
+            .collect();
+        for pid in gone {
+            self.unwatch(pid);
+        }
         for ended in self.tracker.take_ended() {
             self.stop_profiling(ended.pid);
         }
@@ -220,31 +289,72 @@ impl Daemon {
     }
 
     fn on_proc_event(&mut self, ev: ProcEvent) {
+        let shared = self.shared.clone();
+        let metrics = &shared.metrics;
         match ev.kind {
             PROC_EVENT_EXEC => {
+                metrics.inc_process_event(ProcessEvent::Exec);
                 // The pid now runs a new program: whatever it was is over.
-                self.execs += 1;
-                self.last_exec.insert(ev.pid, self.execs);
-                self.stop_profiling(ev.pid);
+                self.lifecycle.bump(ev.pid);
+                if matches!(self.tracker.get(ev.pid), Some((_, Some(Seen::Profiled))))
+                    || self.watched.contains(&ev.pid)
+                {
+                    self.stop_profiling(ev.pid);
+                }
                 self.tracker.forget(ev.pid);
                 for c in self.tracker.new_candidates(&[ev.pid]) {
+                    // A known non-interpreter executable: final at once,
+                    // for one stat (most execs on a busy host).
+                    if self.exe_filter.cached(c.pid) == Some(false) {
+                        self.tracker.mark(c, Seen::NotPython);
+                        self.unwatch(c.pid);
+                        metrics.inc_exec_inspection_skipped();
+                        metrics.inc_discovered(DiscoveryResult::NotPython, "");
+                        continue;
+                    }
                     // Give the dynamic loader a moment to map libpython.
                     self.spawn_inspection(c, Duration::from_millis(20), true);
                 }
             }
             PROC_EVENT_EXIT => {
+                // Only tracked pids, once their last thread is gone.
+                tracing::debug!(pid = ev.pid, "exit event");
+                metrics.inc_process_event(ProcessEvent::Exit);
                 self.stop_profiling(ev.pid);
                 self.tracker.forget(ev.pid);
-                self.execs += 1;
-                self.last_exec.insert(ev.pid, self.execs);
+                self.lifecycle.bump(ev.pid);
+                // BPF dropped it from its watch list already.
+                self.watched.remove(&ev.pid);
             }
             _ => {}
         }
     }
 
+    fn on_proc_events(&mut self, events: Vec<ProcEvent>, ring: &mut RingBuf<MapData>) {
+        if events.is_empty() {
+            return;
+        }
+        // Samples queued before an exec or exit belong to the old
+        // program: take them while its symbols are still known.
+        self.drain_samples(ring);
+        for ev in events {
+            self.on_proc_event(ev);
+        }
+    }
+
     fn on_inspected(&mut self, r: Inspected) {
         let c = r.candidate;
-        if r.exec_gen != self.exec_gen(c.pid) {
+        let current = self.lifecycle.is_current(c.pid, r.exec_gen);
+        self.decide(r);
+        if current {
+            let state = self.tracker.state(c);
+            self.settle_watch(c.pid, state);
+        }
+    }
+
+    fn decide(&mut self, r: Inspected) {
+        let c = r.candidate;
+        if !self.lifecycle.is_current(c.pid, r.exec_gen) {
             // Started before an exec (or exit) of the pid: it may describe
             // the old program. The exec event started a fresh inspection.
             tracing::debug!(
@@ -323,8 +433,13 @@ impl Daemon {
             }
             Err(e) => {
                 let state = if r.after_exec && matches!(e, InspectError::NotPython(..)) {
-                    // Right after exec the interpreter may not be mapped yet.
+                    // Right after exec the interpreter may not be mapped yet;
+                    // only a program that can load one is waited for.
                     match self.tracker.state(c) {
+                        _ if !r.plausible => {
+                            self.tracker.mark(c, Seen::NotPython);
+                            Some(Seen::NotPython)
+                        }
                         Some(Seen::Failed { attempts, .. }) if attempts >= 4 => {
                             self.tracker.mark(c, Seen::NotPython);
                             Some(Seen::NotPython)
@@ -415,6 +530,7 @@ impl Daemon {
             Err(e) => tracing::warn!("cannot read BPF counters: {e}"),
         }
         metrics.set_run_stats(&self.sampler.run_stats());
+        metrics.set_watched_processes(self.watched.len());
     }
 
     /// Closes the window `[window_start, until)`: exports it and refreshes
@@ -459,7 +575,16 @@ impl Daemon {
         if new.logging != self.config.logging {
             tracing::warn!("SIGHUP: logging settings take effect after a restart");
         }
-        self.shared.store().set_limits(store_limits(&new));
+        if new.aggregation.max_processes > self.procs_capacity {
+            tracing::warn!(
+                "SIGHUP: aggregation.max_processes above {} takes effect after a restart (the \
+                 BPF map of processes is sized at start)",
+                self.procs_capacity
+            );
+        }
+        self.shared
+            .store()
+            .set_limits(store_limits(&new, self.procs_capacity));
         if new.outputs != self.config.outputs {
             match Exporters::new(&new.outputs) {
                 Ok(e) => {
@@ -509,11 +634,13 @@ impl Daemon {
 /// Loads the sampler, starts the HTTP API (if asked) and the main loop.
 pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     let config = opts.config;
+    let procs_capacity = procs_capacity(config.aggregation.max_processes);
     let mut sampler = Sampler::start(SamplerConfig {
         rate_hz: config.sampling.rate_hz,
         max_depth: config.sampling.max_depth,
         ring_bytes: config.sampling.ring_buffer_bytes,
         process_events: true,
+        max_processes: procs_capacity,
     })?;
     let ring = poll_ring(sampler.take_ring().context("sample ring buffer")?)?;
     let proc_ring = poll_ring(
@@ -522,7 +649,10 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
             .context("process event ring buffer")?,
     )?;
 
-    let store = Store::new(store_limits(&config), config.sampling.rate_hz as u32);
+    let store = Store::new(
+        store_limits(&config, procs_capacity),
+        config.sampling.rate_hz as u32,
+    );
     let metrics = Metrics::new();
     let store_metrics = StoreMetrics::register(metrics.registry());
     let shared = Arc::new(Shared::new(store, metrics));
@@ -557,8 +687,10 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         reported_evicted_stacks: 0,
         store_metrics,
         decode_errors: 0,
-        execs: 0,
-        last_exec: HashMap::new(),
+        lifecycle: Lifecycle::default(),
+        exe_filter: Arc::new(ExeFilter::new()),
+        watched: HashSet::new(),
+        procs_capacity,
     };
 
     let (control, control_rx) = tokio::sync::mpsc::channel(4);
@@ -577,6 +709,18 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         control,
         task,
     })
+}
+
+/// The process events queued in `ring`, oldest first.
+fn take_proc_events(ring: &mut RingBuf<MapData>) -> Vec<ProcEvent> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<ProcEvent>() {
+            // SAFETY: ProcEvent is plain data and the length is checked.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) });
+        }
+    }
+    events
 }
 
 type HttpTask = (
@@ -622,22 +766,15 @@ async fn main_loop(
             }
             g = proc_ring.readable_mut() => {
                 let mut g = g.context("polling the process event ring buffer")?;
-                let mut events = Vec::new();
-                while let Some(item) = g.get_inner_mut().next() {
-                    if item.len() >= std::mem::size_of::<ProcEvent>() {
-                        // SAFETY: ProcEvent is plain data and the length is checked.
-                        events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) });
-                    }
-                }
+                let events = take_proc_events(g.get_inner_mut());
                 g.clear_ready();
-                // Samples queued before an exec or exit belong to the old
-                // program: take them while its symbols are still known.
-                d.drain_samples(ring.get_mut());
-                for ev in events {
-                    d.on_proc_event(ev);
-                }
+                d.on_proc_events(events, ring.get_mut());
             }
             Some(r) = d.inspections.join_next() => {
+                // Events already queued come first: an exec or exit of the
+                // pid makes this answer stale (see `Lifecycle`).
+                let events = take_proc_events(proc_ring.get_mut());
+                d.on_proc_events(events, ring.get_mut());
                 match r {
                     Ok(i) => d.on_inspected(i),
                     Err(e) => tracing::error!("an inspection task failed: {e}"),

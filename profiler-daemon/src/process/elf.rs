@@ -13,7 +13,7 @@ use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use object::elf;
-use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, SectionTable, Sym};
+use object::read::elf::{Dyn, FileHeader, ProgramHeader, SectionHeader, SectionTable, Sym};
 use object::read::{ReadCache, StringTable};
 use object::{Endianness, SectionIndex};
 
@@ -325,6 +325,41 @@ impl ElfFile {
             }
         }
         Ok(None)
+    }
+
+    /// The shared libraries the file names as needed (`DT_NEEDED`), from
+    /// its section headers; empty for a static or stripped-of-sections file.
+    pub fn needed(&self) -> Result<Vec<String>, ElfError> {
+        let (sections, endian) = self.sections()?;
+        let data = &self.data;
+        let bad = |what: &str, e: object::read::Error| self.malformed(format!("{what}: {e}"));
+        let mut out = Vec::new();
+        for section in sections
+            .iter()
+            .filter(|s| s.sh_type(endian) == elf::SHT_DYNAMIC)
+        {
+            let entries: &[elf::Dyn64<Endianness>] = section
+                .data_as_array(endian, data)
+                .map_err(|e| bad("dynamic section", e))?;
+            let strtab = sections
+                .section(SectionIndex(section.sh_link(endian) as usize))
+                .map_err(|e| bad("dynamic string table link", e))?;
+            let strings = strtab
+                .data(endian, data)
+                .map_err(|e| bad("dynamic string table", e))?;
+            for d in entries {
+                if d.d_tag(endian) != u64::from(elf::DT_NEEDED) {
+                    continue;
+                }
+                let rest = usize::try_from(d.d_val(endian))
+                    .ok()
+                    .and_then(|at| strings.get(at..))
+                    .unwrap_or_default();
+                let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+                out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            }
+        }
+        Ok(out)
     }
 
     /// The link-time address of the section called `name`, if the file has

@@ -52,6 +52,17 @@ pub trait RemoteMemory {
     }
 }
 
+/// The threads of `pid` other than its main thread (none if it is gone).
+fn other_threads(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .filter(|&tid: &u32| tid != pid)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A live process, read with `process_vm_readv`.
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessMemory {
@@ -83,9 +94,21 @@ impl RemoteMemory for ProcessMemory {
         };
         // SAFETY: `local` describes `buf`, which we own mutably; the kernel
         // validates the remote range and never writes outside `local`.
-        let n = unsafe { libc::process_vm_readv(self.pid as i32, &local, 1, &remote, 1, 0) };
+        let mut n = unsafe { libc::process_vm_readv(self.pid as i32, &local, 1, &remote, 1, 0) };
+        let mut err = io::Error::last_os_error();
+        if n < 0 && err.raw_os_error() == Some(libc::ESRCH) {
+            // The main thread may have exited alone (pthread_exit) while
+            // others run: its task has no memory any more, theirs does.
+            for tid in other_threads(self.pid) {
+                // SAFETY: as above.
+                n = unsafe { libc::process_vm_readv(tid as i32, &local, 1, &remote, 1, 0) };
+                if n >= 0 {
+                    break;
+                }
+                err = io::Error::last_os_error();
+            }
+        }
         if n < 0 {
-            let err = io::Error::last_os_error();
             return Err(match err.raw_os_error() {
                 Some(libc::ESRCH) => MemoryError::Gone { pid: self.pid },
                 Some(libc::EPERM) => MemoryError::Permission { pid: self.pid },

@@ -2,6 +2,7 @@
 //! detection of a CPython interpreter inside it.
 pub mod elf;
 pub mod elf_cache;
+pub mod exe_filter;
 pub mod gilstate;
 pub mod maps;
 pub mod memory;
