@@ -2095,3 +2095,97 @@ fn bpf_every_python_version_at_once() {
     }
     running.clear();
 }
+
+/// A process that makes a new, deep stack on every sample is held to its
+/// memory budget: its oldest seconds are evicted and counted, its newest
+/// are whole, and a well-behaved neighbour loses nothing.
+#[test]
+fn bpf_memory_budgets_evict_the_oldest_seconds_counted() {
+    if !bpf_available() {
+        return;
+    }
+    const BUDGET: u64 = 1 << 20;
+    let d = Daemon::start(
+        "budget",
+        "sampling:\n  rate_hz: 999\naggregation:\n  window_secs: 60\n  retention_secs: 60\n  \
+         memory_budget_mib: 16\n  process_memory_budget_mib: 1\n",
+    );
+    let mut hostile = Py::spawn(Interp::Shared.path(), &["unique-stacks"], &[]);
+    let mut plain = Py::spawn(Interp::Shared.path(), &[PLAIN.scenario], &[]);
+    hostile.wait_ready();
+    plain.wait_ready();
+    d.wait_listed(&[&hostile, &plain], Duration::from_secs(5));
+
+    // Until the hostile process has had seconds evicted (at 999 Hz its new
+    // stacks of 50-250 frames fill 1 MiB in a few seconds).
+    let start = Instant::now();
+    let h = loop {
+        let h = d.process(hostile.pid).expect("hostile listed");
+        if h["evicted_samples"].as_u64().unwrap_or(0) > 0 {
+            break h;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(40),
+            "nothing evicted after 40 s: {h}\n{}",
+            d.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    // A few more seconds of eviction at the budget.
+    std::thread::sleep(Duration::from_secs(3));
+    let h2 = d.process(hostile.pid).expect("hostile listed");
+    let p = d.process(plain.pid).expect("plain listed");
+    let m = d.metrics();
+    eprintln!("budget: hostile {h2}\nplain {p}");
+    for v in [&h, &h2] {
+        let bytes = v["memory_bytes"].as_u64().expect("memory_bytes");
+        assert!(
+            bytes <= BUDGET,
+            "{bytes} bytes held over a {BUDGET}-byte budget: {v}"
+        );
+    }
+    let evicted = h2["evicted_samples"].as_u64().unwrap_or(0);
+    assert!(evicted > h["evicted_samples"].as_u64().unwrap_or(0), "{h2}");
+    // Counted where an operator sees it.
+    assert!(
+        prom_sum(&m, "pyebpf_store_evicted_samples_total", &[]) >= evicted as f64,
+        "{m}"
+    );
+    let held: f64 = prom_sum(&m, "pyebpf_store_bytes", &[]);
+    assert!(
+        held > 0.0 && held <= (16u64 << 20) as f64,
+        "{held} bytes held"
+    );
+    assert_eq!(
+        prom_sum(&m, "pyebpf_store_budget_bytes", &[("scope", "process")]),
+        BUDGET as f64
+    );
+    // The newest seconds are whole: they hold its own frames, not the
+    // overflow stack (a second of new stacks fits the budget).
+    let (text, stacks) = d.folded(&format!("pid={}&seconds=2", hostile.pid));
+    let total: u64 = stacks.iter().map(|(_, n)| n).sum();
+    let full: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s.iter().any(|f| f == "[stack table full]"))
+        .map(|(_, n)| n)
+        .sum();
+    let generated = stacks
+        .iter()
+        .filter(|(s, _)| s.iter().any(|f| f.starts_with("unique_")))
+        .count();
+    assert!(
+        total > 0 && full * 10 < total,
+        "{full} of {total} overflowed:\n{text}"
+    );
+    assert!(generated > 10, "{generated} generated stacks:\n{text}");
+    // The neighbour is far under its budget: nothing of it was evicted.
+    assert_eq!(p["evicted_samples"], json!(0), "{p}");
+    d.wait_hot(
+        &format!("pid={}&seconds=10", plain.pid),
+        PLAIN,
+        20,
+        Duration::from_secs(10),
+    );
+    hostile.kill();
+    plain.kill();
+}

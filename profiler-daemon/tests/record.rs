@@ -203,7 +203,8 @@ fn bpf_target_exiting_mid_record_keeps_samples() {
     let Some(_serial) = serial_bpf_test() else {
         return;
     };
-    let w = Workload::start(Interp::Shared, &["exit-after:1.5", "plain"]);
+    // 1 s of CPU at 499 Hz: about 500 samples whatever the load.
+    let w = Workload::start(Interp::Shared, &["exit-after-cpu:1", "plain"]);
     let started = std::time::Instant::now();
     let (out, text) = record(&[w.pid()], &["--duration", "20", "--rate", "499"]);
     assert_success(&out);

@@ -145,6 +145,29 @@ def short_lived():
     fn(0.02)  # CALL:short_lived
 
 
+UNIQUE_SOURCE = """
+def unique_{n}(depth, seconds):
+    if depth:
+        return unique_{n}(depth - 1, seconds)
+    end = time.thread_time() + seconds
+    while time.thread_time() < end: pass
+"""
+unique_kept = []
+
+
+def unique_stacks():
+    # A new function per call, kept alive (so it can be read), recursing
+    # 50 to 249 deep: every sample is a stack never seen before, the
+    # hostile case for a profiler's memory.
+    n = len(unique_kept)
+    scope = {"time": time}
+    exec(compile(UNIQUE_SOURCE.format(n=n), "<gen-%d>" % n, "exec"), scope)
+    fn = scope["unique_%d" % n]
+    if n < 50_000:
+        unique_kept.append(fn)
+    fn(50 + n * 37 % 200, 0.003)
+
+
 def cpu_split():
     # True CPU split 1 : 2 : 3, measured in thread CPU time so that a busy
     # machine changes wall time but not the split.
@@ -166,6 +189,7 @@ SEQUENCE = {
     "ucs4": 𠀀,
     "split": cpu_split,
     "short-lived": short_lived,
+    "unique-stacks": unique_stacks,
 }
 
 
@@ -196,6 +220,16 @@ def main(args):
         elif name.startswith("exit-after:"):
             seconds = float(name.split(":", 1)[1])
             threading.Timer(seconds, lambda: __import__("os")._exit(0)).start()
+        elif name.startswith("exit-after-cpu:"):
+            # After this much CPU time of the process, however busy the
+            # machine: the samples it gets do not depend on the load.
+            seconds = float(name.split(":", 1)[1])
+
+            def exit_after_cpu(limit=seconds):
+                while time.process_time() < limit:
+                    time.sleep(0.01)
+                __import__("os")._exit(0)
+            threading.Thread(target=exit_after_cpu, daemon=True).start()
         elif name == "idle":
             steps.append(lambda: time.sleep(0.1))
         else:

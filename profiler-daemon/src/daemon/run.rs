@@ -186,7 +186,6 @@ struct Daemon {
     reported_samples: u64,
     reported_evicted_stacks: u64,
     store_metrics: StoreMetrics,
-    decode_errors: u64,
     /// Exec and exit generations per pid: an inspection started before the
     /// pid's latest exec or exit looked at a program that is gone, so its
     /// answer is dropped (an exec starts a new inspection).
@@ -198,6 +197,9 @@ struct Daemon {
     watched: HashSet<u32>,
     /// `PROCS` entries, fixed at load.
     procs_capacity: u32,
+    /// The runtime of the HTTP API and the exporters' tasks (the loop runs
+    /// on its own).
+    api: tokio::runtime::Handle,
 }
 
 impl Daemon {
@@ -484,7 +486,7 @@ impl Daemon {
             match events::decode(&item) {
                 Ok(s) => batch.push(s),
                 Err(e) => {
-                    self.decode_errors += 1;
+                    self.store_metrics.inc_decode_errors();
                     tracing::debug!("bad ring-buffer record: {e}");
                 }
             }
@@ -586,10 +588,12 @@ impl Daemon {
             .store()
             .set_limits(store_limits(&new, self.procs_capacity));
         if new.outputs != self.config.outputs {
+            // Export tasks run on the API runtime, not the ingest thread.
+            let _api = self.api.enter();
             match Exporters::new(&new.outputs) {
                 Ok(e) => {
                     let old = std::mem::replace(&mut self.exporters, e);
-                    tokio::spawn(old.shutdown(Duration::from_secs(10)));
+                    self.api.spawn(old.shutdown(Duration::from_secs(10)));
                 }
                 Err(e) => tracing::error!("SIGHUP: outputs unchanged: {e}"),
             }
@@ -642,12 +646,12 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         process_events: true,
         max_processes: procs_capacity,
     })?;
-    let ring = poll_ring(sampler.take_ring().context("sample ring buffer")?)?;
-    let proc_ring = poll_ring(
-        sampler
-            .take_proc_events()
-            .context("process event ring buffer")?,
-    )?;
+    // Polled by the ingest thread's runtime (an `AsyncFd` belongs to the
+    // runtime it is made in).
+    let ring = sampler.take_ring().context("sample ring buffer")?;
+    let proc_ring = sampler
+        .take_proc_events()
+        .context("process event ring buffer")?;
 
     let store = Store::new(
         store_limits(&config, procs_capacity),
@@ -686,23 +690,51 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         reported_samples: 0,
         reported_evicted_stacks: 0,
         store_metrics,
-        decode_errors: 0,
         lifecycle: Lifecycle::default(),
         exe_filter: Arc::new(ExeFilter::new()),
         watched: HashSet::new(),
         procs_capacity,
+        api: tokio::runtime::Handle::current(),
     };
 
     let (control, control_rx) = tokio::sync::mpsc::channel(4);
-    let task = tokio::spawn(main_loop(
-        d,
-        ring,
-        proc_ring,
-        control_rx,
-        rescan_every,
-        window_every,
-        http.map(|t| (t, stop_http)),
-    ));
+    // Ingest (draining, symbolising, inserting, discovery, window flushes)
+    // runs on its own thread and runtime: the HTTP API's workers never wait
+    // for it, and it never waits for them. Export tasks stay on this
+    // runtime (see `Daemon::api`).
+    let (done, result) = tokio::sync::oneshot::channel();
+    let http = http.map(|t| (t, stop_http));
+    std::thread::Builder::new()
+        .name("pyebpf-ingest".into())
+        .spawn(move || {
+            let r = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot build the ingest runtime")
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let ring = poll_ring(ring)?;
+                        let proc_ring = poll_ring(proc_ring)?;
+                        main_loop(
+                            d,
+                            ring,
+                            proc_ring,
+                            control_rx,
+                            rescan_every,
+                            window_every,
+                            http,
+                        )
+                        .await
+                    })
+                });
+            let _ = done.send(r);
+        })
+        .context("cannot start the ingest thread")?;
+    let task = tokio::spawn(async move {
+        result
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the ingest thread panicked")))
+    });
     Ok(Handle {
         shared,
         http_addr,

@@ -1,5 +1,6 @@
-//! `/metrics` of the store: what it holds in bytes and what it had to evict,
-//! refuse or drop, from its absolute counters.
+//! `/metrics` of ingest and the store: what the store holds in bytes and
+//! what it had to evict, refuse or drop (from its absolute counters), and
+//! records that could not be decoded.
 use std::sync::Mutex;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
@@ -19,6 +20,7 @@ pub struct StoreMetrics {
     raw_cache_evictions: IntCounter,
     foreign: IntCounter,
     refused: IntCounterVec,
+    decode_errors: IntCounter,
 }
 
 fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
@@ -128,7 +130,17 @@ impl StoreMetrics {
                  while its samples were in flight).",
             ),
             refused,
+            decode_errors: counter(
+                r,
+                "pyebpf_sample_decode_errors_total",
+                "Ring-buffer records that could not be decoded as samples (dropped).",
+            ),
         }
+    }
+
+    /// One ring-buffer record could not be decoded.
+    pub fn inc_decode_errors(&self) {
+        self.decode_errors.inc();
     }
 
     /// Updates every series from the store's current state.
