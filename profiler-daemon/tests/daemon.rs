@@ -2116,41 +2116,49 @@ fn bpf_memory_budgets_evict_the_oldest_seconds_counted() {
     plain.wait_ready();
     d.wait_listed(&[&hostile, &plain], Duration::from_secs(5));
 
-    // Until the hostile process has had seconds evicted (at 999 Hz its new
-    // stacks of 50-250 frames fill 1 MiB in a few seconds).
+    // Until the hostile process has had seconds evicted twice (at 999 Hz
+    // its new stacks of 50-250 frames fill 1 MiB in seconds; a loaded
+    // machine gives it less CPU, hence the generous deadline), never
+    // holding more than its budget meanwhile.
     let start = Instant::now();
-    let h = loop {
+    let mut evictions = Vec::new();
+    let h2 = loop {
         let h = d.process(hostile.pid).expect("hostile listed");
-        if h["evicted_samples"].as_u64().unwrap_or(0) > 0 {
+        let bytes = h["memory_bytes"].as_u64().expect("memory_bytes");
+        assert!(
+            bytes <= BUDGET,
+            "{bytes} bytes held over a {BUDGET}-byte budget: {h}"
+        );
+        let evicted = h["evicted_samples"].as_u64().unwrap_or(0);
+        if evicted > 0 && evictions.last() != Some(&evicted) {
+            evictions.push(evicted);
+        }
+        if evictions.len() >= 2 {
             break h;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "nothing evicted after 40 s: {h}\n{}",
+            start.elapsed() < Duration::from_secs(60),
+            "evictions {evictions:?} after 60 s: {h}\n{}",
             d.metrics()
         );
         std::thread::sleep(Duration::from_millis(250));
     };
-    // A few more seconds of eviction at the budget.
-    std::thread::sleep(Duration::from_secs(3));
-    let h2 = d.process(hostile.pid).expect("hostile listed");
     let p = d.process(plain.pid).expect("plain listed");
-    let m = d.metrics();
-    eprintln!("budget: hostile {h2}\nplain {p}");
-    for v in [&h, &h2] {
-        let bytes = v["memory_bytes"].as_u64().expect("memory_bytes");
-        assert!(
-            bytes <= BUDGET,
-            "{bytes} bytes held over a {BUDGET}-byte budget: {v}"
-        );
-    }
+    eprintln!("budget: evictions {evictions:?}, hostile {h2}\nplain {p}");
     let evicted = h2["evicted_samples"].as_u64().unwrap_or(0);
-    assert!(evicted > h["evicted_samples"].as_u64().unwrap_or(0), "{h2}");
-    // Counted where an operator sees it.
-    assert!(
-        prom_sum(&m, "pyebpf_store_evicted_samples_total", &[]) >= evicted as f64,
-        "{m}"
-    );
+    // Counted where an operator sees it (the metrics follow once a second).
+    let start = Instant::now();
+    let m = loop {
+        let m = d.metrics();
+        if prom_sum(&m, "pyebpf_store_evicted_samples_total", &[]) >= evicted as f64 {
+            break m;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{evicted} evicted:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let held: f64 = prom_sum(&m, "pyebpf_store_bytes", &[]);
     assert!(
         held > 0.0 && held <= (16u64 << 20) as f64,
