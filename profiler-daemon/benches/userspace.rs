@@ -17,7 +17,8 @@ use profiler_common::{
 };
 use pyebpf::bpf::events::{decode, RawSample};
 use pyebpf::daemon::store::{NewProcess, Store, StoreLimits};
-use pyebpf::daemon::{ProcessLabels, Selector};
+use pyebpf::model::labels::ProcessLabels;
+use pyebpf::model::query::Selector;
 use pyebpf::process::memory::SliceMemory;
 use pyebpf::python::code::CodeFormat;
 use pyebpf::python::layout::Minor;

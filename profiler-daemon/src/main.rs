@@ -256,19 +256,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if once.is_some() || !std::io::stderr().is_terminal() {
                 init_logging("warn", false);
             }
-            pyebpf::top::run(pyebpf::top::TopOptions {
-                pids: a.pids,
-                service: a.service,
-                rate_hz: a.rate,
-                window_secs: a.window,
-                source: match (a.daemon, a.local) {
-                    (Some(url), _) => pyebpf::top::SourceChoice::Daemon(url),
-                    (None, true) => pyebpf::top::SourceChoice::Local,
-                    (None, false) => pyebpf::top::SourceChoice::Auto,
+            pyebpf::top::run(
+                pyebpf::top::TopOptions {
+                    pids: a.pids,
+                    service: a.service,
+                    rate_hz: a.rate,
+                    window_secs: a.window,
+                    source: match (a.daemon, a.local) {
+                        (Some(url), _) => pyebpf::top::SourceChoice::Daemon(url),
+                        (None, true) => pyebpf::top::SourceChoice::Local,
+                        (None, false) => pyebpf::top::SourceChoice::Auto,
+                    },
+                    line_level: a.line,
+                    once,
                 },
-                line_level: a.line,
-                once,
-            })
+                // Local mode runs the daemon's loop in this process.
+                pyebpf::daemon::local::start,
+            )
         }
         Command::Record(a) => {
             init_logging("warn", false);

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use super::config::Discovery;
 use super::labels::{self, LabelError};
 use super::store::UnsupportedProcess;
-use super::ProcessLabels;
+use crate::model::labels::ProcessLabels;
 use crate::process::python::{self, InspectError, PythonProcess, VerdictCache};
 
 /// The pids of all processes (thread-group leaders) in `/proc`, sorted.

@@ -6,10 +6,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::metrics::Metrics;
 use super::store::Store;
-use super::{checked_top_seconds, top_span, ApiSource, ProcessView, QueryError, Selector};
 use crate::bpf::events::RawSample;
+use crate::model::api::ApiSource;
+use crate::model::query::{checked_top_seconds, top_span, ProcessView, QueryError, Selector};
+use crate::model::top::{self as model, Header, TopQuery, TopSnapshot};
 use crate::profile::Profile;
-use crate::top::model::{self, Header, TopQuery, TopSnapshot};
 
 /// The store, the metrics and readiness, behind one `Arc`.
 pub struct Shared {
@@ -234,7 +235,7 @@ mod tests {
     use super::*;
     use crate::bpf::counters::Counters;
     use crate::daemon::store::{NewProcess, StoreLimits, TargetMemory};
-    use crate::daemon::ProcessLabels;
+    use crate::model::labels::ProcessLabels;
     use crate::process::memory::{MemoryError, RemoteMemory, SliceMemory};
     use crate::profile::Frame;
     use crate::python::code::{read_code, test_code};

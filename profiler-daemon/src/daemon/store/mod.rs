@@ -30,11 +30,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lru::LruCache;
 use profiler_common::RawFrame;
 
-use super::{
-    python_label, ProcessLabels, ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_PROFILED,
-    STATUS_UNSUPPORTED,
-};
 use crate::bpf::events::RawSample;
+use crate::model::labels::{python_label, ProcessLabels};
+use crate::model::query::{
+    ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_PROFILED, STATUS_UNSUPPORTED,
+};
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{Frame, Profile};
 use crate::python::code::CodeFormat;
