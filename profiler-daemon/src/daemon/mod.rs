@@ -4,14 +4,17 @@
 //! - [`config`]: the YAML configuration and its validation.
 //! - [`discovery`], [`filter`], [`labels`]: which processes to profile and how
 //!   they are labelled.
-//! - [`store`]: per-process stacks in one-second buckets, bounded in memory.
+//! - [`crate::store`]: per-process stacks in one-second buckets, bounded in
+//!   memory (shared with `top` and `record`).
 //! - [`http`], [`metrics`]: the localhost API and Prometheus metrics.
 //! - [`export`]: pprof files on disk and pushes to Pyroscope.
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-// `python_label` is used by `run` through this module (`super::python_label`).
+// Used by `run` and `export` through this module (`super::python_label`,
+// `crate::daemon::unix_secs`).
 use crate::model::labels::{python_label, ProcessLabels};
 use crate::profile::Profile;
+use crate::store::unix_secs;
 
 pub mod config;
 pub mod discovery;
@@ -23,13 +26,7 @@ pub mod local;
 pub mod metrics;
 pub mod run;
 pub mod shared;
-pub mod store;
 pub mod store_metrics;
-
-/// Whole seconds since the Unix epoch (0 for a time before it).
-pub fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
 
 /// One process's stacks over a closed window, ready for export.
 #[derive(Clone, Debug)]
