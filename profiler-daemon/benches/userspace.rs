@@ -16,13 +16,14 @@ use profiler_common::{
     code_checksum, words_of, RawFrame, CODE_READ_LEN, CODE_READ_START, HEADER_LEN, RAW_FRAME_LEN,
 };
 use pyebpf::bpf::events::{decode, RawSample};
-use pyebpf::daemon::store::{NewProcess, Store, StoreLimits};
-use pyebpf::daemon::{ProcessLabels, Selector};
+use pyebpf::model::labels::ProcessLabels;
+use pyebpf::model::query::Selector;
 use pyebpf::process::memory::SliceMemory;
 use pyebpf::python::code::CodeFormat;
 use pyebpf::python::layout::Minor;
 use pyebpf::python::linetable::{line_for_instr, LineTable};
 use pyebpf::python::symbolizer::Symbolizer;
+use pyebpf::store::{NewProcess, Store, StoreLimits};
 
 /// A function of `lines` lines as CPython 3.11 compiles it:
 /// (co_linetable, co_firstlineno, code units).

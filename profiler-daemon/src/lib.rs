@@ -7,16 +7,21 @@
 //!   tables, and the symbol cache.
 //! - [`bpf`]: loading the sampler, reading its ring buffer and counters.
 //! - [`profile`]: aggregated stacks and the output formats.
+//! - [`model`]: the types every frontend (`record`, `top`, the daemon and
+//!   its HTTP API) shares, so that none of them imports another.
+//! - [`store`]: per-process stacks in one-second buckets, bounded in bytes,
+//!   behind every frontend.
 //! - [`record`]: the `pyebpf record` command.
 //! - [`top`]: the `pyebpf top` command.
-pub mod aggregate;
 pub mod bpf;
 pub mod caps;
 pub mod daemon;
+pub mod model;
 pub mod process;
 pub mod profile;
 pub mod python;
 pub mod record;
+pub mod store;
 pub mod top;
 
 /// The map for raw stacks and code addresses, hashed on every sample:

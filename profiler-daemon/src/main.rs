@@ -155,6 +155,11 @@ struct RecordArgs {
     /// No live status line.
     #[arg(long)]
     quiet: bool,
+    /// Memory the recorded stacks may hold, in MiB; beyond it the oldest
+    /// seconds are evicted (reported in the summary).
+    #[arg(long, value_name = "MIB", default_value_t = record::DEFAULT_MEMORY_BUDGET_MIB as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    memory_budget_mib: u64,
 }
 
 fn format_from_name(path: &Path) -> Format {
@@ -256,19 +261,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if once.is_some() || !std::io::stderr().is_terminal() {
                 init_logging("warn", false);
             }
-            pyebpf::top::run(pyebpf::top::TopOptions {
-                pids: a.pids,
-                service: a.service,
-                rate_hz: a.rate,
-                window_secs: a.window,
-                source: match (a.daemon, a.local) {
-                    (Some(url), _) => pyebpf::top::SourceChoice::Daemon(url),
-                    (None, true) => pyebpf::top::SourceChoice::Local,
-                    (None, false) => pyebpf::top::SourceChoice::Auto,
+            pyebpf::top::run(
+                pyebpf::top::TopOptions {
+                    pids: a.pids,
+                    service: a.service,
+                    rate_hz: a.rate,
+                    window_secs: a.window,
+                    source: match (a.daemon, a.local) {
+                        (Some(url), _) => pyebpf::top::SourceChoice::Daemon(url),
+                        (None, true) => pyebpf::top::SourceChoice::Local,
+                        (None, false) => pyebpf::top::SourceChoice::Auto,
+                    },
+                    line_level: a.line,
+                    once,
                 },
-                line_level: a.line,
-                once,
-            })
+                // Local mode runs the daemon's loop in this process.
+                pyebpf::daemon::local::start,
+            )
         }
         Command::Record(a) => {
             init_logging("warn", false);
@@ -293,6 +302,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 output: a.output,
                 status: !a.quiet,
+                // At most 1 TiB (checked above): fits a usize on 64-bit hosts.
+                memory_budget: usize::try_from(a.memory_budget_mib << 20).map_err(|_| {
+                    anyhow::anyhow!("--memory-budget-mib is too large for this host")
+                })?,
             };
             pyebpf::caps::require("pyebpf record", &pyebpf::caps::record_requirements())?;
             let rt = tokio::runtime::Builder::new_current_thread()

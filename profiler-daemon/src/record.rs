@@ -2,19 +2,21 @@
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use aya::maps::{MapData, RingBuf};
 use profiler_common::{Counter, ReadStep};
 
-use crate::aggregate::Aggregator;
 use crate::bpf::counters::Counters;
 use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
+use crate::model::labels::ProcessLabels;
 use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError, PythonProcess};
-use crate::profile::Format;
+use crate::profile::{Format, Frame, Profile};
+use crate::store::{NewProcess, Store, StoreLimits};
 use profiler_common::{ProcEvent, PROC_EVENT_EXEC, PROC_EVENT_EXIT};
 
 /// What `pyebpf record` was asked to do.
@@ -27,7 +29,13 @@ pub struct RecordOptions {
     pub output: PathBuf,
     /// Show a live status line on stderr (when it is a terminal).
     pub status: bool,
+    /// Bytes the recorded stacks may hold (`--memory-budget-mib`); beyond
+    /// it the oldest seconds are evicted, and the summary says so.
+    pub memory_budget: usize,
 }
+
+/// `--memory-budget-mib` when not given.
+pub const DEFAULT_MEMORY_BUDGET_MIB: usize = 1024;
 
 /// A recorded process, as the summary describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +95,13 @@ pub struct RecordSummary {
     pub exec_not_python: Vec<(u32, String)>,
     /// Kernel-measured run time of the BPF programs.
     pub bpf: crate::bpf::sampler::RunStats,
+    /// Samples of the oldest seconds evicted to fit the memory budget.
+    pub evicted_samples: u64,
+    /// Seconds (of one process each) evicted to fit the memory budget.
+    pub evicted_seconds: u64,
+    /// Samples counted under `[stack table full]`: their stack did not fit
+    /// the memory budget even after evicting.
+    pub overflowed_samples: u64,
 }
 
 impl RecordSummary {
@@ -149,6 +164,16 @@ impl RecordSummary {
                 p.join(", ")
             );
         }
+        if self.evicted_samples > 0 || self.overflowed_samples > 0 {
+            s += &format!(
+                "  memory budget ({} MiB, --memory-budget-mib) reached: {} samples of the oldest \
+                 seconds evicted ({} process-seconds), {} samples under [stack table full]\n",
+                opts.memory_budget / (1 << 20),
+                self.evicted_samples,
+                self.evicted_seconds,
+                self.overflowed_samples,
+            );
+        }
         for (pid, why) in &self.exec_not_python {
             s += &format!(
                 "  process {pid} exec'd into a program that is not profiled ({why}); its samples \
@@ -187,82 +212,102 @@ pub fn inspect_targets(pids: &[u32]) -> anyhow::Result<Vec<PythonProcess>> {
 /// the interpreter initialises after that).
 const EXEC_RETRIES_MS: [u64; 8] = [20, 50, 100, 200, 500, 1000, 2000, 4000];
 
-/// One program run by a target pid: its samples, symbolised against it.
-struct Program {
-    pid: u32,
-    agg: Aggregator,
-}
-
-/// Every target's aggregation, per program: an exec starts a new one, so
-/// the old program's code objects are never looked up in the new one.
-#[derive(Default)]
+/// Every target's stacks, per program, in one [`Store`]: an exec starts a
+/// new entry, so the old program's code objects are never looked up in the
+/// new one. A program that ends is taken out of the store at once, since the
+/// next program under its pid would replace it; samples of its pid until
+/// then are counted as foreign (none expected: BPF stops sampling a pid at
+/// its exec).
 struct Programs {
-    /// The program each followed pid runs now.
-    current: HashMap<u32, Program>,
-    /// Programs that ended (exec'd away, exited).
-    done: Vec<Program>,
-    /// Samples of a pid between programs (none expected: BPF stops sampling
-    /// a pid at its exec).
-    unrouted: u64,
+    store: Store,
+    /// Programs that ended (exec'd away, exited), oldest first.
+    done: Vec<(ProcessLabels, Profile)>,
 }
 
 impl Programs {
-    fn start(&mut self, t: &PythonProcess) {
-        let mut agg = Aggregator::default();
-        agg.add_target(t.pid, &t.command, t.code_format());
-        if let Some(old) = self.current.insert(t.pid, Program { pid: t.pid, agg }) {
-            self.done.push(old);
+    /// The whole recording is kept: no retention limit, only `budget_bytes`
+    /// evicts (the oldest seconds, counted in the store's stats).
+    fn new(rate_hz: u32, budget_bytes: usize) -> Self {
+        let limits = StoreLimits {
+            retention_secs: u32::MAX,
+            max_processes: usize::MAX,
+            max_stacks_per_process: usize::MAX,
+            max_bytes: budget_bytes,
+            max_bytes_per_process: budget_bytes,
+        };
+        Programs {
+            store: Store::new(limits, rate_hz),
+            done: Vec::new(),
         }
     }
 
+    fn start(&mut self, t: &PythonProcess) {
+        self.end(t.pid);
+        let labels = ProcessLabels {
+            pid: t.pid,
+            command: t.command.clone(),
+            service: t.command.clone(),
+            ..ProcessLabels::default()
+        };
+        // Never refused: there is no process limit.
+        self.store.add_process(
+            NewProcess {
+                labels,
+                start_time: t.start_time,
+                python_version: t.version.to_string(),
+                code_format: t.code_format(),
+            },
+            SystemTime::now(),
+        );
+    }
+
     fn end(&mut self, pid: u32) {
-        if let Some(p) = self.current.remove(&pid) {
+        if let Some(p) = self.store.take(pid) {
             self.done.push(p);
         }
     }
 
-    fn add(&mut self, s: events::RawSample) {
-        match self.current.get_mut(&s.pid) {
-            Some(p) => p.agg.add(s),
-            None => self.unrouted += 1,
+    fn add(&mut self, samples: Vec<events::RawSample>) {
+        if !samples.is_empty() {
+            self.store.add_samples(samples, SystemTime::now());
         }
     }
 
-    fn all(&self) -> impl Iterator<Item = &Program> {
-        self.current.values().chain(self.done.iter())
-    }
-
+    /// Samples counted, evicted ones included.
     fn samples(&self) -> u64 {
-        self.all().map(|p| p.agg.samples).sum()
+        self.store.stats.samples
     }
 
+    /// Distinct (line-level) stacks held, for the status line.
     fn distinct_stacks(&self) -> usize {
-        self.all().map(|p| p.agg.distinct_stacks()).sum()
+        let done: usize = self.done.iter().map(|(_, p)| p.stacks.len()).sum();
+        done + self.store.stacks_held()
     }
 
-    fn symbol_stats(&self) -> crate::python::symbolizer::SymbolStats {
-        let mut t = crate::python::symbolizer::SymbolStats::default();
-        for p in self.all() {
-            t += p.agg.symbol_stats();
-        }
-        t
-    }
-
-    /// One profile of every program, oldest first.
-    fn profile(&mut self, rate_hz: u32, process_roots: bool) -> (crate::profile::Profile, u64) {
-        let mut profile = crate::profile::Profile::new(rate_hz);
+    /// One profile of every program, and the samples of its unknown frames
+    /// (once per such frame). With `process_roots`, each stack starts with a
+    /// `process PID (command)` frame.
+    fn profile(&self, rate_hz: u32, process_roots: bool) -> (Profile, u64) {
+        let mut profile = Profile::new(rate_hz);
         let mut unknown = 0;
-        let mut programs: Vec<&mut Program> = self
-            .done
-            .iter_mut()
-            .chain(self.current.values_mut())
-            .collect();
-        programs.sort_by_key(|p| p.pid);
-        for p in programs {
-            let (part, u) = p.agg.to_profile(rate_hz, process_roots);
-            unknown += u;
-            for (stack, count) in part.stacks {
-                profile.add(stack, count);
+        let held = self.store.window(0, u64::MAX);
+        for (labels, part) in self.done.iter().chain(held.iter()) {
+            let command: Arc<str> = labels.command.as_str().into();
+            for (stack, &count) in &part.stacks {
+                unknown += count
+                    * stack
+                        .iter()
+                        .filter(|f| matches!(f, Frame::Unknown { .. }))
+                        .count() as u64;
+                let mut full = Vec::with_capacity(stack.len() + 1);
+                if process_roots {
+                    full.push(Frame::Process {
+                        pid: labels.pid,
+                        command: command.clone(),
+                    });
+                }
+                full.extend(stack.iter().cloned());
+                profile.add(full, count);
             }
         }
         (profile, unknown)
@@ -316,7 +361,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         .saturating_add(16)
         .min(profiler_common::MAX_PROCS_ENTRIES);
     let mut sampler = Sampler::start(config)?;
-    let mut programs = Programs::default();
+    let mut programs = Programs::new(opts.sampler.rate_hz as u32, opts.memory_budget);
     for t in &targets {
         programs.start(t);
         sampler
@@ -508,10 +553,11 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
     profile.start = Some(wall_start);
     profile.duration = started.elapsed();
     write_profile(&profile, opts)?;
-    let sym = programs.symbol_stats();
-    if programs.unrouted > 0 {
+    let sym = programs.store.symbol_stats();
+    let stats = programs.store.stats;
+    if stats.foreign_samples > 0 {
         tracing::debug!(
-            samples = programs.unrouted,
+            samples = stats.foreign_samples,
             "samples between programs dropped"
         );
     }
@@ -520,13 +566,17 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         processes,
         counters,
         samples: programs.samples(),
-        distinct_stacks: programs.distinct_stacks(),
+        // What the output holds: line-level stacks.
+        distinct_stacks: profile.stacks.len(),
         unknown_frames,
         stale_code: sym.stale,
         decode_errors,
         exited,
         exec_not_python,
         bpf,
+        evicted_samples: stats.samples_evicted,
+        evicted_seconds: stats.seconds_evicted,
+        overflowed_samples: stats.stacks_overflowed,
     })
 }
 
@@ -543,15 +593,17 @@ fn take_proc_events(ring: &mut RingBuf<MapData>) -> Vec<ProcEvent> {
 }
 
 fn drain(ring: &mut RingBuf<MapData>, programs: &mut Programs, decode_errors: &mut u64) {
+    let mut batch = Vec::new();
     while let Some(item) = ring.next() {
         match events::decode(&item) {
-            Ok(s) => programs.add(s),
+            Ok(s) => batch.push(s),
             Err(e) => {
                 *decode_errors += 1;
                 tracing::debug!("dropped a ring-buffer record: {e}");
             }
         }
     }
+    programs.add(batch);
 }
 
 fn status_line(sampler: &Sampler, programs: &Programs, elapsed: Duration) {
@@ -607,6 +659,7 @@ mod tests {
             format: Format::Svg,
             output: PathBuf::from("app.svg"),
             status: false,
+            memory_budget: DEFAULT_MEMORY_BUDGET_MIB << 20,
         }
     }
 
@@ -649,6 +702,26 @@ mod tests {
         );
         assert!(
             lines[3].starts_with("  truncated at --max-depth 2048: 0   "),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn summary_reports_memory_budget_evictions() {
+        let quiet = RecordSummary::default().render(&opts());
+        assert!(!quiet.contains("memory budget"), "{quiet}");
+        let summary = RecordSummary {
+            evicted_samples: 120,
+            evicted_seconds: 3,
+            overflowed_samples: 7,
+            ..RecordSummary::default()
+        };
+        let text = summary.render(&opts());
+        assert!(
+            text.contains(
+                "  memory budget (1024 MiB, --memory-budget-mib) reached: 120 samples of the \
+                 oldest seconds evicted (3 process-seconds), 7 samples under [stack table full]\n"
+            ),
             "{text}"
         );
     }

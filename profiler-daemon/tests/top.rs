@@ -10,7 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use pyebpf::top::model::TopSnapshot;
+use pyebpf::model::top::TopSnapshot;
 
 /// A workload with its own service name (OTEL_SERVICE_NAME), so that the
 /// process view tells processes apart.

@@ -21,7 +21,7 @@ use regex::Regex;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 
-use super::ProcessLabels;
+use crate::model::labels::ProcessLabels;
 use profiler_common::MAX_PROCS_ENTRIES;
 
 /// The conventional location of the file (used by the systemd unit and the

@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use super::config::Discovery;
 use super::labels::{self, LabelError};
-use super::store::UnsupportedProcess;
-use super::ProcessLabels;
+use crate::model::labels::ProcessLabels;
 use crate::process::python::{self, InspectError, PythonProcess, VerdictCache};
+use crate::store::UnsupportedProcess;
 
 /// The pids of all processes (thread-group leaders) in `/proc`, sorted.
 /// Entries that vanish while listing are skipped; an unreadable `/proc` gives

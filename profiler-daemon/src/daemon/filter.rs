@@ -2,7 +2,7 @@
 //! (`PYEBPF_DISABLE`), then the configured exclude and include rules.
 use std::fmt;
 
-use super::ProcessLabels;
+use crate::model::labels::ProcessLabels;
 
 /// A rule that selects processes by their labels (the configuration's rules
 /// implement it).

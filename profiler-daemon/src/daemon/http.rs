@@ -39,9 +39,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::Semaphore;
 
-use super::{ApiSource, QueryError, Selector, STATUS_UNSUPPORTED};
+use crate::model::api::ApiSource;
+use crate::model::query::{QueryError, Selector, STATUS_UNSUPPORTED};
+use crate::model::top::TopQuery;
 use crate::profile::{folded, pprof, svg, Profile};
-use crate::top::model::TopQuery;
 
 /// Longest query string accepted, in bytes (longer: 414).
 pub const MAX_QUERY_LEN: usize = 2048;
@@ -403,7 +404,7 @@ fn parse_top_query(pairs: &[(String, String)], retention: u32) -> Result<TopQuer
     Ok(q)
 }
 
-/// `GET /api/top`: the JSON [`crate::top::model::TopSnapshot`] `pyebpf top`
+/// `GET /api/top`: the JSON [`crate::model::top::TopSnapshot`] `pyebpf top`
 /// shows.
 async fn top(
     State(st): State<AppState>,
@@ -646,9 +647,10 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
-    use crate::daemon::{ProcessLabels, ProcessView};
+    use crate::model::labels::ProcessLabels;
+    use crate::model::query::ProcessView;
+    use crate::model::top::TopSnapshot;
     use crate::profile::Frame;
-    use crate::top::model::TopSnapshot;
 
     const RETENTION: u32 = 300;
 

@@ -11,7 +11,7 @@
 use std::io;
 use std::path::PathBuf;
 
-use super::ProcessLabels;
+use crate::model::labels::ProcessLabels;
 
 /// Why a process's labels could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -26,9 +26,9 @@ use prometheus::{
     TextEncoder,
 };
 
-use super::ProcessLabels;
 use crate::bpf::counters::Counters;
 use crate::bpf::sampler::RunStats;
+use crate::model::labels::ProcessLabels;
 use crate::profile::{Frame, Profile};
 use crate::python::symbolizer::SymbolStats;
 

@@ -3,7 +3,7 @@
 //! One task owns the sampler, the discovery tracker and the exporters; the
 //! HTTP API reads the shared store. Inspections of new processes (ELF parsing,
 //! memory reads) run on the blocking pool so they never delay the ring buffer.
-use super::unix_secs;
+use crate::store::unix_secs;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,12 +25,12 @@ use super::discovery::{
 use super::export::Exporters;
 use super::metrics::{top_functions, DiscoveryResult, Metrics, ProcessEvent};
 use super::shared::Shared;
-use super::store::{NewProcess, Store, StoreLimits};
 use super::store_metrics::StoreMetrics;
 use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
 use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError};
+use crate::store::{NewProcess, Store, StoreLimits};
 
 /// How the daemon was started.
 pub struct DaemonOptions {

@@ -1,15 +1,16 @@
 //! State the sampling loop shares with the HTTP API.
-use super::unix_secs;
+use crate::store::unix_secs;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::metrics::Metrics;
-use super::store::Store;
-use super::{checked_top_seconds, top_span, ApiSource, ProcessView, QueryError, Selector};
 use crate::bpf::events::RawSample;
+use crate::model::api::ApiSource;
+use crate::model::query::{checked_top_seconds, top_span, ProcessView, QueryError, Selector};
+use crate::model::top::{self as model, Header, TopQuery, TopSnapshot};
 use crate::profile::Profile;
-use crate::top::model::{self, Header, TopQuery, TopSnapshot};
+use crate::store::Store;
 
 /// The store, the metrics and readiness, behind one `Arc`.
 pub struct Shared {
@@ -233,11 +234,11 @@ fn bpf_drops_and_errors(families: &[prometheus::proto::MetricFamily]) -> (u64, u
 mod tests {
     use super::*;
     use crate::bpf::counters::Counters;
-    use crate::daemon::store::{NewProcess, StoreLimits, TargetMemory};
-    use crate::daemon::ProcessLabels;
+    use crate::model::labels::ProcessLabels;
     use crate::process::memory::{MemoryError, RemoteMemory, SliceMemory};
     use crate::profile::Frame;
     use crate::python::code::{read_code, test_code};
+    use crate::store::{NewProcess, StoreLimits, TargetMemory};
     use profiler_common::Counter;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, OnceLock, Weak};

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use super::store::{StoreBytes, StoreLimits, StoreStats};
+use crate::store::{StoreBytes, StoreLimits, StoreStats};
 
 /// The store's series, registered in the daemon's registry.
 pub struct StoreMetrics {

@@ -1,6 +1,7 @@
 //! `pyebpf top`: a live, system-wide view of the hottest Python code.
 //!
-//! - [`model`]: the rows and numbers shown, computed from profiles (pure).
+//! - [`display`]: numbers as they are printed (the rows themselves are
+//!   [`crate::model::top`]'s).
 //! - [`source`]: where snapshots come from: a running `pyebpf daemon`'s
 //!   `/api/top` (no privileges needed), or a sampler loaded by `top` itself
 //!   (CAP_BPF, CAP_PERFMON, CAP_SYS_PTRACE).
@@ -13,10 +14,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use self::model::{format_duration, percent, seconds_of, TopQuery, TopSnapshot};
+use self::display::{format_duration, percent, seconds_of};
 use self::source::{Mode, TopSource};
+use crate::model::api::StartLocal;
+use crate::model::top::{TopQuery, TopSnapshot};
 
-pub mod model;
+pub mod display;
 pub mod source;
 pub mod ui;
 
@@ -85,8 +88,9 @@ impl Default for TopOptions {
 }
 
 /// Runs `pyebpf top` until the user quits (or, with `--once`, prints one
-/// snapshot).
-pub fn run(opts: TopOptions) -> anyhow::Result<()> {
+/// snapshot). `start_local` starts the sampling loop of local mode (the
+/// daemon's, handed in by the caller so that `top` does not depend on it).
+pub fn run(opts: TopOptions, start_local: StartLocal) -> anyhow::Result<()> {
     if let Some(once) = opts.once {
         if !(1..=86_400).contains(&once.duration_secs) {
             anyhow::bail!(
@@ -106,7 +110,7 @@ pub fn run(opts: TopOptions) -> anyhow::Result<()> {
             .build()
             .context("cannot start the async runtime")?,
     );
-    let mut src = source::open(&opts, rt.clone())?;
+    let mut src = source::open(&opts, rt.clone(), start_local)?;
     let result = match opts.once {
         Some(once) => run_once(src.as_mut(), &opts, once),
         None => ui::run(src.as_mut(), &opts, &rt),
@@ -259,8 +263,8 @@ pub fn text_report(snap: &TopSnapshot, mode: &Mode, q: &TopQuery, rows: usize) -
 
 #[cfg(test)]
 mod tests {
-    use super::model::{FunctionRow, ProcessRow};
     use super::*;
+    use crate::model::top::{FunctionRow, ProcessRow};
 
     fn sample_snapshot() -> TopSnapshot {
         let row = |name: &str, own: u64, total: u64| FunctionRow {

@@ -3,8 +3,8 @@
 //! - [`RemoteSource`]: a running `pyebpf daemon`, through `GET /api/top` on
 //!   its localhost HTTP API. Nothing is loaded; no privileges are needed.
 //! - [`LocalSource`]: `top` runs the daemon's discovery and sampling loop
-//!   itself (without HTTP), which needs CAP_BPF, CAP_PERFMON and
-//!   CAP_SYS_PTRACE (or root).
+//!   itself (without HTTP, started through the [`StartLocal`] it is given),
+//!   which needs CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (or root).
 //!
 //! Without `--daemon` or `--local`, [`open`] asks the daemon's default
 //! address first and samples locally only when nothing answers there, so a
@@ -15,11 +15,9 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use tokio::runtime::Runtime;
 
-use super::model::{TopQuery, TopSnapshot};
 use super::{SourceChoice, TopOptions, DEFAULT_DAEMON_URL, DEFAULT_RATE_HZ};
-use crate::daemon::config::Config;
-use crate::daemon::run::{self, DaemonOptions, Handle};
-use crate::daemon::ApiSource;
+use crate::model::api::{LocalSampling, StartLocal};
+use crate::model::top::{TopQuery, TopSnapshot};
 
 /// Where the data comes from, for the header.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,7 +53,11 @@ pub trait TopSource {
 }
 
 /// Opens the source `opts` asks for (see the module documentation).
-pub fn open(opts: &TopOptions, rt: Arc<Runtime>) -> anyhow::Result<Box<dyn TopSource>> {
+pub fn open(
+    opts: &TopOptions,
+    rt: Arc<Runtime>,
+    start_local: StartLocal,
+) -> anyhow::Result<Box<dyn TopSource>> {
     let rate = opts.rate_hz.unwrap_or(DEFAULT_RATE_HZ);
     let retention = local_retention(opts);
     match &opts.source {
@@ -65,14 +67,22 @@ pub fn open(opts: &TopOptions, rt: Arc<Runtime>) -> anyhow::Result<Box<dyn TopSo
             src.probe().map_err(|e| anyhow!("{e}"))?;
             Ok(Box::new(src))
         }
-        SourceChoice::Local => Ok(Box::new(LocalSource::start(rt, rate, retention)?)),
+        SourceChoice::Local => Ok(Box::new(LocalSource::start(
+            rt,
+            rate,
+            retention,
+            start_local,
+        )?)),
         SourceChoice::Auto => {
             let src = RemoteSource::new(DEFAULT_DAEMON_URL, rt.clone())?;
             match src.probe() {
                 Ok(()) => Ok(Box::new(src)),
-                Err(Probe::Unreachable(_)) => {
-                    Ok(Box::new(LocalSource::start(rt, rate, retention)?))
-                }
+                Err(Probe::Unreachable(_)) => Ok(Box::new(LocalSource::start(
+                    rt,
+                    rate,
+                    retention,
+                    start_local,
+                )?)),
                 Err(e) => Err(anyhow!(
                     "{e}; use --local to sample without it, or --daemon URL for another daemon"
                 )),
@@ -91,13 +101,19 @@ fn local_retention(opts: &TopOptions) -> u64 {
 /// The loop of `pyebpf daemon`, run in this process without HTTP.
 pub struct LocalSource {
     rt: Arc<Runtime>,
-    handle: Option<Handle>,
+    sampling: Option<Box<dyn LocalSampling>>,
     mode: Mode,
 }
 
 impl LocalSource {
-    /// Checks the privileges, loads the sampler and starts discovery.
-    pub fn start(rt: Arc<Runtime>, rate_hz: u64, retention_secs: u64) -> anyhow::Result<Self> {
+    /// Checks the privileges, then loads the sampler and starts discovery
+    /// with `start_local`.
+    pub fn start(
+        rt: Arc<Runtime>,
+        rate_hz: u64,
+        retention_secs: u64,
+        start_local: StartLocal,
+    ) -> anyhow::Result<Self> {
         crate::caps::require(
             "pyebpf top (local mode)",
             &crate::caps::record_requirements(),
@@ -108,35 +124,19 @@ impl LocalSource {
                  and needs no privileges."
             )
         })?;
-        let mut config = Config::default();
-        config.sampling.rate_hz = rate_hz;
-        config.aggregation.retention_secs = retention_secs;
-        config.aggregation.window_secs = config.aggregation.window_secs.min(retention_secs);
-        let handle = rt
-            .block_on(run::start(DaemonOptions {
-                config,
-                config_path: None,
-                serve_http: false,
-            }))
-            .context("cannot start sampling")?;
+        let sampling =
+            start_local(&rt, rate_hz, retention_secs).context("cannot start sampling")?;
         Ok(LocalSource {
             rt,
-            handle: Some(handle),
+            sampling: Some(sampling),
             mode: Mode::Local,
         })
     }
 
     fn stop(&mut self) -> anyhow::Result<()> {
-        let Some(h) = self.handle.take() else {
-            return Ok(());
-        };
-        // The timer must be made inside the runtime.
-        match self
-            .rt
-            .block_on(async { tokio::time::timeout(Duration::from_secs(5), h.stop()).await })
-        {
-            Ok(r) => r,
-            Err(_) => Err(anyhow!("the sampling loop did not stop within 5 s")),
+        match self.sampling.take() {
+            Some(s) => s.stop(&self.rt, Duration::from_secs(5)),
+            None => Ok(()),
         }
     }
 }
@@ -147,16 +147,16 @@ impl TopSource for LocalSource {
     }
 
     fn snapshot(&mut self, q: &TopQuery) -> anyhow::Result<TopSnapshot> {
-        let h = self
-            .handle
+        let s = self
+            .sampling
             .as_ref()
             .ok_or_else(|| anyhow!("sampling has stopped"))?;
-        h.shared.top_with_python(q).map_err(|e| anyhow!("{e}"))
+        s.api().top_with_python(q).map_err(|e| anyhow!("{e}"))
     }
 
     fn health(&mut self) -> anyhow::Result<()> {
-        match &self.handle {
-            Some(h) if h.is_finished() => {
+        match &self.sampling {
+            Some(s) if s.is_finished() => {
                 let r = self.stop();
                 Err(r
                     .err()
@@ -316,8 +316,6 @@ impl TopSource for RemoteSource {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::{ProcessView, QueryError, Selector};
-    use crate::profile::{Frame, Profile};
 
     #[test]
     fn urls_and_params() {
@@ -363,106 +361,5 @@ mod tests {
             ..TopOptions::default()
         };
         assert_eq!(local_retention(&opts), 7200);
-    }
-
-    /// One process with three samples of `hot`.
-    struct One;
-
-    impl ApiSource for One {
-        fn processes(&self) -> Vec<ProcessView> {
-            vec![ProcessView {
-                labels: crate::daemon::ProcessLabels {
-                    pid: 9,
-                    command: "python3".into(),
-                    service: "svc".into(),
-                    ..Default::default()
-                },
-                python_version: "3.11.9".into(),
-                python: "3.11".into(),
-                status: "profiled",
-                since: 0,
-                samples: 3,
-                memory_bytes: 0,
-                evicted_samples: 0,
-                reason: None,
-            }]
-        }
-        fn profile(&self, _: &Selector, _: u32) -> Result<Profile, QueryError> {
-            let mut p = Profile::new(50);
-            p.add(
-                vec![Frame::Python {
-                    qualname: "hot".into(),
-                    filename: "/a b/ü.py".into(),
-                    line: 4,
-                    first_line: 3,
-                }],
-                3,
-            );
-            Ok(p)
-        }
-        fn metrics_text(&self) -> String {
-            String::new()
-        }
-        fn ready(&self) -> Result<(), String> {
-            Ok(())
-        }
-        fn retention_secs(&self) -> u32 {
-            30
-        }
-    }
-
-    /// The remote source against the real router, over loopback.
-    #[test]
-    fn remote_source_reads_the_api_and_reports_errors() {
-        let rt = Arc::new(
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap(),
-        );
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = rt.spawn(crate::daemon::http::serve(listener, Arc::new(One), async {
-            let _ = rx.await;
-        }));
-        let mut src = RemoteSource::new(&addr.to_string(), rt.clone()).unwrap();
-        src.probe().unwrap();
-        assert_eq!(src.mode().describe(), format!("daemon http://{addr}"));
-        let q = TopQuery {
-            seconds: Some(10),
-            service: Some("svc".into()),
-            line_level: true,
-            ..Default::default()
-        };
-        let s = src.snapshot(&q).unwrap();
-        assert_eq!(s.total_samples, 3);
-        assert_eq!(s.rate_hz, 50);
-        assert_eq!(s.functions[0].filename, "/a b/ü.py");
-        assert_eq!(s.functions[0].line, Some(4));
-        assert_eq!(s.functions[0].python, "3.11");
-        assert_eq!(s.processes[0].python, "3.11");
-        // Beyond the retention: the daemon's 400 message comes through.
-        let err = src
-            .snapshot(&TopQuery {
-                seconds: Some(31),
-                ..Default::default()
-            })
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("400") && err.contains("from 1 to 30"), "{err}");
-        tx.send(()).unwrap();
-        rt.block_on(server).unwrap().unwrap();
-        // Nobody there any more (a new client: the old one may hold a
-        // kept-alive connection the server closed).
-        let fresh = RemoteSource::new(&addr.to_string(), rt.clone()).unwrap();
-        match fresh.probe() {
-            Err(Probe::Unreachable(u)) => assert_eq!(u, format!("http://{addr}")),
-            other => panic!("{other:?}"),
-        }
-        Box::new(src).shutdown().unwrap();
     }
 }

@@ -26,12 +26,10 @@ use ratatui::widgets::{
 use ratatui::{Frame, Terminal};
 use tokio::runtime::Runtime;
 
-use super::model::{
-    filtered_sorted, format_duration, percent, seconds_of, FunctionRow, SortKey, TopQuery,
-    TopSnapshot,
-};
+use super::display::{format_duration, percent, seconds_of};
 use super::source::TopSource;
 use super::{python_or_dash, rate_label, window_label, TopOptions};
+use crate::model::top::{filtered_sorted, FunctionRow, SortKey, TopQuery, TopSnapshot};
 
 /// How often the view is refreshed.
 pub const REFRESH: Duration = Duration::from_secs(1);
@@ -808,7 +806,7 @@ pub fn run(src: &mut dyn TopSource, opts: &TopOptions, rt: &Runtime) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::top::model::ProcessRow;
+    use crate::model::top::ProcessRow;
     use ratatui::backend::TestBackend;
 
     fn key(c: KeyCode) -> KeyEvent {

@@ -1,4 +1,5 @@
-//! Per-process stacks in one-second buckets, bounded in bytes.
+//! Per-process stacks in one-second buckets, bounded in bytes: the one
+//! store behind the daemon, `pyebpf top`'s local mode and `pyebpf record`.
 //!
 //! A raw stack (code objects and instruction indexes) is symbolised when a
 //! process first shows it, while its code objects are alive, into a stack of
@@ -22,7 +23,6 @@
 //! store, and [`Store::insert`] interns and counts them.
 mod stacks;
 
-use super::unix_secs;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -30,17 +30,23 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lru::LruCache;
 use profiler_common::RawFrame;
 
-use super::{
-    python_label, ProcessLabels, ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_PROFILED,
-    STATUS_UNSUPPORTED,
-};
 use crate::bpf::events::RawSample;
+use crate::model::labels::{python_label, ProcessLabels};
+use crate::model::query::{
+    ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_PROFILED, STATUS_UNSUPPORTED,
+};
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{Frame, Profile};
 use crate::python::code::CodeFormat;
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
 use crate::FastHashMap;
 use stacks::{StackId, StackTable};
+
+/// Whole seconds since the Unix epoch (0 for a time before it): the
+/// store's buckets are keyed by them.
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
 
 /// Limits of the store.
 #[derive(Clone, Copy, Debug)]
@@ -603,6 +609,18 @@ impl Store {
             .collect()
     }
 
+    /// Takes a process out of the store with every second it holds, as one
+    /// profile (`None` if it is not held). `record` takes a program out when
+    /// it ends, since the next program under its pid would replace it.
+    pub fn take(&mut self, pid: u32) -> Option<(ProcessLabels, Profile)> {
+        let e = self.entries.remove(&pid)?;
+        let mut p = Profile::new(self.rate_hz);
+        e.add_to_profile(&mut p, 0, u64::MAX);
+        let labels = e.labels.clone();
+        self.retire(e);
+        Some((labels, p))
+    }
+
     /// Marks a process exited; its data stays queryable until it expires.
     pub fn mark_exited(&mut self, pid: u32, now: SystemTime) {
         if let Some(e) = self.entries.get_mut(&pid) {
@@ -1157,6 +1175,24 @@ mod tests {
             Err(QueryError::NotFound(_))
         ));
         assert_eq!(s.window(1_000, 1_002)[0].1.total_samples(), 2);
+    }
+
+    #[test]
+    fn a_process_taken_out_keeps_its_samples_and_symbol_stats() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(100);
+        let c = with_codes(&mut s, 1, 2, t0);
+        s.add_sample(at(1, c[0], 0), t0);
+        s.add_sample(at(1, c[1], 0), t0 + Duration::from_secs(5));
+        let stats = s.symbol_stats();
+        let (labels, p) = s.take(1).unwrap();
+        assert_eq!((labels.pid, p.total_samples(), p.stacks.len()), (1, 2, 2));
+        assert!(s.take(1).is_none());
+        assert_eq!(s.stacks_held(), 0);
+        // Counted as before, and its samples from now on are foreign.
+        assert_eq!(s.symbol_stats(), stats);
+        s.add_sample(at(1, c[0], 0), t0);
+        assert_eq!((s.stats.samples, s.stats.foreign_samples), (2, 1));
     }
 
     #[test]
