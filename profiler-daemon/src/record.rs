@@ -17,7 +17,7 @@ use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError, PythonProcess};
 use crate::profile::{Format, Frame, Profile};
 use crate::store::{NewProcess, Store, StoreLimits};
-use profiler_common::{ProcEvent, PROC_EVENT_EXEC, PROC_EVENT_EXIT};
+use profiler_common::{PROC_EVENT_EXEC, PROC_EVENT_EXIT};
 
 /// What `pyebpf record` was asked to do.
 #[derive(Clone, Debug)]
@@ -406,7 +406,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
             }
             guard = proc_ring.readable_mut() => {
                 let mut guard = guard.context("polling the process event ring buffer")?;
-                let events = take_proc_events(guard.get_inner_mut());
+                let events = events::drain_proc_events(guard.get_inner_mut());
                 guard.clear_ready();
                 if events.iter().any(|e| alive.contains_key(&e.pid)) {
                     // Samples queued before an exec or exit belong to the
@@ -578,18 +578,6 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         evicted_seconds: stats.seconds_evicted,
         overflowed_samples: stats.stacks_overflowed,
     })
-}
-
-/// The process events queued in `ring`, oldest first.
-fn take_proc_events(ring: &mut RingBuf<MapData>) -> Vec<ProcEvent> {
-    let mut events = Vec::new();
-    while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<ProcEvent>() {
-            // SAFETY: ProcEvent is plain data and the length is checked.
-            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) });
-        }
-    }
-    events
 }
 
 fn drain(ring: &mut RingBuf<MapData>, programs: &mut Programs, decode_errors: &mut u64) {

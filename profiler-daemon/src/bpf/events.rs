@@ -1,7 +1,8 @@
 //! Decoding the sampler's ring-buffer records.
+use aya::maps::{MapData, RingBuf};
 use profiler_common::{
-    RawFrame, ReadStep, SampleHeader, FLAG_READ_ERROR, FLAG_TRUNCATED, HEADER_LEN, MAX_FRAMES,
-    RAW_FRAME_LEN,
+    ProcEvent, RawFrame, ReadStep, SampleHeader, FLAG_READ_ERROR, FLAG_TRUNCATED, HEADER_LEN,
+    MAX_FRAMES, RAW_FRAME_LEN,
 };
 
 /// One stack as BPF saw it: frames leaf first.
@@ -99,6 +100,19 @@ pub fn decode(bytes: &[u8]) -> Result<RawSample, DecodeError> {
         },
         frames,
     })
+}
+
+/// The process events (exec, exit) queued in `ring`, oldest first; records
+/// too short to be one are skipped.
+pub fn drain_proc_events(ring: &mut RingBuf<MapData>) -> Vec<ProcEvent> {
+    let mut events = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<ProcEvent>() {
+            // SAFETY: ProcEvent is plain data and the length is checked.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) });
+        }
+    }
+    events
 }
 
 #[cfg(test)]

@@ -10,11 +10,8 @@
 //! - [`export`]: pprof files on disk and pushes to Pyroscope.
 use std::time::SystemTime;
 
-// Used by `run` and `export` through this module (`super::python_label`,
-// `crate::daemon::unix_secs`).
-use crate::model::labels::{python_label, ProcessLabels};
+use crate::model::labels::ProcessLabels;
 use crate::profile::Profile;
-use crate::store::unix_secs;
 
 pub mod config;
 pub mod discovery;

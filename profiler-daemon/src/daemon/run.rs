@@ -396,7 +396,7 @@ impl Daemon {
                     self.tracker.forget(c.pid);
                     return;
                 }
-                let python = super::python_label(&p.version.to_string(), false);
+                let python = crate::model::labels::python_label(&p.version.to_string(), false);
                 if disabled || !self.config.discovery.selects(&labels) {
                     tracing::info!(pid = c.pid, command = %labels.command, disabled, "not profiled: excluded");
                     self.tracker.mark(c, Seen::Excluded);
@@ -743,18 +743,6 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     })
 }
 
-/// The process events queued in `ring`, oldest first.
-fn take_proc_events(ring: &mut RingBuf<MapData>) -> Vec<ProcEvent> {
-    let mut events = Vec::new();
-    while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<ProcEvent>() {
-            // SAFETY: ProcEvent is plain data and the length is checked.
-            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ProcEvent>()) });
-        }
-    }
-    events
-}
-
 type HttpTask = (
     tokio::task::JoinHandle<std::io::Result<()>>,
     tokio::sync::oneshot::Sender<()>,
@@ -798,14 +786,14 @@ async fn main_loop(
             }
             g = proc_ring.readable_mut() => {
                 let mut g = g.context("polling the process event ring buffer")?;
-                let events = take_proc_events(g.get_inner_mut());
+                let events = events::drain_proc_events(g.get_inner_mut());
                 g.clear_ready();
                 d.on_proc_events(events, ring.get_mut());
             }
             Some(r) = d.inspections.join_next() => {
                 // Events already queued come first: an exec or exit of the
                 // pid makes this answer stale (see `Lifecycle`).
-                let events = take_proc_events(proc_ring.get_mut());
+                let events = events::drain_proc_events(proc_ring.get_mut());
                 d.on_proc_events(events, ring.get_mut());
                 match r {
                     Ok(i) => d.on_inspected(i),

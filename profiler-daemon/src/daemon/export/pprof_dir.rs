@@ -10,7 +10,7 @@
 //! Retention only ever touches files whose names have exactly that shape (and
 //! our own leftover temporary files): anything else in the directory is left
 //! alone.
-use crate::daemon::unix_secs;
+use crate::store::unix_secs;
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -333,7 +333,7 @@ fn is_our_temp(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::ProcessLabels;
+    use crate::model::labels::ProcessLabels;
     use crate::profile::folded::tests::sample_profile;
     use crate::profile::pprof::proto;
     use std::io::Read as _;

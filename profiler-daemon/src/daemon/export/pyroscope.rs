@@ -42,7 +42,7 @@
 //!   pauses with jitter) and then a single upload probes it, so an outage
 //!   costs one request per pause rather than one per slot; the first success
 //!   restores full concurrency.
-use crate::daemon::unix_secs;
+use crate::store::unix_secs;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1226,7 +1226,7 @@ fn multipart_body(pprof: &[u8], mut random: u64) -> (String, Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::daemon::ProcessLabels;
+    use crate::model::labels::ProcessLabels;
     use crate::profile::folded::tests::sample_profile;
     use crate::profile::pprof::{self, proto};
     use axum::body::Bytes;
