@@ -399,6 +399,10 @@ pub struct RssSeries {
     /// budgets do not cover (the store may grow legitimately until its
     /// retention is full).
     pub nonstore_slope_mib_per_min: f64,
+    /// (seconds into the run, MiB) of each rise of at least [`STEP_MIB`]
+    /// from one reading to the next: sudden allocations, to be matched with
+    /// what the daemon does then (window closes every `window_secs`).
+    pub steps: Vec<(f64, f64)>,
     pub points: Vec<Point>,
 }
 
@@ -418,6 +422,11 @@ impl RssSeries {
             max_mib: rss.iter().copied().fold(0.0, f64::max),
             end_mib: last.rss_mib,
             slope_mib_per_min: slope(&half),
+            steps: points
+                .windows(2)
+                .filter(|w| w[1].rss_mib - w[0].rss_mib >= STEP_MIB)
+                .map(|w| (w[1].t, w[1].rss_mib - w[0].rss_mib))
+                .collect(),
             nonstore_slope_mib_per_min: slope(
                 &points[points.len() / 2..]
                     .iter()
@@ -428,6 +437,34 @@ impl RssSeries {
             store_end_mib: last.store_mib,
             points,
         })
+    }
+}
+
+/// `aggregation.window_secs` of the daemons that leave it at its default.
+const DEFAULT_WINDOW_SECS: u64 = 60;
+
+/// A rise of RSS within one second worth naming.
+const STEP_MIB: f64 = 4.0;
+
+/// `+49.1 MiB at 65 s, +10.2 MiB at 127 s`, or empty.
+fn steps_text(r: &RssSeries) -> String {
+    r.steps
+        .iter()
+        .map(|(t, d)| format!("+{d:.1} MiB at {t:.0} s"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `; RSS rose in steps: ...` when it did.
+fn steps_note(r: &RssSeries) -> String {
+    if r.steps.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; RSS rose in steps ({}), around the closes of the daemon's {DEFAULT_WINDOW_SECS} s \
+             windows (each materialises every process's window profile)",
+            steps_text(r)
+        )
     }
 }
 
@@ -1314,10 +1351,11 @@ fn targets(r: &ScaleResults) -> Vec<ScaleTarget> {
                     format!("max {:.1} MiB (limit {:.1})", run.rss.max_mib, limit),
                     Some(run.rss.max_mib <= limit),
                     format!(
-                        "store held at most {:.1} MiB; RSS minus store at the end {:.1} MiB, {:.1} MiB above the idle daemon: memory outside the budgeted store",
+                        "store held at most {:.1} MiB; RSS minus store at the end {:.1} MiB, {:.1} MiB above the idle daemon: memory outside the budgeted store{}",
                         run.rss.store_max_mib,
                         run.overhead_end_mib,
-                        run.overhead_end_mib - m.idle_rss_mib
+                        run.overhead_end_mib - m.idle_rss_mib,
+                        steps_note(&run.rss)
                     ),
                 ));
                 out.push(target(
@@ -1465,9 +1503,9 @@ fn growth_cause(r: &RssSeries) -> String {
         )
     } else {
         format!(
-            "RSS minus the store grew {:+.2} MiB/min: memory outside the budgeted store \
-             (allocator retention or unbudgeted state)",
-            r.nonstore_slope_mib_per_min
+            "RSS minus the store grew {:+.2} MiB/min: memory outside the budgeted store{}",
+            r.nonstore_slope_mib_per_min,
+            steps_note(r)
         )
     }
 }
@@ -1546,7 +1584,12 @@ fn markdown(r: &ScaleResults) -> String {
     );
     match &r.many {
         Some(x) => {
-            let _ = writeln!(s, "Idle daemon RSS: {:.1} MiB.\n", x.idle_rss_mib);
+            let _ = writeln!(
+                s,
+                "Idle daemon RSS: {:.1} MiB. `aggregation.window_secs` is at its default, \
+                 {DEFAULT_WINDOW_SECS} s.\n",
+                x.idle_rss_mib
+            );
             let _ = writeln!(
                 s,
                 "| rate | seconds | profiled | RSS start | p50 | max | end | slope (2nd half) | RSS − store slope | store max | RSS − store (end) | samples received | evicted | `[stack table full]` | ring-buffer drops |\n\
@@ -1562,6 +1605,16 @@ fn markdown(r: &ScaleResults) -> String {
                     run.rss.store_max_mib, run.overhead_end_mib, run.received,
                     run.evicted_samples, run.overflowed, run.ringbuf_dropped
                 );
+            }
+            for run in &x.runs {
+                if !run.rss.steps.is_empty() {
+                    let _ = writeln!(
+                        s,
+                        "\nAt {} Hz RSS rose by {STEP_MIB} MiB or more within one second: {}.",
+                        run.rate_hz,
+                        steps_text(&run.rss)
+                    );
+                }
             }
         }
         None => s.push_str("Not measured (see Failures).\n"),
