@@ -1,5 +1,6 @@
 //! `cargo xtask bench [--quick|--smoke]`: pyebpf against py-spy, side by
 //! side on this machine, written to BENCHMARKS.md and benchmarks.json.
+//! `--scale`: the daemon under production-sized loads instead ([`scale`]).
 //!
 //! Every figure is a median over repetitions that are interleaved (each
 //! round runs every condition once, in a rotated order), with its spread,
@@ -11,6 +12,7 @@ mod daemon;
 mod measure;
 mod micro;
 mod report;
+mod scale;
 mod self_profile;
 mod stats;
 mod sys;
@@ -227,6 +229,12 @@ pub struct BenchArgs {
     /// Skip the criterion microbenchmarks.
     #[arg(long)]
     pub no_criterion: bool,
+    /// Instead of the benchmarks: the daemon at production scale (many
+    /// processes, exec storm, query load, Pyroscope push, gunicorn soak),
+    /// written to BENCHMARKS-scale.md and benchmarks-scale.json. With
+    /// `--quick` under 6 minutes, full under 35.
+    #[arg(long, conflicts_with = "self_profile")]
+    pub scale: bool,
     /// Instead of the benchmarks: profile the daemon itself with perf under
     /// a high sample rate and write a flamegraph to target/self-profile/.
     #[arg(long, conflicts_with_all = ["quick", "smoke"])]
@@ -351,6 +359,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     } else {
         Mode::Full
     };
+    if args.scale {
+        return scale::run(mode, args.out.clone(), args.pyebpf.clone());
+    }
     if !crate::util::is_root() {
         bail!("`cargo xtask bench` needs root: it loads BPF programs and py-spy reads other processes");
     }

@@ -35,7 +35,8 @@ enum Command {
     },
     /// Bootstrap, build, then profile examples/busy.py and write a flamegraph.
     Demo,
-    /// Benchmarks against py-spy: writes BENCHMARKS.md and benchmarks.json (needs root).
+    /// Benchmarks against py-spy: writes BENCHMARKS.md and benchmarks.json (needs root);
+    /// `--scale`: the daemon at production scale, BENCHMARKS-scale.md.
     Bench(bench::BenchArgs),
 }
 

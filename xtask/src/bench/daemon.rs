@@ -190,6 +190,12 @@ impl Daemon {
         )?;
         let mut cmd = Command::new(pyebpf);
         cmd.arg("daemon").arg("--config").arg(&config);
+        Daemon::launch(cmd)
+    }
+
+    /// Starts `cmd` (a `pyebpf daemon` command line) and waits until its
+    /// API answers `/readyz`.
+    pub fn launch(mut cmd: Command) -> Result<Daemon> {
         cmd.env_remove("PYEBPF_LOG");
         let mut proc = Proc::spawn(cmd, "pyebpf daemon", Output::Stderr, false)?;
         let line = proc.wait_line("HTTP API on http://", Duration::from_secs(30))?;

@@ -376,7 +376,10 @@ pub fn markdown(r: &Results) -> String {
          Every figure is the **median** over repetitions, shown as `median [min–max]`. \
          Repetitions are interleaved: each round runs every condition once, in an order rotated \
          from round to round, so slow drift of the machine spreads over all conditions alike. \
-         Ratios are to a baseline measured in the same invocation.\n",
+         Ratios are to a baseline measured in the same invocation.\n\n\
+         The daemon under production-sized loads (hundreds of processes, an exec storm, query \
+         load, Pyroscope push, a gunicorn soak) is measured separately by \
+         `cargo xtask bench --scale`: see [BENCHMARKS-scale.md](BENCHMARKS-scale.md).\n",
         m.date_utc, m.seconds
     );
 
