@@ -24,6 +24,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+/// `Some` of a run's result, or `None` after printing its failure and
+/// adding it to `failures` (the report's "Failures" section).
+pub fn soft<T>(failures: &std::cell::RefCell<Vec<String>>, what: &str, r: Result<T>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let msg = format!("{what}: {e:#}");
+            println!("FAILED: {msg}");
+            failures.borrow_mut().push(msg);
+            None
+        }
+    }
+}
+
 /// How much to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -285,15 +299,7 @@ impl Ctx {
 
     /// `Some` of a run's result, or `None` after recording its failure.
     pub fn soft<T>(&self, what: &str, r: Result<T>) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let msg = format!("{what}: {e:#}");
-                println!("FAILED: {msg}");
-                self.failures.borrow_mut().push(msg);
-                None
-            }
-        }
+        soft(&self.failures, what, r)
     }
 
     pub fn scratch(&self, name: &str) -> PathBuf {

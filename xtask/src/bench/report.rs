@@ -53,15 +53,7 @@ impl Meta {
             .and_then(|l| l.split_once(':'))
             .map(|(_, v)| v.trim().to_string())
             .unwrap_or_else(|| "unknown".into());
-        let mem_kb: f64 = std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("MemTotal:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|v| v.parse().ok())
-            })
-            .unwrap_or(0.0);
+        let mem_kb = super::sys::mem_total_kb();
         let p = |prog: &Path, args: &[&str]| first_line(cmd(&prog.to_string_lossy(), args).probe());
         Ok(Meta {
             date_utc: first_line(cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).probe()),

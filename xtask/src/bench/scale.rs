@@ -189,15 +189,7 @@ impl Cx {
     }
 
     fn soft<T>(&self, what: &str, r: Result<T>) -> Option<T> {
-        match r {
-            Ok(v) => Some(v),
-            Err(e) => {
-                let msg = format!("{what}: {e:#}");
-                println!("FAILED: {msg}");
-                self.failures.borrow_mut().push(msg);
-                None
-            }
-        }
+        super::soft(&self.failures, what, r)
     }
 }
 
@@ -1792,15 +1784,7 @@ pub fn run(mode: Mode, out: Option<PathBuf>, pyebpf: Option<PathBuf>) -> Result<
         tag: format!("pyebpf-scale-{}", std::process::id()),
         failures: Default::default(),
     };
-    let mem_kb: f64 = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0.0);
+    let mem_kb = sys::mem_total_kb();
     let mut meta = ScaleMeta {
         date_utc: first_line(cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).probe()),
         mode,

@@ -362,6 +362,19 @@ pub fn cpu_set(cpu: usize) -> libc::cpu_set_t {
     set
 }
 
+/// `MemTotal` of `/proc/meminfo`, in KiB (0 when unreadable).
+pub fn mem_total_kb() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
 pub fn sleep_secs(s: f64) {
     thread::sleep(Duration::from_secs_f64(s));
 }
