@@ -15,7 +15,7 @@ use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
 use crate::model::labels::ProcessLabels;
 use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError, PythonProcess};
-use crate::profile::{Format, Frame, Profile};
+use crate::profile::{CompactProfile, Format, Frame, Profile};
 use crate::store::{NewProcess, Store, StoreLimits};
 use profiler_common::{PROC_EVENT_EXEC, PROC_EVENT_EXIT};
 
@@ -221,7 +221,7 @@ const EXEC_RETRIES_MS: [u64; 8] = [20, 50, 100, 200, 500, 1000, 2000, 4000];
 struct Programs {
     store: Store,
     /// Programs that ended (exec'd away, exited), oldest first.
-    done: Vec<(ProcessLabels, Profile)>,
+    done: Vec<(ProcessLabels, CompactProfile)>,
 }
 
 impl Programs {
@@ -280,7 +280,7 @@ impl Programs {
 
     /// Distinct (line-level) stacks held, for the status line.
     fn distinct_stacks(&self) -> usize {
-        let done: usize = self.done.iter().map(|(_, p)| p.stacks.len()).sum();
+        let done: usize = self.done.iter().map(|(_, p)| p.stack_count()).sum();
         done + self.store.stacks_held()
     }
 
@@ -293,7 +293,7 @@ impl Programs {
         let held = self.store.window(0, u64::MAX);
         for (labels, part) in self.done.iter().chain(held.iter()) {
             let command: Arc<str> = labels.command.as_str().into();
-            for (stack, &count) in &part.stacks {
+            for (stack, count) in part.stacks() {
                 unknown += count
                     * stack
                         .iter()

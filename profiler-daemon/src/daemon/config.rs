@@ -81,6 +81,8 @@ pub struct Config {
     pub discovery: Discovery,
     /// How samples are kept in memory.
     pub aggregation: Aggregation,
+    /// Limits of the HTTP API's queries.
+    pub api: Api,
     /// Prometheus metrics derived from the profiles.
     pub metrics: Metrics,
     /// Where closed windows are exported (nothing by default).
@@ -96,6 +98,7 @@ impl Default for Config {
             sampling: Sampling::default(),
             discovery: Discovery::default(),
             aggregation: Aggregation::default(),
+            api: Api::default(),
             metrics: Metrics::default(),
             outputs: Outputs::default(),
             logging: Logging::default(),
@@ -292,6 +295,30 @@ impl Default for Aggregation {
             memory_budget_mib: 256,
             process_memory_budget_mib: 32,
         }
+    }
+}
+
+/// `api:` limits of the HTTP API's queries.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Api {
+    /// Memory one `/profile` request may spell its stacks out into, in MiB,
+    /// `1..=4096`; default 64. A larger answer is refused (413) with its
+    /// size, rather than risking the daemon's memory limit: ask for fewer
+    /// seconds or one process. At most 4 such requests run at once.
+    #[serde(deserialize_with = "ranged::<_, _, 1, 4096>")]
+    pub max_query_mib: u32,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Api { max_query_mib: 64 }
+    }
+}
+
+impl Api {
+    pub fn max_query_bytes(&self) -> usize {
+        (self.max_query_mib as usize) << 20
     }
 }
 

@@ -538,6 +538,7 @@ fn query_error(e: QueryError) -> Response {
         QueryError::BadRequest(_) => StatusCode::BAD_REQUEST,
         QueryError::NotFound(_) => StatusCode::NOT_FOUND,
         QueryError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+        QueryError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
     };
     text(status, &e.to_string())
 }
@@ -741,6 +742,9 @@ mod tests {
                 Selector::Service(s) if s == "starting" => {
                     Err(QueryError::NotReady("first discovery not done".into()))
                 }
+                Selector::Service(s) if s == "huge" => Err(QueryError::TooLarge(
+                    "this profile would take more than 65 MiB to build".into(),
+                )),
                 Selector::Pid(pid) => Err(QueryError::NotFound(format!(
                     "no profiled process with pid {pid}"
                 ))),
@@ -1113,6 +1117,10 @@ mod tests {
         let (status, _, body) = s.get_text("/profile?service=starting").await;
         assert_eq!(status, 503);
         assert_eq!(body, "not ready: first discovery not done\n");
+        // Over the per-request budget.
+        let (status, _, body) = s.get_text("/folded?service=huge").await;
+        assert_eq!(status, 413);
+        assert_eq!(body, "this profile would take more than 65 MiB to build\n");
 
         // Unknown paths.
         for path in ["/", "/nope", "/profile/42", "/metrics/x", "/flamegraph"] {

@@ -26,10 +26,11 @@ use prometheus::{
     TextEncoder,
 };
 
+use super::export::pprof_writer::WriteCounters;
 use crate::bpf::counters::Counters;
 use crate::bpf::sampler::RunStats;
 use crate::model::labels::ProcessLabels;
-use crate::profile::{Frame, Profile};
+use crate::profile::{CompactProfile, Frame};
 use crate::python::symbolizer::SymbolStats;
 
 /// Most distinct values the `python` label takes (besides `""` and
@@ -766,6 +767,20 @@ impl Metrics {
     }
 
     /// Counts one export.
+    /// Handles on `pyebpf_export_total{target="pprof_dir"}`, for the thread
+    /// that writes the files.
+    pub fn pprof_write_counters(&self) -> WriteCounters {
+        let c = |r: ExportResult| {
+            self.export
+                .with_label_values(&[ExportTarget::PprofDir.as_str(), r.as_str()])
+        };
+        WriteCounters {
+            ok: c(ExportResult::Ok),
+            error: c(ExportResult::Error),
+            dropped: c(ExportResult::Dropped),
+        }
+    }
+
     pub fn inc_export(&self, target: ExportTarget, result: ExportResult) {
         self.export
             .with_label_values(&[target.as_str(), result.as_str()])
@@ -827,9 +842,9 @@ fn symbol_values(s: &SymbolStats) -> [u64; SYMBOL_RESULTS.len()] {
 /// The `k` Python functions with the most own (leaf) samples in `profile`,
 /// as `(qualname, file, samples)`, largest first, ties by name then file.
 /// Stacks whose leaf is not a Python frame are not counted.
-pub fn top_functions(profile: &Profile, k: usize) -> Vec<FunctionSamples> {
+pub fn top_functions(profile: &CompactProfile, k: usize) -> Vec<FunctionSamples> {
     let mut own: HashMap<(&str, &str), u64> = HashMap::new();
-    for (stack, &count) in &profile.stacks {
+    for (stack, count) in profile.stacks() {
         if let Some(Frame::Python {
             qualname, filename, ..
         }) = stack.last()
@@ -851,7 +866,7 @@ pub fn top_functions(profile: &Profile, k: usize) -> Vec<FunctionSamples> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::UnknownReason;
+    use crate::profile::{Profile, UnknownReason};
 
     /// `name{labels} value` lines of `text` as (name, labels, value), label
     /// values unescaped; panics on a line that does not parse.
@@ -1458,6 +1473,7 @@ mod tests {
         );
         p.add(vec![Frame::Truncated, py("f", "/a.py")], 1);
         p.add(vec![], 7);
+        let p = CompactProfile::from(&p);
 
         let all = top_functions(&p, 10);
         assert_eq!(
@@ -1471,7 +1487,7 @@ mod tests {
         );
         assert_eq!(top_functions(&p, 2), all[..2].to_vec());
         assert!(top_functions(&p, 0).is_empty());
-        assert!(top_functions(&Profile::new(100), 5).is_empty());
+        assert!(top_functions(&CompactProfile::new(100), 5).is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::time::SystemTime;
 
 use crate::model::labels::ProcessLabels;
-use crate::profile::Profile;
+use crate::profile::CompactProfile;
 
 pub mod config;
 pub mod discovery;
@@ -29,7 +29,7 @@ pub mod store_metrics;
 #[derive(Clone, Debug)]
 pub struct WindowProfile {
     pub labels: ProcessLabels,
-    pub profile: Profile,
+    pub profile: CompactProfile,
     pub start: SystemTime,
     pub end: SystemTime,
 }

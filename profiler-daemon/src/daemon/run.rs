@@ -587,10 +587,11 @@ impl Daemon {
         self.shared
             .store()
             .set_limits(store_limits(&new, self.procs_capacity));
+        self.shared.set_max_query_bytes(new.api.max_query_bytes());
         if new.outputs != self.config.outputs {
             // Export tasks run on the API runtime, not the ingest thread.
             let _api = self.api.enter();
-            match Exporters::new(&new.outputs) {
+            match Exporters::new(&new.outputs, &self.shared.metrics) {
                 Ok(e) => {
                     let old = std::mem::replace(&mut self.exporters, e);
                     self.api.spawn(old.shutdown(Duration::from_secs(10)));
@@ -660,6 +661,7 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     let metrics = Metrics::new();
     let store_metrics = StoreMetrics::register(metrics.registry());
     let shared = Arc::new(Shared::new(store, metrics));
+    shared.set_max_query_bytes(config.api.max_query_bytes());
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let (http, http_addr) = if opts.serve_http {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -675,7 +677,7 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         (None, None)
     };
 
-    let exporters = Exporters::new(&config.outputs)?;
+    let exporters = Exporters::new(&config.outputs, &shared.metrics)?;
     let rescan_every = Duration::from_secs(config.discovery.rescan_interval_secs);
     let window_every = Duration::from_secs(config.aggregation.window_secs);
     let d = Daemon {

@@ -1,6 +1,6 @@
 //! State the sampling loop shares with the HTTP API.
 use crate::store::unix_secs;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,7 +23,12 @@ pub struct Shared {
     /// that ingest last drained the ring buffer.
     epoch: Instant,
     last_drain_ms: AtomicU64,
+    /// Bytes one `/profile` request may spell its stacks out into.
+    max_query_bytes: AtomicUsize,
 }
+
+/// [`Shared::max_query_bytes`] until set: `api.max_query_mib`'s default.
+const DEFAULT_MAX_QUERY_BYTES: usize = 64 << 20;
 
 /// Longest time without a drain before `/healthz` says ingest is stalled:
 /// the loop drains at least every 200 ms, and a window flush or a burst of
@@ -39,7 +44,13 @@ impl Shared {
             started: SystemTime::now(),
             epoch: Instant::now(),
             last_drain_ms: AtomicU64::new(0),
+            max_query_bytes: AtomicUsize::new(DEFAULT_MAX_QUERY_BYTES),
         }
+    }
+
+    /// Sets the memory one `/profile` request may use (`api.max_query_mib`).
+    pub fn set_max_query_bytes(&self, bytes: usize) {
+        self.max_query_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Ingest drained the ring buffer now.
@@ -111,19 +122,36 @@ impl ApiSource for Shared {
     }
 
     /// A service's processes are queried one at a time, each under its
-    /// own hold of the store lock (see `top`).
+    /// own hold of the store lock (see `top`), and spelled out with the lock
+    /// released. The stacks spelled out are held to `api.max_query_mib`,
+    /// checked before each process is.
     fn profile(&self, selector: &Selector, seconds: u32) -> Result<Profile, QueryError> {
         let now = SystemTime::now();
+        let budget = self.max_query_bytes.load(Ordering::Relaxed);
         let pids = match selector {
-            Selector::Pid(_) => return self.store().query(selector, seconds, now),
+            Selector::Pid(pid) => vec![*pid],
             Selector::Service(_) => self.store().selected(selector),
         };
         let mut merged: Option<Profile> = None;
+        let mut spent = 0usize;
         for pid in pids {
-            // Gone meanwhile (expired): it has nothing left to add.
-            let Ok(p) = self.store().query(&Selector::Pid(pid), seconds, now) else {
-                continue;
+            let one = match self.store().query(&Selector::Pid(pid), seconds, now) {
+                Ok(c) => c,
+                // The pid asked for: say why (not found, bad seconds).
+                Err(e) if matches!(selector, Selector::Pid(_)) => return Err(e),
+                // Gone meanwhile (expired): it has nothing left to add.
+                Err(_) => continue,
             };
+            spent = spent.saturating_add(one.expanded_bytes());
+            if spent > budget {
+                return Err(QueryError::TooLarge(format!(
+                    "this profile would take more than {} MiB to build (api.max_query_mib is \
+                     {}): ask for fewer seconds or a single pid",
+                    spent.div_ceil(1 << 20),
+                    budget >> 20
+                )));
+            }
+            let p = one.to_profile();
             match merged.as_mut() {
                 None => merged = Some(p),
                 Some(m) => {
@@ -136,7 +164,10 @@ impl ApiSource for Shared {
         match merged {
             Some(m) => Ok(m),
             // Nothing selected: the store says why (not found, bad seconds).
-            None => self.store().query(selector, seconds, now),
+            None => self
+                .store()
+                .query(selector, seconds, now)
+                .map(|c| c.to_profile()),
         }
     }
 
@@ -354,6 +385,50 @@ mod tests {
         // the guard held, as the daemon did before, is caught.
         shared.store().add_sample(sample(0x98_000), now);
         assert!(probe.reads_under_lock.load(Ordering::SeqCst) > 0);
+    }
+
+    #[test]
+    fn a_profile_over_the_query_budget_is_refused_with_its_size() {
+        let shared = Shared::new(small_store(), Metrics::new());
+        let now = SystemTime::now();
+        for pid in [5, 6] {
+            let (mem, codes) = test_code::fakes(40);
+            let process = NewProcess {
+                labels: ProcessLabels::python3(pid, "web"),
+                start_time: 1,
+                python_version: "3.11.7".into(),
+                code_format: test_code::format(),
+            };
+            let mem = TargetMemory::new(mem);
+            assert!(shared.store().add_process_reading(process, now, mem));
+            // One deep stack per process: 40 frames.
+            let mut s = RawSample::one_frame(pid, codes[0].0, codes[0].1);
+            s.frames = codes
+                .iter()
+                .map(|&(code, checksum)| RawSample::one_frame(pid, code, checksum).frames[0])
+                .collect();
+            shared.add_samples([s], now);
+        }
+        let one = shared.profile(&Selector::Pid(5), 1).unwrap();
+        assert_eq!(one.stacks.keys().next().map(Vec::len), Some(40));
+        let need = shared
+            .store()
+            .query(&Selector::Pid(5), 1, now)
+            .unwrap()
+            .expanded_bytes();
+        // One process fits; the service's two do not.
+        shared.set_max_query_bytes(need + need / 2);
+        assert!(shared.profile(&Selector::Pid(6), 1).is_ok());
+        match shared.profile(&Selector::Service("web".into()), 1) {
+            Err(QueryError::TooLarge(m)) => assert!(m.contains("api.max_query_mib"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        shared.set_max_query_bytes(2 * need);
+        let both = shared.profile(&Selector::Service("web".into()), 1).unwrap();
+        assert_eq!(both.total_samples(), 2);
+        // `top` spells nothing out: it is not held to the budget.
+        shared.set_max_query_bytes(1);
+        assert_eq!(shared.top(&TopQuery::default()).unwrap().total_samples, 2);
     }
 
     #[test]

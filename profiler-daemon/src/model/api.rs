@@ -11,7 +11,7 @@ use super::query::{
     STATUS_UNSUPPORTED,
 };
 use super::top::{snapshot, Header, TopQuery, TopSnapshot};
-use crate::profile::Profile;
+use crate::profile::{CompactProfile, Profile};
 
 /// What the HTTP API reads from the running daemon.
 pub trait ApiSource: Send + Sync + 'static {
@@ -55,7 +55,7 @@ pub trait ApiSource: Send + Sync + 'static {
                 continue;
             }
             match self.profile(&Selector::Pid(v.labels.pid), span) {
-                Ok(p) => per_process.push((v.labels, p)),
+                Ok(p) => per_process.push((v.labels, CompactProfile::from(&p))),
                 // Gone since the listing.
                 Err(QueryError::NotFound(_)) => {}
                 Err(e) => return Err(e),

@@ -58,6 +58,9 @@ pub enum QueryError {
     NotFound(String),
     #[error("not ready: {0}")]
     NotReady(String),
+    /// The answer would take more memory than one request may use.
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// What a `top` query for the last `seconds` asks of the store: those many

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::labels::ProcessLabels;
-use crate::profile::{Frame, Profile};
+use crate::profile::{CompactProfile, Frame};
 
 /// What a `top` view asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -207,7 +207,7 @@ fn key_of(f: &Frame, line_level: bool) -> Option<Key> {
 /// others are listed even without samples. The window in `query` is the
 /// caller's business (the profiles already cover it).
 pub fn snapshot(
-    per_process: &[(ProcessLabels, Profile)],
+    per_process: &[(ProcessLabels, CompactProfile)],
     query: &TopQuery,
     header: &Header,
 ) -> TopSnapshot {
@@ -219,7 +219,7 @@ pub fn snapshot(
         let mut total: HashMap<Key, u64> = HashMap::new();
         let mut samples = 0;
         let mut seen = HashSet::new();
-        for (stack, &count) in &profile.stacks {
+        for (stack, count) in profile.stacks() {
             samples += count;
             if let Some(k) = stack.last().and_then(|f| key_of(f, query.line_level)) {
                 *own.entry(k).or_insert(0) += count;
@@ -347,6 +347,16 @@ pub fn filtered_sorted(rows: &[FunctionRow], filter: &str, key: SortKey) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::Profile;
+
+    /// [`super::snapshot`] of profiles spelled out.
+    fn snapshot(per: &[(ProcessLabels, Profile)], q: &TopQuery, h: &Header) -> TopSnapshot {
+        let compact: Vec<_> = per
+            .iter()
+            .map(|(l, p)| (l.clone(), CompactProfile::from(p)))
+            .collect();
+        super::snapshot(&compact, q, h)
+    }
 
     fn py(name: &str, line: u32, first: u32) -> Frame {
         Frame::Python {

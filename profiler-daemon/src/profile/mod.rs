@@ -4,10 +4,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub mod compact;
 pub mod folded;
 pub mod pprof;
 pub mod speedscope;
 pub mod svg;
+
+pub use compact::{CompactProfile, StackRef};
 
 /// One frame of a symbolised stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -12,7 +12,7 @@ use std::time::UNIX_EPOCH;
 use flate2::{write::GzEncoder, Compression};
 use prost::Message;
 
-use super::{Frame, Profile};
+use super::{CompactProfile, Frame, Profile};
 
 /// The messages of pprof's profile.proto (`perftools.profiles`), fields 1-14
 /// of `Profile`; later additions are not needed here.
@@ -228,6 +228,12 @@ fn to_i64(v: u64) -> i64 {
 
 /// `p` as a pprof message (ids and string indices as the module docs say).
 pub fn build(p: &Profile) -> proto::Profile {
+    build_compact(&CompactProfile::from(p))
+}
+
+/// [`build`] of a compact profile: each distinct frame becomes a location
+/// once, and samples list them leaf first.
+pub fn build_compact(p: &CompactProfile) -> proto::Profile {
     let mut b = Builder::new();
     let period = to_i64(p.period_ns());
     let sample_type = vec![
@@ -235,9 +241,15 @@ pub fn build(p: &Profile) -> proto::Profile {
         b.value_type("cpu", "nanoseconds"),
     ];
     let period_type = b.value_type("cpu", "nanoseconds");
-    let mut samples = Vec::with_capacity(p.stacks.len());
-    for (stack, count) in p.sorted_stacks() {
-        let location_id = stack.iter().rev().map(|f| b.location(f)).collect();
+    let locations: Vec<u64> = p.frames().iter().map(|f| b.location(f)).collect();
+    let mut samples = Vec::with_capacity(p.stack_count());
+    for (stack, count) in p.stacks() {
+        let location_id = stack
+            .ids()
+            .iter()
+            .rev()
+            .filter_map(|&i| locations.get(i as usize).copied())
+            .collect();
         let count = to_i64(count);
         samples.push(proto::Sample {
             location_id,

@@ -36,7 +36,7 @@ use crate::model::query::{
     ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_PROFILED, STATUS_UNSUPPORTED,
 };
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
-use crate::profile::{Frame, Profile};
+use crate::profile::{CompactProfile, Frame};
 use crate::python::code::CodeFormat;
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
 use crate::FastHashMap;
@@ -454,13 +454,36 @@ impl Entry {
         out
     }
 
-    fn add_to_profile(&self, profile: &mut Profile, from: u64, until: u64) {
-        for (id, c) in self.counts(from, until) {
-            let frames = self.table.frames(id);
-            if !frames.is_empty() {
-                profile.add(frames, c);
+    /// Its stacks over `[from, until)`, frames stored once, in stack id
+    /// order. Costs O(stacks + frames held), under the store lock; nothing
+    /// is spelled out.
+    fn compact(&self, rate_hz: u32, from: u64, until: u64) -> CompactProfile {
+        let mut counts: Vec<(StackId, u64)> = self.counts(from, until).into_iter().collect();
+        counts.sort_unstable_by_key(|(id, _)| *id);
+        let mut out = CompactProfile::new(rate_hz);
+        // Frame id -> index in `out`, `u32::MAX` until first used.
+        let mut index = vec![u32::MAX; self.table.frame_slots()];
+        for (id, n) in counts {
+            let Some(fids) = self.table.stack(id) else {
+                continue;
+            };
+            let ids: Option<Arc<[u32]>> = fids
+                .iter()
+                .map(|&f| {
+                    let slot = index.get_mut(f as usize)?;
+                    if *slot == u32::MAX {
+                        *slot = out.push_frame(self.table.frame(f)?.clone());
+                    }
+                    Some(*slot)
+                })
+                .collect();
+            // Every id of a live stack is a live frame; a stack that is not
+            // is left out rather than shown wrong.
+            if let Some(ids) = ids.filter(|ids| !ids.is_empty()) {
+                out.push_stack(ids, n);
             }
         }
+        out
     }
 }
 
@@ -612,10 +635,9 @@ impl Store {
     /// Takes a process out of the store with every second it holds, as one
     /// profile (`None` if it is not held). `record` takes a program out when
     /// it ends, since the next program under its pid would replace it.
-    pub fn take(&mut self, pid: u32) -> Option<(ProcessLabels, Profile)> {
+    pub fn take(&mut self, pid: u32) -> Option<(ProcessLabels, CompactProfile)> {
         let e = self.entries.remove(&pid)?;
-        let mut p = Profile::new(self.rate_hz);
-        e.add_to_profile(&mut p, 0, u64::MAX);
+        let p = e.compact(self.rate_hz, 0, u64::MAX);
         let labels = e.labels.clone();
         self.retire(e);
         Some((labels, p))
@@ -1025,13 +1047,15 @@ impl Store {
         v
     }
 
-    /// The last `seconds` seconds (the current, partial second included).
+    /// The last `seconds` seconds (the current, partial second included),
+    /// every selected process's stacks side by side (a stack held by two
+    /// processes appears twice: merge when spelling out).
     pub fn query(
         &self,
         selector: &Selector,
         seconds: u32,
         now: SystemTime,
-    ) -> Result<Profile, QueryError> {
+    ) -> Result<CompactProfile, QueryError> {
         if seconds == 0 || seconds > self.limits.retention_secs {
             return Err(QueryError::BadRequest(format!(
                 "seconds must be between 1 and {} (the retention)",
@@ -1040,17 +1064,16 @@ impl Store {
         }
         let until = unix_secs(now) + 1;
         let from = until.saturating_sub(u64::from(seconds));
-        let mut profile = Profile::new(self.rate_hz);
-        let mut found = false;
-        for e in self.select(selector) {
-            found = true;
-            e.add_to_profile(&mut profile, from, until);
-        }
-        if !found {
+        let mut selected = self.select(selector).peekable();
+        if selected.peek().is_none() {
             return Err(QueryError::NotFound(match selector {
                 Selector::Pid(p) => format!("process {p} is not profiled"),
                 Selector::Service(s) => format!("no profiled process has service {s:?}"),
             }));
+        }
+        let mut profile = CompactProfile::new(self.rate_hz);
+        for e in selected {
+            profile.append(e.compact(self.rate_hz, from, until));
         }
         profile.start = Some(UNIX_EPOCH + std::time::Duration::from_secs(from));
         profile.duration = std::time::Duration::from_secs(u64::from(seconds));
@@ -1066,11 +1089,10 @@ impl Store {
 
     /// One profile per process over `[from, until)` unix seconds, for window
     /// exports; processes without samples there are left out.
-    pub fn window(&self, from: u64, until: u64) -> Vec<(ProcessLabels, Profile)> {
+    pub fn window(&self, from: u64, until: u64) -> Vec<(ProcessLabels, CompactProfile)> {
         let mut out = Vec::new();
         for e in self.entries.values() {
-            let mut p = Profile::new(self.rate_hz);
-            e.add_to_profile(&mut p, from, until);
+            let mut p = e.compact(self.rate_hz, from, until);
             if p.total_samples() > 0 {
                 p.start = Some(UNIX_EPOCH + std::time::Duration::from_secs(from));
                 p.duration = std::time::Duration::from_secs(until.saturating_sub(from));
@@ -1155,15 +1177,24 @@ mod tests {
         }
         let now = t0 + Duration::from_secs(4);
         assert_eq!(
-            s.query(&Selector::Pid(1), 1, now).unwrap().total_samples(),
+            s.query(&Selector::Pid(1), 1, now)
+                .unwrap()
+                .to_profile()
+                .total_samples(),
             1
         );
         assert_eq!(
-            s.query(&Selector::Pid(1), 3, now).unwrap().total_samples(),
+            s.query(&Selector::Pid(1), 3, now)
+                .unwrap()
+                .to_profile()
+                .total_samples(),
             3
         );
         assert_eq!(
-            s.query(&Selector::Pid(1), 10, now).unwrap().total_samples(),
+            s.query(&Selector::Pid(1), 10, now)
+                .unwrap()
+                .to_profile()
+                .total_samples(),
             5
         );
         assert!(matches!(
@@ -1186,7 +1217,7 @@ mod tests {
         s.add_sample(at(1, c[1], 0), t0 + Duration::from_secs(5));
         let stats = s.symbol_stats();
         let (labels, p) = s.take(1).unwrap();
-        assert_eq!((labels.pid, p.total_samples(), p.stacks.len()), (1, 2, 2));
+        assert_eq!((labels.pid, p.total_samples(), p.stack_count()), (1, 2, 2));
         assert!(s.take(1).is_none());
         assert_eq!(s.stacks_held(), 0);
         // Counted as before, and its samples from now on are foreign.
@@ -1201,7 +1232,10 @@ mod tests {
         let mut s = store(100);
         s.add_process(new_proc(std::process::id(), "a"), t0);
         s.add_sample(sample(std::process::id(), 8), t0);
-        let p = s.query(&Selector::Pid(std::process::id()), 1, t0).unwrap();
+        let p = s
+            .query(&Selector::Pid(std::process::id()), 1, t0)
+            .unwrap()
+            .to_profile();
         let (stack, _) = p.stacks.iter().next().unwrap();
         assert!(matches!(stack[0], Frame::Unknown { .. }));
         assert_eq!(s.symbol_stats().unreadable, 1);
@@ -1216,7 +1250,7 @@ mod tests {
             s.add_sample(at(1, code, 0), t0);
         }
         assert_eq!(s.stats.stacks_overflowed, 7);
-        let p = s.query(&Selector::Pid(1), 1, t0).unwrap();
+        let p = s.query(&Selector::Pid(1), 1, t0).unwrap().to_profile();
         assert_eq!(p.total_samples(), 10);
         assert_eq!(p.stacks.get(&vec![Frame::Overflow]), Some(&7));
     }
@@ -1234,7 +1268,7 @@ mod tests {
         }
         s.add_sample(at(1, c[1], 3), t0);
         assert_eq!(s.stacks_held(), 3, "line 10, line 11, and code 1");
-        let p = s.query(&Selector::Pid(1), 1, t0).unwrap();
+        let p = s.query(&Selector::Pid(1), 1, t0).unwrap().to_profile();
         let mut lines: Vec<(u32, u64)> = p.stacks.iter().map(|(k, n)| (line_of(k), *n)).collect();
         lines.sort();
         assert_eq!(lines, [(10, 14), (11, 2), (20, 1)]);
@@ -1268,7 +1302,12 @@ mod tests {
         assert_eq!(batch.stats, one.stats);
         assert_eq!(batch.stats.stacks_overflowed, 3, "4, 5, 6");
         assert_eq!(batch.symbol_stats(), one.symbol_stats());
-        let q = |s: &Store| s.query(&Selector::Pid(1), 1, t0).unwrap().stacks;
+        let q = |s: &Store| {
+            s.query(&Selector::Pid(1), 1, t0)
+                .unwrap()
+                .to_profile()
+                .stacks
+        };
         assert_eq!(q(&batch), q(&one));
         assert_eq!(q(&batch).get(&vec![Frame::Overflow]), Some(&3));
     }
@@ -1295,7 +1334,11 @@ mod tests {
         assert!(s.stats.seconds_evicted > 0);
         assert_eq!(s.stats.stacks_overflowed, 0, "older seconds could go");
         let now = t0 + Duration::from_secs(9);
-        let kept = s.query(&Selector::Pid(1), 10, now).unwrap().total_samples();
+        let kept = s
+            .query(&Selector::Pid(1), 10, now)
+            .unwrap()
+            .to_profile()
+            .total_samples();
         assert_eq!(
             kept + s.stats.samples_evicted,
             added,
@@ -1304,7 +1347,10 @@ mod tests {
         assert_eq!(s.stats.stacks_evicted, s.stats.samples_evicted);
         // The newest second is whole.
         assert_eq!(
-            s.query(&Selector::Pid(1), 1, now).unwrap().total_samples(),
+            s.query(&Selector::Pid(1), 1, now)
+                .unwrap()
+                .to_profile()
+                .total_samples(),
             10
         );
         let v = &s.views()[0];
@@ -1337,7 +1383,10 @@ mod tests {
         assert!(s.bytes().total() <= held);
         assert_eq!(s.stats.samples_evicted, 300, "the big process's second");
         assert_eq!(
-            s.query(&Selector::Pid(2), 10, t1).unwrap().total_samples(),
+            s.query(&Selector::Pid(2), 10, t1)
+                .unwrap()
+                .to_profile()
+                .total_samples(),
             2
         );
         assert_eq!(s.stats.stacks_overflowed, 0);
@@ -1381,7 +1430,8 @@ mod tests {
         assert_eq!(s.stats.stacks_collected, 5);
         let p = s
             .query(&Selector::Pid(1), 10, t0 + Duration::from_secs(14))
-            .unwrap();
+            .unwrap()
+            .to_profile();
         assert_eq!(p.total_samples(), 10);
         s.expire(t0 + Duration::from_secs(30));
         let b = s.bytes();
@@ -1432,7 +1482,7 @@ mod tests {
         // in the raw cache with the old id.
         s.add_sample(at(1, c[1], 0), t1);
         s.add_sample(at(1, c[0], 0), t1);
-        let p = s.query(&Selector::Pid(1), 1, t1).unwrap();
+        let p = s.query(&Selector::Pid(1), 1, t1).unwrap().to_profile();
         let mut lines: Vec<u32> = p.stacks.keys().map(|k| line_of(k)).collect();
         lines.sort();
         assert_eq!(lines, [11, 21]);
@@ -1452,7 +1502,10 @@ mod tests {
         assert_eq!(s.stats.foreign_samples, 2);
         assert_eq!(s.stats.samples, 0);
         assert_eq!(
-            s.query(&Selector::Pid(1), 1, t0).unwrap().total_samples(),
+            s.query(&Selector::Pid(1), 1, t0)
+                .unwrap()
+                .to_profile()
+                .total_samples(),
             0
         );
         // Its symbol statistics are kept, as a removed process's are.
@@ -1622,7 +1675,10 @@ mod tests {
         assert!(s.add_process(reused, t0));
         assert!(s.holds(1, 2) && !s.holds(1, 1));
         assert_eq!(
-            s.query(&Selector::Pid(1), 1, t0).unwrap().total_samples(),
+            s.query(&Selector::Pid(1), 1, t0)
+                .unwrap()
+                .to_profile()
+                .total_samples(),
             0
         );
         assert!(s.query(&Selector::Service("new".into()), 1, t0).is_ok());

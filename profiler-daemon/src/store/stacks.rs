@@ -11,7 +11,7 @@ use crate::profile::Frame;
 use crate::FastHashMap;
 
 pub type StackId = u32;
-type FrameId = u32;
+pub type FrameId = u32;
 
 /// Bytes a frame costs beyond its strings: its slot, its key in the map
 /// and the map's control bytes.
@@ -208,17 +208,33 @@ impl StackTable {
     }
 
     /// The frames of stack `id`, root first (empty if not live).
+    #[cfg(test)]
     pub fn frames(&self, id: StackId) -> Vec<Frame> {
-        let Some(Some(s)) = self.stacks.get(id as usize) else {
-            return Vec::new();
-        };
-        s.frames
-            .iter()
-            .filter_map(|&f| match self.frames.get(f as usize) {
-                Some(Some(slot)) => Some(slot.frame.clone()),
-                _ => None,
-            })
-            .collect()
+        self.stack(id)
+            .map(|ids| ids.iter().filter_map(|&f| self.frame(f).cloned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The frame ids of stack `id`, root first, if it is live.
+    pub fn stack(&self, id: StackId) -> Option<&[FrameId]> {
+        match self.stacks.get(id as usize) {
+            Some(Some(s)) => Some(&s.frames),
+            _ => None,
+        }
+    }
+
+    /// Frame `id`, if it is live.
+    pub fn frame(&self, id: FrameId) -> Option<&Frame> {
+        match self.frames.get(id as usize) {
+            Some(Some(slot)) => Some(&slot.frame),
+            _ => None,
+        }
+    }
+
+    /// One more than the largest frame id in use (or freed): the size of a
+    /// table indexed by frame id.
+    pub fn frame_slots(&self) -> usize {
+        self.frames.len()
     }
 }
 

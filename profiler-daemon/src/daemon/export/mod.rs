@@ -3,18 +3,19 @@ use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use super::config::Outputs;
-use super::metrics::{ExportResult, ExportTarget, Metrics};
+use super::metrics::Metrics;
 use super::{ProcessLabels, WindowProfile};
-use crate::profile::Profile;
+use crate::profile::CompactProfile;
 
 pub mod pprof_dir;
+pub mod pprof_writer;
 pub mod pyroscope;
 
 pub use pprof_dir::ExportError;
 
 /// The configured outputs of closed windows.
 pub struct Exporters {
-    pprof_dir: Option<pprof_dir::PprofDir>,
+    pprof_dir: Option<pprof_writer::Writer>,
     pyroscope: Option<pyroscope::Pusher>,
 }
 
@@ -27,13 +28,20 @@ impl Exporters {
         }
     }
 
-    pub fn new(cfg: &Outputs) -> Result<Self, ExportError> {
+    pub fn new(cfg: &Outputs, metrics: &Metrics) -> Result<Self, ExportError> {
         let pprof_dir = match &cfg.pprof_dir {
-            Some(d) => Some(pprof_dir::PprofDir::new(pprof_dir::PprofDirConfig {
-                path: d.path.clone(),
-                max_age: Duration::from_secs(d.max_age_secs),
-                max_total_bytes: d.max_total_bytes,
-            })?),
+            Some(d) => {
+                let dir = pprof_dir::PprofDir::new(pprof_dir::PprofDirConfig {
+                    path: d.path.clone(),
+                    max_age: Duration::from_secs(d.max_age_secs),
+                    max_total_bytes: d.max_total_bytes,
+                })?;
+                let writer = pprof_writer::Writer::spawn(dir, metrics.pprof_write_counters())
+                    .map_err(|e| {
+                        ExportError::io("pprof directory {}: no writer thread", &d.path, e)
+                    })?;
+                Some(writer)
+            }
             None => None,
         };
         let pyroscope = match &cfg.pyroscope {
@@ -49,12 +57,12 @@ impl Exporters {
         })
     }
 
-    /// Writes and queues the window's profiles. Never blocks on the network:
-    /// the window is handed to the pusher as a whole, encoded on a blocking
-    /// thread and sent by its own tasks.
+    /// Hands the window's profiles to the outputs. Never blocks on the disk
+    /// or the network: files are written by their own thread, and the
+    /// pusher encodes on a blocking thread and sends from its own tasks.
     pub fn export(
         &self,
-        windows: Vec<(ProcessLabels, Profile)>,
+        windows: Vec<(ProcessLabels, CompactProfile)>,
         from: u64,
         until: u64,
         metrics: &Metrics,
@@ -63,38 +71,23 @@ impl Exporters {
         let end = UNIX_EPOCH + Duration::from_secs(until);
         // Before the push, so the pusher's counters reach the metrics.
         self.report(metrics);
-        let mut push = Vec::with_capacity(if self.pyroscope.is_some() {
-            windows.len()
-        } else {
-            0
-        });
-        for (labels, profile) in windows {
-            let w = WindowProfile {
+        let window: Vec<WindowProfile> = windows
+            .into_iter()
+            .map(|(labels, profile)| WindowProfile {
                 labels,
                 profile,
                 start,
                 end,
-            };
-            if let Some(dir) = &self.pprof_dir {
-                match dir.write(&w) {
-                    Ok(_) => metrics.inc_export(ExportTarget::PprofDir, ExportResult::Ok),
-                    Err(e) => {
-                        tracing::warn!("pprof_dir: {e}");
-                        metrics.inc_export(ExportTarget::PprofDir, ExportResult::Error);
-                    }
-                }
+            })
+            .collect();
+        match (&self.pprof_dir, &self.pyroscope) {
+            (Some(dir), Some(p)) => {
+                dir.write_window(window.clone());
+                p.push_window(window);
             }
-            if self.pyroscope.is_some() {
-                push.push(w);
-            }
-        }
-        if let Some(p) = &self.pyroscope {
-            p.push_window(push);
-        }
-        if let Some(dir) = &self.pprof_dir {
-            if let Err(e) = dir.enforce_retention() {
-                tracing::warn!("pprof_dir retention: {e}");
-            }
+            (Some(dir), None) => dir.write_window(window),
+            (None, Some(p)) => p.push_window(window),
+            (None, None) => {}
         }
     }
 
@@ -107,8 +100,14 @@ impl Exporters {
         }
     }
 
-    /// Sends what is queued, for at most `deadline`, and says what was left.
+    /// Writes and sends what is queued, for at most `deadline` each, and
+    /// says what was left.
     pub async fn shutdown(self, deadline: Duration) {
+        if let Some(w) = self.pprof_dir {
+            if !w.shutdown(deadline).await {
+                tracing::warn!("pprof_dir: files still being written at shutdown");
+            }
+        }
         if let Some(p) = self.pyroscope {
             let r = p.shutdown(deadline).await;
             if r.unsent > 0 {

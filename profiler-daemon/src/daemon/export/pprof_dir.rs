@@ -41,7 +41,7 @@ pub enum ExportError {
 
 impl ExportError {
     /// `what` with `{}` standing for the path.
-    fn io(what: &str, path: &Path, source: std::io::Error) -> Self {
+    pub(super) fn io(what: &str, path: &Path, source: std::io::Error) -> Self {
         ExportError::Io {
             message: what.replacen("{}", &path.display().to_string(), 1),
             path: path.to_path_buf(),
@@ -53,7 +53,7 @@ impl ExportError {
 /// Gzipped profile.proto of `w`, with its process labels as comments.
 /// Shared by the file and Pyroscope exports.
 pub fn encode_window(w: &WindowProfile) -> Vec<u8> {
-    let mut msg = pprof::build(&w.profile);
+    let mut msg = pprof::build_compact(&w.profile);
     for (k, v) in w.labels.pairs() {
         let i = msg.string_table.len() as i64;
         msg.string_table.push(format!("{k}={v}"));
@@ -143,6 +143,25 @@ impl PprofDir {
     /// file just written; a retention failure is logged, not returned).
     /// Returns the path of the new file.
     pub fn write(&self, w: &WindowProfile) -> Result<PathBuf, ExportError> {
+        let path = self.write_file(w)?;
+        match self.retention(Some(&path)) {
+            Ok(r) if r.deleted_age + r.deleted_size + r.deleted_temp > 0 => tracing::debug!(
+                deleted_age = r.deleted_age,
+                deleted_size = r.deleted_size,
+                deleted_temp = r.deleted_temp,
+                kept = r.kept,
+                kept_bytes = r.kept_bytes,
+                "pprof directory retention"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("pprof directory retention failed: {e}"),
+        }
+        Ok(path)
+    }
+
+    /// Writes `w` atomically (a temporary file, `fsync`, rename), without
+    /// retention: a window's files are written, then retention runs once.
+    pub fn write_file(&self, w: &WindowProfile) -> Result<PathBuf, ExportError> {
         let name = file_name(&w.labels.service, w.labels.pid, unix_secs(w.start));
         let path = self.cfg.path.join(&name);
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
@@ -161,18 +180,6 @@ impl PprofDir {
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             return Err(ExportError::io("cannot write pprof file {}", &path, e));
-        }
-        match self.retention(Some(&path)) {
-            Ok(r) if r.deleted_age + r.deleted_size + r.deleted_temp > 0 => tracing::debug!(
-                deleted_age = r.deleted_age,
-                deleted_size = r.deleted_size,
-                deleted_temp = r.deleted_temp,
-                kept = r.kept,
-                kept_bytes = r.kept_bytes,
-                "pprof directory retention"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::warn!("pprof directory retention failed: {e}"),
         }
         Ok(path)
     }
@@ -351,7 +358,7 @@ mod tests {
                 container_id: Some("abc123".into()),
                 ..Default::default()
             },
-            profile: sample_profile(),
+            profile: (&sample_profile()).into(),
             start,
             end: start + Duration::from_secs(60),
         }
@@ -453,7 +460,7 @@ mod tests {
             ]
         );
         // The profile itself is the pprof module's encoding, plus comments.
-        let mut plain = pprof::build(&w.profile);
+        let mut plain = pprof::build_compact(&w.profile);
         assert_eq!(plain.sample, m.sample);
         plain.string_table = m.string_table.clone();
         plain.comment = m.comment.clone();
