@@ -450,14 +450,23 @@ fn steps_text(r: &RssSeries) -> String {
 /// `; RSS rose in steps: ...` when it did.
 fn steps_note(r: &RssSeries) -> String {
     if r.steps.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "; RSS rose in steps ({}), around the closes of the daemon's {DEFAULT_WINDOW_SECS} s \
-             windows (each materialises every process's window profile)",
-            steps_text(r)
-        )
+        return String::new();
     }
+    // The series starts with the daemon, so window closes fall near
+    // multiples of the window length.
+    let window = DEFAULT_WINDOW_SECS as f64;
+    let at_closes = r.steps.iter().all(|&(t, _)| {
+        let off = t % window;
+        t >= window - 3.0 && (off <= 3.0 || off >= window - 3.0)
+    });
+    let when = if at_closes {
+        format!(
+            ", each within 3 s of the close of one of the daemon's {DEFAULT_WINDOW_SECS} s windows"
+        )
+    } else {
+        String::new()
+    };
+    format!("; RSS rose in steps ({}){when}", steps_text(r))
 }
 
 /// A flat RSS: under this growth per minute over the second half, or (in
