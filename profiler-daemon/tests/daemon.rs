@@ -13,7 +13,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -40,14 +39,6 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a process this test started.
@@ -470,20 +461,7 @@ impl Daemon {
             let text = config.replace("{dir}", &dir.path().display().to_string());
             std::fs::write(&config_path, text).unwrap();
             let log = dir.path().join("daemon.log");
-            let f = File::create(&log).unwrap();
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            let child = Command::new(pyebpf())
-                .arg("daemon")
-                .arg("--config")
-                .arg(&config_path)
-                .arg("--listen")
-                .arg(addr.to_string())
-                .env("PYEBPF_LOG", "info,pyebpf::daemon::run=debug")
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(f.try_clone().unwrap()))
-                .stderr(Stdio::from(f))
-                .spawn()
-                .expect("start pyebpf daemon");
+            let (child, addr) = spawn_daemon(&config_path, &log);
             let mut d = Daemon {
                 name: name.to_string(),
                 child,

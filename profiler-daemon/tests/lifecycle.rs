@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,13 +16,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `GET path` as HTTP/1.0 (no chunked encoding): status and body.
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
@@ -55,20 +48,7 @@ impl Daemon {
         let config_path = dir.path().join("pyebpf.yaml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("daemon.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let child = Command::new(pyebpf())
-            .arg("daemon")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .env("PYEBPF_LOG", "info,pyebpf::daemon::run=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(f.try_clone().unwrap()))
-            .stderr(Stdio::from(f))
-            .spawn()
-            .expect("start pyebpf daemon");
+        let (child, addr) = spawn_daemon(&config_path, &log);
         let mut d = Daemon {
             child,
             addr,

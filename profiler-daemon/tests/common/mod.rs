@@ -26,6 +26,35 @@ pub fn pyebpf() -> &'static str {
 
 /// BPF tests need root. Without it they fail when PYEBPF_REQUIRE_BPF_TESTS is
 /// set (CI), and are reported as skipped otherwise.
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `pyebpf daemon --config config` on a free localhost port, its output
+/// to `log`; not waited for.
+pub fn spawn_daemon(config: &Path, log: &Path) -> (Child, std::net::SocketAddr) {
+    let f = std::fs::File::create(log).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let child = Command::new(pyebpf())
+        .arg("daemon")
+        .arg("--config")
+        .arg(config)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .env("PYEBPF_LOG", "info,pyebpf::daemon::run=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f.try_clone().unwrap()))
+        .stderr(Stdio::from(f))
+        .spawn()
+        .expect("start pyebpf daemon");
+    (child, addr)
+}
+
 pub fn bpf_available() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;

@@ -117,6 +117,20 @@ mod tests {
         }
     }
 
+    /// A writer into a fresh directory (no retention limits).
+    fn writer() -> (tempfile::TempDir, Writer, WriteCounters) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = PprofDir::new(PprofDirConfig {
+            path: tmp.path().to_path_buf(),
+            max_age: Duration::ZERO,
+            max_total_bytes: 0,
+        })
+        .unwrap();
+        let c = counters();
+        let w = Writer::spawn(dir, c.clone()).unwrap();
+        (tmp, w, c)
+    }
+
     fn window(pids: std::ops::Range<u32>, start: u64) -> Vec<WindowProfile> {
         let start = UNIX_EPOCH + Duration::from_secs(start);
         pids.map(|pid| WindowProfile {
@@ -143,15 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_every_queued_window_before_shutdown_returns() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = PprofDir::new(PprofDirConfig {
-            path: tmp.path().to_path_buf(),
-            max_age: Duration::ZERO,
-            max_total_bytes: 0,
-        })
-        .unwrap();
-        let c = counters();
-        let w = Writer::spawn(dir, c.clone()).unwrap();
+        let (tmp, w, c) = writer();
         w.write_window(window(1..4, 1_700_000_000));
         w.write_window(window(1..3, 1_700_000_060));
         assert!(w.shutdown(Duration::from_secs(30)).await);
@@ -162,15 +168,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_window_that_finds_the_queue_full_is_dropped_and_counted() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = PprofDir::new(PprofDirConfig {
-            path: tmp.path().to_path_buf(),
-            max_age: Duration::ZERO,
-            max_total_bytes: 0,
-        })
-        .unwrap();
-        let c = counters();
-        let w = Writer::spawn(dir, c.clone()).unwrap();
+        let (tmp, w, c) = writer();
         // Far more windows than the queue holds, faster than files are
         // written: some are dropped, every one is accounted for.
         for i in 0..50u64 {
