@@ -663,7 +663,10 @@ fn bpf_new_processes_are_found_labelled_and_profiled() {
     if !bpf_available() {
         return;
     }
-    let d = Daemon::start("discover", "aggregation:\n  window_secs: 2\n");
+    let d = Daemon::start(
+        "discover",
+        "aggregation:\n  window_secs: 2\napi:\n  show_cmdline: true\n",
+    );
     let shared = Interp::Shared.path();
     let stat = Interp::Static.path();
     let mut a = Py::spawn(shared, &[PLAIN.scenario], &[]);
@@ -1166,7 +1169,8 @@ fn bpf_reused_pid_gets_fresh_symbols() {
     }
     let v = d.process(pid).unwrap();
     assert_eq!(v["status"], "profiled", "{v}");
-    assert_eq!(v["labels"]["cmdline"], json!(new.cmdline), "{v}");
+    // Command lines are not shown by default (api.show_cmdline).
+    assert_eq!(v["labels"]["cmdline"], json!("[redacted]"), "{v}");
 }
 
 /// PYEBPF_DISABLE=1 in a process's environment, and an exclude rule on its

@@ -308,11 +308,19 @@ pub struct Api {
     /// seconds or one process. At most 4 such requests run at once.
     #[serde(deserialize_with = "ranged::<_, _, 1, 4096>")]
     pub max_query_mib: u32,
+    /// Whether `/processes` shows command lines; default false: they often
+    /// hold secrets (tokens or passwords passed as arguments), so they are
+    /// shown as `[redacted]` unless the operator turns this on. Include
+    /// rules on `cmdline` work either way.
+    pub show_cmdline: bool,
 }
 
 impl Default for Api {
     fn default() -> Self {
-        Api { max_query_mib: 64 }
+        Api {
+            max_query_mib: 64,
+            show_cmdline: false,
+        }
     }
 }
 

@@ -587,7 +587,7 @@ impl Daemon {
         self.shared
             .store()
             .set_limits(store_limits(&new, self.procs_capacity));
-        self.shared.set_max_query_bytes(new.api.max_query_bytes());
+        self.shared.set_api(&new.api);
         if new.outputs != self.config.outputs {
             // Export tasks run on the API runtime, not the ingest thread.
             let _api = self.api.enter();
@@ -661,7 +661,7 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     let metrics = Metrics::new();
     let store_metrics = StoreMetrics::register(metrics.registry());
     let shared = Arc::new(Shared::new(store, metrics));
-    shared.set_max_query_bytes(config.api.max_query_bytes());
+    shared.set_api(&config.api);
     let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let (http, http_addr) = if opts.serve_http {
         let listener = tokio::net::TcpListener::bind(config.listen)

@@ -1,6 +1,6 @@
 //! State the sampling loop shares with the HTTP API.
 use crate::store::unix_secs;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -25,7 +25,12 @@ pub struct Shared {
     last_drain_ms: AtomicU64,
     /// Bytes one `/profile` request may spell its stacks out into.
     max_query_bytes: AtomicUsize,
+    /// `api.show_cmdline`: `/processes` shows command lines.
+    show_cmdline: AtomicBool,
 }
+
+/// What `/processes` shows for a command line unless `api.show_cmdline`.
+pub const REDACTED: &str = "[redacted]";
 
 /// [`Shared::max_query_bytes`] until set: `api.max_query_mib`'s default.
 const DEFAULT_MAX_QUERY_BYTES: usize = 64 << 20;
@@ -45,7 +50,14 @@ impl Shared {
             epoch: Instant::now(),
             last_drain_ms: AtomicU64::new(0),
             max_query_bytes: AtomicUsize::new(DEFAULT_MAX_QUERY_BYTES),
+            show_cmdline: AtomicBool::new(false),
         }
+    }
+
+    /// Applies the `api:` settings.
+    pub fn set_api(&self, api: &crate::daemon::config::Api) {
+        self.set_max_query_bytes(api.max_query_bytes());
+        self.show_cmdline.store(api.show_cmdline, Ordering::Relaxed);
     }
 
     /// Sets the memory one `/profile` request may use (`api.max_query_mib`).
@@ -117,8 +129,17 @@ impl Shared {
 }
 
 impl ApiSource for Shared {
+    /// Command lines redacted unless `api.show_cmdline`.
     fn processes(&self) -> Vec<ProcessView> {
-        self.store().views()
+        let mut views = self.store().views();
+        if !self.show_cmdline.load(Ordering::Relaxed) {
+            for v in &mut views {
+                if !v.labels.cmdline.is_empty() {
+                    v.labels.cmdline = REDACTED.to_string();
+                }
+            }
+        }
+        views
     }
 
     /// A service's processes are queried one at a time, each under its
@@ -429,6 +450,28 @@ mod tests {
         // `top` spells nothing out: it is not held to the budget.
         shared.set_max_query_bytes(1);
         assert_eq!(shared.top(&TopQuery::default()).unwrap().total_samples, 2);
+    }
+
+    #[test]
+    fn command_lines_are_redacted_unless_shown() {
+        let shared = Shared::new(small_store(), Metrics::new());
+        let mut labels = ProcessLabels::python3(9, "web");
+        labels.cmdline = "python3 app.py --token s3cret".into();
+        let process = NewProcess {
+            labels,
+            start_time: 1,
+            python_version: "3.11.7".into(),
+            code_format: test_code::format(),
+        };
+        assert!(shared.store().add_process(process, SystemTime::now()));
+        let cmdline = |s: &Shared| s.processes()[0].labels.cmdline.clone();
+        assert_eq!(cmdline(&shared), REDACTED);
+        let mut api = crate::daemon::config::Api::default();
+        api.show_cmdline = true;
+        shared.set_api(&api);
+        assert_eq!(cmdline(&shared), "python3 app.py --token s3cret");
+        // The store keeps it for include rules either way.
+        assert!(shared.store().views()[0].labels.cmdline.contains("s3cret"));
     }
 
     #[test]
