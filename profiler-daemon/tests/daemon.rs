@@ -39,7 +39,6 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-
 fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a process this test started.
     unsafe { libc::kill(pid as i32, sig) };

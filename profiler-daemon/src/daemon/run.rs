@@ -28,8 +28,10 @@ use super::shared::Shared;
 use super::store_metrics::StoreMetrics;
 use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
+use crate::model::labels::ProcessLabels;
 use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError};
+use crate::profile::CompactProfile;
 use crate::store::{NewProcess, Store, StoreLimits};
 
 /// How the daemon was started.
@@ -153,6 +155,21 @@ fn inspect(
 
 /// `PROCS` entries for a process limit: a few more than the limit, so a
 /// pid being replaced (exec, reuse) never makes an insert fail.
+/// How often freed heap memory is handed back (also after every window).
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Hands the heap memory freed since the last call back to the kernel:
+/// glibc keeps freed pages mapped, so a window's transient copies would
+/// otherwise stay in RSS as a high-water mark. Nothing to do elsewhere
+/// (musl returns large blocks itself).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only gives free memory of glibc's heaps back.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn procs_capacity(max_processes: u32) -> u32 {
     max_processes
         .saturating_add(64)
@@ -182,6 +199,8 @@ struct Daemon {
     exporters: Exporters,
     /// Start (unix seconds) of the window being filled.
     window_start: u64,
+    /// When freed heap memory was last handed back to the kernel.
+    last_trim: Instant,
     /// Totals already reported to counters, to add deltas.
     reported_samples: u64,
     reported_evicted_stacks: u64,
@@ -501,6 +520,10 @@ impl Daemon {
 
     /// Once a second: expire old data and refresh the health metrics.
     fn tick(&mut self) {
+        if self.last_trim.elapsed() >= TRIM_EVERY {
+            release_freed_memory();
+            self.last_trim = Instant::now();
+        }
         let metrics = &self.shared.metrics;
         let (stats, symbols, by_python) = {
             let mut store = self.shared.store();
@@ -543,18 +566,30 @@ impl Daemon {
         if until <= from {
             return;
         }
-        let windows = self.shared.store().window(from, until);
         let k = self.config.metrics.top_functions as usize;
-        let top: Vec<_> = windows
-            .iter()
-            .map(|(l, p)| (l.clone(), top_functions(p, k)))
-            .collect();
+        let top_of = |windows: &[(ProcessLabels, CompactProfile)]| -> Vec<_> {
+            windows
+                .iter()
+                .map(|(l, p)| (l.clone(), top_functions(p, k)))
+                .collect()
+        };
+        let (top, windows) = if self.exporters.any() {
+            let windows = self.shared.store().window(from, until);
+            (top_of(&windows), windows)
+        } else {
+            (
+                top_of(&self.shared.store().window_leaves(from, until)),
+                Vec::new(),
+            )
+        };
         self.shared
             .metrics
             .set_top_functions(&top, self.config.metrics.max_function_series as usize);
         self.exporters
             .export(windows, from, until, &self.shared.metrics);
         self.window_start = until;
+        release_freed_memory();
+        self.last_trim = Instant::now();
         self.shared.metrics.observe_window_flush(started.elapsed());
     }
 
@@ -689,6 +724,7 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         inspections: JoinSet::new(),
         exporters,
         window_start: unix_secs(SystemTime::now()),
+        last_trim: Instant::now(),
         reported_samples: 0,
         reported_evicted_stacks: 0,
         store_metrics,

@@ -466,9 +466,10 @@ mod tests {
         assert!(shared.store().add_process(process, SystemTime::now()));
         let cmdline = |s: &Shared| s.processes()[0].labels.cmdline.clone();
         assert_eq!(cmdline(&shared), REDACTED);
-        let mut api = crate::daemon::config::Api::default();
-        api.show_cmdline = true;
-        shared.set_api(&api);
+        shared.set_api(&crate::daemon::config::Api {
+            show_cmdline: true,
+            ..Default::default()
+        });
         assert_eq!(cmdline(&shared), "python3 app.py --token s3cret");
         // The store keeps it for include rules either way.
         assert!(shared.store().views()[0].labels.cmdline.contains("s3cret"));

@@ -454,6 +454,27 @@ impl Entry {
         out
     }
 
+    /// Its samples over `[from, until)` by leaf frame only: one-frame
+    /// stacks, for per-function metrics when no window is exported.
+    fn leaves(&self, rate_hz: u32, from: u64, until: u64) -> CompactProfile {
+        let mut by_leaf: FastHashMap<stacks::FrameId, u64> = FastHashMap::default();
+        for (id, n) in self.counts(from, until) {
+            if let Some(&leaf) = self.table.stack(id).and_then(|s| s.last()) {
+                *by_leaf.entry(leaf).or_insert(0) += n;
+            }
+        }
+        let mut leaves: Vec<_> = by_leaf.into_iter().collect();
+        leaves.sort_unstable();
+        let mut out = CompactProfile::new(rate_hz);
+        for (leaf, n) in leaves {
+            if let Some(f) = self.table.frame(leaf) {
+                let i = out.push_frame(f.clone());
+                out.push_stack(Arc::from(vec![i]), n);
+            }
+        }
+        out
+    }
+
     /// Its stacks over `[from, until)`, frames stored once, in stack id
     /// order. Costs O(stacks + frames held), under the store lock; nothing
     /// is spelled out.
@@ -1090,9 +1111,24 @@ impl Store {
     /// One profile per process over `[from, until)` unix seconds, for window
     /// exports; processes without samples there are left out.
     pub fn window(&self, from: u64, until: u64) -> Vec<(ProcessLabels, CompactProfile)> {
+        self.per_process(from, until, Entry::compact)
+    }
+
+    /// [`Store::window`] with only the leaf frame of every stack: what
+    /// per-function metrics need, at a fraction of the memory.
+    pub fn window_leaves(&self, from: u64, until: u64) -> Vec<(ProcessLabels, CompactProfile)> {
+        self.per_process(from, until, Entry::leaves)
+    }
+
+    fn per_process(
+        &self,
+        from: u64,
+        until: u64,
+        build: impl Fn(&Entry, u32, u64, u64) -> CompactProfile,
+    ) -> Vec<(ProcessLabels, CompactProfile)> {
         let mut out = Vec::new();
         for e in self.entries.values() {
-            let mut p = e.compact(self.rate_hz, from, until);
+            let mut p = build(e, self.rate_hz, from, until);
             if p.total_samples() > 0 {
                 p.start = Some(UNIX_EPOCH + std::time::Duration::from_secs(from));
                 p.duration = std::time::Duration::from_secs(until.saturating_sub(from));
@@ -1206,6 +1242,38 @@ mod tests {
             Err(QueryError::NotFound(_))
         ));
         assert_eq!(s.window(1_000, 1_002)[0].1.total_samples(), 2);
+    }
+
+    #[test]
+    fn window_leaves_count_every_sample_by_its_leaf() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(100);
+        let c = with_codes(&mut s, 1, 3, t0);
+        // Two callers of the same leaf, and another leaf.
+        for (leaf, caller, n) in [(c[0], c[1], 3), (c[0], c[2], 2), (c[2], c[1], 4)] {
+            for _ in 0..n {
+                let mut sample = at(1, leaf, 0);
+                sample.frames.push(at(1, caller, 0).frames[0]);
+                s.add_sample(sample, t0);
+            }
+        }
+        let full = &s.window(1_000, 1_001)[0].1;
+        assert_eq!((full.stack_count(), full.total_samples()), (3, 9));
+        let leaves = &s.window_leaves(1_000, 1_001)[0].1;
+        assert_eq!(leaves.total_samples(), 9);
+        let mut got: Vec<(u32, u64)> = leaves
+            .stacks()
+            .map(|(st, n)| {
+                assert_eq!(st.len(), 1);
+                (line_of(&st.iter().cloned().collect::<Vec<_>>()), n)
+            })
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got.iter().map(|(_, n)| n).sum::<u64>(), 9);
+        // 5 samples under c[0]'s leaf line, 4 under c[2]'s.
+        let counts: Vec<u64> = got.iter().map(|&(_, n)| n).collect();
+        assert!(counts.contains(&5) && counts.contains(&4), "{got:?}");
     }
 
     #[test]

@@ -28,6 +28,11 @@ impl Exporters {
         }
     }
 
+    /// Whether any output is configured.
+    pub fn any(&self) -> bool {
+        self.pprof_dir.is_some() || self.pyroscope.is_some()
+    }
+
     pub fn new(cfg: &Outputs, metrics: &Metrics) -> Result<Self, ExportError> {
         let pprof_dir = match &cfg.pprof_dir {
             Some(d) => {
