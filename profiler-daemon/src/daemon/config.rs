@@ -313,6 +313,13 @@ pub struct Api {
     /// shown as `[redacted]` unless the operator turns this on. Include
     /// rules on `cmdline` work either way.
     pub show_cmdline: bool,
+    /// Host names requests may use for the API besides IP addresses and
+    /// `localhost` (e.g. a Kubernetes Service name); default none. Any
+    /// other `Host` header is refused (421), so that a web page cannot
+    /// reach the API by re-pointing its own domain at this host (DNS
+    /// rebinding).
+    #[serde(deserialize_with = "host_names")]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for Api {
@@ -320,6 +327,7 @@ impl Default for Api {
         Api {
             max_query_mib: 64,
             show_cmdline: false,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -798,6 +806,34 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
             format!("`{s}` is not an IP address and port (e.g. 127.0.0.1:7464 or [::1]:7464)")
         })
     })
+}
+
+/// A DNS name (letters, digits, `-`, `.`; at most 253 bytes), lowercased;
+/// checked element by element so that an error names its place.
+struct HostName(String);
+
+impl<'de> Deserialize<'de> for HostName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = String::deserialize(d)?;
+        let ok = !n.is_empty()
+            && n.len() <= 253
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if ok {
+            Ok(HostName(n.to_ascii_lowercase()))
+        } else {
+            Err(de::Error::custom(format!(
+                "`{n}` is not a host name (letters, digits, `-` and `.`)"
+            )))
+        }
+    }
+}
+
+fn host_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Vec::<HostName>::deserialize(d)?
+        .into_iter()
+        .map(|h| h.0)
+        .collect())
 }
 
 fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
@@ -1468,6 +1504,25 @@ logging: { format: json, level: "warn,pyebpf=debug" }
     }
 
     #[test]
+    fn api_settings_parse_and_bad_host_names_are_located() {
+        let c = parse(
+            "api:\n  max_query_mib: 8\n  show_cmdline: true\n  allowed_hosts: [Pyebpf.Svc, node-1]\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.api.max_query_bytes(), 8 << 20);
+        assert!(c.api.show_cmdline);
+        assert_eq!(c.api.allowed_hosts, ["pyebpf.svc", "node-1"]);
+        let (line, _) = err_at(
+            "api:\n  allowed_hosts:\n    - ok.example\n    - \"evil/x\"\n",
+            &["api.allowed_hosts", "`evil/x` is not a host name"],
+        );
+        assert!(line >= 2, "{line}");
+        let (line, _) = err_at("api:\n  show_cmdline: yes please\n", &["api.show_cmdline"]);
+        assert_eq!(line, 2);
+    }
+
+    #[test]
     fn range_violations_point_at_the_value() {
         let cases: &[(&str, &str, &str)] = &[
             ("sampling", "rate_hz", "0 is out of range 1..=10000"),
@@ -1532,6 +1587,8 @@ logging: { format: json, level: "warn,pyebpf=debug" }
                 "0 is out of range 1..=10000000",
             ),
             ("metrics", "top_functions", "101 is out of range 0..=100"),
+            ("api", "max_query_mib", "0 is out of range 1..=4096"),
+            ("api", "max_query_mib", "4097 is out of range 1..=4096"),
             (
                 "metrics",
                 "max_function_series",

@@ -101,7 +101,7 @@ pub fn router(source: Arc<dyn ApiSource>) -> Router {
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(guard))
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
 
@@ -126,13 +126,54 @@ fn one_line(s: &str) -> String {
     out
 }
 
-/// Refuses over-long query strings and logs every request.
-async fn guard(req: Request, next: Next) -> Response {
+/// Whether a request's `Host` header names this API: an IP address or
+/// `localhost` (with or without a port), or a name `named` allows. A web
+/// page whose domain an attacker re-points at 127.0.0.1 (DNS rebinding)
+/// sends its own domain, and is refused. No `Host` at all (HTTP/1.0 tools)
+/// is allowed: browsers always send one.
+pub fn host_allowed(host: Option<&[u8]>, named: impl Fn(&str) -> bool) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split_once(']').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::Ipv6Addr>().is_ok()
+                && (port.is_empty() || valid_port(port.strip_prefix(':')))
+        });
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if valid_port(Some(port)) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    name.parse::<std::net::Ipv4Addr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || (!name.is_empty() && named(name))
+}
+
+fn valid_port(port: Option<&str>) -> bool {
+    port.is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Refuses requests for other host names (see [`host_allowed`]) and
+/// over-long query strings, and logs every request.
+async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
     let query_len = uri.query().map_or(0, str::len);
-    let resp = if query_len > MAX_QUERY_LEN {
+    let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+    let resp = if !host_allowed(host, |name| st.source.host_allowed(name)) {
+        text(
+            StatusCode::MISDIRECTED_REQUEST,
+            "unknown host name: the API answers to IP addresses, localhost and api.allowed_hosts",
+        )
+    } else if query_len > MAX_QUERY_LEN {
         text(
             StatusCode::URI_TOO_LONG,
             &format!("query string too long: {query_len} bytes (at most {MAX_QUERY_LEN})"),
@@ -682,6 +723,41 @@ mod tests {
     }
 
     #[test]
+    fn only_ip_addresses_localhost_and_allowed_names_are_hosts() {
+        let named = |n: &str| n == "pyebpf.monitoring.svc";
+        let ok = |h: &str| host_allowed(Some(h.as_bytes()), named);
+        for h in [
+            "127.0.0.1:7464",
+            "127.0.0.1",
+            "10.1.2.3:80",
+            "[::1]:7464",
+            "[::1]",
+            "localhost:7464",
+            "LocalHost",
+            "pyebpf.monitoring.svc:7464",
+        ] {
+            assert!(ok(h), "{h}");
+        }
+        for h in [
+            "evil.example:7464",
+            "evil.example",
+            "127.0.0.1.evil.example",
+            "localhost.evil.example:7464",
+            "127.0.0.1:port",
+            "127.0.0.1:",
+            "[::1",
+            "[::1]x",
+            "[evil]:80",
+            ":7464",
+            "",
+        ] {
+            assert!(!ok(h), "{h}");
+        }
+        assert!(!host_allowed(Some(b"\xff:80"), named));
+        assert!(host_allowed(None, named), "no Host header (HTTP/1.0)");
+    }
+
+    #[test]
     fn queries_run_at_a_lower_priority_once_per_thread() {
         let base = std::thread::spawn(thread_nice).join().unwrap();
         let (first, second) = std::thread::spawn(|| {
@@ -1166,6 +1242,16 @@ mod tests {
         let (status, _, body) = s.get_text("/profile?service=starting").await;
         assert_eq!(status, 503);
         assert_eq!(body, "not ready: first discovery not done\n");
+        // DNS rebinding: a page's own domain pointed at this host.
+        let r = s
+            .client
+            .get(format!("{}/processes", s.base))
+            .header("Host", "evil.example:7464")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 421);
+        assert!(r.text().await.unwrap().starts_with("unknown host name"));
         // Over the per-request budget.
         let (status, _, body) = s.get_text("/folded?service=huge").await;
         assert_eq!(status, 413);

@@ -27,6 +27,8 @@ pub struct Shared {
     max_query_bytes: AtomicUsize,
     /// `api.show_cmdline`: `/processes` shows command lines.
     show_cmdline: AtomicBool,
+    /// `api.allowed_hosts`, lowercased.
+    allowed_hosts: Mutex<Vec<String>>,
 }
 
 /// What `/processes` shows for a command line unless `api.show_cmdline`.
@@ -51,6 +53,7 @@ impl Shared {
             last_drain_ms: AtomicU64::new(0),
             max_query_bytes: AtomicUsize::new(DEFAULT_MAX_QUERY_BYTES),
             show_cmdline: AtomicBool::new(false),
+            allowed_hosts: Mutex::new(Vec::new()),
         }
     }
 
@@ -58,6 +61,7 @@ impl Shared {
     pub fn set_api(&self, api: &crate::daemon::config::Api) {
         self.set_max_query_bytes(api.max_query_bytes());
         self.show_cmdline.store(api.show_cmdline, Ordering::Relaxed);
+        *self.allowed_hosts.lock().unwrap_or_else(|p| p.into_inner()) = api.allowed_hosts.clone();
     }
 
     /// Sets the memory one `/profile` request may use (`api.max_query_mib`).
@@ -206,6 +210,14 @@ impl ApiSource for Shared {
 
     fn retention_secs(&self) -> u32 {
         self.store().retention_secs()
+    }
+
+    fn host_allowed(&self, host: &str) -> bool {
+        self.allowed_hosts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(host))
     }
 
     /// Takes the store lock once per process, not for the whole snapshot,

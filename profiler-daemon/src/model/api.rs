@@ -32,6 +32,11 @@ pub trait ApiSource: Send + Sync + 'static {
     }
     /// Retention in seconds (the largest `seconds` a query may ask for).
     fn retention_secs(&self) -> u32;
+    /// Whether requests may name the API by `host` (beyond IP addresses and
+    /// `localhost`, always allowed): `api.allowed_hosts`.
+    fn host_allowed(&self, _host: &str) -> bool {
+        false
+    }
     /// What `pyebpf top` shows (`GET /api/top`): functions and processes of
     /// the last `q.seconds` seconds (everything held when `None`).
     ///
