@@ -653,6 +653,57 @@ impl Drop for Daemon {
 
 // ------------------------------------------------------------------ tests
 
+/// The API is not served beyond loopback without a token: the daemon
+/// refuses to start, naming the ways out, before loading anything; with a
+/// token file it serves, and `metrics_listen` serves metrics without one.
+#[test]
+fn bpf_api_beyond_loopback_needs_a_token() {
+    if !bpf_available() {
+        return;
+    }
+    let out = Command::new(pyebpf())
+        .args(["daemon", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("not a loopback address") && err.contains("api.token_file"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let metrics_port = free_port();
+    let d = Daemon::start(
+        "token",
+        &format!(
+            "metrics_listen: 127.0.0.1:{metrics_port}\napi:\n  token_file: {}\n",
+            token.display()
+        ),
+    );
+    let status = |addr: SocketAddr, path: &str, auth: Option<&str>| {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let auth = auth.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp.split(' ').nth(1).unwrap_or("").to_string()
+    };
+    assert_eq!(status(d.addr, "/processes", None), "401");
+    assert_eq!(
+        status(d.addr, "/processes", Some("0123456789abcdef0123456789abcdef")),
+        "200"
+    );
+    assert_eq!(status(d.addr, "/healthz", None), "200");
+    let m = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    assert_eq!(status(m, "/metrics", None), "200");
+    assert_eq!(status(m, "/processes", None), "404");
+}
+
 /// Processes started after the daemon, on both interpreters, with a service
 /// name, and in another mount and pid namespace from a path the host cannot
 /// see: each is listed within 2 s with the right labels, and its hot

@@ -72,9 +72,14 @@ fn remote_source_reads_the_api_and_reports_errors() {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(http::serve(listener, Arc::new(One), async {
-        let _ = rx.await;
-    }));
+    let server = rt.spawn(http::serve(
+        listener,
+        Arc::new(One),
+        http::Access::default(),
+        async {
+            let _ = rx.await;
+        },
+    ));
     let mut src = RemoteSource::new(&addr.to_string(), rt.clone()).unwrap();
     src.probe().unwrap();
     assert_eq!(src.mode().describe(), format!("daemon http://{addr}"));

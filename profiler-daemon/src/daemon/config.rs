@@ -75,6 +75,11 @@ pub struct Config {
     /// on the host, so it is not exposed beyond the host unless asked.
     #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
+    /// A second listener serving only `/metrics`, `/healthz` and `/readyz`,
+    /// without a token (e.g. `0.0.0.0:7465` for Prometheus and probes
+    /// while `listen` stays on localhost); default none.
+    #[serde(deserialize_with = "some_socket_addr")]
+    pub metrics_listen: Option<SocketAddr>,
     /// How stacks are sampled.
     pub sampling: Sampling,
     /// Which processes are profiled.
@@ -95,6 +100,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7464)),
+            metrics_listen: None,
             sampling: Sampling::default(),
             discovery: Discovery::default(),
             aggregation: Aggregation::default(),
@@ -320,6 +326,12 @@ pub struct Api {
     /// rebinding).
     #[serde(deserialize_with = "host_names")]
     pub allowed_hosts: Vec<String>,
+    /// A file holding a bearer token (at least 16 bytes, mode 0600 or
+    /// 0400) that every request but `/healthz` and `/readyz` must present
+    /// (`Authorization: Bearer TOKEN`); default none. Required when
+    /// `listen` is not a loopback address.
+    #[serde(deserialize_with = "some_absolute_path")]
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for Api {
@@ -328,6 +340,7 @@ impl Default for Api {
             max_query_mib: 64,
             show_cmdline: false,
             allowed_hosts: Vec::new(),
+            token_file: None,
         }
     }
 }
@@ -834,6 +847,14 @@ fn host_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> 
         .into_iter()
         .map(|h| h.0)
         .collect())
+}
+
+fn some_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
+}
+
+fn some_absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    absolute_path(d).map(Some)
 }
 
 fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {

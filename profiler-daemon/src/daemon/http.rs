@@ -39,6 +39,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::Semaphore;
 
+use super::access::Token;
 use crate::model::api::ApiSource;
 use crate::model::query::{QueryError, Selector, STATUS_UNSUPPORTED};
 use crate::model::top::TopQuery;
@@ -67,40 +68,69 @@ struct AppState {
     source: Arc<dyn ApiSource>,
     /// Bounds the blocking threads busy building profiles.
     profile_slots: Arc<Semaphore>,
+    access: Access,
 }
+
+/// What one listener serves, and to whom.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    /// A bearer token every request but `/healthz` and `/readyz` must
+    /// present.
+    pub token: Option<Token>,
+    /// Only `/metrics`, `/healthz` and `/readyz` (`metrics_listen`).
+    pub metrics_only: bool,
+}
+
+/// Paths answered without a token: probes must not need secrets.
+const OPEN_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
 /// Serves the API on `listener` until `shutdown` completes, then stops
 /// accepting and waits for the requests in flight (graceful shutdown).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     source: Arc<dyn ApiSource>,
+    access: Access,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "HTTP API listening");
+        tracing::info!(
+            %addr,
+            token = access.token.is_some(),
+            metrics_only = access.metrics_only,
+            "HTTP API listening"
+        );
     }
-    axum::serve(listener, router(source))
+    axum::serve(listener, router(source, access))
         .with_graceful_shutdown(shutdown)
         .await
 }
 
 /// The API's routes over `source` (what [`serve`] serves).
-pub fn router(source: Arc<dyn ApiSource>) -> Router {
+pub fn router(source: Arc<dyn ApiSource>, access: Access) -> Router {
+    let metrics_only = access.metrics_only;
     let state = AppState {
         source,
         profile_slots: Arc::new(Semaphore::new(MAX_CONCURRENT_PROFILES)),
+        access,
     };
-    Router::new()
+    let mut r = Router::new()
         .route("/metrics", get(metrics))
-        .route("/profile", get(profile_pprof))
-        .route("/flamegraph.svg", get(profile_svg))
-        .route("/folded", get(profile_folded))
-        .route("/processes", get(processes))
-        .route("/api/top", get(top))
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .route("/readyz", get(readyz));
+    if !metrics_only {
+        r = r
+            .route("/profile", get(profile_pprof))
+            .route("/flamegraph.svg", get(profile_svg))
+            .route("/folded", get(profile_folded))
+            .route("/processes", get(processes))
+            .route("/api/top", get(top));
+    }
+    let r = if metrics_only {
+        r.fallback(metrics_only_not_found)
+    } else {
+        r.fallback(not_found)
+    };
+    r.method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .with_state(state)
 }
@@ -168,11 +198,28 @@ async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response
     let uri = req.uri().clone();
     let query_len = uri.query().map_or(0, str::len);
     let host = req.headers().get(header::HOST).map(|h| h.as_bytes());
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|h| h.as_bytes());
     let resp = if !host_allowed(host, |name| st.source.host_allowed(name)) {
         text(
             StatusCode::MISDIRECTED_REQUEST,
             "unknown host name: the API answers to IP addresses, localhost and api.allowed_hosts",
         )
+    } else if st
+        .access
+        .token
+        .as_ref()
+        .is_some_and(|t| !OPEN_PATHS.contains(&uri.path()) && !t.admits(authorization))
+    {
+        let mut r = text(
+            StatusCode::UNAUTHORIZED,
+            "this API needs a bearer token (Authorization: Bearer TOKEN, from api.token_file)",
+        );
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r
     } else if query_len > MAX_QUERY_LEN {
         text(
             StatusCode::URI_TOO_LONG,
@@ -196,6 +243,13 @@ async fn not_found() -> Response {
     text(
         StatusCode::NOT_FOUND,
         "not found: try /profile, /flamegraph.svg, /folded, /processes, /api/top, /metrics, /healthz, /readyz",
+    )
+}
+
+async fn metrics_only_not_found() -> Response {
+    text(
+        StatusCode::NOT_FOUND,
+        "not found: this listener (metrics_listen) serves /metrics, /healthz and /readyz only",
     )
 }
 
@@ -722,6 +776,71 @@ mod tests {
         unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
     }
 
+    #[tokio::test]
+    async fn a_token_guards_everything_but_the_probes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret-s3cret-s3cret\n").unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let token = crate::daemon::access::load_token(&path).unwrap();
+        let s = start_with(Access {
+            token: Some(token),
+            metrics_only: false,
+        })
+        .await;
+        let get = |path: &'static str, auth: Option<&'static str>| {
+            let mut r = s.client.get(format!("{}{path}", s.base));
+            if let Some(a) = auth {
+                r = r.header("Authorization", a);
+            }
+            async move { r.send().await.unwrap() }
+        };
+        for path in [
+            "/processes",
+            "/metrics",
+            "/folded?pid=42",
+            "/api/top",
+            "/nope",
+        ] {
+            let r = get(path, None).await;
+            assert_eq!(r.status().as_u16(), 401, "{path}");
+            assert_eq!(r.headers()["www-authenticate"], "Bearer");
+            let r = get(path, Some("Bearer wrong-wrong-wrong")).await;
+            assert_eq!(r.status().as_u16(), 401, "{path}");
+        }
+        for path in ["/processes", "/metrics", "/folded?pid=42", "/api/top"] {
+            let r = get(path, Some("Bearer s3cret-s3cret-s3cret")).await;
+            assert_eq!(r.status().as_u16(), 200, "{path}");
+        }
+        for path in ["/healthz", "/readyz"] {
+            assert_eq!(get(path, None).await.status().as_u16(), 200, "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_metrics_listener_serves_metrics_and_probes_only() {
+        let s = start_with(Access {
+            token: None,
+            metrics_only: true,
+        })
+        .await;
+        for path in ["/metrics", "/healthz", "/readyz"] {
+            assert_eq!(s.get_text(path).await.0, 200, "{path}");
+        }
+        for path in [
+            "/processes",
+            "/folded?pid=42",
+            "/profile?pid=42",
+            "/api/top",
+        ] {
+            let (status, _, body) = s.get_text(path).await;
+            assert_eq!(status, 404, "{path}");
+            assert!(body.contains("metrics_listen"), "{body}");
+        }
+        assert!(s.fake.asked.lock().unwrap().is_empty(), "no profile built");
+    }
+
     #[test]
     fn only_ip_addresses_localhost_and_allowed_names_are_hosts() {
         let named = |n: &str| n == "pyebpf.monitoring.svc";
@@ -905,6 +1024,10 @@ mod tests {
     }
 
     async fn start() -> Server {
+        start_with(Access::default()).await
+    }
+
+    async fn start_with(access: Access) -> Server {
         let fake = Arc::new(Fake {
             ready: Mutex::new(Ok(())),
             live: Mutex::new(Ok(())),
@@ -913,7 +1036,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, fake.clone(), async {
+        let task = tokio::spawn(serve(listener, fake.clone(), access, async {
             let _ = rx.await;
         }));
         let client = reqwest::Client::builder().no_proxy().build().unwrap();

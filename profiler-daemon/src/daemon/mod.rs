@@ -13,6 +13,7 @@ use std::time::SystemTime;
 use crate::model::labels::ProcessLabels;
 use crate::profile::CompactProfile;
 
+pub mod access;
 pub mod config;
 pub mod discovery;
 pub mod export;

@@ -674,6 +674,14 @@ impl Daemon {
 /// Loads the sampler, starts the HTTP API (if asked) and the main loop.
 pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     let config = opts.config;
+    // Before anything is loaded: an API that would leak is not started.
+    let token = match &config.api.token_file {
+        Some(path) => Some(super::access::load_token(path)?),
+        None => None,
+    };
+    if opts.serve_http {
+        super::access::check_listen(config.listen, token.is_some())?;
+    }
     let procs_capacity = procs_capacity(config.aggregation.max_processes);
     let mut sampler = Sampler::start(SamplerConfig {
         rate_hz: config.sampling.rate_hz,
@@ -697,20 +705,27 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     let store_metrics = StoreMetrics::register(metrics.registry());
     let shared = Arc::new(Shared::new(store, metrics));
     shared.set_api(&config.api);
-    let (stop_http, http_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (http, http_addr) = if opts.serve_http {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let addr: SocketAddr = listener.local_addr()?;
+    let mut http = Vec::new();
+    let mut http_addr = None;
+    if opts.serve_http {
+        let access = super::http::Access {
+            token,
+            metrics_only: false,
+        };
+        let (task, addr) = spawn_server(config.listen, &shared, access).await?;
         tracing::info!("HTTP API on http://{addr}");
-        let task = tokio::spawn(super::http::serve(listener, shared.clone(), async move {
-            let _ = http_stopped.await;
-        }));
-        (Some(task), Some(addr))
-    } else {
-        (None, None)
-    };
+        http.push(task);
+        http_addr = Some(addr);
+        if let Some(listen) = config.metrics_listen {
+            let access = super::http::Access {
+                token: None,
+                metrics_only: true,
+            };
+            let (task, addr) = spawn_server(listen, &shared, access).await?;
+            tracing::info!("metrics and health on http://{addr}");
+            http.push(task);
+        }
+    }
 
     let exporters = Exporters::new(&config.outputs, &shared.metrics)?;
     let rescan_every = Duration::from_secs(config.discovery.rescan_interval_secs);
@@ -741,7 +756,6 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     // for it, and it never waits for them. Export tasks stay on this
     // runtime (see `Daemon::api`).
     let (done, result) = tokio::sync::oneshot::channel();
-    let http = http.map(|t| (t, stop_http));
     std::thread::Builder::new()
         .name("pyebpf-ingest".into())
         .spawn(move || {
@@ -786,6 +800,28 @@ type HttpTask = (
     tokio::sync::oneshot::Sender<()>,
 );
 
+/// Serves the API on `listen` with `access`, until the task's sender fires.
+async fn spawn_server(
+    listen: SocketAddr,
+    shared: &Arc<Shared>,
+    access: super::http::Access,
+) -> anyhow::Result<(HttpTask, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(super::http::serve(
+        listener,
+        shared.clone(),
+        access,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(((task, stop), addr))
+}
+
 async fn main_loop(
     mut d: Daemon,
     mut ring: AsyncFd<RingBuf<MapData>>,
@@ -793,7 +829,7 @@ async fn main_loop(
     mut control: tokio::sync::mpsc::Receiver<Control>,
     rescan_every: Duration,
     window_every: Duration,
-    http: Option<HttpTask>,
+    http: Vec<HttpTask>,
 ) -> anyhow::Result<()> {
     let shared = d.shared.clone();
     let mut second = tokio::time::interval(Duration::from_secs(1));
@@ -900,7 +936,7 @@ async fn main_loop(
     d.flush_window(unix_secs(SystemTime::now()) + 1);
     let exporters = std::mem::replace(&mut d.exporters, Exporters::none());
     exporters.shutdown(Duration::from_secs(10)).await;
-    if let Some((task, stop)) = http {
+    for (task, stop) in http {
         let _ = stop.send(());
         match task.await {
             Ok(Ok(())) => {}
