@@ -40,6 +40,17 @@ enum Command {
     /// view (Enter shows one process, Esc clears filters), ? help, q or
     /// Ctrl-C quit.
     Top(TopArgs),
+    /// Checks that a running daemon is alive: exit 0 if its `/healthz`
+    /// answers 200 (ingest drained the ring buffer lately), 1 otherwise
+    /// with the reason. For container health checks (ECS, Docker).
+    Health {
+        /// The daemon's API (or its metrics_listen).
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:7464")]
+        url: String,
+        /// Give up after this many seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+        timeout: u64,
+    },
     /// Configuration file tools.
     Config {
         #[command(subcommand)]
@@ -217,6 +228,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 c.discovery.include.len(),
                 c.discovery.exclude.len()
             );
+            Ok(())
+        }
+        Command::Health { url, timeout } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let status = rt.block_on(pyebpf::daemon::health::check(
+                &url,
+                std::time::Duration::from_secs(timeout),
+            ))?;
+            println!("{status}");
             Ok(())
         }
         Command::Daemon(a) => {

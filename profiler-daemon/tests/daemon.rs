@@ -695,7 +695,11 @@ fn bpf_api_beyond_loopback_needs_a_token() {
     };
     assert_eq!(status(d.addr, "/processes", None), "401");
     assert_eq!(
-        status(d.addr, "/processes", Some("0123456789abcdef0123456789abcdef")),
+        status(
+            d.addr,
+            "/processes",
+            Some("0123456789abcdef0123456789abcdef")
+        ),
         "200"
     );
     assert_eq!(status(d.addr, "/healthz", None), "200");

@@ -1259,6 +1259,10 @@ mod tests {
             .expect("data.pyebpf.yaml");
         let c = parse(embedded, "ConfigMap pyebpf.yaml").unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.logging.format, LogFormat::Json);
+        // The API stays on loopback (allowed without a token); metrics and
+        // probes are on the port the pod exposes.
+        assert!(crate::daemon::access::check_listen(c.listen, false).is_ok());
+        let metrics_port = c.metrics_listen.expect("metrics_listen").port();
         let c = parse(&uncomment(embedded), "uncommented ConfigMap pyebpf.yaml")
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(c.outputs.pyroscope.is_some());
@@ -1277,16 +1281,31 @@ mod tests {
             .iter()
             .map(|a| a.as_str().unwrap())
             .collect();
+        assert_eq!(args, ["daemon", "--config", "/etc/pyebpf/pyebpf.yaml"]);
+        let ports = container["ports"].as_sequence().unwrap();
+        assert_eq!(ports.len(), 1, "only the metrics port is exposed");
+        assert_eq!(ports[0]["name"].as_str(), Some("metrics"));
         assert_eq!(
-            args,
-            [
-                "daemon",
-                "--config",
-                "/etc/pyebpf/pyebpf.yaml",
-                "--listen",
-                "0.0.0.0:7464"
-            ]
+            ports[0]["containerPort"].as_u64(),
+            Some(metrics_port.into())
         );
+        for probe in ["livenessProbe", "readinessProbe"] {
+            assert_eq!(
+                container[probe]["httpGet"]["port"].as_str(),
+                Some("metrics")
+            );
+        }
+        let np = docs
+            .iter()
+            .find(|d| kind(d).as_deref() == Some("NetworkPolicy"))
+            .expect("a NetworkPolicy, on by default");
+        let ingress = np["spec"]["ingress"].as_sequence().unwrap();
+        let allowed: Vec<u64> = ingress
+            .iter()
+            .flat_map(|r| r["ports"].as_sequence().unwrap())
+            .filter_map(|p| p["port"].as_u64())
+            .collect();
+        assert_eq!(allowed, [u64::from(metrics_port)]);
         let mounts = container["volumeMounts"].as_sequence().unwrap();
         assert!(mounts
             .iter()
@@ -1303,6 +1322,11 @@ mod tests {
         assert_eq!(
             c["command"],
             serde_json::json!(["daemon", "--config", "/etc/pyebpf/pyebpf.yaml"])
+        );
+        // The health check asks the daemon, not only the binary.
+        assert_eq!(
+            c["healthCheck"]["command"],
+            serde_json::json!(["CMD", "/usr/local/bin/pyebpf", "health"])
         );
         // ECS only accepts its own list of capability names (no BPF, PERFMON).
         let ecs_allows = ["SYS_ADMIN", "SYS_PTRACE", "DAC_READ_SEARCH"];

@@ -18,6 +18,7 @@ pub mod config;
 pub mod discovery;
 pub mod export;
 pub mod filter;
+pub mod health;
 pub mod http;
 pub mod labels;
 pub mod local;
