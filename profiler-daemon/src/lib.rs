@@ -13,9 +13,12 @@
 //!   behind every frontend.
 //! - [`record`]: the `pyebpf record` command.
 //! - [`top`]: the `pyebpf top` command.
+//! - `fuzz_harness`: the fuzz targets' checks (`fuzz/`), replayed by `cargo test`.
 pub mod bpf;
 pub mod caps;
 pub mod daemon;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod model;
 pub mod process;
 pub mod profile;

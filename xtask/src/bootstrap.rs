@@ -12,7 +12,7 @@ use std::path::Path;
 const LLVM_CONFIG: &str = "/usr/lib/llvm-22/bin/llvm-config";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const LLVM_PKG: &str = "llvm-22-dev";
-const NIGHTLY: &str = "nightly-2026-05-20";
+pub const NIGHTLY: &str = "nightly-2026-05-20";
 const SYSTEM_PYTHON: &str = "/usr/bin/python3.11";
 const REQUIREMENTS: &str = "tests/requirements.txt";
 /// Debian packages the tests use: (package, a binary it provides).

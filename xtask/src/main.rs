@@ -3,6 +3,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod fuzz;
 mod test;
 mod util;
 
@@ -38,6 +39,9 @@ enum Command {
     /// Benchmarks against py-spy: writes BENCHMARKS.md and benchmarks.json (needs root);
     /// `--scale`: the daemon at production scale, BENCHMARKS-scale.md.
     Bench(bench::BenchArgs),
+    /// Run each cargo-fuzz target of fuzz/ for `--secs` seconds (default 60) on its
+    /// committed corpus (installs cargo-fuzz on first use); reports executions per target.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn run(command: Command) -> Result<()> {
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     }
 }
 

@@ -7,7 +7,7 @@
 //! Format: <https://docs.kernel.org/bpf/btf.html>. The input is untrusted in
 //! the sense that it must never make us panic: every read is bounds-checked and
 //! every type reference is validated when followed.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::ops::Range;
 use std::path::Path;
@@ -313,7 +313,9 @@ impl Btf {
                     member: member.to_string(),
                 });
             }
-            let Some((m, m_bits)) = self.find_member(id, member.as_bytes(), 0)? else {
+            let mut searched = HashSet::new();
+            let Some((m, m_bits)) = self.find_member(id, member.as_bytes(), 0, &mut searched)?
+            else {
                 return Err(BtfError::MemberNotFound {
                     path: shown,
                     member: member.to_string(),
@@ -337,12 +339,20 @@ impl Btf {
     /// Look for `name` among the members of struct/union `id`, descending
     /// into anonymous struct/union members. Returns the member and its bit
     /// offset from the start of `id`.
+    ///
+    /// `searched` holds the types already searched in vain for `name`: they
+    /// are not searched again, so types shared by several anonymous members
+    /// cost one search each, not one per path (2^depth paths otherwise).
     fn find_member(
         &self,
         id: u32,
         name: &[u8],
         depth: usize,
+        searched: &mut HashSet<u32>,
     ) -> Result<Option<(Member, u64)>, BtfError> {
+        if searched.contains(&id) {
+            return Ok(None);
+        }
         if depth > MAX_ANON_DEPTH {
             return Err(malformed(format!(
                 "anonymous members nested more than {MAX_ANON_DEPTH} deep (type id {id})"
@@ -364,10 +374,11 @@ impl Btf {
             if inner_kind != KIND_STRUCT && inner_kind != KIND_UNION {
                 continue; // e.g. an unnamed bitfield used as padding
             }
-            if let Some((found, off)) = self.find_member(inner, name, depth + 1)? {
+            if let Some((found, off)) = self.find_member(inner, name, depth + 1, searched)? {
                 return Ok(Some((found, u64::from(m.bit_offset) + off)));
             }
         }
+        searched.insert(id);
         Ok(None)
     }
 
@@ -877,6 +888,32 @@ mod tests {
         assert_eq!(btf.member_offset("page", &["flags"]).unwrap(), 0);
         assert_eq!(btf.member_offset("page", &["lru"]).unwrap(), 8);
         assert_eq!(btf.member_offset("page", &["lru", "prev"]).unwrap(), 16);
+    }
+
+    /// Found while writing the BTF fuzz target: anonymous members that share
+    /// their types (a DAG, not a loop) made the search for a missing member
+    /// visit every path, 2^depth of them: 30 levels of two members each hung
+    /// the daemon's start.
+    #[test]
+    fn shared_anonymous_members_are_searched_once() {
+        const LEVELS: u32 = 30;
+        let mut b = Builder::new();
+        let int = b.ty("int", KIND_INT, false, 0, 4, &[(1 << 24) | 32]);
+        // Level i (type id int + 1 + i) has two anonymous members of level i + 1.
+        for level in 0..LEVELS {
+            let next = int + 2 + level;
+            let name = if level == 0 { "top" } else { "" };
+            b.composite(KIND_STRUCT, name, 8, &[("", next, 0, 0), ("", next, 32, 0)]);
+        }
+        b.composite(KIND_STRUCT, "", 4, &[("leaf", int, 0, 0)]);
+        let btf = Btf::parse(&b.finish()).unwrap();
+        let start = std::time::Instant::now();
+        assert!(matches!(
+            btf.member_offset("top", &["missing"]),
+            Err(BtfError::MemberNotFound { .. })
+        ));
+        assert_eq!(btf.member_offset("top", &["leaf"]).unwrap(), 0);
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
     }
 
     #[test]

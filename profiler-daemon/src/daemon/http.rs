@@ -519,6 +519,22 @@ fn parse_top_query(pairs: &[(String, String)], retention: u32) -> Result<TopQuer
     Ok(q)
 }
 
+/// What `/processes`, `/profile` and `/api/top` make of a query.
+#[doc(hidden)]
+pub type Parsed = (
+    Result<bool, String>,
+    Result<(Selector, u32), String>,
+    Result<TopQuery, String>,
+);
+
+/// The three parsers above on the same pairs (for `crate::fuzz_harness`).
+#[doc(hidden)]
+pub fn parse_queries(pairs: &[(String, String)], retention: u32) -> Parsed {
+    let profile = parse_profile_query(pairs, retention).map(|q| (q.selector, q.seconds));
+    let top = parse_top_query(pairs, retention);
+    (parse_processes_query(pairs), profile, top)
+}
+
 /// `GET /api/top`: the JSON [`crate::model::top::TopSnapshot`] `pyebpf top`
 /// shows.
 async fn top(
