@@ -260,26 +260,6 @@ async fn method_not_allowed() -> Response {
     )
 }
 
-/// How much lower than the daemon's other threads queries run
-/// (`nice`): on a busy host a burst of large queries slows itself down,
-/// not ingest or `/healthz`.
-const QUERY_NICE: i32 = 10;
-
-/// Lowers the calling thread's CPU priority by [`QUERY_NICE`], once: the
-/// blocking pool reuses its threads, and raising a thread's priority back
-/// would need CAP_SYS_NICE. The pool's other work (Pyroscope encoding) is
-/// background work too. On Linux the nice value is per thread.
-fn at_background_priority() {
-    thread_local!(static LOWERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
-    LOWERED.with(|lowered| {
-        if !lowered.replace(true) {
-            // SAFETY: nice(2) only changes this thread's scheduling
-            // priority; a failure (already at the lowest) leaves it as is.
-            unsafe { libc::nice(QUERY_NICE) };
-        }
-    });
-}
-
 async fn healthz(State(st): State<AppState>) -> Response {
     match st.source.live() {
         Ok(()) => text(StatusCode::OK, "ok"),
@@ -553,12 +533,7 @@ async fn top(
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     let source = st.source.clone();
-    match tokio::task::spawn_blocking(move || {
-        at_background_priority();
-        source.top_with_python(&q)
-    })
-    .await
-    {
+    match tokio::task::spawn_blocking(move || source.top_with_python(&q)).await {
         Ok(Ok(snapshot)) => {
             let mut resp = Json(snapshot).into_response();
             resp.headers_mut()
@@ -697,7 +672,6 @@ async fn profile_response(
     };
     let source = st.source.clone();
     let job = tokio::task::spawn_blocking(move || {
-        at_background_priority();
         let started = Instant::now();
         let result = source
             .profile(&q.selector, q.seconds)
@@ -785,12 +759,6 @@ mod tests {
     use prost::Message as _;
 
     use super::*;
-
-    /// This thread's nice value.
-    fn thread_nice() -> i32 {
-        // SAFETY: plain syscalls on the calling thread.
-        unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) }
-    }
 
     #[tokio::test]
     async fn a_token_guards_everything_but_the_probes() {
@@ -892,22 +860,6 @@ mod tests {
         assert!(host_allowed(None, named), "no Host header (HTTP/1.0)");
     }
 
-    #[test]
-    fn queries_run_at_a_lower_priority_once_per_thread() {
-        let base = std::thread::spawn(thread_nice).join().unwrap();
-        let (first, second) = std::thread::spawn(|| {
-            at_background_priority();
-            let first = thread_nice();
-            at_background_priority();
-            (first, thread_nice())
-        })
-        .join()
-        .unwrap();
-        assert_eq!(first, (base + QUERY_NICE).min(19));
-        assert_eq!(second, first, "lowered once, not at every query");
-        // Other threads are left alone.
-        assert_eq!(thread_nice(), base);
-    }
     use crate::model::labels::ProcessLabels;
     use crate::model::query::ProcessView;
     use crate::model::top::TopSnapshot;
