@@ -76,7 +76,7 @@ impl ScalePlan {
             many_idle: 197,
             many_busy: 3,
             many_funcs: 60,
-            many_runs: vec![(99, 180.0), (999, 60.0)],
+            many_runs: vec![(99, 180.0), (999, 180.0)],
             budget_mib: 64,
             process_budget_mib: 8,
             storm_rate: 300.0,
