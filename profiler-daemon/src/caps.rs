@@ -2,6 +2,8 @@
 //! clearly, instead of as an `EPERM` from deep inside BPF loading.
 //!
 //! The effective set is read from `/proc/self/status` (`CapEff:`, hex).
+//! Once the sampler is loaded and attached, [`drop_after_start`] gives up
+//! every capability but the few that reading targets still needs.
 use std::fmt;
 use std::io;
 
@@ -17,15 +19,17 @@ pub enum Capability {
     SysAdmin = 21,
     Perfmon = 38,
     Bpf = 39,
+    CheckpointRestore = 40,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 5] = [
+    pub const ALL: [Capability; 6] = [
         Capability::DacReadSearch,
         Capability::SysPtrace,
         Capability::SysAdmin,
         Capability::Perfmon,
         Capability::Bpf,
+        Capability::CheckpointRestore,
     ];
 
     /// The kernel's name, e.g. `CAP_BPF`.
@@ -36,6 +40,19 @@ impl Capability {
             Capability::SysAdmin => "CAP_SYS_ADMIN",
             Capability::Perfmon => "CAP_PERFMON",
             Capability::Bpf => "CAP_BPF",
+            Capability::CheckpointRestore => "CAP_CHECKPOINT_RESTORE",
+        }
+    }
+
+    fn as_crate(self) -> ::caps::Capability {
+        use ::caps::Capability as C;
+        match self {
+            Capability::DacReadSearch => C::CAP_DAC_READ_SEARCH,
+            Capability::SysPtrace => C::CAP_SYS_PTRACE,
+            Capability::SysAdmin => C::CAP_SYS_ADMIN,
+            Capability::Perfmon => C::CAP_PERFMON,
+            Capability::Bpf => C::CAP_BPF,
+            Capability::CheckpointRestore => C::CAP_CHECKPOINT_RESTORE,
         }
     }
 
@@ -124,6 +141,78 @@ pub enum CapsError {
         missing: Vec<Capability>,
         message: String,
     },
+    /// Capabilities are per thread: a drop with other threads running
+    /// would leave them privileged.
+    #[error(
+        "cannot drop capabilities: {0} threads are running, and each would keep its own \
+         (the drop must happen before any thread starts)"
+    )]
+    Threads(usize),
+    #[error("cannot drop capabilities: {0}")]
+    Drop(#[from] ::caps::errors::CapsError),
+    #[error("cannot set no_new_privs: {0}")]
+    NoNewPrivs(#[source] io::Error),
+}
+
+/// What every mode keeps once its sampler is loaded and attached. The BPF
+/// programs, maps, ring buffers and perf events stay usable through their
+/// file descriptors without CAP_BPF, CAP_PERFMON or CAP_SYS_ADMIN.
+/// - CAP_SYS_PTRACE: `process_vm_readv` and `/proc/PID/{root,exe,environ}`
+///   of other users' processes, for every process found later.
+/// - CAP_DAC_READ_SEARCH (if held): other users' files that are not world-
+///   readable (a virtualenv's interpreter under a 0700 home).
+/// - CAP_CHECKPOINT_RESTORE (if held): `/proc/PID/map_files/`, the only way
+///   to a mapped library that was deleted (upgraded) since it was loaded.
+pub const KEEP_AFTER_START: [Capability; 3] = [
+    Capability::SysPtrace,
+    Capability::DacReadSearch,
+    Capability::CheckpointRestore,
+];
+
+/// Gives up, for good, every capability but those of [`KEEP_AFTER_START`]
+/// this process holds: the effective, permitted and inheritable sets, the
+/// ambient set and (when CAP_SETPCAP allows) the bounding set; then sets
+/// `no_new_privs`. Must run before any other thread starts: returns
+/// [`CapsError::Threads`] otherwise. Returns what was kept.
+pub fn drop_after_start() -> Result<Vec<Capability>, CapsError> {
+    use ::caps::{CapSet, CapsHashSet};
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(CapsError::Read)?
+        .count();
+    if threads != 1 {
+        return Err(CapsError::Threads(threads));
+    }
+    let permitted = ::caps::read(None, CapSet::Permitted)?;
+    let kept: Vec<Capability> = KEEP_AFTER_START
+        .into_iter()
+        .filter(|c| permitted.contains(&c.as_crate()))
+        .collect();
+    let keep: CapsHashSet = kept.iter().map(|c| c.as_crate()).collect();
+    // The bounding set first: changing it needs CAP_SETPCAP, about to go.
+    if ::caps::has_cap(None, CapSet::Effective, ::caps::Capability::CAP_SETPCAP)? {
+        for cap in ::caps::runtime::thread_all_supported() {
+            if !keep.contains(&cap) {
+                ::caps::drop(None, CapSet::Bounding, cap)?;
+            }
+        }
+    }
+    ::caps::clear(None, CapSet::Ambient)?;
+    ::caps::set(None, CapSet::Inheritable, &CapsHashSet::new())?;
+    ::caps::set(None, CapSet::Effective, &keep)?;
+    ::caps::set(None, CapSet::Permitted, &keep)?;
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(CapsError::NoNewPrivs(io::Error::last_os_error()));
+    }
+    Ok(kept)
+}
+
+/// "CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH", or "none".
+pub fn names(caps: &[Capability]) -> String {
+    if caps.is_empty() {
+        return "none".to_string();
+    }
+    caps.iter().map(|c| c.name()).collect::<Vec<_>>().join(", ")
 }
 
 /// What `pyebpf record` needs.
@@ -248,7 +337,8 @@ mod tests {
         assert_eq!(Capability::SysAdmin.to_string(), "CAP_SYS_ADMIN");
         assert_eq!(Capability::Bpf.mask(), 1 << 39);
         assert_eq!(Capability::DacReadSearch.mask(), 4);
-        assert_eq!(Capability::ALL.len(), 5);
+        assert_eq!(Capability::ALL.len(), 6);
+        assert_eq!(Capability::CheckpointRestore.mask(), 1 << 40);
     }
 
     #[test]
@@ -350,6 +440,30 @@ mod tests {
              or CAP_SYS_ADMIN) to p3; missing: CAP_PERFMON, CAP_DAC_READ_SEARCH. Run as root or \
              grant them (e.g. setcap/AmbientCapabilities)."
         );
+    }
+
+    #[test]
+    fn no_drop_while_other_threads_run() {
+        // A second thread for sure, whatever the harness does: the drop
+        // must refuse (and change nothing) rather than drop on one thread.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let other = std::thread::spawn(move || {
+            let _ = rx.recv();
+        });
+        let before = effective().unwrap();
+        let r = drop_after_start();
+        let _ = tx.send(());
+        other.join().unwrap();
+        match r {
+            Err(CapsError::Threads(n)) => assert!(n >= 2, "{n}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert_eq!(effective().unwrap(), before);
+        assert_eq!(
+            names(&[Capability::SysPtrace, Capability::CheckpointRestore]),
+            "CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE"
+        );
+        assert_eq!(names(&[]), "none");
     }
 
     #[test]

@@ -98,6 +98,10 @@ struct TopArgs {
     /// http://127.0.0.1:7464). Needs no privileges.
     #[arg(long, value_name = "URL", conflicts_with = "local")]
     daemon: Option<String>,
+    /// The daemon's bearer token (its `api.token_file`): needed when the
+    /// daemon listens beyond localhost. The file must be mode 0600 or 0400.
+    #[arg(long, value_name = "FILE", conflicts_with = "local")]
+    token_file: Option<std::path::PathBuf>,
     /// Sample locally even if a daemon is running. Needs CAP_BPF, CAP_PERFMON
     /// and CAP_SYS_PTRACE (or root).
     #[arg(long)]
@@ -254,6 +258,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.logging.format == pyebpf::daemon::config::LogFormat::Json,
             );
             pyebpf::caps::require("pyebpf daemon", &pyebpf::caps::record_requirements())?;
+            let prepared = pyebpf::daemon::run::prepare(pyebpf::daemon::run::DaemonOptions {
+                config,
+                config_path: a.config,
+                serve_http: true,
+            })?;
+            // Loaded, attached and bound: from here on only reading targets
+            // needs privileges. Before the runtime: capabilities are per thread.
+            let kept = pyebpf::caps::drop_after_start()?;
+            tracing::info!("capabilities dropped; kept: {}", pyebpf::caps::names(&kept));
             // Inspections run on short-lived blocking threads; with glibc's
             // default of one arena per thread their freed memory stays
             // mapped (150 MB idle RSS instead of 60 MB in the benchmarks).
@@ -264,13 +277,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(pyebpf::daemon::run::run(
-                pyebpf::daemon::run::DaemonOptions {
-                    config,
-                    config_path: a.config,
-                    serve_http: true,
-                },
-            ))
+            rt.block_on(pyebpf::daemon::run::run(prepared))
         }
         Command::Top(a) => {
             let once = a.once.then(|| pyebpf::top::Once {
@@ -295,6 +302,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         (None, false) => pyebpf::top::SourceChoice::Auto,
                     },
                     line_level: a.line,
+                    token_file: a.token_file,
                     once,
                 },
                 // Local mode runs the daemon's loop in this process.

@@ -361,6 +361,9 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         .saturating_add(16)
         .min(profiler_common::MAX_PROCS_ENTRIES);
     let mut sampler = Sampler::start(config)?;
+    // Loaded and attached: only reading the targets needs privileges now.
+    let kept = crate::caps::drop_after_start()?;
+    tracing::debug!("capabilities dropped; kept: {}", crate::caps::names(&kept));
     let mut programs = Programs::new(opts.sampler.rate_hz as u32, opts.memory_budget);
     for t in &targets {
         programs.start(t);

@@ -80,7 +80,7 @@ fn remote_source_reads_the_api_and_reports_errors() {
             let _ = rx.await;
         },
     ));
-    let mut src = RemoteSource::new(&addr.to_string(), rt.clone()).unwrap();
+    let mut src = RemoteSource::new(&addr.to_string(), rt.clone(), None).unwrap();
     src.probe().unwrap();
     assert_eq!(src.mode().describe(), format!("daemon http://{addr}"));
     let q = TopQuery {
@@ -109,10 +109,58 @@ fn remote_source_reads_the_api_and_reports_errors() {
     rt.block_on(server).unwrap().unwrap();
     // Nobody there any more (a new client: the old one may hold a
     // kept-alive connection the server closed).
-    let fresh = RemoteSource::new(&addr.to_string(), rt.clone()).unwrap();
+    let fresh = RemoteSource::new(&addr.to_string(), rt.clone(), None).unwrap();
     match fresh.probe() {
         Err(Probe::Unreachable(u)) => assert_eq!(u, format!("http://{addr}")),
         other => panic!("{other:?}"),
     }
     Box::new(src).shutdown().unwrap();
+}
+
+/// A daemon with `api.token_file`: top without the token is told which flag
+/// to give; with `--token-file`'s token it reads the snapshot.
+#[test]
+fn remote_source_presents_the_token() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "0123456789abcdef-secret\n").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let token = || pyebpf::daemon::access::load_token(&file).unwrap();
+    let rt = Arc::new(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap(),
+    );
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = rt.spawn(http::serve(
+        listener,
+        Arc::new(One),
+        http::Access {
+            token: Some(token()),
+            metrics_only: false,
+        },
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let without = RemoteSource::new(&addr.to_string(), rt.clone(), None).unwrap();
+    match without.probe() {
+        Err(Probe::Failed(m)) => assert!(m.contains("401") && m.contains("--token-file"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let mut with = RemoteSource::new(&addr.to_string(), rt.clone(), Some(token())).unwrap();
+    with.probe().unwrap();
+    assert_eq!(
+        with.snapshot(&TopQuery::default()).unwrap().total_samples,
+        3
+    );
+    tx.send(()).unwrap();
+    rt.block_on(server).unwrap().unwrap();
 }

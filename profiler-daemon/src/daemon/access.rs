@@ -77,6 +77,12 @@ pub fn check_listen(listen: SocketAddr, guarded: bool) -> Result<(), AccessError
 pub struct Token(Arc<str>);
 
 impl Token {
+    /// The `Authorization` header value that presents this token (what a
+    /// client such as `pyebpf top --daemon` sends).
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+
     /// Whether an `Authorization` header value presents this token.
     pub fn admits(&self, authorization: Option<&[u8]>) -> bool {
         let Some(given) = authorization.and_then(|a| a.strip_prefix(b"Bearer ")) else {

@@ -21,11 +21,12 @@ pub fn start(
     config.sampling.rate_hz = rate_hz;
     config.aggregation.retention_secs = retention_secs;
     config.aggregation.window_secs = config.aggregation.window_secs.min(retention_secs);
-    let handle = rt.block_on(run::start(DaemonOptions {
+    let prepared = run::prepare(DaemonOptions {
         config,
         config_path: None,
         serve_http: false,
-    }))?;
+    })?;
+    let handle = rt.block_on(run::start(prepared))?;
     Ok(Box::new(Local { handle }))
 }
 

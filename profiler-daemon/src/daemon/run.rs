@@ -77,12 +77,13 @@ impl Handle {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT; SIGHUP reloads the configuration.
-pub async fn run(opts: DaemonOptions) -> anyhow::Result<()> {
+/// Runs a prepared daemon until SIGTERM or SIGINT; SIGHUP reloads the
+/// configuration.
+pub async fn run(prepared: Prepared) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
-    let mut h = start(opts).await?;
+    let mut h = start(prepared).await?;
     loop {
         tokio::select! {
             _ = sighup.recv() => h.reload().await,
@@ -671,9 +672,22 @@ impl Daemon {
     }
 }
 
-/// Loads the sampler, starts the HTTP API (if asked) and the main loop.
-pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
-    let config = opts.config;
+/// What needs privileges, done before any thread starts: the sampler
+/// loaded and attached, and the API's sockets bound. The caller may then
+/// drop the capabilities it no longer needs for the whole process
+/// ([`crate::caps::drop_after_start`]) and [`start`] the rest.
+pub struct Prepared {
+    opts: DaemonOptions,
+    sampler: Sampler,
+    procs_capacity: u32,
+    /// The API's listener (then `metrics_listen`'s), when served.
+    listeners: Vec<(std::net::TcpListener, super::http::Access)>,
+}
+
+/// Checks the API's access rules, loads the sampler and binds the API.
+/// Spawns no thread.
+pub fn prepare(opts: DaemonOptions) -> anyhow::Result<Prepared> {
+    let config = &opts.config;
     // Before anything is loaded: an API that would leak is not started.
     let token = match &config.api.token_file {
         Some(path) => Some(super::access::load_token(path)?),
@@ -683,13 +697,54 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
         super::access::check_listen(config.listen, token.is_some())?;
     }
     let procs_capacity = procs_capacity(config.aggregation.max_processes);
-    let mut sampler = Sampler::start(SamplerConfig {
+    let sampler = Sampler::start(SamplerConfig {
         rate_hz: config.sampling.rate_hz,
         max_depth: config.sampling.max_depth,
         ring_bytes: config.sampling.ring_buffer_bytes,
         process_events: true,
         max_processes: procs_capacity,
     })?;
+    let mut listeners = Vec::new();
+    if opts.serve_http {
+        let access = super::http::Access {
+            token,
+            metrics_only: false,
+        };
+        listeners.push((bind(config.listen)?, access));
+        if let Some(listen) = config.metrics_listen {
+            let access = super::http::Access {
+                token: None,
+                metrics_only: true,
+            };
+            listeners.push((bind(listen)?, access));
+        }
+    }
+    Ok(Prepared {
+        opts,
+        sampler,
+        procs_capacity,
+        listeners,
+    })
+}
+
+/// A non-blocking listener on `addr`, for the runtime to take over.
+fn bind(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let l =
+        std::net::TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+    l.set_nonblocking(true)
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(l)
+}
+
+/// Starts the HTTP API (if asked) and the main loop of a prepared daemon.
+pub async fn start(prepared: Prepared) -> anyhow::Result<Handle> {
+    let Prepared {
+        opts,
+        mut sampler,
+        procs_capacity,
+        listeners,
+    } = prepared;
+    let config = opts.config;
     // Polled by the ingest thread's runtime (an `AsyncFd` belongs to the
     // runtime it is made in).
     let ring = sampler.take_ring().context("sample ring buffer")?;
@@ -707,24 +762,16 @@ pub async fn start(opts: DaemonOptions) -> anyhow::Result<Handle> {
     shared.set_api(&config.api);
     let mut http = Vec::new();
     let mut http_addr = None;
-    if opts.serve_http {
-        let access = super::http::Access {
-            token,
-            metrics_only: false,
-        };
-        let (task, addr) = spawn_server(config.listen, &shared, access).await?;
-        tracing::info!("HTTP API on http://{addr}");
-        http.push(task);
-        http_addr = Some(addr);
-        if let Some(listen) = config.metrics_listen {
-            let access = super::http::Access {
-                token: None,
-                metrics_only: true,
-            };
-            let (task, addr) = spawn_server(listen, &shared, access).await?;
+    for (listener, access) in listeners {
+        let metrics_only = access.metrics_only;
+        let (task, addr) = spawn_server(listener, &shared, access)?;
+        if metrics_only {
             tracing::info!("metrics and health on http://{addr}");
-            http.push(task);
+        } else {
+            tracing::info!("HTTP API on http://{addr}");
+            http_addr = Some(addr);
         }
+        http.push(task);
     }
 
     let exporters = Exporters::new(&config.outputs, &shared.metrics)?;
@@ -800,15 +847,14 @@ type HttpTask = (
     tokio::sync::oneshot::Sender<()>,
 );
 
-/// Serves the API on `listen` with `access`, until the task's sender fires.
-async fn spawn_server(
-    listen: SocketAddr,
+/// Serves the API on `listener` with `access`, until the task's sender fires.
+fn spawn_server(
+    listener: std::net::TcpListener,
     shared: &Arc<Shared>,
     access: super::http::Access,
 ) -> anyhow::Result<(HttpTask, SocketAddr)> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener =
+        tokio::net::TcpListener::from_std(listener).context("cannot serve the HTTP API")?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(super::http::serve(

@@ -70,6 +70,8 @@ pub struct TopOptions {
     pub source: SourceChoice,
     /// Start with line-level rows.
     pub line_level: bool,
+    /// The daemon's bearer token file (`--token-file`).
+    pub token_file: Option<std::path::PathBuf>,
     pub once: Option<Once>,
 }
 
@@ -82,6 +84,7 @@ impl Default for TopOptions {
             window_secs: DEFAULT_WINDOW_SECS,
             source: SourceChoice::Auto,
             line_level: false,
+            token_file: None,
             once: None,
         }
     }

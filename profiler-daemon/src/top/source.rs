@@ -60,9 +60,13 @@ pub fn open(
 ) -> anyhow::Result<Box<dyn TopSource>> {
     let rate = opts.rate_hz.unwrap_or(DEFAULT_RATE_HZ);
     let retention = local_retention(opts);
+    let token = match &opts.token_file {
+        Some(path) => Some(crate::daemon::access::load_token(path).context("--token-file")?),
+        None => None,
+    };
     match &opts.source {
         SourceChoice::Daemon(url) => {
-            let src = RemoteSource::new(url, rt)?;
+            let src = RemoteSource::new(url, rt, token)?;
             // Fail now, with the reason, rather than show an empty screen.
             src.probe().map_err(|e| anyhow!("{e}"))?;
             Ok(Box::new(src))
@@ -74,7 +78,7 @@ pub fn open(
             start_local,
         )?)),
         SourceChoice::Auto => {
-            let src = RemoteSource::new(DEFAULT_DAEMON_URL, rt.clone())?;
+            let src = RemoteSource::new(DEFAULT_DAEMON_URL, rt.clone(), token)?;
             match src.probe() {
                 Ok(()) => Ok(Box::new(src)),
                 Err(Probe::Unreachable(_)) => Ok(Box::new(LocalSource::start(
@@ -190,6 +194,8 @@ pub struct RemoteSource {
     client: reqwest::Client,
     /// Base URL without a trailing slash.
     base: String,
+    /// `Authorization` header value, when the daemon wants a token.
+    bearer: Option<String>,
     mode: Mode,
 }
 
@@ -232,7 +238,11 @@ pub fn query_params(q: &TopQuery) -> Vec<(&'static str, String)> {
 }
 
 impl RemoteSource {
-    pub fn new(url: &str, rt: Arc<Runtime>) -> anyhow::Result<Self> {
+    pub fn new(
+        url: &str,
+        rt: Arc<Runtime>,
+        token: Option<crate::daemon::access::Token>,
+    ) -> anyhow::Result<Self> {
         let base = normalize_url(url)?;
         let client = reqwest::Client::builder()
             // The API is meant for localhost: never through a proxy.
@@ -246,6 +256,7 @@ impl RemoteSource {
             client,
             mode: Mode::Daemon(base.clone()),
             base,
+            bearer: token.map(|t| t.bearer()),
         })
     }
 
@@ -261,11 +272,14 @@ impl RemoteSource {
 
     fn fetch(&self, q: &TopQuery, timeout: Duration) -> Result<TopSnapshot, Probe> {
         let url = format!("{}/api/top", self.base);
-        let req = self
+        let mut req = self
             .client
             .get(&url)
             .query(&query_params(q))
             .timeout(timeout);
+        if let Some(b) = &self.bearer {
+            req = req.header(reqwest::header::AUTHORIZATION, b);
+        }
         let base = &self.base;
         self.rt.block_on(async move {
             let resp = req.send().await.map_err(|e| {
@@ -286,6 +300,11 @@ impl RemoteSource {
                 return Err(Probe::Failed(
                     if status == reqwest::StatusCode::NOT_FOUND && why.starts_with("not found") {
                         format!("the pyebpf daemon at {base} has no /api/top (an older version?)")
+                    } else if status == reqwest::StatusCode::UNAUTHORIZED {
+                        format!(
+                            "the pyebpf daemon at {base} answered {status}: {why} (give its \
+                             api.token_file with --token-file)"
+                        )
                     } else {
                         format!("the pyebpf daemon at {base} answered {status}: {why}")
                     },
