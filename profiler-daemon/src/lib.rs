@@ -24,6 +24,7 @@ pub mod process;
 pub mod profile;
 pub mod python;
 pub mod record;
+pub mod seccomp;
 pub mod store;
 pub mod top;
 

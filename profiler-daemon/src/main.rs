@@ -56,6 +56,14 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Prints the seccomp profile (OCI JSON) that `pyebpf daemon` runs
+    /// under, or installs it with --output (the Kubernetes DaemonSet's init
+    /// container writes it to the node's /var/lib/kubelet/seccomp).
+    SeccompProfile {
+        /// Write it to this file (atomically) instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -234,6 +242,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::SeccompProfile { output } => match output {
+            Some(path) => {
+                pyebpf::seccomp::install(&path)?;
+                println!("seccomp profile written to {}", path.display());
+                Ok(())
+            }
+            None => {
+                print!("{}", pyebpf::seccomp::PROFILE);
+                Ok(())
+            }
+        },
         Command::Health { url, timeout } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -56,8 +56,10 @@ fn get(addr: SocketAddr, path: &str) -> Option<String> {
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    // Bodies may be binary (pprof): only the head must be text.
+    let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n")?;
     head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
@@ -174,5 +176,140 @@ fn bpf_record_keeps_only_what_reading_targets_needs() {
         leaf_count(&stacks, &hot_plain()) >= 20,
         "no samples at {}: {stacks:?}",
         hot_plain()
+    );
+}
+
+/// The shipped seccomp profile (what `pyebpf seccomp-profile` prints) as a
+/// seccompiler filter with the same default action (EPERM).
+fn shipped_filter() -> seccompiler::BpfProgram {
+    let out = Command::new(pyebpf())
+        .arg("seccomp-profile")
+        .output()
+        .expect("run pyebpf seccomp-profile");
+    assert!(out.status.success());
+    let shipped =
+        std::fs::read_to_string(repo_root().join("deploy/kubernetes/pyebpf-seccomp.json"))
+            .expect("read the shipped profile");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), shipped);
+    let oci: serde_json::Value = serde_json::from_str(&shipped).expect("profile is JSON");
+    assert_eq!(oci["defaultAction"], "SCMP_ACT_ERRNO");
+    assert_eq!(oci["defaultErrnoRet"], 1);
+    let names: Vec<serde_json::Value> = oci["syscalls"]
+        .as_array()
+        .expect("syscalls")
+        .iter()
+        .inspect(|r| assert_eq!(r["action"], "SCMP_ACT_ALLOW", "{r}"))
+        .flat_map(|r| r["names"].as_array().expect("names").clone())
+        .map(|n| serde_json::json!({ "syscall": n }))
+        .collect();
+    let filters = serde_json::json!({
+        "pyebpf": {
+            "mismatch_action": { "errno": 1 },
+            "match_action": "allow",
+            "filter": names,
+        }
+    });
+    let mut map = seccompiler::compile_from_json(
+        filters.to_string().as_bytes(),
+        seccompiler::TargetArch::x86_64,
+    )
+    .expect("every name in the profile is an x86_64 system call");
+    map.remove("pyebpf").expect("compiled filter")
+}
+
+/// The daemon, confined by the profile shipped for its container, finds,
+/// profiles and exports as usual, reloads and shuts down cleanly.
+#[test]
+fn bpf_daemon_runs_under_the_shipped_seccomp_profile() {
+    use std::os::unix::process::CommandExt as _;
+    if !bpf_available() {
+        return;
+    }
+    let filter = shipped_filter();
+    let dir = tempfile::tempdir().unwrap();
+    let pprof = dir.path().join("pprof");
+    let config = dir.path().join("pyebpf.yaml");
+    let metrics_port = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_listen: 127.0.0.1:{metrics_port}\naggregation:\n  window_secs: 2\n\
+             outputs:\n  pprof_dir:\n    path: {}\n",
+            pprof.display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let f = std::fs::File::create(&log).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut cmd = Command::new(pyebpf());
+    cmd.arg("daemon")
+        .arg("--config")
+        .arg(&config)
+        .arg("--listen")
+        .arg(addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(f.try_clone().unwrap()))
+        .stderr(Stdio::from(f));
+    // SAFETY: between fork and exec only prctl(2) and seccomp(2) run, on a
+    // filter compiled before the fork; no allocation, no lock.
+    unsafe {
+        cmd.pre_exec(move || seccompiler::apply_filter(&filter).map_err(std::io::Error::other));
+    }
+    let mut daemon = Killed(cmd.spawn().expect("start the confined daemon"));
+    let logged = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(addr, "/readyz").is_none() {
+        assert!(
+            daemon.0.try_wait().unwrap().is_none(),
+            "the daemon died under the profile:\n{}",
+            logged()
+        );
+        assert!(Instant::now() < deadline, "not ready:\n{}", logged());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.0.id())).unwrap();
+    assert_eq!(status_field(&status, "Seccomp:"), "2", "not confined");
+
+    let w = Workload::start(Interp::Static, &["plain"]);
+    let path = format!("/folded?pid={}&seconds=60", w.pid());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while leaf_count(
+        &parse_folded(&get(addr, &path).unwrap_or_default()),
+        &hot_plain(),
+    ) < 20
+    {
+        assert!(Instant::now() < deadline, "no samples:\n{}", logged());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for p in [
+        format!("/profile?pid={}&seconds=10", w.pid()),
+        format!("/flamegraph.svg?pid={}&seconds=10", w.pid()),
+        "/processes".to_string(),
+        "/api/top?seconds=10".to_string(),
+        "/metrics".to_string(),
+    ] {
+        assert!(get(addr, &p).is_some(), "{p} failed:\n{}", logged());
+    }
+    let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
+    assert!(get(metrics_addr, "/metrics").is_some());
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logged().contains("SIGHUP: configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload logged:\n{}", logged());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(w);
+    // SAFETY: as above.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    let exit = daemon.0.wait().unwrap();
+    let text = logged();
+    assert!(exit.success(), "{exit}:\n{text}");
+    // A call the profile forgot fails with EPERM ("os error 1"), somewhere.
+    assert!(!text.contains("os error 1)"), "a denied call:\n{text}");
+    assert!(
+        std::fs::read_dir(&pprof).unwrap().count() > 0,
+        "no pprof file written:\n{text}"
     );
 }

@@ -1295,6 +1295,34 @@ mod tests {
                 Some("metrics")
             );
         }
+        // Confined by pyebpf's own seccomp profile, which the init container
+        // (same image) writes where the kubelet looks for it.
+        let sc = &container["securityContext"]["seccompProfile"];
+        assert_eq!(sc["type"].as_str(), Some("Localhost"));
+        let profile = sc["localhostProfile"].as_str().expect("localhostProfile");
+        let init = &pod["initContainers"][0];
+        assert_eq!(init["image"], container["image"]);
+        let mount = init["volumeMounts"][0]["mountPath"].as_str().unwrap();
+        let init_args: Vec<&str> = init["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            init_args,
+            ["seccomp-profile", "--output", &format!("{mount}/{profile}")]
+        );
+        let volume = pod["volumes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == init["volumeMounts"][0]["name"])
+            .expect("the init container's volume");
+        assert_eq!(
+            volume["hostPath"]["path"].as_str(),
+            Some("/var/lib/kubelet/seccomp")
+        );
         let np = docs
             .iter()
             .find(|d| kind(d).as_deref() == Some("NetworkPolicy"))

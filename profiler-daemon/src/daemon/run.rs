@@ -637,6 +637,7 @@ impl Daemon {
         }
         let rules_changed = new.discovery != self.config.discovery;
         self.config = new;
+        tracing::info!("SIGHUP: configuration reloaded from {}", path.display());
         if rules_changed {
             // Decide every process again under the new rules, keeping the
             // ones that still qualify (and their data) as they are.
