@@ -100,9 +100,13 @@ pub async fn serve(
             "HTTP API listening"
         );
     }
-    axum::serve(listener, router(source, access))
-        .with_graceful_shutdown(shutdown)
-        .await
+    super::http_conn::serve(
+        listener,
+        router(source, access),
+        super::http_conn::Limits::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// The API's routes over `source` (what [`serve`] serves).

@@ -20,6 +20,7 @@ pub mod export;
 pub mod filter;
 pub mod health;
 pub mod http;
+pub mod http_conn;
 pub mod labels;
 pub mod local;
 pub mod metrics;
