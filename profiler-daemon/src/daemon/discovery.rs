@@ -31,7 +31,7 @@ use super::config::Discovery;
 use super::labels::{self, LabelError};
 use crate::model::labels::ProcessLabels;
 use crate::process::python::{self, InspectError, PythonProcess, VerdictCache};
-use crate::store::UnsupportedProcess;
+use crate::store::{NotProfiled, UnsupportedProcess};
 
 /// The pids of all processes (thread-group leaders) in `/proc`, sorted.
 /// Entries that vanish while listing are skipped; an unreadable `/proc` gives
@@ -171,10 +171,43 @@ pub fn inspect_candidate(
 /// error's message as the reason.
 pub fn unsupported_process(c: Candidate, err: &InspectError) -> Option<UnsupportedProcess> {
     let (version, free_threaded) = match err {
-        InspectError::UnsupportedVersion { version, .. } => (version.clone(), false),
+        InspectError::UnsupportedVersion { version, .. }
+        | InspectError::Incompatible { version, .. } => (version.clone(), false),
         InspectError::FreeThreaded { version, .. } => (version.clone(), true),
         _ => return None,
     };
+    Some(not_profiled(
+        c,
+        err,
+        NotProfiled::Unsupported,
+        version,
+        free_threaded,
+    ))
+}
+
+/// What to list about candidate `c` once discovery gave up on it after
+/// `err` (retried with backoff): its labels, and the error as the reason;
+/// `None` unless it is Python by its files (errors that only come after a
+/// Python-looking file was found) or its name: any process whose `/proc`
+/// files cannot be read is not worth a line.
+pub fn failed_process(c: Candidate, err: &InspectError) -> Option<UnsupportedProcess> {
+    let pythonish = match err {
+        InspectError::Elf(_)
+        | InspectError::Tls { .. }
+        | InspectError::Memory(_)
+        | InspectError::NotInitialized { .. } => true,
+        _ => python::command(c.pid).is_ok_and(|comm| python_named(c.pid, &comm)),
+    };
+    pythonish.then(|| not_profiled(c, err, NotProfiled::Failed, String::new(), false))
+}
+
+fn not_profiled(
+    c: Candidate,
+    err: &InspectError,
+    not_profiled: NotProfiled,
+    python_version: String,
+    free_threaded: bool,
+) -> UnsupportedProcess {
     let labels = match labels::read_labels_and_opt_out(c.pid) {
         Ok((labels, _)) => labels,
         Err(e) => {
@@ -182,13 +215,14 @@ pub fn unsupported_process(c: Candidate, err: &InspectError) -> Option<Unsupport
             fallback_labels(c.pid, command, &e).0
         }
     };
-    Some(UnsupportedProcess {
+    UnsupportedProcess {
         labels,
         start_time: c.start_time,
-        python_version: version,
+        not_profiled,
+        python_version,
         free_threaded,
         reason: err.to_string(),
-    })
+    }
 }
 
 /// A process to look at: a pid at one start time (clock ticks after boot,
@@ -503,13 +537,13 @@ impl Tracker {
                 }
                 _ => self.retry_later(c, now),
             },
-            InspectError::UnsupportedVersion { .. } | InspectError::FreeThreaded { .. } => {
+            InspectError::UnsupportedVersion { .. }
+            | InspectError::FreeThreaded { .. }
+            | InspectError::Incompatible { .. } => {
                 self.mark(c, Seen::Unsupported);
                 Seen::Unsupported
             }
-            InspectError::NotPython(..)
-            | InspectError::MissingSymbol { .. }
-            | InspectError::Incompatible { .. } => {
+            InspectError::NotPython(..) | InspectError::MissingSymbol { .. } => {
                 self.mark(c, Seen::NotPython);
                 Seen::NotPython
             }
@@ -1064,17 +1098,31 @@ mod tests {
             u.free_threaded && u.reason.contains("free-threaded"),
             "{u:?}"
         );
-        // Other errors are not "unsupported".
-        for other in [
-            InspectError::NotPython(pid, "sleep".into()),
-            InspectError::Incompatible {
-                pid,
-                version: "3.14.0".into(),
-                reason: "x".into(),
-            },
-        ] {
-            assert!(unsupported_process(c, &other).is_none(), "{other}");
-        }
+        // An unexpected layout is listed with its version and reason.
+        let odd = InspectError::Incompatible {
+            pid,
+            version: "3.14.0".into(),
+            reason: "x".into(),
+        };
+        let u = unsupported_process(c, &odd).unwrap();
+        assert_eq!(u.python_version, "3.14.0");
+        assert_eq!(u.not_profiled, NotProfiled::Unsupported);
+        // Other errors are not "unsupported"; given up on, they are "failed".
+        let other = InspectError::NotPython(pid, "sleep".into());
+        assert!(unsupported_process(c, &other).is_none(), "{other}");
+        // A `sleep` whose files cannot be read is not listed; an ELF error
+        // (only reported for Python-looking files) is.
+        assert!(failed_process(c, &other).is_none());
+        let elf = InspectError::NotInitialized {
+            pid,
+            detail: "x".into(),
+        };
+        let f = failed_process(c, &elf).unwrap();
+        assert_eq!(
+            (f.not_profiled.status(), f.python_version.as_str()),
+            ("failed", "")
+        );
+        assert_eq!(f.reason, elf.to_string());
         // After an exec it is looked at again.
         assert_eq!(t.observe(pid, stat(c.start_time, "python3.11")), Some(c));
         // A process gone meanwhile is still listed, with its pid only.

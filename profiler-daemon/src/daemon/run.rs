@@ -19,8 +19,8 @@ use tokio::task::JoinSet;
 
 use super::config::{Config, Discovery};
 use super::discovery::{
-    inspect_candidate, list_pids, unsupported_process, Candidate, Inspection, Lifecycle, Seen,
-    Tracker,
+    failed_process, inspect_candidate, list_pids, unsupported_process, Candidate, Inspection,
+    Lifecycle, Seen, Tracker,
 };
 use super::export::Exporters;
 use super::metrics::{top_functions, DiscoveryResult, Metrics, ProcessEvent};
@@ -485,8 +485,12 @@ impl Daemon {
                         }
                     }
                     Some(Seen::GaveUp) => {
-                        tracing::info!(pid = c.pid, "gave up: {e}");
-                        metrics.inc_discovered(DiscoveryResult::Failed, "")
+                        tracing::warn!(pid = c.pid, "not profiled, gave up: {e}");
+                        metrics.inc_discovered(DiscoveryResult::Failed, "");
+                        // Listed in /processes with the reason.
+                        if let Some(f) = failed_process(c, &e) {
+                            self.shared.store().add_unsupported(f, SystemTime::now());
+                        }
                     }
                     _ => tracing::debug!(pid = c.pid, "will retry: {e}"),
                 }

@@ -20,6 +20,8 @@ pub const STATUS_EXITED: &str = "exited";
 /// [`ProcessView::status`] of a CPython process refused for its version or
 /// build (listed by `/processes?all=1` only).
 pub const STATUS_UNSUPPORTED: &str = "unsupported";
+/// Python, but discovery gave up reading it (the reason says why).
+pub const STATUS_FAILED: &str = "failed";
 
 /// A process as listed by `/processes`: profiled, exited (while its data is
 /// retained), or, with `?all=1`, a CPython process refused for its version

@@ -404,10 +404,11 @@ pub fn shared_cache() -> &'static VerdictCache {
 }
 
 /// Read the Python symbols of `file`. An unreadable `_PyRuntime` look-up
-/// makes the file "not Python" (it is skipped, as any other file); an
-/// unreadable look-up of the others, once `_PyRuntime` is found, is an error
-/// (not cached).
-fn analyze(pid: u32, file: &ElfFile) -> Result<FileVerdict, ElfError> {
+/// makes the file "not Python" (it is skipped, as any other file) unless
+/// the file is named like an interpreter (`pythonish`): then, as an
+/// unreadable look-up of the others once `_PyRuntime` is found, it is an
+/// error (not cached), which discovery retries and then reports.
+fn analyze(pid: u32, file: &ElfFile, pythonish: bool) -> Result<FileVerdict, ElfError> {
     let by_symbol = file.symbol("_PyRuntime").map(|s| s.map(|s| s.value));
     // 3.13+ keeps `_PyRuntime` in its own section, named even without symbols.
     let runtime = match by_symbol {
@@ -415,6 +416,7 @@ fn analyze(pid: u32, file: &ElfFile) -> Result<FileVerdict, ElfError> {
         Ok(None) | Err(_) => match file.section_address(RUNTIME_SECTION) {
             Ok(Some(v)) => v,
             Ok(None) => return Ok(FileVerdict::NoPython),
+            Err(e) if pythonish => return Err(e),
             Err(e) => {
                 tracing::debug!(pid, file = %file.path().display(), "skipping: {e}");
                 return Ok(FileVerdict::NoPython);
@@ -513,7 +515,7 @@ fn find_interpreter(
                 continue;
             }
         };
-        let verdict = analyze(pid, &file).map_err(InspectError::Elf)?;
+        let verdict = analyze(pid, &file, f.looks_like_python()).map_err(InspectError::Elf)?;
         cache.insert(FileId::of(&meta), verdict.clone());
         if let FileVerdict::Python(symbols) = verdict {
             return interpreter(pid, f, symbols);
@@ -1138,7 +1140,7 @@ mod tests {
             .section_address(RUNTIME_SECTION)
             .unwrap()
             .expect(".PyRuntime");
-        match analyze(0, &file).unwrap() {
+        match analyze(0, &file, true).unwrap() {
             FileVerdict::Python(s) => {
                 assert_eq!(s.runtime, section);
                 assert_eq!((s.py_version, s.pycode_type), (None, None));

@@ -33,7 +33,8 @@ use profiler_common::RawFrame;
 use crate::bpf::events::RawSample;
 use crate::model::labels::{python_label, ProcessLabels};
 use crate::model::query::{
-    ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_PROFILED, STATUS_UNSUPPORTED,
+    ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_FAILED, STATUS_PROFILED,
+    STATUS_UNSUPPORTED,
 };
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{CompactProfile, Frame};
@@ -523,11 +524,32 @@ pub struct Store {
     unsupported: VecDeque<(UnsupportedProcess, SystemTime)>,
 }
 
-/// A CPython process discovery refused for its version or build.
+/// Why a listed process is not profiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotProfiled {
+    /// CPython of a version or build pyebpf does not support.
+    Unsupported,
+    /// Python (by its files or name), but discovery gave up reading it:
+    /// unreadable or malformed ELF files, memory, thread state.
+    Failed,
+}
+
+impl NotProfiled {
+    /// Its `status` in `/processes`.
+    pub fn status(self) -> &'static str {
+        match self {
+            NotProfiled::Unsupported => STATUS_UNSUPPORTED,
+            NotProfiled::Failed => STATUS_FAILED,
+        }
+    }
+}
+
+/// A Python process discovery refused (its version or build) or gave up on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnsupportedProcess {
     pub labels: ProcessLabels,
     pub start_time: u64,
+    pub not_profiled: NotProfiled,
     /// e.g. "3.16.0" (without the `t` of a free-threaded build).
     pub python_version: String,
     pub free_threaded: bool,
@@ -1055,7 +1077,7 @@ impl Store {
                 labels: u.labels.clone(),
                 python_version: u.python_version.clone(),
                 python: u.python(),
-                status: STATUS_UNSUPPORTED,
+                status: u.not_profiled.status(),
                 since: unix_secs(*at),
                 samples: 0,
                 memory_bytes: 0,
@@ -1601,6 +1623,7 @@ mod tests {
 
     fn unsupported(pid: u32, start_time: u64, version: &str) -> UnsupportedProcess {
         UnsupportedProcess {
+            not_profiled: NotProfiled::Unsupported,
             labels: ProcessLabels {
                 pid,
                 command: "python3".into(),
