@@ -635,12 +635,12 @@ fn push_to_a_faulty_receiver(fault: Fault) {
     );
     // The pauses double (with jitter in their upper half): by the 7th
     // attempt the last gap is at least twice the first ones (about a
-    // window apart) and the largest, give or take scheduling noise.
+    // window apart) and about the largest (25% left for scheduling noise).
     let first = gaps[0].max(gaps[1]);
     let widest = gaps.iter().copied().fold(0.0, f64::max);
     let last = gaps[gaps.len() - 1];
     assert!(
-        last >= 2.0 * first && last >= 0.9 * widest,
+        last >= 2.0 * first && last >= 0.75 * widest,
         "{name}: gaps between attempts do not grow: {gaps:?}"
     );
 
