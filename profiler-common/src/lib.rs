@@ -118,6 +118,7 @@ pub struct WalkState {
     pub novel: u32,
     pub tgid: u32,
     pub _pad: u32,
+    pub cycle: CycleCheck,
     pub cache: [CodeSlot; CODE_CACHE_SLOTS],
     /// Scratch for one code-object header (kept off the 512-byte BPF stack).
     pub code_hdr: [u64; CODE_READ_WORDS],
@@ -135,6 +136,7 @@ impl Default for WalkState {
             novel: 0,
             tgid: 0,
             _pad: 0,
+            cycle: CycleCheck::new(),
             cache: [CodeSlot::default(); CODE_CACHE_SLOTS],
             code_hdr: [0; CODE_READ_WORDS],
         }
@@ -191,10 +193,12 @@ pub enum ReadStep {
     Frame = 4,
     Code = 5,
     BadFrame = 6,
+    /// The chain of frames loops back on itself (see [`CycleCheck`]).
+    Cycle = 7,
 }
 
 impl ReadStep {
-    pub const ALL: [ReadStep; 7] = [
+    pub const ALL: [ReadStep; 8] = [
         ReadStep::FsBase,
         ReadStep::Tls,
         ReadStep::ThreadState,
@@ -202,6 +206,7 @@ impl ReadStep {
         ReadStep::Frame,
         ReadStep::Code,
         ReadStep::BadFrame,
+        ReadStep::Cycle,
     ];
 
     pub fn from_u32(v: u32) -> Option<ReadStep> {
@@ -217,6 +222,7 @@ impl ReadStep {
             ReadStep::Frame => "frame",
             ReadStep::Code => "code_object",
             ReadStep::BadFrame => "bad_frame",
+            ReadStep::Cycle => "cycle",
         }
     }
 }
@@ -310,6 +316,8 @@ mod tests {
         // offset mask covers it.
         const { assert!(FRAME_READ_LEN <= FRAME_BLOCK && FRAME_BLOCK.is_power_of_two()) };
         // Process counters sit between the outcomes and the read errors.
+        // Every step has its read-error slot.
+        const { assert!(READ_ERROR_BASE as usize + ReadStep::ALL.len() <= COUNTERS_LEN as usize) };
         for c in ProcCounter::ALL {
             assert!(c as u32 >= COUNTER_SLOTS && (c as u32) < READ_ERROR_BASE);
         }

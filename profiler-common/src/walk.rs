@@ -96,6 +96,59 @@ impl FrameFields {
     }
 }
 
+/// Cycle detection on the chain of frame addresses, for a chain that loops
+/// back on itself (a corrupt or reused `previous`): Brent's algorithm (one
+/// compare per frame against a checkpoint moved at power-of-two steps),
+/// plus a compare with the leaf, which finds a loop back to the leaf at the
+/// first repeat. A loop entered after `mu` frames, of `lambda` frames, is
+/// found within `3 * (mu + lambda)` frames, long before the depth bound.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CycleCheck {
+    /// The first frame of the walk (0: none yet).
+    pub leaf: u64,
+    /// A frame address reached earlier in this walk (0: none yet).
+    pub saved: u64,
+    /// Frames stepped through since `saved`.
+    pub steps: u32,
+    /// `steps` at which the checkpoint moves on.
+    pub power: u32,
+}
+
+impl CycleCheck {
+    /// A check for a new walk.
+    pub const fn new() -> CycleCheck {
+        CycleCheck {
+            leaf: 0,
+            saved: 0,
+            steps: 0,
+            power: 1,
+        }
+    }
+
+    /// Notes that the walk reached the frame at `addr` (non-zero); true if
+    /// it was reached before: the chain is a cycle, and the walk must end
+    /// (every frame of it has been recorded at least once by then).
+    #[inline(always)]
+    pub fn step(&mut self, addr: u64) -> bool {
+        if addr == self.saved || addr == self.leaf {
+            return true;
+        }
+        if self.leaf == 0 {
+            self.leaf = addr;
+        }
+        self.steps += 1;
+        if self.steps >= self.power {
+            self.saved = addr;
+            self.steps = 0;
+            // Saturates: past 2^31 frames the checkpoint stays put, which
+            // still finds any cycle through it.
+            self.power = self.power.saturating_mul(2);
+        }
+        false
+    }
+}
+
 /// A small checksum of a code object's immutable header fields, computed by
 /// BPF at sample time and again by userspace when symbolising, so that a code
 /// object freed and replaced at the same address is never given the old name.
@@ -252,6 +305,52 @@ mod tests {
             ..layout()
         };
         assert!(FrameFields::parse(&[0; FRAME_READ_WORDS], &l).is_none());
+    }
+
+    /// Walks `next` from `start` as the BPF walker does (every frame
+    /// recorded) until the end or a cycle: (frames recorded, cycle found).
+    fn walk_chain(start: u64, next: impl Fn(u64) -> u64, bound: u32) -> (u32, bool) {
+        let mut c = CycleCheck::new();
+        let (mut addr, mut n) = (start, 0u32);
+        while addr != 0 && n < bound {
+            if c.step(addr) {
+                return (n, true);
+            }
+            n += 1;
+            addr = next(addr);
+        }
+        (n, false)
+    }
+
+    #[test]
+    fn cycles_are_found_early() {
+        // Frames at 8, 16, ..: `mu` frames lead into a loop of `lambda`.
+        for mu in 0..70u64 {
+            for lambda in 1..70u64 {
+                let next = |a: u64| {
+                    if a / 8 < mu + lambda {
+                        a + 8
+                    } else {
+                        (mu + 1) * 8
+                    }
+                };
+                let (n, cycle) = walk_chain(8, next, 4096);
+                assert!(cycle, "mu {mu} lambda {lambda}");
+                // Every frame is recorded, and at most a few laps.
+                let n = u64::from(n);
+                assert!(n >= mu + lambda, "mu {mu} lambda {lambda}: {n} frames");
+                assert!(
+                    n <= 3 * (mu + lambda),
+                    "mu {mu} lambda {lambda}: {n} frames"
+                );
+                if mu == 0 {
+                    assert_eq!(n, lambda, "a loop back to the leaf ends at once");
+                }
+            }
+        }
+        // A chain without a cycle is walked to its end, whatever its length.
+        let long = |a: u64| if a < 8 * 3000 { a + 8 } else { 0 };
+        assert_eq!(walk_chain(8, long, 4096), (3000, false));
     }
 
     #[test]

@@ -23,9 +23,9 @@ use aya_ebpf::{
     programs::{PerfEventContext, RawTracePointContext},
 };
 use profiler_common::{
-    code_checksum, code_flags, code_size_units, instr_index, Counter, FrameFields, FrameKind,
-    ProcCounter, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf, SeenKey, TlsKind, WalkState,
-    CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR, FLAG_TRUNCATED,
+    code_checksum, code_flags, code_size_units, instr_index, Counter, CycleCheck, FrameFields,
+    FrameKind, ProcCounter, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf, SeenKey, TlsKind,
+    WalkState, CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR, FLAG_TRUNCATED,
     FRAMES_PER_PROG, FRAME_BLOCK, FRAME_BLOCK_WORDS, FRAME_READ_LEN, FRAME_READ_WORDS, HEADER_LEN,
     MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES, WATCH_ENTRIES,
 };
@@ -219,6 +219,7 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         s.block_len = 0;
         s.novel = 0;
         s.tgid = tgid;
+        s.cycle = CycleCheck::new();
         let max = core::ptr::read_volatile(&MAX_DEPTH);
         s.max_depth = if max == 0 || max > MAX_FRAMES as u32 {
             MAX_FRAMES as u32
@@ -420,6 +421,11 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut Block) -> St
     let n = buf.header.nframes;
     if n >= state.max_depth {
         return Step::Truncated;
+    }
+    // A chain that loops back would be walked to the depth bound and shown
+    // as a deep stack: it ends as a failed walk instead.
+    if state.cycle.step(addr) {
+        return Step::Failed(ReadStep::Cycle);
     }
     // Frames are 8-aligned: anything else is not a frame pointer.
     if addr & 7 != 0 {

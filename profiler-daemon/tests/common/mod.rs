@@ -6,8 +6,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
+pub mod daemon;
+pub mod pyroscope;
 pub mod pythons;
 pub mod roots;
+
+// Not every test binary uses them.
+#[allow(unused_imports)]
+pub use self::daemon::*;
+#[allow(unused_imports)]
+pub use self::pyroscope::*;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -200,7 +208,12 @@ pub fn parse_folded(text: &str) -> Vec<(Vec<String>, u64)> {
 
 /// `# HOT:name` / `# CALL:name` markers of the workload: name -> line.
 pub fn markers() -> HashMap<String, u32> {
-    let src = std::fs::read_to_string(scenarios()).expect("read scenarios");
+    markers_in(&scenarios())
+}
+
+/// The markers of another workload file.
+pub fn markers_in(path: &Path) -> HashMap<String, u32> {
+    let src = std::fs::read_to_string(path).expect("read workload");
     let mut m = HashMap::new();
     for (i, line) in src.lines().enumerate() {
         if let Some(pos) = line.find("# HOT:").or_else(|| line.find("# CALL:")) {
@@ -213,11 +226,16 @@ pub fn markers() -> HashMap<String, u32> {
 
 /// `qualname (scenarios.py:LINE)` for a marker such as `HOT=plain`.
 pub fn frame(qualname: &str, marker: &str) -> String {
-    let line = markers()
+    frame_in(&scenarios(), qualname, marker)
+}
+
+/// [`frame`] of the workload file `path`.
+pub fn frame_in(path: &Path, qualname: &str, marker: &str) -> String {
+    let line = markers_in(path)
         .get(marker)
         .copied()
         .unwrap_or_else(|| panic!("no marker {marker}"));
-    format!("{qualname} ({}:{line})", scenarios().display())
+    format!("{qualname} ({}:{line})", path.display())
 }
 
 /// Total samples of stacks whose leaf is `leaf`.
