@@ -9,21 +9,12 @@
 //! fails when PYEBPF_REQUIRE_BPF_TESTS is set, and is skipped otherwise.
 mod common;
 
-use std::process::Command;
-
 #[test]
 fn bench_smoke() {
     let Some(pyebpf) = common::prerequisites("the bench smoke test") else {
         return;
     };
-    let out = std::env::temp_dir().join(format!("pyebpf-bench-smoke-{}", std::process::id()));
-    let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["bench", "--smoke", "--out"])
-        .arg(&out)
-        .arg("--pyebpf")
-        .arg(&pyebpf)
-        .status()
-        .expect("run xtask");
+    let (out, status) = common::xtask(&["bench", "--smoke"], "bench-smoke", &pyebpf);
     assert!(
         status.success(),
         "cargo xtask bench --smoke failed: {status}"

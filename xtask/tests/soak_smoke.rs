@@ -11,8 +11,6 @@
 //! fails when PYEBPF_REQUIRE_BPF_TESTS is set, and is skipped otherwise.
 mod common;
 
-use std::process::Command;
-
 /// Criteria asserted here (names as in soak.json).
 const ROBUST: [&str; 6] = [
     "phase ran",
@@ -28,14 +26,7 @@ fn soak_smoke() {
     let Some(pyebpf) = common::prerequisites("the soak smoke test") else {
         return;
     };
-    let out = std::env::temp_dir().join(format!("pyebpf-soak-smoke-{}", std::process::id()));
-    let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["soak", "--secs", "12", "--out"])
-        .arg(&out)
-        .arg("--pyebpf")
-        .arg(&pyebpf)
-        .status()
-        .expect("run xtask");
+    let (out, status) = common::xtask(&["soak", "--secs", "12"], "soak-smoke", &pyebpf);
     // 2: it ran and a criterion failed (maybe one not judged here); any
     // other failure means it could not run (gunicorn or wrk missing...).
     assert!(

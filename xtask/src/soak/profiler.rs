@@ -6,9 +6,10 @@
 use super::folded::{self, Marker, Shown};
 use crate::bench::daemon::{metric, Daemon, DaemonConfig, Samples};
 use crate::bench::sys::{self, tied, Output, Proc};
-use crate::bench::watch::{flat, watched, watched_pid, RssSeries};
+use crate::bench::watch::{flat, watched_pid, RssSeries};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -55,10 +56,58 @@ fn cpu_pct(before: Duration, after: Duration, wall: Duration) -> f64 {
     after.saturating_sub(before).as_secs_f64() / wall.as_secs_f64().max(1e-9) * 100.0
 }
 
+/// A profiler watched over the load: RSS each second, CPU, and whether it
+/// was still running at the end.
+struct Watched<T> {
+    out: T,
+    cpu_pct: f64,
+    rss: RssSeries,
+    alive: bool,
+}
+
+/// Runs `load` while watching profiler `pid` (a daemon's store metrics
+/// through `api` when given); `exited` says whether the profiler ended.
+fn watch<T>(
+    pid: u32,
+    api: Option<SocketAddr>,
+    exited: impl Fn() -> bool,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<Watched<T>> {
+    let (cpu0, t0) = (sys::process_cpu(pid)?, Instant::now());
+    let (out, points) = watched_pid(pid, api, load)?;
+    let alive = !exited();
+    let cpu1 = sys::process_cpu(pid).unwrap_or(cpu0);
+    Ok(Watched {
+        out,
+        cpu_pct: cpu_pct(cpu0, cpu1, t0.elapsed()),
+        rss: RssSeries::of(points)?,
+        alive,
+    })
+}
+
+/// A [`Profiled`] of what `w` measured, the rest zero until filled in.
+fn base<T>(tool: &str, pid: u32, w: &Watched<T>, shown: Shown) -> Profiled {
+    Profiled {
+        tool: format!("pyebpf {tool} @ {RATE_HZ} Hz"),
+        pid,
+        cpu_pct: w.cpu_pct,
+        rss: w.rss.clone(),
+        rss_flat: flat(&w.rss),
+        stayed_up: w.alive,
+        exit: String::new(),
+        samples: 0.0,
+        walk_errors: 0.0,
+        read_errors_by_step: String::new(),
+        ringbuf_dropped: 0.0,
+        unknown_frames: shown.unknown,
+        error_share: 0.0,
+        shown,
+    }
+}
+
 fn finish(mut p: Profiled) -> Profiled {
     p.error_share =
         (p.walk_errors + p.ringbuf_dropped + p.unknown_frames as f64) / p.samples.max(1.0);
-    p.rss_flat = flat(&p.rss);
     p
 }
 
@@ -88,16 +137,16 @@ pub fn daemon<T>(t: &Target, secs: u64, load: impl FnOnce() -> Result<T>) -> Res
     // Forked workers are found by the daemon's /proc rescan (10 s by default).
     d.wait_profiled(t.pids, Duration::from_secs(40))?;
     let pid = d.proc.pid;
-    let (m0, cpu0, t0) = (d.metrics()?, sys::process_cpu(pid)?, Instant::now());
-    let (out, points) = watched(&d, load)?;
-    let alive = !d.proc.exited();
-    let (cpu1, wall) = (sys::process_cpu(pid).unwrap_or(cpu0), t0.elapsed());
+    let (m0, t0) = (d.metrics()?, Instant::now());
+    let w = watch(pid, Some(d.addr), || d.proc.exited(), load)?;
+    let wall = t0.elapsed();
     let m1 = d.metrics()?;
-    let secs = (wall.as_secs() + 1).min(600) as u32;
+    // The load's seconds, at most the retention (the most /folded accepts).
+    let window = (wall.as_secs() + 1).min(retention) as u32;
     let mut text = String::new();
     for &p in t.pids {
         text += &d
-            .folded(p, secs)
+            .folded(p, window)
             .with_context(|| format!("/folded of {p}"))?;
         text.push('\n');
     }
@@ -106,13 +155,8 @@ pub fn daemon<T>(t: &Target, secs: u64, load: impl FnOnce() -> Result<T>) -> Res
     let events = |o: &str| dm("pyebpf_bpf_events_total", &[("outcome", o)]);
     let shown = folded::shown(&text, t.markers);
     let p = Profiled {
-        tool: format!("pyebpf daemon @ {RATE_HZ} Hz"),
-        pid,
-        cpu_pct: cpu_pct(cpu0, cpu1, wall),
-        rss: RssSeries::of(points)?,
-        rss_flat: false,
-        stayed_up: alive && stop.is_ok(),
-        exit: match (&stop, alive) {
+        stayed_up: w.alive && stop.is_ok(),
+        exit: match (&stop, w.alive) {
             (Ok(_), true) => "alive through the load; exit 0 on SIGTERM".into(),
             (_, false) => "EXITED during the load".into(),
             (Err(e), true) => format!("alive through the load; then {e:#}"),
@@ -121,12 +165,10 @@ pub fn daemon<T>(t: &Target, secs: u64, load: impl FnOnce() -> Result<T>) -> Res
         walk_errors: events("read_failed") + events("tail_call_failed"),
         read_errors_by_step: steps(&m0, &m1),
         ringbuf_dropped: dm("pyebpf_ringbuf_dropped_samples_total", &[]),
-        unknown_frames: shown.unknown,
-        error_share: 0.0,
-        shown,
+        ..base("daemon", pid, &w, shown)
     };
     unknown_lookups(&m0, &m1);
-    Ok((out, finish(p)))
+    Ok((w.out, finish(p)))
 }
 
 /// `pyebpf_bpf_read_errors_total` between two scrapes, by step, e.g.
@@ -193,10 +235,7 @@ pub fn record<T>(t: &Target, secs: u64, load: impl FnOnce() -> Result<T>) -> Res
     let mut p = Proc::spawn(tied(c), "pyebpf record", Output::Both, false)?;
     sys::wait_sampler_running(&mut p, Duration::from_secs(30))?;
     let pid = p.pid;
-    let (cpu0, t0) = (sys::process_cpu(pid)?, Instant::now());
-    let (out, points) = watched_pid(pid, None, load)?;
-    let alive = !p.exited();
-    let (cpu1, wall) = (sys::process_cpu(pid).unwrap_or(cpu0), t0.elapsed());
+    let w = watch(pid, None, || p.exited(), load)?;
     let (code, _) = p.wait_rusage(Duration::from_secs(secs + 120))?;
     let summary = p.tail();
     if code != 0 {
@@ -207,13 +246,7 @@ pub fn record<T>(t: &Target, secs: u64, load: impl FnOnce() -> Result<T>) -> Res
     let shown = folded::shown(&text, t.markers);
     let n = |label: &str| number_after(&summary, label).unwrap_or(0.0);
     let p = Profiled {
-        tool: format!("pyebpf record @ {RATE_HZ} Hz"),
-        pid,
-        cpu_pct: cpu_pct(cpu0, cpu1, wall),
-        rss: RssSeries::of(points)?,
-        rss_flat: false,
-        stayed_up: alive,
-        exit: if alive {
+        exit: if w.alive {
             "alive through the load; exit 0 at the end of --duration".into()
         } else {
             "EXITED during the load".into()
@@ -226,12 +259,10 @@ pub fn record<T>(t: &Target, secs: u64, load: impl FnOnce() -> Result<T>) -> Res
             .unwrap_or_default()
             .to_string(),
         ringbuf_dropped: n("ring buffer full (dropped): "),
-        unknown_frames: shown.unknown,
-        error_share: 0.0,
-        shown,
+        ..base("record", pid, &w, shown)
     };
     println!("{summary}");
-    Ok((out, finish(p)))
+    Ok((w.out, finish(p)))
 }
 
 #[cfg(test)]

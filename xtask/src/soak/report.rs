@@ -77,13 +77,13 @@ pub fn criteria(r: &Results) -> Vec<Criterion> {
     for p in &r.phases {
         let ok = p.worker_deaths() == 0 && p.master_alive && p.churn_alive;
         add("zero worker deaths", &p.name, deaths_text(p), ok);
-        let failed = p.load.non_2xx + p.load.socket_errors;
+        let failed = p.load.all.non_2xx + p.load.all.socket_errors;
         add(
             "zero failed requests",
             &p.name,
             format!(
                 "{} non-2xx, {} socket errors of {} requests",
-                p.load.non_2xx, p.load.socket_errors, p.load.requests
+                p.load.all.non_2xx, p.load.all.socket_errors, p.load.all.requests
             ),
             failed == 0,
         );
@@ -133,8 +133,7 @@ pub fn criteria(r: &Results) -> Vec<Criterion> {
                 ("p99", |s| s.p99_ms),
             ] {
                 let (m, n) = noise(&b.load.segments.iter().map(get).collect::<Vec<_>>());
-                let v = Summary::of(&p.load.segments.iter().map(get).collect::<Vec<_>>())
-                    .map_or(f64::INFINITY, |s| s.median);
+                let v = get(&p.load.all);
                 add(
                     &format!("{q} latency within the baseline's noise"),
                     &p.name,
@@ -152,7 +151,7 @@ pub fn criteria(r: &Results) -> Vec<Criterion> {
 
 /// One phase's figures on the console.
 pub fn print_phase(p: &Phase) {
-    let l = &p.load;
+    let l = &p.load.all;
     println!(
         "  {}: {} requests, {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {} non-2xx, {} socket errors; worker deaths: {}",
         p.name, l.requests, l.requests_per_s, l.p50_ms, l.p99_ms, l.non_2xx, l.socket_errors, deaths_text(p)
@@ -178,6 +177,17 @@ pub fn print_phase(p: &Phase) {
 
 fn opt(p: &Phase, f: impl Fn(&super::profiler::Profiled) -> String) -> String {
     p.profiler.as_ref().map_or("—".into(), f)
+}
+
+/// A table's header: `first`, then one column per phase.
+fn header<'a>(o: &mut String, first: &str, phases: impl Iterator<Item = &'a Phase>) {
+    let names: Vec<&str> = phases.map(|p| p.name.as_str()).collect();
+    let _ = writeln!(
+        o,
+        "| {first} | {} |\n|---|{}",
+        names.join(" | "),
+        "---|".repeat(names.len())
+    );
 }
 
 pub fn markdown(r: &Results) -> String {
@@ -235,29 +245,20 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(o, "\nFailed to run: {f}");
     }
     let _ = writeln!(o, "\n## Phases\n");
-    let _ = writeln!(
-        o,
-        "| | {} |\n|---|{}",
-        r.phases
-            .iter()
-            .map(|p| p.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" | "),
-        "---|".repeat(r.phases.len())
-    );
+    header(&mut o, "", r.phases.iter());
     let row = |o: &mut String, k: &str, f: &dyn Fn(&Phase) -> String| {
         let cells: Vec<String> = r.phases.iter().map(f).collect();
         let _ = writeln!(o, "| {k} | {} |", cells.join(" | "));
     };
-    row(&mut o, "requests", &|p| p.load.requests.to_string());
+    row(&mut o, "requests", &|p| p.load.all.requests.to_string());
     row(&mut o, "requests/s (median of segments)", &|p| {
-        format!("{:.1}", p.load.requests_per_s)
+        format!("{:.1}", p.load.all.requests_per_s)
     });
     row(&mut o, "p50 latency (median of segments)", &|p| {
-        format!("{:.2} ms", p.load.p50_ms)
+        format!("{:.2} ms", p.load.all.p50_ms)
     });
     row(&mut o, "p99 latency (median of segments)", &|p| {
-        format!("{:.2} ms", p.load.p99_ms)
+        format!("{:.2} ms", p.load.all.p99_ms)
     });
     row(&mut o, "p99 of each segment", &|p| {
         p.load
@@ -268,7 +269,7 @@ pub fn markdown(r: &Results) -> String {
             .join(", ")
     });
     row(&mut o, "non-2xx / socket errors", &|p| {
-        format!("{} / {}", p.load.non_2xx, p.load.socket_errors)
+        format!("{} / {}", p.load.all.non_2xx, p.load.all.socket_errors)
     });
     row(&mut o, "worker deaths (signals)", &|p| deaths_text(p));
     row(&mut o, "workers booted", &|p| p.boots.to_string());
@@ -308,16 +309,10 @@ pub fn markdown(r: &Results) -> String {
         opt(p, |f| f.exit.clone())
     });
     let _ = writeln!(o, "\n### Samples at each handler's marker line\n");
-    let _ = writeln!(
-        o,
-        "| frame | {} |\n|---|{}",
-        r.phases
-            .iter()
-            .filter(|p| p.profiler.is_some())
-            .map(|p| p.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" | "),
-        "---|".repeat(r.phases.iter().filter(|p| p.profiler.is_some()).count())
+    header(
+        &mut o,
+        "frame",
+        r.phases.iter().filter(|p| p.profiler.is_some()),
     );
     let frames: Vec<String> = r
         .phases

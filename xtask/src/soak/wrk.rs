@@ -2,6 +2,7 @@
 //! so that a phase's latency comes with its own spread.
 
 use crate::bench::stats::Summary;
+use crate::bench::sys::tied;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -32,17 +33,13 @@ pub struct Segment {
     pub socket_errors: u64,
 }
 
-/// A phase's segments and their medians.
+/// A phase's segments, and all of them together.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Load {
     pub segments: Vec<Segment>,
-    pub requests: u64,
-    pub requests_per_s: f64,
-    /// Medians over the segments.
-    pub p50_ms: f64,
-    pub p99_ms: f64,
-    pub non_2xx: u64,
-    pub socket_errors: u64,
+    /// Seconds, requests and errors summed; rate and latencies the
+    /// medians of the segments'.
+    pub all: Segment,
 }
 
 impl Load {
@@ -50,15 +47,16 @@ impl Load {
         let median = |f: fn(&Segment) -> f64| {
             Summary::of(&segments.iter().map(f).collect::<Vec<_>>()).map_or(0.0, |s| s.median)
         };
-        Load {
+        let all = Segment {
+            seconds: segments.iter().map(|s| s.seconds).sum(),
             requests: segments.iter().map(|s| s.requests).sum(),
             requests_per_s: median(|s| s.requests_per_s),
             p50_ms: median(|s| s.p50_ms),
             p99_ms: median(|s| s.p99_ms),
             non_2xx: segments.iter().map(|s| s.non_2xx).sum(),
             socket_errors: segments.iter().map(|s| s.socket_errors).sum(),
-            segments,
-        }
+        };
+        Load { segments, all }
     }
 }
 
@@ -135,7 +133,7 @@ pub fn run(addr: SocketAddr, script: &Path, shape: &LoadShape, seg_secs: u64) ->
 
 /// One wrk run of `secs` seconds.
 pub fn segment(addr: SocketAddr, script: &Path, shape: &LoadShape, secs: u64) -> Result<Segment> {
-    let out = Command::new("wrk")
+    let out = tied(Command::new("wrk"))
         .arg(format!("-t{}", shape.threads))
         .arg(format!("-c{}", shape.connections))
         .arg(format!("-d{secs}s"))

@@ -1,8 +1,8 @@
 //! Helpers of the xtask integration tests (each test file uses a part).
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
 
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -56,4 +56,19 @@ pub fn prerequisites(what: &str) -> Option<PathBuf> {
         return None;
     };
     Some(pyebpf)
+}
+
+/// `cargo xtask ARGS --out DIR --pyebpf PYEBPF` with a fresh scratch DIR
+/// named after `name`: the directory and the exit status.
+pub fn xtask(args: &[&str], name: &str, pyebpf: &Path) -> (PathBuf, ExitStatus) {
+    let out = std::env::temp_dir().join(format!("pyebpf-{name}-{}", std::process::id()));
+    let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .arg("--pyebpf")
+        .arg(pyebpf)
+        .status()
+        .expect("run xtask");
+    (out, status)
 }
