@@ -23,6 +23,9 @@ pub struct Profiled {
     pub pid: u32,
     /// utime + stime over the load, in % of one core.
     pub cpu_pct: f64,
+    /// Run time of the BPF sampler over the load (kernel statistics), in %
+    /// of one core: charged to the sampled processes, not to `cpu_pct`.
+    pub bpf_cpu_pct: f64,
     pub rss: RssSeries,
     pub rss_flat: bool,
     /// The daemon: alive (same pid) through the load and exit 0 on SIGTERM;
@@ -60,6 +63,7 @@ fn cpu_pct(before: Duration, after: Duration, wall: Duration) -> f64 {
 /// was still running at the end.
 struct Watched<T> {
     out: T,
+    secs: f64,
     cpu_pct: f64,
     rss: RssSeries,
     alive: bool,
@@ -79,6 +83,7 @@ fn watch<T>(
     let cpu1 = sys::process_cpu(pid).unwrap_or(cpu0);
     Ok(Watched {
         out,
+        secs: t0.elapsed().as_secs_f64(),
         cpu_pct: cpu_pct(cpu0, cpu1, t0.elapsed()),
         rss: RssSeries::of(points)?,
         alive,
@@ -91,6 +96,7 @@ fn base<T>(tool: &str, pid: u32, w: &Watched<T>, shown: Shown) -> Profiled {
         tool: format!("pyebpf {tool} @ {RATE_HZ} Hz"),
         pid,
         cpu_pct: w.cpu_pct,
+        bpf_cpu_pct: 0.0,
         rss: w.rss.clone(),
         rss_flat: flat(&w.rss),
         stayed_up: w.alive,
@@ -165,6 +171,7 @@ pub fn daemon<T>(t: &Target, secs: u64, load: impl FnOnce() -> Result<T>) -> Res
         walk_errors: events("read_failed") + events("tail_call_failed"),
         read_errors_by_step: steps(&m0, &m1),
         ringbuf_dropped: dm("pyebpf_ringbuf_dropped_samples_total", &[]),
+        bpf_cpu_pct: dm("pyebpf_bpf_run_time_seconds_total", &[]) / w.secs.max(1e-9) * 100.0,
         ..base("daemon", pid, &w, shown)
     };
     unknown_lookups(&m0, &m1);
@@ -259,6 +266,8 @@ pub fn record<T>(t: &Target, secs: u64, load: impl FnOnce() -> Result<T>) -> Res
             .unwrap_or_default()
             .to_string(),
         ringbuf_dropped: n("ring buffer full (dropped): "),
+        // Over the whole recording, which lasts a few seconds longer than the load.
+        bpf_cpu_pct: n("ns per perf event, ") / 1e3 / w.secs.max(1e-9) * 100.0,
         ..base("record", pid, &w, shown)
     };
     println!("{summary}");
@@ -278,5 +287,7 @@ mod tests {
         assert_eq!(number_after(s, "partial (read failed): "), Some(12.0));
         assert_eq!(number_after(s, "tail-call failures: "), Some(2.0));
         assert_eq!(number_after(s, "nope"), None);
+        let cost = "  BPF cost (kernel stats): 12.3 us per stack sent, 3905 ns per perf event, 132.4 ms in total\n";
+        assert_eq!(number_after(cost, "ns per perf event, "), Some(132.4));
     }
 }

@@ -158,10 +158,11 @@ pub fn print_phase(p: &Phase) {
     );
     if let Some(f) = &p.profiler {
         println!(
-            "  {}: CPU {:.1}% of a core, RSS {:.1} -> {:.1} MiB ({:+.2} MiB/min), {} samples, \
+            "  {}: CPU {:.1}% of a core (+ BPF {:.2}%), RSS {:.1} -> {:.1} MiB ({:+.2} MiB/min), {} samples, \
              {} walk errors, {} dropped, {} unknown; {}; missing markers: {:?}",
             f.tool,
             f.cpu_pct,
+            f.bpf_cpu_pct,
             f.rss.start_mib,
             f.rss.end_mib,
             f.rss.slope_mib_per_min,
@@ -276,6 +277,11 @@ pub fn markdown(r: &Results) -> String {
     row(&mut o, "profiler CPU (% of a core)", &|p| {
         opt(p, |f| format!("{:.1}", f.cpu_pct))
     });
+    row(
+        &mut o,
+        "BPF sampler CPU (% of a core, charged to the targets)",
+        &|p| opt(p, |f| format!("{:.2}", f.bpf_cpu_pct)),
+    );
     row(&mut o, "profiler RSS start -> end (max)", &|p| {
         opt(p, |f| {
             format!(
@@ -348,6 +354,10 @@ pub fn markdown(r: &Results) -> String {
          of the phase, at least 60 s): with the default 600 s its store would still be filling \
          at the end of a 600 s phase, and that legitimate growth would blur the RSS verdict. \
          Its profile is read from `/folded` of every target over that retention.\n\
+         - Profiler CPU: utime + stime of the daemon or record process (`/proc/PID/stat`) over \
+         the load, in % of one core. The BPF sampler runs in the interrupted process's context, \
+         so its run time (the kernel's BPF statistics) is charged to the profiled processes and \
+         shown on its own line.\n\
          - **Zero worker deaths**: no line \"Worker (pid:N) was sent SIG…\", \"exited with \
          code\" or \"WORKER TIMEOUT\" in gunicorn's error log during the phase, every worker of \
          the phase's start still there at its end, and master and churn alive.\n\
