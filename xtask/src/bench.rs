@@ -8,15 +8,17 @@
 //! [`report`] for how each number is defined; the method is also written
 //! into BENCHMARKS.md.
 
-mod daemon;
+pub mod daemon;
+pub mod gunicorn;
 mod measure;
 mod micro;
-mod report;
+pub mod report;
 mod scale;
 mod self_profile;
-mod stats;
-mod sys;
+pub mod stats;
+pub mod sys;
 mod versions;
+pub mod watch;
 
 use crate::util::{cargo, cmd, root, target_dir};
 use anyhow::{bail, Context, Result};
@@ -308,7 +310,7 @@ impl Ctx {
 }
 
 /// The real interpreter behind `python3` (a pyenv shim would fork).
-fn python() -> Result<PathBuf> {
+pub fn python() -> Result<PathBuf> {
     let out = Command::new("python3")
         .args([
             "-c",
@@ -382,21 +384,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let dir = std::env::temp_dir().join(format!("pyebpf-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    // Benchmark a private copy: a rebuild of target/release during the run
-    // must not change the binary under test.
-    let built = match &args.pyebpf {
-        Some(p) => p.clone(),
-        None => {
-            cargo(&["build", "--release", "-p", "profiler-daemon"]).run()?;
-            target_dir().join("release/pyebpf")
-        }
-    };
-    let pyebpf = dir.join("pyebpf");
-    std::fs::copy(&built, &pyebpf).with_context(|| format!("copying {}", built.display()))?;
-    let version = cmd(&pyebpf.to_string_lossy(), &["--version"]).probe();
-    if !version.is_some_and(|v| v.starts_with("pyebpf ")) {
-        bail!("{} is not a working pyebpf binary", built.display());
-    }
+    let (built, pyebpf, _) = private_pyebpf(&dir, args.pyebpf.clone())?;
 
     let ctx = Ctx {
         plan,
@@ -446,8 +434,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The pyebpf under test, built unless `given`, copied into `dir`: a
+/// rebuild of target/release during a run must not change the binary under
+/// test. Returns the original, the copy and its `--version` line.
+pub fn private_pyebpf(dir: &Path, given: Option<PathBuf>) -> Result<(PathBuf, PathBuf, String)> {
+    let built = match given {
+        Some(p) => p,
+        None => {
+            cargo(&["build", "--release", "-p", "profiler-daemon"]).run()?;
+            target_dir().join("release/pyebpf")
+        }
+    };
+    let copy = dir.join("pyebpf");
+    std::fs::copy(&built, &copy).with_context(|| format!("copying {}", built.display()))?;
+    let version = report::first_line(cmd(&copy.to_string_lossy(), &["--version"]).probe());
+    if !version.starts_with("pyebpf ") {
+        bail!("{} is not a working pyebpf binary", built.display());
+    }
+    Ok((built, copy, version))
+}
+
 /// `git rev-parse --short HEAD`, with `+dirty` when the tree has changes.
-fn git_revision() -> String {
+pub fn git_revision() -> String {
     let rev = cmd("git", &["rev-parse", "--short", "HEAD"])
         .probe()
         .unwrap_or_else(|| "unknown".into());

@@ -16,7 +16,7 @@ pub const NIGHTLY: &str = "nightly-2026-05-20";
 const SYSTEM_PYTHON: &str = "/usr/bin/python3.11";
 const REQUIREMENTS: &str = "tests/requirements.txt";
 /// Debian packages the tests use: (package, a binary it provides).
-const DEB_TOOLS: [(&str, &str); 2] = [("tmux", "tmux"), ("util-linux", "setpriv")];
+const DEB_TOOLS: [(&str, &str); 3] = [("tmux", "tmux"), ("util-linux", "setpriv"), ("wrk", "wrk")];
 
 enum Status {
     Present,
@@ -286,7 +286,8 @@ impl Bootstrap {
         Ok(())
     }
 
-    /// Step 5: Debian packages the tests use (tmux for TUI tests, setpriv from util-linux).
+    /// Step 5: Debian packages the tests use (tmux for TUI tests, setpriv from util-linux,
+    /// wrk for the soak).
     fn deb_tools(&mut self) -> Result<()> {
         let mut missing = Vec::new();
         for (pkg, bin) in DEB_TOOLS {

@@ -4,6 +4,7 @@ mod bench;
 mod bootstrap;
 mod demo;
 mod fuzz;
+mod soak;
 mod test;
 mod util;
 
@@ -42,12 +43,20 @@ enum Command {
     /// Run each cargo-fuzz target of fuzz/ for `--secs` seconds (default 60) on its
     /// committed corpus (installs cargo-fuzz on first use); reports executions per target.
     Fuzz(fuzz::FuzzArgs),
+    /// Gunicorn soak proving profiling cannot hurt production: baseline, `pyebpf daemon`
+    /// and `pyebpf record` at 999 Hz under wrk load (needs root, gunicorn, wrk); writes
+    /// SOAK.md and soak.json, exits 2 if a pass criterion fails. 600 s per phase,
+    /// `--quick` 60 s, `--secs N`.
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
     // Print the error chain without anyhow's backtrace (RUST_BACKTRACE may be set).
     if let Err(err) = run(Cli::parse().command) {
         eprintln!("error: {err:#}");
+        if err.is::<soak::CriteriaFailed>() {
+            return ExitCode::from(2);
+        }
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
@@ -64,6 +73,7 @@ fn run(command: Command) -> Result<()> {
         Command::Demo => demo::run(),
         Command::Bench(args) => bench::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
+        Command::Soak(args) => soak::run(&args),
     }
 }
 

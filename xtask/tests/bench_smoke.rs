@@ -7,63 +7,14 @@
 //!
 //! Needs root (BPF, and py-spy reading another process). Without root it
 //! fails when PYEBPF_REQUIRE_BPF_TESTS is set, and is skipped otherwise.
-use std::path::PathBuf;
-use std::process::Command;
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// The newest working `pyebpf`: the one built in the same profile as this
-/// test (cargo builds every workspace binary for `cargo test --workspace`)
-/// or the release build.
-fn pyebpf() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    // target/<profile>/deps/bench_smoke-<hash>
-    let profile_dir = exe.parent()?.parent()?;
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    [
-        profile_dir.join("pyebpf"),
-        root.join("target/release/pyebpf"),
-    ]
-    .into_iter()
-    .filter(|p| {
-        Command::new(p)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success() && o.stdout.starts_with(b"pyebpf "))
-    })
-    .max_by_key(|p| p.metadata().and_then(|m| m.modified()).ok())
-}
+mod common;
 
 #[test]
 fn bench_smoke() {
-    let require = std::env::var_os("PYEBPF_REQUIRE_BPF_TESTS").is_some();
-    if !is_root() {
-        assert!(
-            !require,
-            "bench smoke test must run as root (PYEBPF_REQUIRE_BPF_TESTS is set)"
-        );
-        eprintln!("SKIPPED: the bench smoke test needs root");
-        return;
-    }
-    let Some(pyebpf) = pyebpf() else {
-        assert!(
-            !require,
-            "no pyebpf binary: build the workspace first (cargo build --release)"
-        );
-        eprintln!("SKIPPED: no pyebpf binary built yet");
+    let Some(pyebpf) = common::prerequisites("the bench smoke test") else {
         return;
     };
-    let out = std::env::temp_dir().join(format!("pyebpf-bench-smoke-{}", std::process::id()));
-    let status = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["bench", "--smoke", "--out"])
-        .arg(&out)
-        .arg("--pyebpf")
-        .arg(&pyebpf)
-        .status()
-        .expect("run xtask");
+    let (out, status) = common::xtask(&["bench", "--smoke"], "bench-smoke", &pyebpf);
     assert!(
         status.success(),
         "cargo xtask bench --smoke failed: {status}"

@@ -176,6 +176,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(pyebpf: &Path, dir: &Path, c: &DaemonConfig) -> Result<Daemon> {
+        Daemon::start_with(pyebpf, dir, c, "")
+    }
+
+    /// [`Self::start`] with `extra` YAML (whole top-level sections) appended.
+    pub fn start_with(pyebpf: &Path, dir: &Path, c: &DaemonConfig, extra: &str) -> Result<Daemon> {
         let config = dir.join("daemon.yaml");
         // Everything else stays at its default: the daemon as deployed.
         std::fs::write(
@@ -184,13 +189,13 @@ impl Daemon {
                 "listen: 127.0.0.1:0\n\
                  sampling:\n  rate_hz: {}\n  max_depth: {}\n  ring_buffer_bytes: {}\n\
                  discovery:\n  include:\n    - cmdline: '{}'\n\
-                 logging:\n  format: json\n  level: info\n",
+                 logging:\n  format: json\n  level: info\n{extra}",
                 c.rate_hz, c.max_depth, c.ring_bytes, c.tag
             ),
         )?;
         let mut cmd = Command::new(pyebpf);
         cmd.arg("daemon").arg("--config").arg(&config);
-        Daemon::launch(cmd)
+        Daemon::launch(sys::tied(cmd))
     }
 
     /// Starts `cmd` (a `pyebpf daemon` command line) and waits until its

@@ -39,7 +39,8 @@ pub fn loadavg() -> String {
         .unwrap_or_default()
 }
 
-fn first_line(s: Option<String>) -> String {
+/// The first line of a probe's output, or "unknown".
+pub fn first_line(s: Option<String>) -> String {
     s.and_then(|s| s.lines().next().map(str::to_string))
         .unwrap_or_else(|| "unknown".into())
 }

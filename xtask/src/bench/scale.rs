@@ -11,11 +11,14 @@
 //! 4. Pyroscope push at hundreds of processes: pushes expected vs received.
 //! 5. Gunicorn soak: samples that lose their stack, RSS over time.
 
-use super::daemon::{http_get, metric, parse_metrics, Daemon, Samples};
+use super::daemon::{http_get, metric, Daemon, Samples};
+use super::gunicorn::{Gunicorn, GunicornConfig};
+use super::report::first_line;
 use super::stats::Summary;
-use super::sys::{self, Output, Proc};
+use super::sys::{self, tied, Output, Proc};
+use super::watch::{flat, watched, RssSeries, FLAT_MIB_PER_MIN, STEP_MIB};
 use super::Mode;
-use crate::util::{cargo, cmd, root, target_dir};
+use crate::util::{cmd, root};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -23,15 +26,12 @@ use std::fmt::Write as _;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
-
-const MIB: f64 = 1048576.0;
 
 /// Sizes of every scale measurement for one [`Mode`].
 #[derive(Clone, Debug, Serialize)]
@@ -147,21 +147,6 @@ struct Cx {
     /// rule selects it, so other Python processes on the host are left alone.
     tag: String,
     failures: std::cell::RefCell<Vec<String>>,
-}
-
-/// Makes the child die with the thread that spawns it (Ctrl-C, a panic, a
-/// SIGKILL of the harness): spawn long-lived children from the main thread only.
-fn tied(mut c: Command) -> Command {
-    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
-    unsafe {
-        c.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    c
 }
 
 impl Cx {
@@ -301,142 +286,10 @@ fn mem_available() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-// ---------------------------------------------------------------- watching
-
-/// One reading of the daemon, once a second.
-#[derive(Clone, Debug, Serialize)]
-pub struct Point {
-    pub t: f64,
-    pub rss_mib: f64,
-    /// `pyebpf_store_bytes` over every kind.
-    pub store_mib: f64,
-    pub evicted: f64,
-    pub overflowed: f64,
-    pub received: f64,
-}
-
-/// Runs `body` while a thread reads the daemon's RSS and store metrics every second.
-fn watched<T>(d: &Daemon, body: impl FnOnce() -> Result<T>) -> Result<(T, Vec<Point>)> {
-    let stop = AtomicBool::new(false);
-    let pid = d.proc.pid;
-    let addr = d.addr;
-    thread::scope(|s| {
-        let h = s.spawn(|| {
-            let start = Instant::now();
-            let mut out = Vec::new();
-            let mut next = start;
-            while !stop.load(Ordering::Relaxed) {
-                if Instant::now() >= next {
-                    if let Ok((rss, _)) = sys::rss(pid) {
-                        let m = metrics_at(addr).unwrap_or_default();
-                        out.push(Point {
-                            t: start.elapsed().as_secs_f64(),
-                            rss_mib: rss as f64 / MIB,
-                            store_mib: metric(&m, "pyebpf_store_bytes", &[]) / MIB,
-                            evicted: metric(&m, "pyebpf_store_evicted_samples_total", &[]),
-                            overflowed: metric(&m, "pyebpf_stacks_overflowed_total", &[]),
-                            received: metric(&m, "pyebpf_samples_received_total", &[]),
-                        });
-                    }
-                    next += Duration::from_secs(1);
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            out
-        });
-        let r = body();
-        stop.store(true, Ordering::Relaxed);
-        let points = h.join().unwrap_or_default();
-        r.map(|v| (v, points))
-    })
-}
-
-fn metrics_at(addr: SocketAddr) -> Result<Samples> {
-    let (status, body) = http_get(addr, "/metrics")?;
-    if status != 200 {
-        bail!("/metrics answered {status}");
-    }
-    Ok(parse_metrics(&body))
-}
-
-/// Least-squares slope of `(x, y)`; 0 for fewer than two points.
-fn slope(xy: &[(f64, f64)]) -> f64 {
-    let n = xy.len() as f64;
-    if xy.len() < 2 {
-        return 0.0;
-    }
-    let mx = xy.iter().map(|p| p.0).sum::<f64>() / n;
-    let my = xy.iter().map(|p| p.1).sum::<f64>() / n;
-    let sxy: f64 = xy.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    let sxx: f64 = xy.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    if sxx == 0.0 {
-        0.0
-    } else {
-        sxy / sxx
-    }
-}
-
-/// RSS over a run.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct RssSeries {
-    pub start_mib: f64,
-    pub p50_mib: f64,
-    pub max_mib: f64,
-    pub end_mib: f64,
-    /// Of a linear fit over the second half of the run.
-    pub slope_mib_per_min: f64,
-    pub store_max_mib: f64,
-    pub store_end_mib: f64,
-    /// Slope of RSS minus the store's bytes over the second half: growth the
-    /// budgets do not cover (the store may grow legitimately until its
-    /// retention is full).
-    pub nonstore_slope_mib_per_min: f64,
-    /// (seconds into the run, MiB) of each rise of at least [`STEP_MIB`]
-    /// from one reading to the next: sudden allocations, to be matched with
-    /// what the daemon does then (window closes every `window_secs`).
-    pub steps: Vec<(f64, f64)>,
-    pub points: Vec<Point>,
-}
-
-impl RssSeries {
-    fn of(points: Vec<Point>) -> Result<RssSeries> {
-        let (Some(first), Some(last)) = (points.first(), points.last()) else {
-            bail!("no RSS readings of the daemon");
-        };
-        let rss: Vec<f64> = points.iter().map(|p| p.rss_mib).collect();
-        let half: Vec<(f64, f64)> = points[points.len() / 2..]
-            .iter()
-            .map(|p| (p.t / 60.0, p.rss_mib))
-            .collect();
-        Ok(RssSeries {
-            start_mib: first.rss_mib,
-            p50_mib: Summary::of(&rss).map_or(0.0, |s| s.median),
-            max_mib: rss.iter().copied().fold(0.0, f64::max),
-            end_mib: last.rss_mib,
-            slope_mib_per_min: slope(&half),
-            steps: points
-                .windows(2)
-                .filter(|w| w[1].rss_mib - w[0].rss_mib >= STEP_MIB)
-                .map(|w| (w[1].t, w[1].rss_mib - w[0].rss_mib))
-                .collect(),
-            nonstore_slope_mib_per_min: slope(
-                &points[points.len() / 2..]
-                    .iter()
-                    .map(|p| (p.t / 60.0, p.rss_mib - p.store_mib))
-                    .collect::<Vec<_>>(),
-            ),
-            store_max_mib: points.iter().map(|p| p.store_mib).fold(0.0, f64::max),
-            store_end_mib: last.store_mib,
-            points,
-        })
-    }
-}
+// ------------------------------------------------------------ RSS steps
 
 /// `aggregation.window_secs` of the daemons that leave it at its default.
 const DEFAULT_WINDOW_SECS: u64 = 60;
-
-/// A rise of RSS within one second worth naming.
-const STEP_MIB: f64 = 4.0;
 
 /// `+49.1 MiB at 65 s, +10.2 MiB at 127 s`, or empty.
 fn steps_text(r: &RssSeries) -> String {
@@ -467,16 +320,6 @@ fn steps_note(r: &RssSeries) -> String {
         String::new()
     };
     format!("; RSS rose in steps ({}){when}", steps_text(r))
-}
-
-/// A flat RSS: under this growth per minute over the second half, or (in
-/// runs too short for a slope to mean much) under 1 MiB of fitted growth
-/// over the second half.
-const FLAT_MIB_PER_MIN: f64 = 1.0;
-
-fn flat(r: &RssSeries) -> bool {
-    let half_min = r.points.last().map_or(0.0, |p| p.t) / 2.0 / 60.0;
-    r.slope_mib_per_min < FLAT_MIB_PER_MIN || r.slope_mib_per_min * half_min < 1.0
 }
 
 // ------------------------------------------------- 1. many processes + hostile
@@ -1175,74 +1018,21 @@ pub struct Soak {
     pub rss: RssSeries,
 }
 
-/// Pids whose parent is `ppid`.
-fn children_of(ppid: u32) -> Vec<u32> {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    rd.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| {
-                    let rest = s.rsplit_once(')')?.1;
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(ppid)
-        })
-        .collect()
-}
-
-/// A gunicorn master: SIGTERM (graceful) on drop, then its workers are killed.
-struct Gunicorn(Proc);
-
-impl Drop for Gunicorn {
-    fn drop(&mut self) {
-        let workers = children_of(self.0.pid);
-        let _ = self.0.stop(libc::SIGTERM, Duration::from_secs(10));
-        for w in workers {
-            // SAFETY: kill(2); a worker left behind by its master.
-            unsafe { libc::kill(w as i32, libc::SIGKILL) };
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
 fn soak(cx: &Cx) -> Result<Soak> {
     let p = &cx.plan;
-    let port = free_port()?;
-    let mut c = Command::new(&cx.python);
-    c.args(["-m", "gunicorn", "-k", "gthread", "-w"])
-        .arg(p.soak_workers.to_string())
-        .arg("--threads")
-        .arg(p.soak_threads.to_string())
-        .arg("-b")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--chdir")
-        .arg(cx.root.join("tests/workloads"))
-        .args(["--log-level", "warning", "--name"])
-        .arg(&cx.tag)
-        .arg("scale_app:app")
-        .current_dir(&cx.root);
-    let g = Gunicorn(Proc::spawn(tied(c), "gunicorn", Output::Stderr, false)?);
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok((200, _)) = http_get(addr, "/json") {
-            break;
-        }
-        if Instant::now() > deadline || g.0.exited() {
-            bail!("gunicorn did not answer on {addr} (is it installed? `cargo xtask bootstrap`)");
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
-    let mut pids = children_of(g.0.pid);
-    pids.push(g.0.pid);
+    let g = Gunicorn::start(&GunicornConfig {
+        python: &cx.python,
+        dir: &cx.root.join("tests/workloads"),
+        app: "scale_app:app",
+        ready_path: "/json",
+        workers: p.soak_workers,
+        threads: p.soak_threads,
+        tag: &cx.tag,
+        error_log: None,
+    })?;
+    let port = g.addr.port();
+    let mut pids = g.workers();
+    pids.push(g.pid());
     let d = cx.daemon("soak", 999, "")?;
     // Workers are forked without an exec: the daemon finds them by its /proc rescan.
     d.wait_profiled(&pids, Duration::from_secs(40))?;
@@ -1756,11 +1546,6 @@ fn markdown(r: &ScaleResults) -> String {
 
 // -------------------------------------------------------------------- run
 
-fn first_line(s: Option<String>) -> String {
-    s.and_then(|s| s.lines().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
-}
-
 pub fn run(mode: Mode, out: Option<PathBuf>, pyebpf: Option<PathBuf>) -> Result<()> {
     if !crate::util::is_root() {
         bail!("`cargo xtask bench --scale` needs root: the daemon loads BPF programs");
@@ -1770,20 +1555,7 @@ pub fn run(mode: Mode, out: Option<PathBuf>, pyebpf: Option<PathBuf>) -> Result<
     let python = super::python()?;
     let dir = std::env::temp_dir().join(format!("pyebpf-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let built = match pyebpf {
-        Some(p) => p,
-        None => {
-            cargo(&["build", "--release", "-p", "profiler-daemon"]).run()?;
-            target_dir().join("release/pyebpf")
-        }
-    };
-    // A private copy: a rebuild during the run must not change the binary.
-    let bin = dir.join("pyebpf");
-    std::fs::copy(&built, &bin).with_context(|| format!("copying {}", built.display()))?;
-    let version = first_line(cmd(&bin.to_string_lossy(), &["--version"]).probe());
-    if !version.starts_with("pyebpf ") {
-        bail!("{} is not a working pyebpf binary", built.display());
-    }
+    let (_, bin, version) = super::private_pyebpf(&dir, pyebpf)?;
     let cx = Cx {
         plan: ScalePlan::new(mode),
         root: root.clone(),
@@ -1898,13 +1670,6 @@ mod tests {
     fn decoding() {
         assert_eq!(url_decode("a%2Cb+c%7"), "a,b c%7");
         assert_eq!(url_decode("%"), "%");
-    }
-
-    #[test]
-    fn fit() {
-        let xy: Vec<(f64, f64)> = (0..10).map(|i| (i as f64, 3.0 + 2.0 * i as f64)).collect();
-        assert!((slope(&xy) - 2.0).abs() < 1e-9);
-        assert_eq!(slope(&[(1.0, 1.0)]), 0.0);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::thread;
@@ -193,6 +194,40 @@ impl Drop for Proc {
             let _ = c.wait();
         }
     }
+}
+
+/// Makes the child die with the thread that spawns it (Ctrl-C, a panic, a
+/// SIGKILL of the harness): spawn long-lived children from the main thread only.
+pub fn tied(mut c: Command) -> Command {
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// CPU time (user + system) of process `pid` so far, all its threads,
+/// ended ones included, from `/proc/PID/stat` (clock ticks).
+pub fn process_cpu(pid: u32) -> Result<Duration> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces): state is field 3,
+    // utime and stime are fields 14 and 15.
+    let rest = s.rsplit_once(')').context("no command in stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| -> Result<u64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("bad /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(Duration::from_secs_f64((tick(11)? + tick(12)?) as f64 / hz))
 }
 
 /// CPU time of every thread of `pid` so far, per thread id, from
