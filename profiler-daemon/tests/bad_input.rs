@@ -4,28 +4,11 @@
 //! lists the process as `failed`, with the reason, in `/processes`.
 mod common;
 
+use common::daemon::Daemon;
 use common::*;
-use std::io::Read as _;
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::Write as _;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
 
 /// A copy of `src` at `dst` without its section header table (and what
 /// follows it): `e_shoff` (ELF64, offset 0x28) is where it starts, after
@@ -52,29 +35,23 @@ impl Drop for Killed {
     }
 }
 
-/// Waits until `/processes` lists `pid` as failed; returns its entry.
-fn failed_entry(addr: SocketAddr, pid: u32, log: &Path) -> serde_json::Value {
+/// Waits until `/processes?all=1` lists `pid` as failed; returns its entry.
+fn failed_entry(d: &Daemon, pid: u32) -> serde_json::Value {
     // Discovery retries for about 30 s (the file may be mid-update) first.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        if let Some(text) = get(addr, "/processes") {
-            let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-            if let Some(e) = v
-                .as_array()
-                .expect("a list")
-                .iter()
-                .find(|e| e["labels"]["pid"] == pid)
-            {
-                if e["status"] == "failed" {
-                    return e.clone();
-                }
-                assert_ne!(e["status"], "profiled", "{e}");
+        let all: Vec<serde_json::Value> =
+            serde_json::from_slice(&d.get_ok("/processes?all=1").body).expect("JSON");
+        if let Some(e) = all.iter().find(|e| e["labels"]["pid"] == pid) {
+            if e["status"] == "failed" {
+                return e.clone();
             }
+            assert_ne!(e["status"], "profiled", "{e}");
         }
         assert!(
             Instant::now() < deadline,
             "{pid} never listed as failed:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
+            d.log_text()
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -97,17 +74,8 @@ fn bpf_malformed_elf_files_are_listed_as_failed() {
     let Some(_serial) = serial_bpf_test() else {
         return;
     };
+    let mut d = Daemon::start("bad-elf", "aggregation:\n  window_secs: 2\n");
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("pyebpf.yaml");
-    std::fs::write(&config, "aggregation:\n  window_secs: 2\n").unwrap();
-    let log = dir.path().join("daemon.log");
-    let (child, addr) = spawn_daemon(&config, &log);
-    let daemon = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get(addr, "/readyz").is_none() {
-        assert!(Instant::now() < deadline, "daemon not ready");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 
     // 1. Debian's static interpreter, cut.
     let exe = dir.path().join("python3.11");
@@ -143,18 +111,17 @@ fn bpf_malformed_elf_files_are_listed_as_failed() {
     let ns_pid = ns.0.id(); // sh execs the interpreter: same pid
 
     for (what, pid) in [("interpreter", cut_exe.0.id()), ("libpython", ns_pid)] {
-        let e = failed_entry(addr, pid, &log);
+        let e = failed_entry(&d, pid);
         let reason = e["reason"].as_str().unwrap_or_default();
         assert!(!reason.is_empty(), "{what}: no reason: {e}");
         eprintln!("{what}: {reason}");
     }
     // Still alive and serving, and the log says why.
-    assert!(get(addr, "/healthz").is_some());
-    let mut d = daemon;
-    assert!(d.0.try_wait().unwrap().is_none(), "the daemon exited");
-    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(d.healthy());
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon exited");
+    let text = d.log_text();
     assert!(text.contains("not profiled, gave up"), "{text}");
-    let metrics = get(addr, "/metrics").unwrap();
+    let metrics = d.metrics();
     assert!(
         metrics.lines().any(|l| l
             .starts_with("pyebpf_processes_discovered_total{python=\"\",result=\"failed\"}")

@@ -3,9 +3,10 @@
 //! targets needs, on every thread, and still profile processes found later.
 mod common;
 
+use common::daemon::{http_get, Daemon};
 use common::*;
 use std::io::Read as _;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -47,21 +48,12 @@ fn assert_dropped(pid: u32) {
     assert!(n >= 1, "no thread of {pid} read");
 }
 
-fn get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::Write as _;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    // Bodies may be binary (pprof): only the head must be text.
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+/// The body of a 200 answer to `GET path`, else `None`.
+fn ok_text(addr: SocketAddr, path: &str) -> Option<String> {
+    http_get(addr, path)
+        .ok()
+        .filter(|r| r.status == 200)
+        .map(|r| r.text())
 }
 
 struct Killed(Child);
@@ -82,23 +74,9 @@ fn bpf_daemon_keeps_only_what_reading_targets_needs() {
     if !bpf_available() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("pyebpf.yaml");
-    std::fs::write(&config, "aggregation:\n  window_secs: 2\n").unwrap();
-    let log = dir.path().join("daemon.log");
-    let (child, addr) = spawn_daemon(&config, &log);
-    let daemon = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while get(addr, "/readyz").is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "daemon not ready: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert_dropped(daemon.0.id());
-    let text = std::fs::read_to_string(&log).unwrap();
+    let d = Daemon::start("caps", "aggregation:\n  window_secs: 2\n");
+    assert_dropped(d.child.id());
+    let text = d.log_text();
     assert!(
         text.contains("capabilities dropped; kept: CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH, CAP_CHECKPOINT_RESTORE"),
         "{text}"
@@ -108,11 +86,10 @@ fn bpf_daemon_keeps_only_what_reading_targets_needs() {
     // capabilities the daemon gave up.
     for interp in [Interp::Shared, Interp::Static] {
         let w = Workload::start(interp, &["plain"]);
-        let path = format!("/folded?pid={}&seconds=60", w.pid());
+        let query = format!("pid={}&seconds=60", w.pid());
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let folded = get(addr, &path).unwrap_or_default();
-            let stacks = parse_folded(&folded);
+            let (folded, stacks) = d.folded(&query);
             if leaf_count(&stacks, &hot_plain()) >= 20 {
                 break;
             }
@@ -120,13 +97,13 @@ fn bpf_daemon_keeps_only_what_reading_targets_needs() {
                 Instant::now() < deadline,
                 "{interp:?}: no samples at {} after the drop:\n{folded}\n{}",
                 hot_plain(),
-                std::fs::read_to_string(&log).unwrap_or_default()
+                d.log_text()
             );
             std::thread::sleep(Duration::from_millis(500));
         }
     }
     // Threads started since (inspections, exports) inherited the drop.
-    assert_dropped(daemon.0.id());
+    assert_dropped(d.child.id());
 }
 
 #[test]
@@ -259,7 +236,7 @@ fn bpf_daemon_runs_under_the_shipped_seccomp_profile() {
     let mut daemon = Killed(cmd.spawn().expect("start the confined daemon"));
     let logged = || std::fs::read_to_string(&log).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while get(addr, "/readyz").is_none() {
+    while ok_text(addr, "/readyz").is_none() {
         assert!(
             daemon.0.try_wait().unwrap().is_none(),
             "the daemon died under the profile:\n{}",
@@ -275,7 +252,7 @@ fn bpf_daemon_runs_under_the_shipped_seccomp_profile() {
     let path = format!("/folded?pid={}&seconds=60", w.pid());
     let deadline = Instant::now() + Duration::from_secs(60);
     while leaf_count(
-        &parse_folded(&get(addr, &path).unwrap_or_default()),
+        &parse_folded(&ok_text(addr, &path).unwrap_or_default()),
         &hot_plain(),
     ) < 20
     {
@@ -289,10 +266,10 @@ fn bpf_daemon_runs_under_the_shipped_seccomp_profile() {
         "/api/top?seconds=10".to_string(),
         "/metrics".to_string(),
     ] {
-        assert!(get(addr, &p).is_some(), "{p} failed:\n{}", logged());
+        assert!(ok_text(addr, &p).is_some(), "{p} failed:\n{}", logged());
     }
     let metrics_addr = SocketAddr::from(([127, 0, 0, 1], metrics_port));
-    assert!(get(metrics_addr, "/metrics").is_some());
+    assert!(ok_text(metrics_addr, "/metrics").is_some());
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(daemon.0.id() as i32, libc::SIGHUP) };
     let deadline = Instant::now() + Duration::from_secs(30);
