@@ -122,12 +122,21 @@ fn thread_state(fsbase: u64, info: &ProcInfo) -> Result<u64, i32> {
     let key = u64::from(tls.key);
     if tls.kind == TlsKind::Musl as u32 {
         let tsd = read_u64(fsbase + u64::from(tls.first_block))?;
+        if tsd == 0 {
+            return Ok(0);
+        }
         return read_u64(tsd + key * 8);
     }
     if key < 32 {
         read_u64(fsbase + u64::from(tls.first_block) + key * 16 + 8)
     } else {
         let blk = read_u64(fsbase + u64::from(tls.second_level) + (key >> 5) * 8)?;
+        // A thread that never set a key of this block (one just started, or
+        // ending: glibc frees the blocks at exit) has none: no Python state,
+        // not a failed read.
+        if blk == 0 {
+            return Ok(0);
+        }
         read_u64(blk + (key & 31) * 16 + 8)
     }
 }
