@@ -6,8 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
+pub mod daemon;
 pub mod pythons;
 pub mod roots;
+
+#[allow(unused_imports)]
+pub use self::daemon::*;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -18,6 +22,11 @@ pub fn repo_root() -> PathBuf {
 
 pub fn scenarios() -> PathBuf {
     repo_root().join("tests/workloads/scenarios.py")
+}
+
+/// [`scenarios`] as text.
+pub fn script() -> String {
+    scenarios().display().to_string()
 }
 
 pub fn pyebpf() -> &'static str {
