@@ -586,33 +586,26 @@ mod tests {
     /// A pid no process has: beyond the kernel's largest.
     const DEAD: u32 = 1 << 30;
 
+    /// A file `name` of `len` bytes in `dir`, just written.
+    fn fresh(dir: &Path, name: &str, len: usize) {
+        put(&dir.join(name), len, Duration::ZERO);
+    }
+
     #[test]
     fn leftovers_of_a_dead_writer_are_removed_when_the_directory_is_opened() {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path();
         let me = std::process::id();
         // A SIGKILLed daemon's, fresh: removed at once.
-        put(
-            &p.join(format!(".x-1-2.pb.gz.tmp.{DEAD}-0")),
-            10,
-            Duration::ZERO,
-        );
-        put(
-            &p.join(format!(".pyebpf-write-test.{DEAD}")),
-            0,
-            Duration::ZERO,
-        );
+        fresh(p, &format!(".x-1-2.pb.gz.tmp.{DEAD}-0"), 10);
+        fresh(p, &format!(".pyebpf-write-test.{DEAD}"), 0);
         // A predecessor that had our pid: nothing of ours is written yet.
-        put(
-            &p.join(format!(".x-1-3.pb.gz.tmp.{me}-0")),
-            10,
-            Duration::ZERO,
-        );
+        fresh(p, &format!(".x-1-3.pb.gz.tmp.{me}-0"), 10);
         // A live writer's (pid 1 always exists): a write in progress.
-        put(&p.join(".x-1-4.pb.gz.tmp.1-0"), 10, Duration::ZERO);
+        fresh(p, ".x-1-4.pb.gz.tmp.1-0", 10);
         // Not ours, whatever they look like.
-        put(&p.join(format!(".notes.tmp.{DEAD}-0")), 10, Duration::ZERO);
-        put(&p.join("x-1-5.pb.gz"), 10, Duration::ZERO);
+        fresh(p, &format!(".notes.tmp.{DEAD}-0"), 10);
+        fresh(p, "x-1-5.pb.gz", 10);
         PprofDir::new(cfg(p, Duration::ZERO, 0)).unwrap();
         assert_eq!(
             names(p),
@@ -630,16 +623,8 @@ mod tests {
         let p = tmp.path();
         let dir = PprofDir::new(cfg(p, Duration::ZERO, 0)).unwrap();
         let me = std::process::id();
-        put(
-            &p.join(format!(".x-1-2.pb.gz.tmp.{DEAD}-0")),
-            10,
-            Duration::ZERO,
-        );
-        put(
-            &p.join(format!(".x-1-3.pb.gz.tmp.{me}-0")),
-            10,
-            Duration::ZERO,
-        );
+        fresh(p, &format!(".x-1-2.pb.gz.tmp.{DEAD}-0"), 10);
+        fresh(p, &format!(".x-1-3.pb.gz.tmp.{me}-0"), 10);
         let r = dir.enforce_retention().unwrap();
         assert_eq!(r.deleted_temp, 1);
         assert_eq!(names(p), [format!(".x-1-3.pb.gz.tmp.{me}-0")]);
