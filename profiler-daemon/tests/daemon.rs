@@ -15,7 +15,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -23,41 +23,9 @@ use serde_json::{json, Value};
 
 /// The requirement: a new process is listed within this long of its start.
 const DISCOVERY: Duration = Duration::from_secs(2);
-const POLL: Duration = Duration::from_millis(100);
 /// The daemon's default sampling rate, and the pprof period it implies.
 const RATE_HZ: i64 = 99;
 const PERIOD_NS: i64 = 1_000_000_000 / RATE_HZ;
-
-// ----------------------------------------------------------------- pprof
-
-/// Decodes a (gzipped) pprof with tests/tools/decode_pprof.py.
-fn decode_pprof(bytes: &[u8]) -> Value {
-    let mut f = tempfile::NamedTempFile::new().unwrap();
-    f.write_all(bytes).unwrap();
-    f.flush().unwrap();
-    let out = Command::new(Interp::Shared.path())
-        .arg(repo_root().join("tests/tools/decode_pprof.py"))
-        .arg(f.path())
-        .output()
-        .expect("run decode_pprof.py");
-    assert!(
-        out.status.success(),
-        "decode_pprof.py failed ({}); needs `pip install -r tests/requirements.txt`:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("decode_pprof.py prints JSON")
-}
-
-/// Samples in a decoded pprof.
-fn pprof_total(p: &Value) -> i64 {
-    p["samples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["values"][0].as_i64().unwrap())
-        .sum()
-}
 
 // ----------------------------------------------------------- hot functions
 
@@ -94,10 +62,6 @@ fn line_of(marker: &str) -> u32 {
     *markers()
         .get(marker)
         .unwrap_or_else(|| panic!("no marker {marker}"))
-}
-
-fn script() -> String {
-    scenarios().display().to_string()
 }
 
 impl Hot {
@@ -146,106 +110,6 @@ fn check_pprof(p: &Value, hot: Hot, min: i64) -> i64 {
     n
 }
 
-// ---------------------------------------------------------------- processes
-
-/// A process started by a test; killed (and reaped) on drop.
-struct Py {
-    child: Child,
-    /// The interpreter's pid as the host sees it.
-    pid: u32,
-    /// Taken just before the spawn.
-    spawned: Instant,
-    spawned_unix: u64,
-    stdout: Option<BufReader<ChildStdout>>,
-    /// argv joined by spaces, as the daemon's `cmdline` label should be.
-    cmdline: String,
-    /// Processes to SIGKILL first on drop (not our children).
-    also_kill: Vec<u32>,
-}
-
-impl Py {
-    fn spawn(program: &Path, scenario_args: &[&str], env: &[(&str, &str)]) -> Py {
-        let mut cmd = Command::new(program);
-        cmd.arg(scenarios())
-            .args(scenario_args)
-            .env_remove("OTEL_SERVICE_NAME")
-            .env_remove("DD_SERVICE")
-            .env_remove("PYEBPF_DISABLE")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let spawned = Instant::now();
-        let spawned_unix = unix_now();
-        let mut child = cmd.spawn().expect("start python");
-        let stdout = child.stdout.take().map(BufReader::new);
-        let pid = child.id();
-        Py {
-            child,
-            pid,
-            spawned,
-            spawned_unix,
-            stdout,
-            cmdline: format!(
-                "{} {} {}",
-                program.display(),
-                script(),
-                scenario_args.join(" ")
-            ),
-            also_kill: Vec::new(),
-        }
-    }
-
-    /// `/usr/bin/python3.11` copied into a tmpfs of a new mount namespace
-    /// (so its path does not exist on the host), run as pid 1 of a new pid
-    /// namespace. Its host pid is the only child of `unshare`.
-    fn spawn_hidden(scenario_args: &[&str]) -> Py {
-        let args = scenario_args.join(" ");
-        let spawned = Instant::now();
-        let spawned_unix = unix_now();
-        let (mut child, pid) = hidden_python(&args, |c| {
-            c.env_remove("OTEL_SERVICE_NAME")
-                .env_remove("DD_SERVICE")
-                .env_remove("PYEBPF_DISABLE");
-        });
-        let stdout = child.stdout.take().map(BufReader::new);
-        Py {
-            child,
-            pid,
-            spawned,
-            spawned_unix,
-            stdout,
-            cmdline: format!("{HIDDEN_PYTHON} {} {args}", script()),
-            also_kill: vec![pid],
-        }
-    }
-
-    /// Waits for the workload's "ready" line.
-    fn wait_ready(&mut self) {
-        let mut line = String::new();
-        self.stdout
-            .as_mut()
-            .expect("stdout")
-            .read_line(&mut line)
-            .expect("read ready");
-        assert_eq!(line.trim(), "ready", "workload {} did not start", self.pid);
-    }
-
-    fn kill(&mut self) {
-        for pid in self.also_kill.drain(..) {
-            signal(pid, libc::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 fn python_version(exe: &Path) -> String {
     let out = Command::new(exe)
         .args(["-c", "import platform; print(platform.python_version())"])
@@ -254,74 +118,10 @@ fn python_version(exe: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-/// Waits of [`Daemon`] on this file's processes and hot functions.
 impl Daemon {
-    /// Polls /processes every 100 ms until each of `procs` is listed as
-    /// profiled since its spawn; returns each one's entry and how long after
-    /// its spawn it was first seen.
-    fn wait_listed(&self, procs: &[&Py], within: Duration) -> Vec<(Value, Duration)> {
-        let procs: Vec<_> = procs
-            .iter()
-            .map(|p| (p.pid, p.spawned, p.spawned_unix))
-            .collect();
-        self.wait_pids_listed(&procs, within)
-    }
-
-    /// [`Daemon::wait_listed`] for (pid, spawn instant, spawn unix seconds).
-    fn wait_pids_listed(
-        &self,
-        procs: &[(u32, Instant, u64)],
-        within: Duration,
-    ) -> Vec<(Value, Duration)> {
-        let mut seen: Vec<Option<(Value, Duration)>> = vec![None; procs.len()];
-        let start = Instant::now();
-        while seen.iter().any(Option::is_none) && start.elapsed() < within {
-            let list = self.processes();
-            let now = Instant::now();
-            for (i, (pid, spawned, spawned_unix)) in procs.iter().enumerate() {
-                if seen[i].is_some() {
-                    continue;
-                }
-                if let Some(v) = list.iter().find(|v| {
-                    v["labels"]["pid"] == json!(pid)
-                        && v["status"] == "profiled"
-                        && v["since"].as_u64().unwrap_or(0) >= *spawned_unix
-                }) {
-                    seen[i] = Some((v.clone(), now - *spawned));
-                }
-            }
-            std::thread::sleep(POLL);
-        }
-        seen.into_iter()
-            .zip(procs)
-            .map(|(s, (pid, ..))| {
-                s.unwrap_or_else(|| {
-                    panic!(
-                        "{}: pid {pid} not profiled {within:?} after its start",
-                        self.name
-                    )
-                })
-            })
-            .collect()
-    }
-
     /// Polls `/folded?{query}` until `hot` has at least `min` samples there.
     fn wait_hot(&self, query: &str, hot: Hot, min: u64, within: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            let (text, stacks) = self.folded(query);
-            let n = leaf_count(&stacks, &hot.frame());
-            if n >= min {
-                return text;
-            }
-            assert!(
-                start.elapsed() < within,
-                "{}: {} has {n} samples (want >= {min}) in /folded?{query} after {within:?}:\n{text}",
-                self.name,
-                hot.frame()
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        self.wait_leaf(query, &hot.frame(), min, within)
     }
 }
 
@@ -804,24 +604,6 @@ fn bpf_exited_processes_are_dropped() {
     );
     let r = d.get(&format!("/folded?pid={pid}&seconds=3"));
     assert_eq!(r.status, 404, "{}", r.text());
-}
-
-/// Makes the next process created in our pid namespace get `pid`, as root,
-/// through /proc/sys/kernel/ns_last_pid; `spawn` must create exactly one
-/// process. Retries if another process took the pid first.
-fn spawn_with_pid(pid: u32, spawn: impl Fn() -> Py) -> Py {
-    for attempt in 1..=20 {
-        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
-            .expect("write /proc/sys/kernel/ns_last_pid (root)");
-        let p = spawn();
-        if p.pid == pid {
-            eprintln!("pid {pid} reused at attempt {attempt}");
-            return p;
-        }
-        drop(p);
-        std::thread::sleep(Duration::from_millis(20 * attempt));
-    }
-    panic!("could not get pid {pid} reused");
 }
 
 /// A pid reused by a new process running other code: the new process gets

@@ -31,6 +31,7 @@ impl ApiSource for One {
             memory_bytes: 0,
             evicted_samples: 0,
             reason: None,
+            replaced_by: None,
         }]
     }
     fn profile(&self, _: &Selector, _: u32) -> Result<Profile, QueryError> {

@@ -926,6 +926,7 @@ mod tests {
                     memory_bytes: 0,
                     evicted_samples: 0,
                     reason: None,
+                    replaced_by: None,
                 },
                 ProcessView {
                     labels: ProcessLabels {
@@ -945,6 +946,7 @@ mod tests {
                         "process 43 runs Python 3.16.0; pyebpf supports CPython 3.11 to 3.15"
                             .into(),
                     ),
+                    replaced_by: None,
                 },
             ]
         }

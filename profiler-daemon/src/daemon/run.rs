@@ -310,6 +310,21 @@ impl Daemon {
         self.shared.store().mark_exited(pid, SystemTime::now());
     }
 
+    /// [`Self::stop_profiling`] for an exec: the pid lives on running
+    /// another program, named in /processes. Unreadable (the process has
+    /// exited since), it is an exit.
+    fn stop_profiling_exec(&mut self, pid: u32) {
+        self.sampler.remove_process(pid);
+        let now = SystemTime::now();
+        match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+            Ok(comm) => self
+                .shared
+                .store()
+                .mark_replaced(pid, comm.trim_end().to_string(), now),
+            Err(_) => self.shared.store().mark_exited(pid, now),
+        }
+    }
+
     fn on_proc_event(&mut self, ev: ProcEvent) {
         let shared = self.shared.clone();
         let metrics = &shared.metrics;
@@ -321,7 +336,7 @@ impl Daemon {
                 if matches!(self.tracker.get(ev.pid), Some((_, Some(Seen::Profiled))))
                     || self.watched.contains(&ev.pid)
                 {
-                    self.stop_profiling(ev.pid);
+                    self.stop_profiling_exec(ev.pid);
                 }
                 self.tracker.forget(ev.pid);
                 for c in self.tracker.new_candidates(&[ev.pid]) {

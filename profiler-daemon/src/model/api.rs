@@ -132,6 +132,7 @@ mod tests {
                 memory_bytes: 0,
                 evicted_samples: 0,
                 reason: (status == STATUS_UNSUPPORTED).then(|| "too new".to_string()),
+                replaced_by: None,
             };
             vec![
                 view(1, "3.14", STATUS_PROFILED),

@@ -17,6 +17,11 @@ pub const STATUS_PROFILED: &str = "profiled";
 /// [`ProcessView::status`] of a profiled process that exited (listed until
 /// its data expires).
 pub const STATUS_EXITED: &str = "exited";
+/// [`ProcessView::status`] of a profiled process that exec'd a program
+/// pyebpf does not profile: its Python program is over though the pid lives
+/// on ([`ProcessView::replaced_by`] names the new program). Listed until its
+/// data expires.
+pub const STATUS_REPLACED: &str = "replaced";
 /// [`ProcessView::status`] of a CPython process refused for its version or
 /// build (listed by `/processes?all=1` only).
 pub const STATUS_UNSUPPORTED: &str = "unsupported";
@@ -34,7 +39,8 @@ pub struct ProcessView {
     /// Major.minor, with `t` for a free-threaded build: "3.11", "3.14t"
     /// (the `python` label of the metrics).
     pub python: String,
-    /// [`STATUS_PROFILED`], [`STATUS_EXITED`] or [`STATUS_UNSUPPORTED`].
+    /// [`STATUS_PROFILED`], [`STATUS_EXITED`], [`STATUS_REPLACED`] or
+    /// [`STATUS_UNSUPPORTED`].
     pub status: &'static str,
     /// Unix seconds when profiling started (when it was refused, for an
     /// unsupported process).
@@ -49,6 +55,10 @@ pub struct ProcessView {
     /// Why an unsupported process is not profiled (absent for the others).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The command (`comm`) the pid runs since an exec ended its Python
+    /// program (status [`STATUS_REPLACED`]; absent for the others).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<String>,
 }
 
 /// Why a query could not be answered.

@@ -34,7 +34,7 @@ use crate::bpf::events::RawSample;
 use crate::model::labels::{python_label, ProcessLabels};
 use crate::model::query::{
     ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_FAILED, STATUS_PROFILED,
-    STATUS_UNSUPPORTED,
+    STATUS_REPLACED, STATUS_UNSUPPORTED,
 };
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{CompactProfile, Frame};
@@ -275,6 +275,8 @@ struct Entry {
     free_threaded: bool,
     since: SystemTime,
     exited_at: Option<u64>,
+    /// What the pid runs since an exec ended its Python program.
+    replaced_by: Option<String>,
     symbols: Symbols,
     /// Symbolisation outcomes, added as resolved stacks are inserted.
     symbol_stats: SymbolStats,
@@ -642,6 +644,7 @@ impl Store {
                 free_threaded: false,
                 since: now,
                 exited_at: None,
+                replaced_by: None,
                 raw: LruCache::unbounded_with_hasher(foldhash::fast::RandomState::default()),
                 raw_bytes: 0,
                 table: StackTable::default(),
@@ -693,6 +696,19 @@ impl Store {
         }
         // An unsupported process that exits (or execs) is no longer listed.
         self.unsupported.retain(|(u, _)| u.labels.pid != pid);
+    }
+
+    /// Marks a process's Python program ended by an exec of `command`: like
+    /// [`Store::mark_exited`], but listed as replaced, naming the new
+    /// program. Should the new program be Python, profiling it replaces the
+    /// entry.
+    pub fn mark_replaced(&mut self, pid: u32, command: String, now: SystemTime) {
+        if let Some(e) = self.entries.get_mut(&pid) {
+            if e.exited_at.is_none() {
+                e.replaced_by = Some(command);
+            }
+        }
+        self.mark_exited(pid, now);
     }
 
     /// Lists `p` as unsupported (since `now`); `false` if it already was
@@ -1055,16 +1071,17 @@ impl Store {
                 labels: e.labels.clone(),
                 python_version: e.python_version.clone(),
                 python: python_label(&e.python_version, e.free_threaded),
-                status: if e.exited_at.is_some() {
-                    STATUS_EXITED
-                } else {
-                    STATUS_PROFILED
+                status: match (&e.exited_at, &e.replaced_by) {
+                    (None, _) => STATUS_PROFILED,
+                    (Some(_), None) => STATUS_EXITED,
+                    (Some(_), Some(_)) => STATUS_REPLACED,
                 },
                 since: unix_secs(e.since),
                 samples: e.retained_samples,
                 memory_bytes: e.bytes() as u64,
                 evicted_samples: e.evicted_samples,
                 reason: None,
+                replaced_by: e.replaced_by.clone(),
             })
             .collect();
         v.sort_by_key(|p| p.labels.pid);
@@ -1083,6 +1100,7 @@ impl Store {
                 memory_bytes: 0,
                 evicted_samples: 0,
                 reason: Some(u.reason.clone()),
+                replaced_by: None,
             })
             .collect();
         unsupported.sort_by_key(|p| p.labels.pid);
@@ -1600,6 +1618,39 @@ mod tests {
         );
         // Its symbol statistics are kept, as a removed process's are.
         assert_eq!(s.symbol_stats().misses, 1);
+    }
+
+    #[test]
+    fn an_exec_lists_the_process_as_replaced_until_a_new_program_is_profiled() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = store(100);
+        s.add_process(new_proc(1, "a"), t0);
+        s.add_sample(sample(1, 8), t0);
+        s.mark_replaced(1, "sh".into(), t0);
+        let v = &s.views()[0];
+        assert_eq!(
+            (v.status, v.replaced_by.as_deref()),
+            ("replaced", Some("sh"))
+        );
+        assert_eq!(v.samples, 1);
+        let json = serde_json::to_value(v).unwrap();
+        assert_eq!(json["replaced_by"], "sh");
+        // An exit afterwards does not change what it was.
+        s.mark_exited(1, t0);
+        assert_eq!(s.views()[0].status, "replaced");
+        // An exec after the exit (a reused pid's) does not either.
+        s.mark_replaced(1, "bash".into(), t0);
+        assert_eq!(s.views()[0].replaced_by.as_deref(), Some("sh"));
+        // The pid exec'd Python again: profiled afresh.
+        s.add_process(new_proc(1, "b"), t0);
+        let v = &s.views()[0];
+        assert_eq!((v.status, v.replaced_by.as_deref()), ("profiled", None));
+        let json = serde_json::to_value(v).unwrap();
+        assert!(json.get("replaced_by").is_none(), "{json}");
+        // An exit is still an exit.
+        s.add_process(new_proc(2, "c"), t0);
+        s.mark_exited(2, t0);
+        assert_eq!(s.views()[1].status, "exited");
     }
 
     #[test]

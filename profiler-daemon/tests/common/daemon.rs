@@ -1,15 +1,18 @@
 //! A `pyebpf daemon` under test and what tests talk to it with: a minimal
-//! HTTP client and a Prometheus text parser.
+//! HTTP client, a Prometheus text parser, the pprof decoder, and the Python
+//! processes it profiles.
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
 use super::*;
+
+pub const POLL: Duration = Duration::from_millis(100);
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
@@ -22,6 +25,8 @@ pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) on a process this test started.
     unsafe { libc::kill(pid as i32, sig) };
 }
+
+// ---------------------------------------------------------------- HTTP client
 
 pub struct Resp {
     pub status: u16,
@@ -114,6 +119,8 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<Resp> {
     Ok(r)
 }
 
+// -------------------------------------------------------------- Prometheus
+
 pub type PromSample = (String, BTreeMap<String, String>, f64);
 
 /// `name{k="v",...} value` lines of a text exposition.
@@ -183,6 +190,148 @@ pub fn prom_sum(text: &str, name: &str, want: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+// ----------------------------------------------------------------- pprof
+
+/// Decodes a (gzipped) pprof with tests/tools/decode_pprof.py.
+pub fn decode_pprof(bytes: &[u8]) -> Value {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(bytes).unwrap();
+    f.flush().unwrap();
+    let out = Command::new(Interp::Shared.path())
+        .arg(repo_root().join("tests/tools/decode_pprof.py"))
+        .arg(f.path())
+        .output()
+        .expect("run decode_pprof.py");
+    assert!(
+        out.status.success(),
+        "decode_pprof.py failed ({}); needs `pip install -r tests/requirements.txt`:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("decode_pprof.py prints JSON")
+}
+
+/// Samples in a decoded pprof.
+pub fn pprof_total(p: &Value) -> i64 {
+    p["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["values"][0].as_i64().unwrap())
+        .sum()
+}
+
+// ---------------------------------------------------------------- processes
+
+/// A process started by a test; killed (and reaped) on drop.
+pub struct Py {
+    pub child: Child,
+    /// The interpreter's pid as the host sees it.
+    pub pid: u32,
+    /// Taken just before the spawn.
+    pub spawned: Instant,
+    pub spawned_unix: u64,
+    pub stdout: Option<BufReader<ChildStdout>>,
+    /// argv joined by spaces, as the daemon's `cmdline` label should be.
+    pub cmdline: String,
+    /// Processes to SIGKILL first on drop (not our children).
+    pub also_kill: Vec<u32>,
+}
+
+impl Py {
+    /// `program` running scenarios.py with `scenario_args`.
+    pub fn spawn(program: &Path, scenario_args: &[&str], env: &[(&str, &str)]) -> Py {
+        let mut args = vec![script()];
+        args.extend(scenario_args.iter().map(|a| a.to_string()));
+        Py::spawn_args(program, &args, env)
+    }
+
+    /// `program` running the Python file `script` (no arguments).
+    pub fn spawn_script(program: &Path, script: &Path) -> Py {
+        Py::spawn_args(program, &[script.display().to_string()], &[])
+    }
+
+    fn spawn_args(program: &Path, args: &[String], env: &[(&str, &str)]) -> Py {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env_remove("OTEL_SERVICE_NAME")
+            .env_remove("DD_SERVICE")
+            .env_remove("PYEBPF_DISABLE")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let (spawned, spawned_unix) = (Instant::now(), unix_now());
+        let child = cmd.spawn().expect("start python");
+        let pid = child.id();
+        let cmdline = format!("{} {}", program.display(), args.join(" "));
+        Py::started(child, pid, (spawned, spawned_unix), cmdline, Vec::new())
+    }
+
+    /// A started process (`child`, or its descendant `pid`), spawned at
+    /// `at`, its stdout piped.
+    fn started(
+        mut child: Child,
+        pid: u32,
+        at: (Instant, u64),
+        cmdline: String,
+        also_kill: Vec<u32>,
+    ) -> Py {
+        let stdout = child.stdout.take().map(BufReader::new);
+        Py {
+            child,
+            pid,
+            spawned: at.0,
+            spawned_unix: at.1,
+            stdout,
+            cmdline,
+            also_kill,
+        }
+    }
+
+    /// `/usr/bin/python3.11` copied into a tmpfs of a new mount namespace
+    /// (so its path does not exist on the host), run as pid 1 of a new pid
+    /// namespace. Its host pid is the only child of `unshare`.
+    pub fn spawn_hidden(scenario_args: &[&str]) -> Py {
+        let args = scenario_args.join(" ");
+        let at = (Instant::now(), unix_now());
+        let (child, pid) = hidden_python(&args, |c| {
+            c.env_remove("OTEL_SERVICE_NAME")
+                .env_remove("DD_SERVICE")
+                .env_remove("PYEBPF_DISABLE");
+        });
+        let cmdline = format!("{HIDDEN_PYTHON} {} {args}", script());
+        Py::started(child, pid, at, cmdline, vec![pid])
+    }
+
+    /// Waits for the workload's "ready" line.
+    pub fn wait_ready(&mut self) {
+        let mut line = String::new();
+        self.stdout
+            .as_mut()
+            .expect("stdout")
+            .read_line(&mut line)
+            .expect("read ready");
+        assert_eq!(line.trim(), "ready", "workload {} did not start", self.pid);
+    }
+
+    pub fn kill(&mut self) {
+        for pid in self.also_kill.drain(..) {
+            signal(pid, libc::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Py {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+// ------------------------------------------------------------------ daemon
+
 /// A running `pyebpf daemon`; killed on drop, its log printed if the test
 /// is failing.
 pub struct Daemon {
@@ -229,6 +378,29 @@ impl Daemon {
             }
         }
         unreachable!()
+    }
+
+    /// Starts the daemon again with the same configuration and directory,
+    /// once the previous process has exited, logging to a new file; waits
+    /// until /readyz says ready.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.try_wait().unwrap().is_some(),
+            "{}: restart while running",
+            self.name
+        );
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|it| it.count())
+            .unwrap_or(0);
+        self.log = self.dir.path().join(format!("daemon-{n}.log"));
+        let (child, addr) = spawn_daemon(&self.config, &self.log);
+        self.child = child;
+        self.addr = addr;
+        let started = Instant::now();
+        if let Err(e) = self.wait_ready(Duration::from_secs(60)) {
+            panic!("{}: restarted daemon not ready: {e}", self.name);
+        }
+        eprintln!("{}: daemon restarted in {:?}", self.name, started.elapsed());
     }
 
     pub fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
@@ -282,10 +454,89 @@ impl Daemon {
         found.pop()
     }
 
+    /// Polls /processes every 100 ms until each of `procs` is listed as
+    /// profiled since its spawn; returns each one's entry and how long after
+    /// its spawn it was first seen.
+    pub fn wait_listed(&self, procs: &[&Py], within: Duration) -> Vec<(Value, Duration)> {
+        let procs: Vec<_> = procs
+            .iter()
+            .map(|p| (p.pid, p.spawned, p.spawned_unix))
+            .collect();
+        self.wait_pids_listed(&procs, within)
+    }
+
+    /// [`Daemon::wait_listed`] for (pid, spawn instant, spawn unix seconds).
+    pub fn wait_pids_listed(
+        &self,
+        procs: &[(u32, Instant, u64)],
+        within: Duration,
+    ) -> Vec<(Value, Duration)> {
+        let mut seen: Vec<Option<(Value, Duration)>> = vec![None; procs.len()];
+        let start = Instant::now();
+        while seen.iter().any(Option::is_none) && start.elapsed() < within {
+            let list = self.processes();
+            let now = Instant::now();
+            for (i, (pid, spawned, spawned_unix)) in procs.iter().enumerate() {
+                if seen[i].is_some() {
+                    continue;
+                }
+                if let Some(v) = list.iter().find(|v| {
+                    v["labels"]["pid"] == json!(pid)
+                        && v["status"] == "profiled"
+                        && v["since"].as_u64().unwrap_or(0) >= *spawned_unix
+                }) {
+                    seen[i] = Some((v.clone(), now - *spawned));
+                }
+            }
+            std::thread::sleep(POLL);
+        }
+        seen.into_iter()
+            .zip(procs)
+            .map(|(s, (pid, ..))| {
+                s.unwrap_or_else(|| {
+                    panic!(
+                        "{}: pid {pid} not profiled {within:?} after its start",
+                        self.name
+                    )
+                })
+            })
+            .collect()
+    }
+
     pub fn folded(&self, query: &str) -> (String, Vec<(Vec<String>, u64)>) {
         let text = self.get_ok(&format!("/folded?{query}")).text();
         let stacks = parse_folded(&text);
         (text, stacks)
+    }
+
+    /// Polls `/folded?{query}` until stacks whose leaf is `leaf` have at
+    /// least `min` samples there; returns the last answer. A process not
+    /// profiled yet (404) is waited for as well.
+    pub fn wait_leaf(&self, query: &str, leaf: &str, min: u64, within: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            let r = self.get(&format!("/folded?{query}"));
+            let text = r.text();
+            assert!(
+                [200, 404].contains(&r.status),
+                "GET /folded?{query}: {}",
+                text
+            );
+            let n = if r.status == 200 {
+                leaf_count(&parse_folded(&text), leaf)
+            } else {
+                0
+            };
+            if n >= min {
+                return text;
+            }
+            assert!(
+                start.elapsed() < within,
+                "{}: {leaf} has {n} samples (want >= {min}) in /folded?{query} after {within:?}:\n{text}",
+                self.name,
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 
     /// Polls /processes until `pid` is listed as profiled.
@@ -346,4 +597,22 @@ impl Drop for Daemon {
             );
         }
     }
+}
+
+/// Makes the next process created in our pid namespace get `pid`, as root,
+/// through /proc/sys/kernel/ns_last_pid; `spawn` must create exactly one
+/// process. Retries if another process took the pid first.
+pub fn spawn_with_pid(pid: u32, spawn: impl Fn() -> Py) -> Py {
+    for attempt in 1..=20 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .expect("write /proc/sys/kernel/ns_last_pid (root)");
+        let p = spawn();
+        if p.pid == pid {
+            eprintln!("pid {pid} reused at attempt {attempt}");
+            return p;
+        }
+        drop(p);
+        std::thread::sleep(Duration::from_millis(20 * attempt));
+    }
+    panic!("could not get pid {pid} reused");
 }

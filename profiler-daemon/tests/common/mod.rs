@@ -28,6 +28,11 @@ pub fn scenarios() -> PathBuf {
     repo_root().join("tests/workloads/scenarios.py")
 }
 
+/// [`scenarios`] as text.
+pub fn script() -> String {
+    scenarios().display().to_string()
+}
+
 pub fn pyebpf() -> &'static str {
     env!("CARGO_BIN_EXE_pyebpf")
 }

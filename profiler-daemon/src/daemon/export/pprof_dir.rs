@@ -9,7 +9,9 @@
 //!
 //! Retention only ever touches files whose names have exactly that shape (and
 //! our own leftover temporary files): anything else in the directory is left
-//! alone.
+//! alone. A temporary file names the pid that writes it: one whose writer is
+//! gone (a daemon killed mid-write) is removed when the directory is opened
+//! and by every retention pass, others only once stale.
 use crate::store::unix_secs;
 use std::fs;
 use std::io::Write as _;
@@ -102,6 +104,8 @@ const STALE_TEMP: Duration = Duration::from_secs(600);
 const MAX_SERVICE_LEN: usize = 100;
 const SUFFIX: &str = ".pb.gz";
 const TEMP_MARK: &str = ".tmp.";
+/// `PprofDir::new`'s writability probe, followed by the pid.
+const PROBE_PREFIX: &str = ".pyebpf-write-test.";
 
 /// A directory of pprof files with retention.
 #[derive(Debug)]
@@ -125,14 +129,49 @@ impl PprofDir {
                 std::io::Error::other("not a directory"),
             ));
         }
-        let probe = dir.join(format!(".pyebpf-write-test.{}", std::process::id()));
+        let probe = dir.join(format!("{PROBE_PREFIX}{}", std::process::id()));
         fs::File::create(&probe)
             .map_err(|e| ExportError::io("pprof directory {} is not writable", dir, e))?;
         let _ = fs::remove_file(&probe);
-        Ok(PprofDir {
+        let d = PprofDir {
             cfg,
             seq: AtomicU64::new(0),
-        })
+        };
+        d.remove_leftovers();
+        Ok(d)
+    }
+
+    /// Removes the temporary and probe files of writers that are gone, at
+    /// start: a daemon killed mid-write (SIGKILL, OOM) leaves them, and
+    /// nothing else would for [`STALE_TEMP`]. Failures are only logged.
+    fn remove_leftovers(&self) {
+        let dir = &self.cfg.path;
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        // Nothing is being written yet: our own pid's files are a
+        // predecessor's that had the same pid.
+        let gone = |pid: u32| pid == std::process::id() || !pid_alive(pid);
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let writer = temp_writer(name).or_else(|| probe_writer(name));
+            if !writer.is_some_and(gone) || !entry.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                Err(e) => tracing::warn!("cannot delete {}: {e}", entry.path().display()),
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "pprof directory {}: removed temporary files of interrupted writes",
+                dir.display()
+            );
+        }
     }
 
     pub fn config(&self) -> &PprofDirConfig {
@@ -216,7 +255,9 @@ impl PprofDir {
             let age = now.duration_since(mtime).unwrap_or_default();
             let path = entry.path();
             if temp {
-                if age > STALE_TEMP && fs::remove_file(&path).is_ok() {
+                let writer_gone = temp_writer(name)
+                    .is_some_and(|pid| pid != std::process::id() && !pid_alive(pid));
+                if (writer_gone || age > STALE_TEMP) && fs::remove_file(&path).is_ok() {
                     report.deleted_temp += 1;
                 }
                 continue;
@@ -325,16 +366,30 @@ fn is_our_file(name: &str) -> bool {
 
 /// Whether `name` is one of our temporary files: `.<our file>.tmp.<pid>-<seq>`.
 fn is_our_temp(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix('.') else {
-        return false;
-    };
-    let Some((file, tag)) = rest.rsplit_once(TEMP_MARK) else {
-        return false;
-    };
-    let Some((pid, seq)) = tag.split_once('-') else {
-        return false;
-    };
-    is_our_file(file) && all_digits(pid) && all_digits(seq)
+    temp_writer(name).is_some()
+}
+
+/// The pid that writes temporary file `name`, if it is one of ours.
+fn temp_writer(name: &str) -> Option<u32> {
+    let (file, tag) = name.strip_prefix('.')?.rsplit_once(TEMP_MARK)?;
+    let (pid, seq) = tag.split_once('-')?;
+    if !(is_our_file(file) && all_digits(pid) && all_digits(seq)) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// The pid of a writability probe's name (`.pyebpf-write-test.<pid>`).
+fn probe_writer(name: &str) -> Option<u32> {
+    let pid = name.strip_prefix(PROBE_PREFIX)?;
+    all_digits(pid).then(|| pid.parse().ok()).flatten()
+}
+
+/// Whether a process `pid` exists (in our pid namespace, which is the
+/// host's: the daemon refuses to run in another). A reused pid looks alive:
+/// its writer's files then wait for [`STALE_TEMP`].
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 #[cfg(test)]
@@ -490,9 +545,12 @@ mod tests {
         put(&p.join("old-1-100.pb.gz.bak"), 10, 10 * hour);
         put(&p.join("cpu.pprof"), 10, 10 * hour);
         fs::create_dir(p.join("sub-1-2.pb.gz")).unwrap();
-        // A stale temporary file of ours, and a fresh one (a write in progress).
-        put(&p.join(".x-1-2.pb.gz.tmp.5-0"), 10, hour);
-        put(&p.join(".x-1-3.pb.gz.tmp.5-1"), 10, Duration::ZERO);
+        // A stale temporary file of ours, and a fresh one (a write in
+        // progress, by a live process: this one).
+        let me = std::process::id();
+        put(&p.join(format!(".x-1-2.pb.gz.tmp.{me}-0")), 10, hour);
+        let writing = format!(".x-1-3.pb.gz.tmp.{me}-1");
+        put(&p.join(&writing), 10, Duration::ZERO);
 
         let r = dir.enforce_retention().unwrap();
         assert_eq!(r.deleted_age, 1);
@@ -503,7 +561,7 @@ mod tests {
         assert_eq!(
             names(p),
             [
-                ".x-1-3.pb.gz.tmp.5-1",
+                writing.as_str(),
                 "cpu.pprof",
                 "notes.txt",
                 "old-1-100.pb.gz.bak",
@@ -511,6 +569,65 @@ mod tests {
                 "sub-1-2.pb.gz",
             ]
         );
+    }
+
+    #[test]
+    fn temp_and_probe_names_give_their_writer() {
+        assert_eq!(temp_writer(".x-1-2.pb.gz.tmp.77-3"), Some(77));
+        assert_eq!(temp_writer(".x-1-2.pb.gz.tmp.77"), None);
+        assert_eq!(temp_writer("x-1-2.pb.gz.tmp.77-3"), None);
+        assert_eq!(temp_writer(".other.tmp.77-3"), None);
+        assert_eq!(temp_writer(".x-1-2.pb.gz.tmp.99999999999-3"), None);
+        assert_eq!(probe_writer(".pyebpf-write-test.12"), Some(12));
+        assert_eq!(probe_writer(".pyebpf-write-test.x"), None);
+        assert_eq!(probe_writer(".pyebpf-write-test."), None);
+    }
+
+    /// A pid no process has: beyond the kernel's largest.
+    const DEAD: u32 = 1 << 30;
+
+    /// A file `name` of `len` bytes in `dir`, just written.
+    fn fresh(dir: &Path, name: &str, len: usize) {
+        put(&dir.join(name), len, Duration::ZERO);
+    }
+
+    #[test]
+    fn leftovers_of_a_dead_writer_are_removed_when_the_directory_is_opened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path();
+        let me = std::process::id();
+        // A SIGKILLed daemon's, fresh: removed at once.
+        fresh(p, &format!(".x-1-2.pb.gz.tmp.{DEAD}-0"), 10);
+        fresh(p, &format!(".pyebpf-write-test.{DEAD}"), 0);
+        // A predecessor that had our pid: nothing of ours is written yet.
+        fresh(p, &format!(".x-1-3.pb.gz.tmp.{me}-0"), 10);
+        // A live writer's (pid 1 always exists): a write in progress.
+        fresh(p, ".x-1-4.pb.gz.tmp.1-0", 10);
+        // Not ours, whatever they look like.
+        fresh(p, &format!(".notes.tmp.{DEAD}-0"), 10);
+        fresh(p, "x-1-5.pb.gz", 10);
+        PprofDir::new(cfg(p, Duration::ZERO, 0)).unwrap();
+        assert_eq!(
+            names(p),
+            [
+                format!(".notes.tmp.{DEAD}-0"),
+                ".x-1-4.pb.gz.tmp.1-0".to_string(),
+                "x-1-5.pb.gz".to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn retention_removes_a_dead_writers_temp_files_at_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path();
+        let dir = PprofDir::new(cfg(p, Duration::ZERO, 0)).unwrap();
+        let me = std::process::id();
+        fresh(p, &format!(".x-1-2.pb.gz.tmp.{DEAD}-0"), 10);
+        fresh(p, &format!(".x-1-3.pb.gz.tmp.{me}-0"), 10);
+        let r = dir.enforce_retention().unwrap();
+        assert_eq!(r.deleted_temp, 1);
+        assert_eq!(names(p), [format!(".x-1-3.pb.gz.tmp.{me}-0")]);
     }
 
     #[test]
