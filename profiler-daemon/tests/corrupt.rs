@@ -163,21 +163,25 @@ fn check_stacks(stacks: &[(Vec<String>, u64)], restored_leaf: &str) -> Seen {
             show()
         );
     }
-    for waiter in ["CALL=tss_wait_unmapped", "CALL=tss_wait_foreign"] {
-        let f = at("tss_phase", waiter);
-        assert_eq!(
-            samples(stacks, |s| s.contains(&f)),
-            0,
-            "the waiting thread's stack attributed to the spinning one:\n{}",
-            show()
-        );
-    }
     let restored = leaf_count(stacks, restored_leaf);
     assert!(
         restored >= 20,
         "{restored} samples after the restore:\n{}",
         show()
     );
+    // The waiting thread is itself on a CPU for a moment when it wakes (a
+    // sample or two of its own); its stack given to the spinning thread
+    // would show in about as many samples as a spin of the same length.
+    for waiter in ["CALL=tss_wait_unmapped", "CALL=tss_wait_foreign"] {
+        let f = at("tss_phase", waiter);
+        let n = samples(stacks, |s| s.contains(&f));
+        assert!(
+            n * 10 < restored,
+            "the waiting thread's stack attributed to the spinning one ({n} samples, \
+             {restored} of a spin as long):\n{}",
+            show()
+        );
+    }
     let tail = [
         at("tss_phase.<locals>.worker", "CALL=tss_restored"),
         restored_leaf.to_string(),

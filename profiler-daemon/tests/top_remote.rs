@@ -58,9 +58,16 @@ impl ApiSource for One {
     }
 }
 
-/// The remote source against the real router, over loopback.
-#[test]
-fn remote_source_reads_the_api_and_reports_errors() {
+/// The real router over [`One`] with `access`, on loopback: the runtime,
+/// the address, the sender that stops it and the server task.
+fn serve_one(
+    access: http::Access,
+) -> (
+    Arc<tokio::runtime::Runtime>,
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -73,14 +80,16 @@ fn remote_source_reads_the_api_and_reports_errors() {
         .unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(http::serve(
-        listener,
-        Arc::new(One),
-        http::Access::default(),
-        async {
-            let _ = rx.await;
-        },
-    ));
+    let server = rt.spawn(http::serve(listener, Arc::new(One), access, async {
+        let _ = rx.await;
+    }));
+    (rt, addr, tx, server)
+}
+
+/// The remote source against the real router, over loopback.
+#[test]
+fn remote_source_reads_the_api_and_reports_errors() {
+    let (rt, addr, tx, server) = serve_one(http::Access::default());
     let mut src = RemoteSource::new(&addr.to_string(), rt.clone(), None).unwrap();
     src.probe().unwrap();
     assert_eq!(src.mode().describe(), format!("daemon http://{addr}"));
@@ -128,29 +137,10 @@ fn remote_source_presents_the_token() {
     std::fs::write(&file, "0123456789abcdef-secret\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let token = || pyebpf::daemon::access::load_token(&file).unwrap();
-    let rt = Arc::new(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap(),
-    );
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = rt.spawn(http::serve(
-        listener,
-        Arc::new(One),
-        http::Access {
-            token: Some(token()),
-            metrics_only: false,
-        },
-        async {
-            let _ = rx.await;
-        },
-    ));
+    let (rt, addr, tx, server) = serve_one(http::Access {
+        token: Some(token()),
+        metrics_only: false,
+    });
     let without = RemoteSource::new(&addr.to_string(), rt.clone(), None).unwrap();
     match without.probe() {
         Err(Probe::Failed(m)) => assert!(m.contains("401") && m.contains("--token-file"), "{m}"),
