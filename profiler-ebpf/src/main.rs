@@ -35,6 +35,10 @@ use profiler_common::{
 #[no_mangle]
 static FSBASE_OFFSET: u64 = 0;
 
+/// Offset of `task_struct.mm` (0: unknown, not checked).
+#[no_mangle]
+static MM_OFFSET: u64 = 0;
+
 /// Processes to profile, keyed by tgid as the root PID namespace sees it.
 /// Userspace sets `max_entries` from its process limit.
 #[map]
@@ -185,6 +189,17 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         .map_err(|_| ReadStep::FsBase)?;
     if fsbase == 0 {
         return Ok(false);
+    }
+    // A thread in its last moments (do_exit after exit_mm) has left the
+    // address space: no user memory to read, and no Python state left.
+    let mm_off = unsafe { core::ptr::read_volatile(&MM_OFFSET) };
+    if mm_off != 0 {
+        // SAFETY: as above.
+        let mm: u64 = unsafe { bpf_probe_read_kernel((task + (mm_off & 0xffff)) as *const u64) }
+            .map_err(|_| ReadStep::FsBase)?;
+        if mm == 0 {
+            return Ok(false);
+        }
     }
     let tstate = thread_state(fsbase, info).map_err(|_| ReadStep::Tls)?;
     if tstate == 0 {

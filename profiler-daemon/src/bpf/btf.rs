@@ -450,6 +450,13 @@ pub fn task_fsbase_offset() -> Result<u64, BtfError> {
     ))
 }
 
+/// Offset of `task_struct.mm`: NULL once an exiting thread has left its
+/// address space, where no user memory can be read.
+pub fn task_mm_offset() -> Result<u64, BtfError> {
+    let btf = Btf::from_sys_fs()?;
+    Ok(u64::from(btf.member_offset("task_struct", &["mm"])?))
+}
+
 /// Offsets of `task_struct.signal` and of `signal_struct.live.counter`: the
 /// exit program tells the last thread of a process by `signal->live`.
 pub fn group_live_offsets() -> Result<(u64, u64), BtfError> {

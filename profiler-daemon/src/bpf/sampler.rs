@@ -174,6 +174,12 @@ impl Sampler {
         // Pids in the maps are the host's: they must be /proc's too.
         pidns::check()?;
         let fsbase = btf::task_fsbase_offset()?;
+        // Not fatal: without it a sample of a thread in its last moments
+        // (after it left the address space) counts as a failed TLS read.
+        let mm_off = btf::task_mm_offset().unwrap_or_else(|e| {
+            tracing::warn!("kernel BTF lacks task_struct.mm ({e})");
+            0
+        });
         // Not fatal: without them the exit program falls back to taking
         // the leader thread's exit for the process's.
         let (signal_off, live_off) = btf::group_live_offsets().unwrap_or_else(|e| {
@@ -191,6 +197,7 @@ impl Sampler {
         let wakeup_bytes = u64::from(ring_bytes / WAKEUP_FRACTION);
         let mut ebpf = EbpfLoader::new()
             .override_global("FSBASE_OFFSET", &fsbase, true)
+            .override_global("MM_OFFSET", &mm_off, true)
             .override_global("MAX_DEPTH", &config.max_depth, true)
             .override_global("WAKEUP_BYTES", &wakeup_bytes, true)
             .override_global("SIGNAL_OFFSET", &signal_off, true)
