@@ -792,6 +792,27 @@ fn bpf_sigkilled_daemon_leaves_nothing_behind_and_restarts() {
         if round == 0 {
             eprintln!("the daemon holds {held:?}");
         }
+        if round == 0 {
+            // One whole window on disk first, so that there is a final file
+            // to check whatever the timing of the kills (on a loaded machine
+            // every kill can come before the first window's rename).
+            poll(Duration::from_secs(30), || {
+                let finals = std::fs::read_dir(&profiles)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().into_owned();
+                        n.ends_with(".pb.gz") && !n.starts_with('.')
+                    })
+                    .count();
+                if finals > 0 {
+                    Ok(())
+                } else {
+                    Err("no pprof file written yet".to_string())
+                }
+            });
+        }
         // Where in the window: mid-write (spin until a temporary file
         // appears), or at a random point.
         if round % 2 == 0 {
