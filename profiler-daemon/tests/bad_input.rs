@@ -7,7 +7,7 @@ mod common;
 use common::daemon::Daemon;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A copy of `src` at `dst` without its section header table (and what
@@ -24,15 +24,6 @@ fn without_section_headers(src: &Path, dst: &Path) {
     std::fs::write(dst, &bytes[..shoff]).unwrap();
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Waits until `/processes?all=1` lists `pid` as failed; returns its entry.

@@ -7,7 +7,7 @@ use common::daemon::{http_get, Daemon};
 use common::*;
 use std::io::Read as _;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// CAP_DAC_READ_SEARCH (2), CAP_SYS_PTRACE (19), CAP_CHECKPOINT_RESTORE (40):
@@ -54,15 +54,6 @@ fn ok_text(addr: SocketAddr, path: &str) -> Option<String> {
         .ok()
         .filter(|r| r.status == 200)
         .map(|r| r.text())
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn hot_plain() -> String {

@@ -31,14 +31,6 @@ fn assert_refused(out: &Output, needles: &[&str]) {
     }
 }
 
-struct Killed(std::process::Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn missing_pid_is_refused() {
     if !bpf_available() {

@@ -443,8 +443,7 @@ impl Btf {
 
 /// Offset of `thread.fsbase` in the running kernel's `task_struct`: where a
 /// thread's `%fs` base (its TLS pointer) is saved. x86-64 only.
-pub fn task_fsbase_offset() -> Result<u64, BtfError> {
-    let btf = Btf::from_sys_fs()?;
+pub fn task_fsbase_offset(btf: &Btf) -> Result<u64, BtfError> {
     Ok(u64::from(
         btf.member_offset("task_struct", &["thread", "fsbase"])?,
     ))
@@ -452,19 +451,13 @@ pub fn task_fsbase_offset() -> Result<u64, BtfError> {
 
 /// Offset of `task_struct.mm`: NULL once an exiting thread has left its
 /// address space, where no user memory can be read.
-pub fn task_mm_offset() -> Result<u64, BtfError> {
-    let btf = Btf::from_sys_fs()?;
+pub fn task_mm_offset(btf: &Btf) -> Result<u64, BtfError> {
     Ok(u64::from(btf.member_offset("task_struct", &["mm"])?))
 }
 
 /// Offsets of `task_struct.signal` and of `signal_struct.live.counter`: the
 /// exit program tells the last thread of a process by `signal->live`.
-pub fn group_live_offsets() -> Result<(u64, u64), BtfError> {
-    let btf = Btf::from_sys_fs()?;
-    live_offsets(&btf)
-}
-
-fn live_offsets(btf: &Btf) -> Result<(u64, u64), BtfError> {
+pub fn group_live_offsets(btf: &Btf) -> Result<(u64, u64), BtfError> {
     let signal = btf.member_offset("task_struct", &["signal"])?;
     let live = btf.member_offset("signal_struct", &["live", "counter"])?;
     Ok((u64::from(signal), u64::from(live)))
@@ -848,7 +841,7 @@ mod tests {
         let btf = kernel();
         assert!(btf.len() > 10_000, "only {} types", btf.len());
         let task_size = btf.struct_size("task_struct").unwrap();
-        let fsbase = task_fsbase_offset().unwrap();
+        let fsbase = task_fsbase_offset(&btf).unwrap();
         assert_eq!(fsbase % 8, 0, "fsbase offset {fsbase} not 8-aligned");
         assert!(
             fsbase < u64::from(task_size),
@@ -877,12 +870,11 @@ mod tests {
     #[test]
     fn kernel_signal_live() {
         let btf = kernel();
-        let (signal, live) = live_offsets(&btf).unwrap();
+        let (signal, live) = group_live_offsets(&btf).unwrap();
         assert_eq!(signal % 8, 0, "task_struct.signal is a pointer");
         assert_eq!(live % 4, 0, "signal_struct.live is an atomic_t");
         assert!(signal > 0 && signal < u64::from(btf.struct_size("task_struct").unwrap()));
         assert!(live < u64::from(btf.struct_size("signal_struct").unwrap()));
-        assert_eq!(group_live_offsets().unwrap(), (signal, live));
         // What the exit program relies on to reject a bad offset: none is 0.
         assert!(live > 0, "signal_struct starts with `sigcnt`, not `live`");
     }

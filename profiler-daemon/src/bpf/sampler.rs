@@ -173,16 +173,18 @@ impl Sampler {
         }
         // Pids in the maps are the host's: they must be /proc's too.
         pidns::check()?;
-        let fsbase = btf::task_fsbase_offset()?;
+        // Parsed once: the kernel's BTF is megabytes.
+        let kernel = btf::Btf::from_sys_fs()?;
+        let fsbase = btf::task_fsbase_offset(&kernel)?;
         // Not fatal: without it a sample of a thread in its last moments
         // (after it left the address space) counts as a failed TLS read.
-        let mm_off = btf::task_mm_offset().unwrap_or_else(|e| {
+        let mm_off = btf::task_mm_offset(&kernel).unwrap_or_else(|e| {
             tracing::warn!("kernel BTF lacks task_struct.mm ({e})");
             0
         });
         // Not fatal: without them the exit program falls back to taking
         // the leader thread's exit for the process's.
-        let (signal_off, live_off) = btf::group_live_offsets().unwrap_or_else(|e| {
+        let (signal_off, live_off) = btf::group_live_offsets(&kernel).unwrap_or_else(|e| {
             tracing::warn!(
                 "kernel BTF lacks task_struct.signal or signal_struct.live ({e}): a process \
                  whose main thread exits before its others will be taken for gone"

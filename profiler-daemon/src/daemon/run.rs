@@ -314,14 +314,13 @@ impl Daemon {
     /// another program, named in /processes. Unreadable (the process has
     /// exited since), it is an exit.
     fn stop_profiling_exec(&mut self, pid: u32) {
-        self.sampler.remove_process(pid);
-        let now = SystemTime::now();
-        match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
-            Ok(comm) => self
-                .shared
-                .store()
-                .mark_replaced(pid, comm.trim_end().to_string(), now),
-            Err(_) => self.shared.store().mark_exited(pid, now),
+        match crate::process::python::command(pid) {
+            Ok(comm) => {
+                self.sampler.remove_process(pid);
+                let now = SystemTime::now();
+                self.shared.store().mark_replaced(pid, comm, now);
+            }
+            Err(_) => self.stop_profiling(pid),
         }
     }
 

@@ -121,6 +121,16 @@ impl Interp {
     }
 }
 
+/// A child process killed (and reaped) on drop.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running workload; killed on drop.
 pub struct Workload {
     pub child: Child,
