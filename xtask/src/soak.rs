@@ -7,6 +7,7 @@
 //! the handlers' lines in the profile and latency against the baseline's
 //! noise (see [`report`]); SOAK.md and soak.json are written to `--out`.
 
+mod busy;
 mod folded;
 mod gunlog;
 mod profiler;

@@ -31,6 +31,24 @@ impl Criterion {
     }
 }
 
+/// A note when the machine was busier outside the soak during `p` than
+/// during any baseline segment: its latency then measures the other work too.
+fn busier(base: &Phase, p: &Phase) -> String {
+    let most = |ph: &Phase| {
+        ph.load
+            .segments
+            .iter()
+            .map(|s| s.other_cpu_pct)
+            .fold(0.0, f64::max)
+    };
+    let (b, o) = (most(base), p.load.all.other_cpu_pct);
+    if o > b + 10.0 {
+        format!("; other processes used a median {o:.0}% of a core per segment, the baseline at most {b:.0}%")
+    } else {
+        String::new()
+    }
+}
+
 /// (median, noise) of a baseline figure over its segments.
 fn noise(values: &[f64]) -> (f64, f64) {
     let m = Summary::of(values).map_or(0.0, |s| s.median);
@@ -138,8 +156,9 @@ pub fn criteria(r: &Results) -> Vec<Criterion> {
                     &format!("{q} latency within the baseline's noise"),
                     &p.name,
                     format!(
-                        "{v:.2} ms vs baseline {m:.2} ± {n:.2} ms (limit {:.2})",
-                        m + n
+                        "{v:.2} ms vs baseline {m:.2} ± {n:.2} ms (limit {:.2}){}",
+                        m + n,
+                        busier(b, p)
                     ),
                     v <= m + n,
                 );
@@ -269,6 +288,18 @@ pub fn markdown(r: &Results) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     });
+    row(
+        &mut o,
+        "CPU of other processes, each segment (% of a core)",
+        &|p| {
+            p.load
+                .segments
+                .iter()
+                .map(|s| format!("{:.0}", s.other_cpu_pct))
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+    );
     row(&mut o, "non-2xx / socket errors", &|p| {
         format!("{} / {}", p.load.all.non_2xx, p.load.all.socket_errors)
     });
@@ -378,7 +409,9 @@ pub fn markdown(r: &Results) -> String {
          - **Latency within the baseline's noise**: for p50 and p99 separately, the noise is the \
          largest deviation of one baseline segment from the median of the baseline's segments; \
          a profiled phase passes if the median of its segments is at most the baseline median \
-         plus that noise.\n",
+         plus that noise. Each segment also records the CPU used by processes outside the soak \
+         (machine-wide busy time from `/proc/stat` minus this run's own process tree): a verdict \
+         reached while the machine was busier than in every baseline segment says so.\n",
         s.warmup_secs,
         s.load.threads,
         s.load.connections,

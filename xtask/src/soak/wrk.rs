@@ -31,6 +31,9 @@ pub struct Segment {
     pub p99_ms: f64,
     pub non_2xx: u64,
     pub socket_errors: u64,
+    /// CPU used by processes outside the soak during the segment, in % of
+    /// one core (see [`super::busy`]); for the phase, the median.
+    pub other_cpu_pct: f64,
 }
 
 /// A phase's segments, and all of them together.
@@ -55,6 +58,7 @@ impl Load {
             p99_ms: median(|s| s.p99_ms),
             non_2xx: segments.iter().map(|s| s.non_2xx).sum(),
             socket_errors: segments.iter().map(|s| s.socket_errors).sum(),
+            other_cpu_pct: median(|s| s.other_cpu_pct),
         };
         Load { segments, all }
     }
@@ -133,6 +137,7 @@ pub fn run(addr: SocketAddr, script: &Path, shape: &LoadShape, seg_secs: u64) ->
 
 /// One wrk run of `secs` seconds.
 pub fn segment(addr: SocketAddr, script: &Path, shape: &LoadShape, secs: u64) -> Result<Segment> {
+    let start = super::busy::Mark::now();
     let out = tied(Command::new("wrk"))
         .arg(format!("-t{}", shape.threads))
         .arg(format!("-c{}", shape.connections))
@@ -154,7 +159,11 @@ pub fn segment(addr: SocketAddr, script: &Path, shape: &LoadShape, secs: u64) ->
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    parse(&text, secs as f64)
+    let mut seg = parse(&text, secs as f64)?;
+    if let (Some(a), Some(b)) = (start, super::busy::Mark::now()) {
+        seg.other_cpu_pct = a.other_cpu_pct(&b);
+    }
+    Ok(seg)
 }
 
 #[cfg(test)]
