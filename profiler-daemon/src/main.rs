@@ -325,7 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     once,
                 },
                 // Local mode runs the daemon's loop in this process.
-                pyebpf::daemon::local::start,
+                pyebpf::daemon::local::prepare,
             )
         }
         Command::Record(a) => {

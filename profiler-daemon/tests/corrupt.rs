@@ -10,7 +10,7 @@
 //!   matching error counters must rise;
 //! - the smallest ring buffer at the highest rate, overrun and relieved;
 //! - a Pyroscope endpoint that answers 500, garbage, resets connections or
-//!   never answers, then recovers.
+//!   never answers, then recovers; and one that takes seconds per request.
 //!
 //! Every daemon here profiles only its own test's processes (an include
 //! rule on a `--tag=` argument), so its counters are the test's own.
@@ -713,4 +713,138 @@ fn bpf_push_to_a_receiver_resetting_connections() {
 #[test]
 fn bpf_push_to_a_receiver_that_never_answers() {
     push_to_a_faulty_receiver(Fault::Hang);
+}
+
+/// A Pyroscope that takes 3 s per request but accepts everything, under a
+/// 5 s upload timeout: nothing may be lost. Two uploads at a time deliver
+/// fewer profiles (2 per 3 s) than the daemon closes (one window a second),
+/// so a backlog builds: the queue stays within its bytes, both upload slots
+/// stay busy and every upload is timed as slow, and sampling and /healthz
+/// go on as usual. Once the server is fast again the backlog drains, and
+/// every profile pushed was accepted, once.
+#[test]
+fn bpf_push_to_a_slow_receiver() {
+    if !bpf_available() {
+        return;
+    }
+    const MAX_QUEUE: f64 = 1_048_576.0;
+    const SLOTS: f64 = 2.0;
+    let rx = Receiver::start_with(
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        Fault::Slow(Duration::from_secs(3)),
+    );
+    let tag = format!("--tag=push-slow-{}", std::process::id());
+    let service = format!("push-slow-{}", std::process::id());
+    let config = format!(
+        "aggregation:\n  window_secs: 1\n  retention_secs: 60\n\
+         discovery:\n  include:\n    - cmdline: \"{tag}\"\n\
+         outputs:\n  pyroscope:\n    url: http://{}\n    application_name: pyebpf-test\n    \
+         timeout_secs: 5\n    max_queue_bytes: {MAX_QUEUE}\n    max_concurrent_uploads: {SLOTS}\n",
+        rx.addr
+    );
+    let d = Daemon::start("push-slow", &config);
+    let p = Workload::start_with_env(
+        Interp::Shared,
+        &[&tag, "plain"],
+        &[("OTEL_SERVICE_NAME", &service)],
+    );
+    d.wait_profiled(p.pid(), Duration::from_secs(30));
+
+    let metric = |m: &str, name: &str| prom_sum(m, name, &[]);
+    let export = |m: &str, result: &str| {
+        prom_sum(
+            m,
+            "pyebpf_export_total",
+            &[("target", "pyroscope"), ("result", result)],
+        )
+    };
+    let uploads_under = |m: &str, le: &str| {
+        prom_sum(
+            m,
+            "pyebpf_pyroscope_upload_duration_seconds_bucket",
+            &[("le", le)],
+        )
+    };
+    let m0 = d.metrics();
+    let start = Instant::now();
+    let (mut prev, mut busiest, mut backlog) = (m0.clone(), 0f64, 0f64);
+    while start.elapsed() < Duration::from_secs(16) {
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(d.healthy(), "/healthz failed {:?} in", start.elapsed());
+        let m = d.metrics();
+        let queued = metric(&m, "pyebpf_pyroscope_queue_bytes");
+        assert!(queued <= MAX_QUEUE, "{queued} bytes queued");
+        let in_flight = metric(&m, "pyebpf_pyroscope_uploads_in_flight");
+        assert!(in_flight <= SLOTS, "{in_flight} uploads at once");
+        busiest = busiest.max(in_flight);
+        backlog = backlog.max(metric(&m, "pyebpf_pyroscope_queue_profiles"));
+        assert!(
+            metric(&m, "pyebpf_samples_received_total")
+                > metric(&prev, "pyebpf_samples_received_total"),
+            "sampling stalled {:?} in",
+            start.elapsed()
+        );
+        assert_eq!(
+            metric(&m, "pyebpf_ringbuf_dropped_samples_total"),
+            metric(&m0, "pyebpf_ringbuf_dropped_samples_total"),
+            "ring-buffer drops while pushing"
+        );
+        assert_eq!(export(&m, "error"), 0.0, "a failed upload");
+        assert_eq!(export(&m, "dropped"), 0.0, "a lost profile");
+        prev = m;
+    }
+    let slow = &prev;
+    eprintln!(
+        "slow: {} accepted in {:?}, at most {busiest} in flight and {backlog} waiting",
+        export(slow, "ok"),
+        start.elapsed()
+    );
+    assert!(export(slow, "ok") >= 1.0, "no upload succeeded");
+    assert_eq!(busiest, SLOTS, "the backlog did not use every upload slot");
+    assert!(backlog >= 1.0, "no backlog shown");
+    // Every upload so far waited for the server's 3 s.
+    assert!(uploads_under(slow, "+Inf") >= 1.0);
+    assert_eq!(uploads_under(slow, "2.5"), 0.0, "a fast upload");
+
+    // Fast again: the backlog drains, oldest first, until a window closed
+    // after the switch is in; then every profile the daemon accepted the
+    // upload of is at the server (the receiver records before it answers)
+    // once, and none was lost.
+    rx.set_fault(Fault::None);
+    let up = unix_now();
+    let back = Instant::now();
+    let m = loop {
+        let m = d.metrics();
+        let got = rx.for_service(&service);
+        let settled = metric(&m, "pyebpf_pyroscope_uploads_in_flight") == 0.0
+            && metric(&m, "pyebpf_pyroscope_queue_profiles") == 0.0
+            && export(&m, "ok") == got.len() as f64;
+        if settled && got.iter().any(|w| w.from() >= up) {
+            break m;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "not drained 30 s after the server got fast: {} accepted, {} received, {} in \
+             flight, {} waiting",
+            export(&m, "ok"),
+            got.len(),
+            metric(&m, "pyebpf_pyroscope_uploads_in_flight"),
+            metric(&m, "pyebpf_pyroscope_queue_profiles")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "slow: drained {:?} after the server got fast",
+        back.elapsed()
+    );
+    assert_eq!(export(&m, "error"), 0.0);
+    assert_eq!(export(&m, "dropped"), 0.0);
+    assert_eq!(rx.total(), rx.for_service(&service).len());
+    let mut froms: Vec<u64> = rx.for_service(&service).iter().map(|w| w.from()).collect();
+    let n = froms.len();
+    froms.sort_unstable();
+    froms.dedup();
+    assert_eq!(froms.len(), n, "a window pushed twice");
+    assert!(rx.errors().is_empty(), "{:?}", rx.errors());
+    assert!(d.healthy());
 }

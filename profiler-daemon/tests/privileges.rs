@@ -1,6 +1,7 @@
 //! Least privilege, end to end: once the sampler is loaded and attached,
-//! `pyebpf daemon` and `pyebpf record` keep only the capabilities reading
-//! targets needs, on every thread, and still profile processes found later.
+//! `pyebpf daemon`, `pyebpf record` and `pyebpf top --local` keep only the
+//! capabilities reading targets needs, on every thread, and still profile
+//! processes found later.
 mod common;
 
 use common::daemon::{http_get, Daemon};
@@ -46,6 +47,27 @@ fn assert_dropped(pid: u32) {
         assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "thread {name}");
     }
     assert!(n >= 1, "no thread of {pid} read");
+}
+
+/// Waits until `pid`'s main thread shows the drop (it follows the
+/// sampler's start), then checks every thread with [`assert_dropped`].
+fn wait_dropped(pid: u32, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("{what} ended before dropping its capabilities: {e}"));
+        if u64::from_str_radix(&status_field(&status, "CapEff:"), 16).expect("hex") == KEPT {
+            break;
+        }
+        // Not reaped yet: a zombie.
+        assert!(
+            !status_field(&status, "State:").starts_with('Z'),
+            "{what} ended before dropping its capabilities"
+        );
+        assert!(Instant::now() < deadline, "{what} never dropped them");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_dropped(pid);
 }
 
 /// The body of a 200 answer to `GET path`, else `None`.
@@ -117,21 +139,8 @@ fn bpf_record_keeps_only_what_reading_targets_needs() {
             .spawn()
             .expect("start pyebpf record"),
     );
-    // The drop follows the sampler's start: wait for its visible result.
     let pid = rec.0.id();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let eff = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map(|s| u64::from_str_radix(&status_field(&s, "CapEff:"), 16).expect("hex"));
-        match eff {
-            Ok(KEPT) => break,
-            Ok(_) => {}
-            Err(e) => panic!("pyebpf record ended before dropping its capabilities: {e}"),
-        }
-        assert!(Instant::now() < deadline, "record never dropped them");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert_dropped(pid);
+    wait_dropped(pid, "pyebpf record");
     let mut rec = rec;
     let status = rec.0.wait().expect("wait for record");
     let mut err = String::new();
@@ -144,6 +153,53 @@ fn bpf_record_keeps_only_what_reading_targets_needs() {
         leaf_count(&stacks, &hot_plain()) >= 20,
         "no samples at {}: {stacks:?}",
         hot_plain()
+    );
+}
+
+/// `top --local` drops before its runtime starts any thread, and still
+/// finds, reads and shows a process started after the drop.
+#[test]
+fn bpf_top_local_keeps_only_what_reading_targets_needs() {
+    if !bpf_available() {
+        return;
+    }
+    let top = Killed(
+        Command::new(pyebpf())
+            .args(["top", "--local", "--once", "--json", "--duration", "8"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start pyebpf top --local"),
+    );
+    let pid = top.0.id();
+    wait_dropped(pid, "pyebpf top --local");
+    let w = Workload::start(Interp::Static, &["plain"]);
+    // The runtime's threads and the loop's, started since, inherited it.
+    assert_dropped(pid);
+    let mut top = top;
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(mut o) = top.0.stdout.take() {
+        o.read_to_string(&mut out).expect("read top's output");
+    }
+    let status = top.0.wait().expect("wait for top");
+    if let Some(mut e) = top.0.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "top failed: {err}");
+    let snap: pyebpf::model::top::TopSnapshot =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not a snapshot ({e}):\n{out}"));
+    let own: u64 = snap
+        .functions
+        .iter()
+        .filter(|r| r.pid == w.pid() && r.qualname == "plain_function")
+        .map(|r| r.own)
+        .sum();
+    assert!(
+        own >= 20,
+        "{own} samples of plain_function in pid {}: {:?}",
+        w.pid(),
+        snap.functions.iter().take(10).collect::<Vec<_>>()
     );
 }
 

@@ -251,8 +251,8 @@ pub enum Seen {
     /// Inspection failed (e.g. the interpreter is not initialized yet) and is
     /// retried at `next_retry`; `attempts` failures so far.
     Failed { attempts: u32, next_retry: Instant },
-    /// Failed for longer than the retry schedule allows; like `NotPython`,
-    /// looked at again only after an `exec`.
+    /// Failed for longer than the retry schedule allows, or denied access;
+    /// like `NotPython`, looked at again only after an `exec`.
     GaveUp,
 }
 
@@ -520,8 +520,13 @@ impl Tracker {
     ///   named `python*`, e.g. a `#!/usr/bin/python3` script, is retried a
     ///   few times first: it may be between its `exec` and the dynamic loader
     ///   mapping `libpython`);
+    /// - access denied: [`Seen::GaveUp`], at once. Every mode holds
+    ///   CAP_SYS_PTRACE (checked at start, kept after the drop), so the
+    ///   denial is a security policy's (SELinux, AppArmor, Landlock, Yama)
+    ///   or a file only its owner may read, and stands until the process
+    ///   execs;
     /// - not initialized yet, and other possibly transient errors (memory,
-    ///   TLS, ELF, `/proc` reads, permission): retried with backoff.
+    ///   TLS, ELF, `/proc` reads): retried with backoff.
     pub fn record_error(&mut self, c: Candidate, err: &InspectError, now: Instant) -> Option<Seen> {
         let state = match err {
             InspectError::NoSuchProcess(_) => {
@@ -547,8 +552,11 @@ impl Tracker {
                 self.mark(c, Seen::NotPython);
                 Seen::NotPython
             }
+            InspectError::Permission { .. } => {
+                self.mark(c, Seen::GaveUp);
+                Seen::GaveUp
+            }
             InspectError::NotInitialized { .. }
-            | InspectError::Permission { .. }
             | InspectError::Tls { .. }
             | InspectError::Memory(_)
             | InspectError::Elf(_)
@@ -1048,6 +1056,18 @@ mod tests {
         assert!(matches!(got[0], Seen::Failed { attempts: 1, .. }));
         assert!(matches!(got[2], Seen::Failed { attempts: 3, .. }));
         assert_eq!(got[3], Seen::NotPython);
+
+        // Access denied: given up at once, not retried; an exec (a new
+        // command) makes it a candidate again.
+        let c = t.observe(0x3fff_ff65, stat(1, "python3")).unwrap();
+        let e = InspectError::Permission {
+            pid: 0x3fff_ff65,
+            what: "reading /proc/PID/exe".into(),
+        };
+        assert_eq!(t.record_error(c, &e, now), Some(Seen::GaveUp));
+        assert!(!t.due_retries(now + Duration::from_secs(3600)).contains(&c));
+        assert_eq!(t.observe(0x3fff_ff65, stat(1, "python3")), None);
+        assert_eq!(t.observe(0x3fff_ff65, stat(1, "gunicorn")), Some(c));
     }
 
     #[test]

@@ -7,16 +7,13 @@ use anyhow::anyhow;
 use tokio::runtime::Runtime;
 
 use super::config::Config;
-use super::run::{self, DaemonOptions, Handle};
-use crate::model::api::{ApiSource, LocalSampling};
+use super::run::{self, DaemonOptions, Handle, Prepared};
+use crate::model::api::{ApiSource, LocalSampling, PreparedLocal};
 
-/// Starts the loop at `rate_hz`, keeping `retention_secs` of stacks
-/// (a [`crate::model::api::StartLocal`]). The caller checks privileges.
-pub fn start(
-    rt: &Arc<Runtime>,
-    rate_hz: u64,
-    retention_secs: u64,
-) -> anyhow::Result<Box<dyn LocalSampling>> {
+/// Loads the sampler for a loop at `rate_hz`, keeping `retention_secs` of
+/// stacks (a [`crate::model::api::PrepareLocal`]); starts no thread. The
+/// caller checks privileges.
+pub fn prepare(rate_hz: u64, retention_secs: u64) -> anyhow::Result<Box<dyn PreparedLocal>> {
     let mut config = Config::default();
     config.sampling.rate_hz = rate_hz;
     config.aggregation.retention_secs = retention_secs;
@@ -26,8 +23,16 @@ pub fn start(
         config_path: None,
         serve_http: false,
     })?;
-    let handle = rt.block_on(run::start(prepared))?;
-    Ok(Box::new(Local { handle }))
+    Ok(Box::new(Loaded(prepared)))
+}
+
+struct Loaded(Prepared);
+
+impl PreparedLocal for Loaded {
+    fn start(self: Box<Self>, rt: &Arc<Runtime>) -> anyhow::Result<Box<dyn LocalSampling>> {
+        let handle = rt.block_on(run::start(self.0))?;
+        Ok(Box::new(Local { handle }))
+    }
 }
 
 struct Local {

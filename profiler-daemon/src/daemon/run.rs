@@ -499,11 +499,18 @@ impl Daemon {
                         }
                     }
                     Some(Seen::GaveUp) => {
-                        tracing::warn!(pid = c.pid, "not profiled, gave up: {e}");
                         metrics.inc_discovered(DiscoveryResult::Failed, "");
-                        // Listed in /processes with the reason.
-                        if let Some(f) = failed_process(c, &e) {
-                            self.shared.store().add_unsupported(f, SystemTime::now());
+                        // A Python process is listed in /processes with the
+                        // reason and warned about once; any other is not
+                        // worth a warning (a policy denying the daemon
+                        // access may cover most of the host).
+                        match failed_process(c, &e) {
+                            Some(f) => {
+                                if self.shared.store().add_unsupported(f, SystemTime::now()) {
+                                    tracing::warn!(pid = c.pid, "not profiled, gave up: {e}");
+                                }
+                            }
+                            None => tracing::debug!(pid = c.pid, "not profiled, gave up: {e}"),
                         }
                     }
                     _ => tracing::debug!(pid = c.pid, "will retry: {e}"),

@@ -94,7 +94,7 @@ pub trait ApiSource: Send + Sync + 'static {
 
 /// A sampling loop started in this process (`pyebpf top --local`): it
 /// answers like the daemon's API and is stopped by its owner. The daemon
-/// provides it; `top` is handed a way to start one, so neither imports the
+/// provides it; `top` is handed a way to load one, so neither imports the
 /// other.
 pub trait LocalSampling: Send {
     /// What the loop holds, as the HTTP API would serve it.
@@ -105,12 +105,19 @@ pub trait LocalSampling: Send {
     fn stop(self: Box<Self>, rt: &Runtime, timeout: Duration) -> anyhow::Result<()>;
 }
 
-/// Starts a [`LocalSampling`] loop at `rate_hz`, keeping `retention_secs`.
-pub type StartLocal = fn(
-    rt: &Arc<Runtime>,
-    rate_hz: u64,
-    retention_secs: u64,
-) -> anyhow::Result<Box<dyn LocalSampling>>;
+/// A [`LocalSampling`] loop whose sampler is loaded and attached, and
+/// nothing else yet: no thread was started, so its owner can give up the
+/// capabilities loading needed (they are per thread) before
+/// [`PreparedLocal::start`].
+pub trait PreparedLocal {
+    /// Starts discovery and ingest on `rt`.
+    fn start(self: Box<Self>, rt: &Arc<Runtime>) -> anyhow::Result<Box<dyn LocalSampling>>;
+}
+
+/// Loads a [`PreparedLocal`] loop at `rate_hz`, keeping `retention_secs`;
+/// starts no thread.
+pub type PrepareLocal =
+    fn(rate_hz: u64, retention_secs: u64) -> anyhow::Result<Box<dyn PreparedLocal>>;
 
 #[cfg(test)]
 mod tests {

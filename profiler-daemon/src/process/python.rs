@@ -145,7 +145,10 @@ pub enum InspectError {
     FreeThreaded { pid: u32, version: String },
     #[error("process {pid}: the Python runtime is not initialized yet ({detail}); retry later")]
     NotInitialized { pid: u32, detail: String },
-    #[error("no permission to inspect process {pid} ({what}): run as root or with CAP_SYS_PTRACE")]
+    #[error(
+        "no permission to inspect process {pid} ({what}): needs CAP_SYS_PTRACE (or root), and no \
+         security module (SELinux, AppArmor, Landlock, Yama) denying it"
+    )]
     Permission { pid: u32, what: String },
     #[error("process {pid}: {file} defines _PyRuntime but not {symbol}")]
     MissingSymbol {

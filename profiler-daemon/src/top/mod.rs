@@ -16,7 +16,7 @@ use anyhow::Context;
 
 use self::display::{format_duration, percent, seconds_of};
 use self::source::{Mode, TopSource};
-use crate::model::api::StartLocal;
+use crate::model::api::PrepareLocal;
 use crate::model::top::{TopQuery, TopSnapshot};
 
 pub mod display;
@@ -26,6 +26,10 @@ pub mod ui;
 /// Where a running daemon is looked for when neither `--daemon` nor
 /// `--local` is given (the daemon's default `listen`).
 pub const DEFAULT_DAEMON_URL: &str = "http://127.0.0.1:7464";
+/// [`DEFAULT_DAEMON_URL`]'s address.
+pub const DEFAULT_DAEMON_ADDR: std::net::SocketAddr = std::net::SocketAddr::V4(
+    std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 7464),
+);
 /// `--window` when not given: the "last N seconds" view.
 pub const DEFAULT_WINDOW_SECS: u32 = 10;
 /// `--duration` of `--once` when not given.
@@ -91,9 +95,9 @@ impl Default for TopOptions {
 }
 
 /// Runs `pyebpf top` until the user quits (or, with `--once`, prints one
-/// snapshot). `start_local` starts the sampling loop of local mode (the
+/// snapshot). `prepare_local` loads the sampling loop of local mode (the
 /// daemon's, handed in by the caller so that `top` does not depend on it).
-pub fn run(opts: TopOptions, start_local: StartLocal) -> anyhow::Result<()> {
+pub fn run(opts: TopOptions, prepare_local: PrepareLocal) -> anyhow::Result<()> {
     if let Some(once) = opts.once {
         if !(1..=86_400).contains(&once.duration_secs) {
             anyhow::bail!(
@@ -105,6 +109,8 @@ pub fn run(opts: TopOptions, start_local: StartLocal) -> anyhow::Result<()> {
         // Checked before anything is loaded or asked.
         ui::check_terminal()?;
     }
+    // Before the runtime's threads: local mode loads and drops privileges.
+    let plan = source::plan(&opts, prepare_local)?;
     let rt = Arc::new(
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -113,7 +119,7 @@ pub fn run(opts: TopOptions, start_local: StartLocal) -> anyhow::Result<()> {
             .build()
             .context("cannot start the async runtime")?,
     );
-    let mut src = source::open(&opts, rt.clone(), start_local)?;
+    let mut src = source::open(plan, rt.clone())?;
     let result = match opts.once {
         Some(once) => run_once(src.as_mut(), &opts, once),
         None => ui::run(src.as_mut(), &opts, &rt),
@@ -365,6 +371,11 @@ mod tests {
         );
         assert!(t.contains("whole run (0 s)"));
         assert!(t.contains("(no Python samples)") && t.contains("(no profiled process matches)"));
+    }
+
+    #[test]
+    fn default_daemon_address_is_the_urls() {
+        assert_eq!(DEFAULT_DAEMON_URL, format!("http://{DEFAULT_DAEMON_ADDR}"));
     }
 
     #[test]

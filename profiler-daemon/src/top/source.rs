@@ -3,20 +3,26 @@
 //! - [`RemoteSource`]: a running `pyebpf daemon`, through `GET /api/top` on
 //!   its localhost HTTP API. Nothing is loaded; no privileges are needed.
 //! - [`LocalSource`]: `top` runs the daemon's discovery and sampling loop
-//!   itself (without HTTP, started through the [`StartLocal`] it is given),
+//!   itself (without HTTP, loaded through the [`PrepareLocal`] it is given),
 //!   which needs CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (or root).
 //!
-//! Without `--daemon` or `--local`, [`open`] asks the daemon's default
-//! address first and samples locally only when nothing answers there, so a
-//! host never runs two copies of the BPF programs by accident.
+//! The choice is made by [`plan`] while `top` is still a single thread:
+//! local mode loads the sampler there and drops the capabilities it no
+//! longer needs (they are per thread) before the runtime starts; [`open`]
+//! then starts the source on the runtime. Without `--daemon` or `--local`,
+//! [`plan`] samples locally only when nothing listens at the daemon's
+//! default address, so a host never runs two copies of the BPF programs by
+//! accident.
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use tokio::runtime::Runtime;
 
-use super::{SourceChoice, TopOptions, DEFAULT_DAEMON_URL, DEFAULT_RATE_HZ};
-use crate::model::api::{LocalSampling, StartLocal};
+use super::{SourceChoice, TopOptions, DEFAULT_DAEMON_ADDR, DEFAULT_DAEMON_URL, DEFAULT_RATE_HZ};
+use crate::daemon::access::Token;
+use crate::model::api::{LocalSampling, PrepareLocal, PreparedLocal};
 use crate::model::top::{TopQuery, TopSnapshot};
 
 /// Where the data comes from, for the header.
@@ -52,46 +58,73 @@ pub trait TopSource {
     fn shutdown(self: Box<Self>) -> anyhow::Result<()>;
 }
 
-/// Opens the source `opts` asks for (see the module documentation).
-pub fn open(
-    opts: &TopOptions,
-    rt: Arc<Runtime>,
-    start_local: StartLocal,
-) -> anyhow::Result<Box<dyn TopSource>> {
-    let rate = opts.rate_hz.unwrap_or(DEFAULT_RATE_HZ);
-    let retention = local_retention(opts);
+/// The source chosen before the runtime starts.
+pub enum Plan {
+    /// A daemon's API, asked once the runtime runs.
+    Remote {
+        url: String,
+        token: Option<Token>,
+        /// Chosen because something listens at the default address (no
+        /// `--daemon`): a failure then suggests `--local`.
+        auto: bool,
+    },
+    /// The sampler loaded here, capabilities already dropped.
+    Local(Box<dyn PreparedLocal>),
+}
+
+/// Chooses the source `opts` asks for (see the module documentation). In
+/// local mode, checks the privileges, loads the sampler with
+/// `prepare_local` and drops every capability reading targets does not
+/// need: call it before any other thread starts.
+pub fn plan(opts: &TopOptions, prepare_local: PrepareLocal) -> anyhow::Result<Plan> {
     let token = match &opts.token_file {
         Some(path) => Some(crate::daemon::access::load_token(path).context("--token-file")?),
         None => None,
     };
+    let local = || {
+        let rate = opts.rate_hz.unwrap_or(DEFAULT_RATE_HZ);
+        LocalSource::prepare(rate, local_retention(opts), prepare_local).map(Plan::Local)
+    };
     match &opts.source {
-        SourceChoice::Daemon(url) => {
-            let src = RemoteSource::new(url, rt, token)?;
-            // Fail now, with the reason, rather than show an empty screen.
-            src.probe().map_err(|e| anyhow!("{e}"))?;
-            Ok(Box::new(src))
-        }
-        SourceChoice::Local => Ok(Box::new(LocalSource::start(
-            rt,
-            rate,
-            retention,
-            start_local,
-        )?)),
-        SourceChoice::Auto => {
-            let src = RemoteSource::new(DEFAULT_DAEMON_URL, rt.clone(), token)?;
+        SourceChoice::Daemon(url) => Ok(Plan::Remote {
+            url: url.clone(),
+            token,
+            auto: false,
+        }),
+        SourceChoice::Local => local(),
+        // A plain connect, not an HTTP request: the async client would
+        // start threads before the capabilities are dropped.
+        SourceChoice::Auto if listening(DEFAULT_DAEMON_ADDR) => Ok(Plan::Remote {
+            url: DEFAULT_DAEMON_URL.to_string(),
+            token,
+            auto: true,
+        }),
+        SourceChoice::Auto => local(),
+    }
+}
+
+/// Whether something accepts connections at `addr` (a refused or timed
+/// out connection: nothing).
+fn listening(addr: SocketAddr) -> bool {
+    TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
+}
+
+/// Starts the source `plan` chose, on `rt`. A daemon is asked once first,
+/// so that a wrong address fails now, with the reason, rather than show an
+/// empty screen.
+pub fn open(plan: Plan, rt: Arc<Runtime>) -> anyhow::Result<Box<dyn TopSource>> {
+    match plan {
+        Plan::Remote { url, token, auto } => {
+            let src = RemoteSource::new(&url, rt, token)?;
             match src.probe() {
                 Ok(()) => Ok(Box::new(src)),
-                Err(Probe::Unreachable(_)) => Ok(Box::new(LocalSource::start(
-                    rt,
-                    rate,
-                    retention,
-                    start_local,
-                )?)),
-                Err(e) => Err(anyhow!(
+                Err(e) if auto => Err(anyhow!(
                     "{e}; use --local to sample without it, or --daemon URL for another daemon"
                 )),
+                Err(e) => Err(anyhow!("{e}")),
             }
         }
+        Plan::Local(prepared) => Ok(Box::new(LocalSource::start(rt, prepared)?)),
     }
 }
 
@@ -110,14 +143,14 @@ pub struct LocalSource {
 }
 
 impl LocalSource {
-    /// Checks the privileges, then loads the sampler and starts discovery
-    /// with `start_local`.
-    pub fn start(
-        rt: Arc<Runtime>,
+    /// Checks the privileges, loads the sampler with `prepare_local`, then
+    /// gives up every capability but those reading targets needs, as
+    /// `pyebpf daemon` does. Must run before any other thread starts.
+    pub fn prepare(
         rate_hz: u64,
         retention_secs: u64,
-        start_local: StartLocal,
-    ) -> anyhow::Result<Self> {
+        prepare_local: PrepareLocal,
+    ) -> anyhow::Result<Box<dyn PreparedLocal>> {
         crate::caps::require(
             "pyebpf top (local mode)",
             &crate::caps::record_requirements(),
@@ -128,8 +161,15 @@ impl LocalSource {
                  and needs no privileges."
             )
         })?;
-        let sampling =
-            start_local(&rt, rate_hz, retention_secs).context("cannot start sampling")?;
+        let prepared = prepare_local(rate_hz, retention_secs).context("cannot start sampling")?;
+        let kept = crate::caps::drop_after_start()?;
+        tracing::info!("capabilities dropped; kept: {}", crate::caps::names(&kept));
+        Ok(prepared)
+    }
+
+    /// Starts discovery and ingest of a prepared loop on `rt`.
+    pub fn start(rt: Arc<Runtime>, prepared: Box<dyn PreparedLocal>) -> anyhow::Result<Self> {
+        let sampling = prepared.start(&rt).context("cannot start sampling")?;
         Ok(LocalSource {
             rt,
             sampling: Some(sampling),
@@ -238,11 +278,7 @@ pub fn query_params(q: &TopQuery) -> Vec<(&'static str, String)> {
 }
 
 impl RemoteSource {
-    pub fn new(
-        url: &str,
-        rt: Arc<Runtime>,
-        token: Option<crate::daemon::access::Token>,
-    ) -> anyhow::Result<Self> {
+    pub fn new(url: &str, rt: Arc<Runtime>, token: Option<Token>) -> anyhow::Result<Self> {
         let base = normalize_url(url)?;
         let client = reqwest::Client::builder()
             // The API is meant for localhost: never through a proxy.

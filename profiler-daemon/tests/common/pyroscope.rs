@@ -194,6 +194,10 @@ pub enum Fault {
     /// Reads the request and never answers (until the client gives up or
     /// the receiver stops).
     Hang,
+    /// Reads the request, takes this long, then records it and answers as
+    /// [`Fault::None`] does: a slow server that works. The request counts
+    /// as received even if the client gave up meanwhile, as on a real one.
+    Slow(Duration),
 }
 
 /// A minimal Pyroscope ingest endpoint: records every request, answers 200
@@ -230,11 +234,46 @@ fn ingest(s: &mut TcpStream) -> Result<Ingest, String> {
     })
 }
 
-/// Answers one connection with `fault` (never [`Fault::None`]).
+/// Records `request` and answers it: 200, or 400 if it is malformed.
+fn answer(
+    s: &mut TcpStream,
+    request: Result<Ingest, String>,
+    got: &Mutex<Vec<Ingest>>,
+    errors: &Mutex<Vec<String>>,
+) {
+    let status = match request {
+        Ok(i) => {
+            got.lock().unwrap().push(i);
+            "200 OK"
+        }
+        Err(e) => {
+            errors.lock().unwrap().push(e);
+            "400 Bad Request"
+        }
+    };
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+}
+
+/// Sleeps `d`, or until the receiver stops.
+fn pause(d: Duration, stop: &AtomicBool) {
+    let until = Instant::now() + d;
+    while !stop.load(Ordering::SeqCst) {
+        let Some(left) = until.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        std::thread::sleep(left.min(Duration::from_millis(50)));
+    }
+}
+
+/// Answers one connection with `fault` (never [`Fault::None`] nor
+/// [`Fault::Slow`]).
 fn misbehave(mut s: TcpStream, fault: Fault, stop: &AtomicBool) {
     let _ = read_request(&mut s);
     match fault {
-        Fault::None => {}
+        Fault::None | Fault::Slow(_) => {}
         Fault::Status500 => {
             let _ = write!(
                 s,
@@ -304,27 +343,26 @@ impl Receiver {
                     let now = *fault.lock().unwrap();
                     attempts.lock().unwrap().push((Instant::now(), now));
                     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                    if now != Fault::None {
-                        // A thread per connection: a hung one must not
-                        // hold up the others.
-                        let stop = stop.clone();
-                        std::thread::spawn(move || misbehave(s, now, &stop));
-                        continue;
+                    // A thread per slow or faulty connection: one must not
+                    // hold up the others.
+                    let stop = stop.clone();
+                    match now {
+                        Fault::None => {
+                            let r = ingest(&mut s);
+                            answer(&mut s, r, &got, &errors);
+                        }
+                        Fault::Slow(d) => {
+                            let (got, errors) = (got.clone(), errors.clone());
+                            std::thread::spawn(move || {
+                                let r = ingest(&mut s);
+                                pause(d, &stop);
+                                answer(&mut s, r, &got, &errors);
+                            });
+                        }
+                        _ => {
+                            std::thread::spawn(move || misbehave(s, now, &stop));
+                        }
                     }
-                    let status = match ingest(&mut s) {
-                        Ok(i) => {
-                            got.lock().unwrap().push(i);
-                            "200 OK"
-                        }
-                        Err(e) => {
-                            errors.lock().unwrap().push(e);
-                            "400 Bad Request"
-                        }
-                    };
-                    let _ = write!(
-                        s,
-                        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    );
                 }
             })
         };
