@@ -2,6 +2,7 @@
 //! them: which file (or vDSO, or anonymous memory) holds each code address.
 use std::fmt;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,15 +57,24 @@ impl ExecMapping {
         addr.wrapping_sub(self.start).wrapping_add(self.offset)
     }
 
-    /// Where this mapping's file opens from our mount namespace: through
-    /// `/proc/PID/root` (the target's namespace), or `/proc/PID/map_files`
-    /// for a file deleted since it was mapped.
-    pub fn open_path(&self, pid: u32) -> Option<PathBuf> {
-        match &self.backing {
-            Backing::File { deleted: true, .. } => Some(map_files_path(pid, self.start, self.end)),
-            Backing::File { path, .. } => Some(root_path(pid, path)),
-            Backing::Vdso | Backing::Anonymous => None,
+    /// A path to this mapping's file from our mount namespace, checked to
+    /// be the mapped file (same inode): `/proc/PID/map_files/START-END`
+    /// (the mapped file itself, even deleted; needs CAP_SYS_ADMIN or
+    /// CAP_CHECKPOINT_RESTORE), else `/proc/PID/root/PATH` (a container's
+    /// file), else PATH (the kernel prints paths relative to the reader's
+    /// root where it can: a chroot's files).
+    pub fn resolve_path(&self, pid: u32) -> Option<PathBuf> {
+        let Backing::File { key, path, deleted } = &self.backing else {
+            return None;
+        };
+        let mut candidates = vec![map_files_path(pid, self.start, self.end)];
+        if !deleted {
+            candidates.push(root_path(pid, path));
+            candidates.push(PathBuf::from(&**path));
         }
+        candidates
+            .into_iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.ino() == key.inode))
     }
 
     fn from_entry(e: &MapEntry) -> Option<ExecMapping> {
@@ -179,20 +189,34 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
                 deleted: false
             }
         );
-        assert_eq!(
-            py.open_path(7),
-            Some(PathBuf::from("/proc/7/root/usr/bin/python3.11"))
-        );
         let gone = m.find(0x7f51a001ffff).expect("last byte");
-        assert_eq!(
-            gone.open_path(7),
-            Some(PathBuf::from("/proc/7/map_files/7f51a0010000-7f51a0020000"))
-        );
+        assert!(matches!(gone.backing, Backing::File { deleted: true, .. }));
         assert_eq!(m.find(0x7ffd4a1f0000).map(|m| &m.backing), Some(&Backing::Vdso));
         assert_eq!(m.find(0x7f0000000000).map(|m| m.offset), Some(0));
+        assert_eq!(m.find(0x7ffd4a1f0000).and_then(|m| m.resolve_path(7)), None);
         // Not executable, or between mappings, or past the end.
         for addr in [0x400000, 0x6fc000, 0x7f51a0020000, u64::MAX, 0] {
             assert!(m.find(addr).is_none(), "{addr:#x}");
         }
+    }
+
+    /// Our own executable resolves to a path holding the mapped file; a
+    /// mapping whose inode is not that file's resolves to nothing.
+    #[test]
+    fn paths_resolve_to_the_mapped_file_only() {
+        let pid = std::process::id();
+        let m = ProcessMaps::read(pid).unwrap();
+        let here = paths_resolve_to_the_mapped_file_only as fn() as usize as u64;
+        let exe = m.find(here).expect("our code is mapped");
+        let path = exe.resolve_path(pid).expect("resolves");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            std::fs::read(format!("/proc/{pid}/exe")).unwrap()
+        );
+        let mut other = exe.clone();
+        if let Backing::File { key, .. } = &mut other.backing {
+            key.inode ^= 1;
+        }
+        assert_eq!(other.resolve_path(pid), None);
     }
 }

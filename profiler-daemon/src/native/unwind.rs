@@ -440,7 +440,7 @@ impl Unwinder {
                 .read_vec(mapping.start, (mapping.end - mapping.start) as usize)
                 .map_err(|e| LoadError::Io(e.to_string()))
                 .and_then(|bytes| UnwindSections::parse(bytes.as_slice())),
-            _ => match mapping.open_path(pid) {
+            _ => match mapping.resolve_path(pid) {
                 Some(path) => UnwindSections::open(&path),
                 None => Err(LoadError::Io("no path".into())),
             },

@@ -254,7 +254,7 @@ impl UserSymbolizer {
                     (p.into(), misses.iter().map(|&(_, _, a)| a).collect())
                 }
                 _ => {
-                    let Some(path) = m.open_path(maps.pid) else {
+                    let Some(path) = m.resolve_path(maps.pid) else {
                         continue;
                     };
                     self.paths.entry(maps.pid).or_default().insert(path.clone());
