@@ -368,3 +368,127 @@ fn ctypes_callback_thread_stack_matches_gdb() {
         );
     }
 }
+
+/// A Python frame read from the target's memory.
+#[derive(Clone, Debug)]
+struct PyFrame {
+    name: String,
+    entry: bool,
+}
+
+impl PythonFrameKind for PyFrame {
+    fn is_entry(&self) -> bool {
+        self.entry
+    }
+}
+
+/// The Python frames of thread state `tstate`, leaf first, each marked
+/// entry as the BPF walker will: 3.11's `is_entry`; 3.12+'s frame just
+/// above a shim frame (owned by the C stack).
+fn python_frames(pid: u32, tstate: u64, minor: Minor) -> Vec<PyFrame> {
+    let l = minor.header_layout();
+    let mem = ProcessMemory::new(pid);
+    let byte = |addr: u64| -> u8 {
+        let mut b = [0u8; 1];
+        mem.read(addr, &mut b).unwrap();
+        b[0]
+    };
+    let mut frame = mem.read_u64(tstate + l.threads.tstate_frame).unwrap();
+    if let Some(cf) = l.threads.cframe_frame {
+        frame = mem.read_u64(frame + cf).unwrap();
+    }
+    let mut out: Vec<PyFrame> = Vec::new();
+    while frame != 0 {
+        assert!(out.len() < 100, "frame chain too long");
+        let owner = byte(frame + l.frame.owner);
+        if l.frame.owner_boundary.is_some_and(|b| owner >= b) {
+            if let Some(last) = out.last_mut() {
+                last.entry = true;
+            }
+        } else {
+            let code =
+                mem.read_u64(frame + l.frame.code).unwrap() & !u64::from(l.frame.code_tag_bits);
+            let qualname = mem.read_u64(code + l.code.qualname).unwrap();
+            out.push(PyFrame {
+                name: read_str(&mem, qualname, 200, &l.string).unwrap(),
+                // 3.11: `_PyInterpreterFrame.is_entry`, the byte before `owner`.
+                entry: minor == Minor::V3_11 && byte(frame + 68) != 0,
+            });
+        }
+        frame = mem.read_u64(frame + l.frame.previous).unwrap();
+    }
+    out
+}
+
+/// The thread blocked in a Python callback of qsort: three activations of
+/// the eval loop, three runs of Python frames read from the target's
+/// memory; merged, each run sits where its activation was, the C frames
+/// between them (libffi, qsort) in place. On every build that names its
+/// eval loop (not Debian sid's static builds, see the sleep test).
+#[test]
+fn merged_stack_of_a_python_callback_from_c() {
+    for py in test_python::all_builds() {
+        let label = &py.label;
+        if py.root.is_some() && label.contains("sid") && !py.shared {
+            continue;
+        }
+        let mut b = start_blocked(&py, &script(CTYPES), libc::SYS_clock_nanosleep);
+        let ([_, _, bp], _) = gdb_frames(b.child.pid(), b.tid);
+        b.regs.bp = Some(bp);
+        let mut stacks = NativeStacks::new(NativeLimits::default());
+        let native = b.native(&mut stacks);
+        assert_eq!(native.unwound.stop, StopReason::Outermost, "{label}");
+        let python = python_frames(b.child.pid(), b.tstate, py.minor);
+        let merged = merge(
+            Side {
+                frames: &native.symbols,
+                complete: true,
+            },
+            Side {
+                frames: &python,
+                complete: true,
+            },
+        );
+        let shown: Vec<String> = merged
+            .iter()
+            .map(|m| match m {
+                Merged::Native(n) => n.function().unwrap_or("?").to_owned(),
+                Merged::Python(p) => format!("py:{}", p.name),
+                Merged::Marker(k) => k.to_string(),
+            })
+            .collect();
+        assert!(
+            !merged.iter().any(|m| matches!(m, Merged::Marker(_))),
+            "{label}: {shown:?}"
+        );
+        assert_eq!(
+            shown.iter().filter(|s| *s == "_PyEval_EvalFrameDefault").count(),
+            0,
+            "{label}: every activation replaced: {shown:?}"
+        );
+        // As many runs as activations (how many depends on the version:
+        // 3.11 calls the thread's target through PyObject_Call, 3.13
+        // inlines that call, 3.14 runs the thread in a context's run()).
+        let runs = python.iter().filter(|p| p.entry).count();
+        let activations = native.symbols.iter().filter(|s| s.is_eval_loop()).count();
+        assert!(runs >= 2, "{label}: {python:?}");
+        assert_eq!(runs, activations, "{label}: {python:?}");
+        let opt: Vec<Option<String>> = shown.iter().cloned().map(Some).collect();
+        assert_chain(
+            label,
+            &opt,
+            &[
+                "py:compare",
+                "ffi_call",
+                "py:worker",
+                "py:Thread.run",
+                "py:Thread._bootstrap_inner",
+                "py:Thread._bootstrap",
+            ],
+        );
+        // The callback's run sits above qsort's frames, not below.
+        let pos = |s: &str| shown.iter().position(|x| x == s).unwrap();
+        assert!(pos("py:compare") < pos("ffi_call"), "{label}: {shown:?}");
+        assert_eq!(python[0].name, "compare", "{label}");
+    }
+}
