@@ -186,7 +186,8 @@ impl UnwindSections {
             fixed_address: obj.kind() == object::ObjectKind::Executable,
             loads,
         };
-        let range = |s: &object::Section<'d, '_, R>| s.address()..s.address().saturating_add(s.size());
+        let range =
+            |s: &object::Section<'d, '_, R>| s.address()..s.address().saturating_add(s.size());
         let read = |name: &str| -> Result<Option<Section>, LoadError> {
             let Some(s) = obj.section_by_name(name) else {
                 return Ok(None);
@@ -225,8 +226,11 @@ impl UnwindSections {
         };
         let bases = sections.bases();
         let malformed = |e: gimli::Error| LoadError::Malformed(e.to_string());
-        sections.lookup = match (&sections.eh_frame, &sections.eh_frame_hdr, &sections.debug_frame)
-        {
+        sections.lookup = match (
+            &sections.eh_frame,
+            &sections.eh_frame_hdr,
+            &sections.debug_frame,
+        ) {
             (Some(_), Some(_), _) => Lookup::EhFrameHdr,
             (Some(eh), None, _) => {
                 let eh = eh_frame_of(&eh.data);
@@ -351,7 +355,11 @@ impl UnwindSections {
                 let df = debug_frame_of(self.debug_frame.as_deref().unwrap_or_default());
                 let offset = index.find(svma).ok_or(CfiError::NoFde)?;
                 let fde = df
-                    .fde_from_offset(&bases, DebugFrameOffset(offset), DebugFrame::cie_from_offset)
+                    .fde_from_offset(
+                        &bases,
+                        DebugFrameOffset(offset),
+                        DebugFrame::cie_from_offset,
+                    )
                     .map_err(CfiError::Malformed)?;
                 fde.unwind_info_for_address(&df, &bases, ctx, svma)
                     .map_err(no_fde)?
@@ -416,10 +424,14 @@ fn classify(row: &UnwindTableRow<usize>) -> Result<Rule, CfiError> {
     // relative to rsp in units of 8 (i16).
     let fits = |v: i64, lo: i64, hi: i64| v % 8 == 0 && (lo..=hi).contains(&(v / 8));
     if base == CfaBase::Rsp && !fits(offset, 1, i64::from(u16::MAX)) {
-        return Err(CfiError::Unsupported("the CFA offset from rsp is out of range"));
+        return Err(CfiError::Unsupported(
+            "the CFA offset from rsp is out of range",
+        ));
     }
     if base == CfaBase::Rbp && offset % 8 != 0 {
-        return Err(CfiError::Unsupported("the CFA offset from rbp is not a multiple of 8"));
+        return Err(CfiError::Unsupported(
+            "the CFA offset from rbp is not a multiple of 8",
+        ));
     }
     let rbp = match row.register(X86_64::RBP) {
         None | Some(RegisterRule::SameValue) => RbpRule::Unchanged,

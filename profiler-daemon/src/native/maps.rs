@@ -191,7 +191,10 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
         );
         let gone = m.find(0x7f51a001ffff).expect("last byte");
         assert!(matches!(gone.backing, Backing::File { deleted: true, .. }));
-        assert_eq!(m.find(0x7ffd4a1f0000).map(|m| &m.backing), Some(&Backing::Vdso));
+        assert_eq!(
+            m.find(0x7ffd4a1f0000).map(|m| &m.backing),
+            Some(&Backing::Vdso)
+        );
         assert_eq!(m.find(0x7f0000000000).map(|m| m.offset), Some(0));
         assert_eq!(m.find(0x7ffd4a1f0000).and_then(|m| m.resolve_path(7)), None);
         // Not executable, or between mappings, or past the end.

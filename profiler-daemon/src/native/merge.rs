@@ -225,7 +225,12 @@ mod tests {
     /// after a marker, in order.
     #[test]
     fn short_native_stack_keeps_older_runs_after_a_marker() {
-        let native = [N("clock_nanosleep"), N("time_sleep"), N(EVAL), N("_PyEval_Vector")];
+        let native = [
+            N("clock_nanosleep"),
+            N("time_sleep"),
+            N(EVAL),
+            N("_PyEval_Vector"),
+        ];
         let python = [P("inner", true), P("outer", false), P("<module>", true)];
         assert_eq!(
             run(&native, false, &python, true),

@@ -6,7 +6,7 @@ pub mod cfi;
 pub mod maps;
 pub mod merge;
 pub mod stacks;
-pub mod unwind;
-pub mod user;
 #[cfg(test)]
 mod tests;
+pub mod unwind;
+pub mod user;

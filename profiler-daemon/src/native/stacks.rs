@@ -93,21 +93,29 @@ impl NativeStacks {
 
     /// See [`Unwinder::unwind`].
     pub fn unwind(&mut self, pid: u32, stack: &UserStack<'_>) -> io::Result<Unwound> {
-        let unwound = self.unwinder.unwind(maps_of(&mut self.maps, &mut self.maps_reads, pid)?, stack);
+        let unwound = self
+            .unwinder
+            .unwind(maps_of(&mut self.maps, &mut self.maps_reads, pid)?, stack);
         if matches!(unwound.stop, StopReason::NotExecutable { .. }) && self.refresh(pid)? {
-            return Ok(self.unwinder.unwind(maps_of(&mut self.maps, &mut self.maps_reads, pid)?, stack));
+            return Ok(self
+                .unwinder
+                .unwind(maps_of(&mut self.maps, &mut self.maps_reads, pid)?, stack));
         }
         Ok(unwound)
     }
 
     /// See [`UserSymbolizer::symbolise`].
     pub fn symbolise(&mut self, pid: u32, lookups: &[u64]) -> io::Result<Vec<Arc<NativeSymbol>>> {
-        let symbols = self.symbols.symbolise(maps_of(&mut self.maps, &mut self.maps_reads, pid)?, lookups);
+        let symbols = self
+            .symbols
+            .symbolise(maps_of(&mut self.maps, &mut self.maps_reads, pid)?, lookups);
         let unmapped = |s: &Arc<NativeSymbol>| {
             matches!(s.symbol, Symbol::Unsymbolised(Unsymbolised::NotMapped))
         };
         if symbols.iter().any(unmapped) && self.refresh(pid)? {
-            return Ok(self.symbols.symbolise(maps_of(&mut self.maps, &mut self.maps_reads, pid)?, lookups));
+            return Ok(self
+                .symbols
+                .symbolise(maps_of(&mut self.maps, &mut self.maps_reads, pid)?, lookups));
         }
         Ok(symbols)
     }

@@ -19,7 +19,11 @@ use crate::python::unicode::read_str;
 fn host_pythons() -> Vec<TestPython> {
     let all = test_python::all();
     let host: Vec<TestPython> = all.into_iter().filter(|p| p.root.is_none()).collect();
-    assert_eq!(host.len(), 2, "pyenv's python3 and /usr/bin/python3.11 are needed");
+    assert_eq!(
+        host.len(),
+        2,
+        "pyenv's python3 and /usr/bin/python3.11 are needed"
+    );
     host
 }
 
@@ -159,11 +163,6 @@ impl Blocked {
     }
 }
 
-fn names(stack: &NativeStack) -> Vec<String> {
-    stack.symbols.iter().map(|s| s.to_string()).collect()
-}
-
-
 /// Prints what [`start_blocked`] reads: ready, thread id, thread state.
 const READY: &str = r#"
 import ctypes, threading
@@ -296,7 +295,11 @@ fn sleep_stack_matches_gdb_on_every_build() {
         // a small wrapper that is not on the stack (gdb agrees above).
         let unnamed_eval = py.root.is_some() && py.label.contains("sid") && !py.shared;
         if !unnamed_eval {
-            assert_chain(label, &names, &["_PyEval_EvalFrameDefault", "PyEval_EvalCode"]);
+            assert_chain(
+                label,
+                &names,
+                &["_PyEval_EvalFrameDefault", "PyEval_EvalCode"],
+            );
         }
         // The syscall's wrapper (glibc 2.41 enters the kernel one frame
         // deeper, in an unnamed cancellation helper).
@@ -310,11 +313,18 @@ fn sleep_stack_matches_gdb_on_every_build() {
             // time_sleep is static: pyenv's libpython names it (.symtab,
             // DWARF); Debian's are stripped like its static builds.
             assert_eq!(names[sleep + 1].as_deref(), Some("time_sleep"), "{label}");
-            assert!(s.symbols[sleep + 1].module.starts_with("libpython3.1"), "{label}");
+            assert!(
+                s.symbols[sleep + 1].module.starts_with("libpython3.1"),
+                "{label}"
+            );
         }
         if py.root.is_none() {
             // The host's libc has its debug file (libc6-dbg): file and line.
-            assert_chain(label, &names, &["__libc_start_call_main", "__libc_start_main_impl"]);
+            assert_chain(
+                label,
+                &names,
+                &["__libc_start_call_main", "__libc_start_main_impl"],
+            );
             assert!(
                 matches!(&s.symbols[0].symbol, Symbol::Function { source: Some(src), .. }
                     if src.file.ends_with("clock_nanosleep.c") && src.line.is_some()),
@@ -329,7 +339,11 @@ fn sleep_stack_matches_gdb_on_every_build() {
 fn select_and_recv_stacks_match_gdb() {
     for py in host_pythons() {
         let (_b, s, names) = check_against_gdb(&py, SELECT, libc::SYS_pselect6);
-        assert_chain(&py.label, &names, &["__GI___select", "_PyEval_EvalFrameDefault", "_start"]);
+        assert_chain(
+            &py.label,
+            &names,
+            &["__GI___select", "_PyEval_EvalFrameDefault", "_start"],
+        );
         if py.shared {
             assert_eq!(names[1].as_deref(), Some("select_select_impl"));
             assert_eq!(
@@ -338,10 +352,17 @@ fn select_and_recv_stacks_match_gdb() {
             );
         }
         let (_b, s, names) = check_against_gdb(&py, RECV, libc::SYS_recvfrom);
-        assert_chain(&py.label, &names, &["__libc_recv", "_PyEval_EvalFrameDefault", "_start"]);
+        assert_chain(
+            &py.label,
+            &names,
+            &["__libc_recv", "_PyEval_EvalFrameDefault", "_start"],
+        );
         if py.shared {
             assert_eq!(names[1].as_deref(), Some("sock_recv"));
-            assert_eq!(module_of(&s, "sock_recv"), "_socket.cpython-311-x86_64-linux-gnu.so");
+            assert_eq!(
+                module_of(&s, "sock_recv"),
+                "_socket.cpython-311-x86_64-linux-gnu.so"
+            );
         }
     }
 }
@@ -462,7 +483,10 @@ fn merged_stack_of_a_python_callback_from_c() {
             "{label}: {shown:?}"
         );
         assert_eq!(
-            shown.iter().filter(|s| *s == "_PyEval_EvalFrameDefault").count(),
+            shown
+                .iter()
+                .filter(|s| *s == "_PyEval_EvalFrameDefault")
+                .count(),
             0,
             "{label}: every activation replaced: {shown:?}"
         );
@@ -490,5 +514,205 @@ fn merged_stack_of_a_python_callback_from_c() {
         let pos = |s: &str| shown.iter().position(|x| x == s).unwrap();
         assert!(pos("py:compare") < pos("ffi_call"), "{label}: {shown:?}");
         assert_eq!(python[0].name, "compare", "{label}");
+    }
+}
+
+/// The blocked thread of [`CTYPES`] with its real rbp (from gdb), and the
+/// complete stack unwound from a whole copy.
+fn ctypes_thread(py: &TestPython) -> (Blocked, NativeStack) {
+    let mut b = start_blocked(py, &script(CTYPES), libc::SYS_clock_nanosleep);
+    let ([_, _, bp], _) = gdb_frames(b.child.pid(), b.tid);
+    b.regs.bp = Some(bp);
+    let full = b.native(&mut NativeStacks::new(NativeLimits::default()));
+    assert_eq!(full.unwound.stop, StopReason::Outermost, "{}", py.label);
+    (b, full)
+}
+
+/// Every copy shorter than what the walk reads gives the frames found
+/// before the copy ended, and says so: never a different frame.
+#[test]
+fn short_copies_stop_where_the_copy_ends() {
+    for py in host_pythons() {
+        let (b, full) = ctypes_thread(&py);
+        let used = full.unwound.stack_bytes_used as usize;
+        assert!(used > 1000 && used <= b.stack.len(), "{}: {used}", py.label);
+        let mut stacks = NativeStacks::new(NativeLimits::default());
+        for len in (0..=used + 64).step_by(8) {
+            let short = UserStack {
+                regs: b.regs,
+                stack: &b.stack[..len.min(b.stack.len())],
+            };
+            let u = stacks.unwind(b.child.pid(), &short).unwrap();
+            let n = u.frames.len();
+            assert_eq!(
+                u.frames,
+                full.unwound.frames[..n],
+                "{}: {len} bytes",
+                py.label
+            );
+            if len >= used {
+                assert_eq!(u, full.unwound, "{}: {len} bytes", py.label);
+            } else {
+                assert!(
+                    matches!(u.stop, StopReason::StackCopyEnded { needed }
+                        if needed as usize > len && needed as usize <= used),
+                    "{}: {len} bytes: {}",
+                    py.label,
+                    u.stop
+                );
+            }
+        }
+    }
+}
+
+/// Unwind tables bounded in bytes: one file larger than the whole budget
+/// ends the walk there, saying so; a budget below the stack's total makes
+/// files evict each other (counted), and the stack is still right.
+#[test]
+fn unwind_tables_cache_is_bounded_in_bytes() {
+    let py = &host_pythons()[0];
+    assert!(py.shared, "pyenv's python3 first");
+    let (b, full) = ctypes_thread(py);
+    let pid = b.child.pid();
+    let maps = super::maps::ProcessMaps::read(pid).unwrap();
+    let mut sizes: Vec<(String, usize)> = Vec::new();
+    for f in &full.unwound.frames {
+        let m = maps.find(f.lookup_address()).unwrap();
+        let path = m.resolve_path(pid).unwrap();
+        let size = super::cfi::UnwindSections::open(&path).unwrap().bytes();
+        if !sizes.iter().any(|(n, _)| *n == *m.name) {
+            sizes.push((m.name.to_string(), size));
+        }
+    }
+    assert!(sizes.len() >= 4, "{sizes:?}");
+    let (biggest, max) = sizes.iter().max_by_key(|(_, s)| *s).unwrap().clone();
+
+    // The biggest file does not fit: the walk stops at its first frame.
+    let limits = |module_bytes| NativeLimits {
+        unwind: UnwindLimits {
+            module_bytes,
+            ..UnwindLimits::default()
+        },
+        ..NativeLimits::default()
+    };
+    let mut stacks = NativeStacks::new(limits(max - 1));
+    let u = stacks.unwind(pid, &b.user_stack()).unwrap();
+    let first = full
+        .unwound
+        .frames
+        .iter()
+        .position(|f| *maps.find(f.lookup_address()).unwrap().name == *biggest)
+        .unwrap();
+    assert_eq!(u.frames, full.unwound.frames[..=first]);
+    assert!(
+        matches!(&u.stop, StopReason::NoUnwindTables { module, reason, .. }
+            if **module == *biggest && reason.contains("exceed")),
+        "{}",
+        u.stop
+    );
+
+    // Each fits, not all at once.
+    let total: usize = sizes.iter().map(|(_, s)| s).sum();
+    assert!(total > max + 1);
+    let mut stacks = NativeStacks::new(limits(max + 1));
+    for _ in 0..3 {
+        let u = stacks.unwind(pid, &b.user_stack()).unwrap();
+        assert_eq!(u, full.unwound);
+        let st = stacks.stats().unwind;
+        assert!(st.module_bytes <= max + 1, "{st:?}");
+    }
+    let st = stacks.stats().unwind;
+    assert!(st.module_evictions > 0, "{st:?}");
+    // Evicted tables were loaded again.
+    assert!(st.modules_loaded > sizes.len() as u64, "{st:?}");
+}
+
+/// Symbols bounded in bytes: with room for a few entries, the same names
+/// come out, evictions are counted and the bound holds; forgetting the
+/// process and asking again gives them again.
+#[test]
+fn symbol_cache_is_bounded_in_bytes() {
+    let py = &host_pythons()[0];
+    let (b, full) = ctypes_thread(py);
+    let pid = b.child.pid();
+    let lookups: Vec<u64> = full
+        .unwound
+        .frames
+        .iter()
+        .map(|f| f.lookup_address())
+        .collect();
+    let budget = 1500;
+    let mut stacks = NativeStacks::new(NativeLimits {
+        symbols: super::user::SymbolLimits { bytes: budget },
+        ..NativeLimits::default()
+    });
+    for round in 0..3 {
+        let syms = stacks.symbolise(pid, &lookups).unwrap();
+        assert_eq!(syms, full.symbols, "round {round}");
+        let st = stacks.stats().symbols;
+        assert!(st.bytes <= budget && st.entries < lookups.len(), "{st:?}");
+        if round == 1 {
+            stacks.forget_pid(pid);
+        }
+    }
+    let st = stacks.stats().symbols;
+    assert!(
+        st.evictions > 0 && st.misses > lookups.len() as u64,
+        "{st:?}"
+    );
+    // Unbounded, the second pass is all hits.
+    let mut stacks = NativeStacks::new(NativeLimits::default());
+    stacks.symbolise(pid, &lookups).unwrap();
+    stacks.symbolise(pid, &lookups).unwrap();
+    let st = stacks.stats().symbols;
+    assert_eq!(st.evictions, 0);
+    assert!(st.hits >= lookups.len() as u64, "{st:?}");
+}
+
+/// How deep the C stack goes per eval-loop activation (C calling Python
+/// calling C...: `list(map(...))` nested), checked against gdb at depth
+/// 30; the bytes a complete unwind needs are printed for sizing the copy.
+#[test]
+fn stack_bytes_per_activation() {
+    let body = |depth: usize| {
+        format!(
+            "import time\n\
+             def nest(n):\n\
+             \x20   if n == 0:\n\
+             \x20       ready()\n\
+             \x20       time.sleep(100)\n\
+             \x20   else:\n\
+             \x20       list(map(lambda x: nest(n - 1), [n]))\n\
+             nest({depth})\n"
+        )
+    };
+    for py in host_pythons() {
+        let mut used = Vec::new();
+        for depth in [0, 30] {
+            let mut b = start_blocked(&py, &script(&body(depth)), libc::SYS_clock_nanosleep);
+            let ([_, _, bp], gdb) = gdb_frames(b.child.pid(), b.tid);
+            b.regs.bp = Some(bp);
+            let mut stacks = NativeStacks::new(NativeLimits {
+                unwind: UnwindLimits {
+                    max_frames: 1024,
+                    ..UnwindLimits::default()
+                },
+                ..NativeLimits::default()
+            });
+            let s = b.native(&mut stacks);
+            assert_eq!(s.unwound.stop, StopReason::Outermost, "{}", py.label);
+            let pcs: Vec<u64> = s.unwound.frames.iter().map(|f| f.address).collect();
+            let gdb_pcs: Vec<u64> = gdb.iter().map(|f| f.pc).collect();
+            assert_eq!(pcs, gdb_pcs, "{} depth {depth}", py.label);
+            let activations = s.symbols.iter().filter(|s| s.is_eval_loop()).count();
+            assert_eq!(activations, depth + 1, "{}", py.label);
+            used.push((depth, s.unwound.frames.len(), s.unwound.stack_bytes_used));
+        }
+        let per = (used[1].2 - used[0].2) / 30;
+        eprintln!(
+            "{}: (depth, frames, bytes) {used:?}: {per} bytes per activation",
+            py.label
+        );
+        assert!(per > 100, "{used:?}");
     }
 }

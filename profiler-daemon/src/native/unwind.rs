@@ -113,7 +113,10 @@ impl fmt::Display for StopReason {
                 write!(f, "{address:#x} is not in executable memory")
             }
             StopReason::NoFile { address, mapping } => {
-                write!(f, "{address:#x} is in {mapping}, which has no unwind tables")
+                write!(
+                    f,
+                    "{address:#x} is in {mapping}, which has no unwind tables"
+                )
             }
             StopReason::NoUnwindTables {
                 address,
@@ -245,7 +248,10 @@ impl Unwinder {
         let used = Cell::new(0u64);
         let mut read = |addr: u64| -> Result<u64, ()> {
             let off = usize::try_from(addr.checked_sub(sp0).ok_or(())?).map_err(|_| ())?;
-            let bytes = stack.stack.get(off..off.checked_add(8).ok_or(())?).ok_or(())?;
+            let bytes = stack
+                .stack
+                .get(off..off.checked_add(8).ok_or(())?)
+                .ok_or(())?;
             used.set(used.get().max(off as u64 + 8));
             Ok(u64::from_le_bytes(bytes.try_into().map_err(|_| ())?))
         };
@@ -296,7 +302,27 @@ impl Unwinder {
                     }
                 }
             };
-            let cfa = base_value.checked_add_signed(offset);
+            let Some(cfa) = base_value.checked_add_signed(offset) else {
+                break StopReason::Unwinder(format!("the CFA overflows at {lookup:#x}"));
+            };
+            // The slots the rule reads must be in the copy: framehop would
+            // fall back to frame pointers if one is not.
+            let rbp_slot = match rbp {
+                RbpRule::SavedAt(n) => cfa.checked_add_signed(n),
+                RbpRule::Unchanged | RbpRule::Lost => None,
+            };
+            if let Some(slot) = [cfa.checked_sub(8), rbp_slot]
+                .into_iter()
+                .flatten()
+                .find(|&slot| read(slot).is_err())
+            {
+                break match slot.checked_sub(sp0) {
+                    Some(off) => StopReason::StackCopyEnded { needed: off + 8 },
+                    None => StopReason::Unwinder(format!(
+                        "the rule at {lookup:#x} reads below the stack pointer"
+                    )),
+                };
+            }
             let old_sp = regs.sp();
             let Some(state) = self.pids.get(&maps.pid) else {
                 break StopReason::Unwinder("process state dropped".into());
@@ -306,9 +332,9 @@ impl Unwinder {
                 .unwind_frame(at, &mut regs, &mut self.cache, &mut read)
             {
                 Ok(Some(ra)) => {
-                    if Some(regs.sp()) != cfa || regs.sp() <= old_sp {
+                    if regs.sp() != cfa || regs.sp() <= old_sp {
                         break StopReason::Unwinder(format!(
-                            "framehop's CFA {:#x} is not the rule's {cfa:?} at {lookup:#x}",
+                            "framehop's CFA {:#x} is not the rule's {cfa:#x} at {lookup:#x}",
                             regs.sp()
                         ));
                     }
@@ -356,11 +382,17 @@ impl Unwinder {
         self.stats.rule_misses += 1;
         // framehop addresses modules by a 32-bit offset from the load bias.
         let r = if u32::try_from(svma).is_err() {
-            Err(CfiError::Unsupported("the address is 4 GiB or more past the load bias"))
+            Err(CfiError::Unsupported(
+                "the address is 4 GiB or more past the load bias",
+            ))
         } else {
             sections.rule_for(&mut self.ctx, svma)
         };
-        if self.rules.push((key, svma), r).is_some_and(|(k, _)| k != (key, svma)) {
+        if self
+            .rules
+            .push((key, svma), r)
+            .is_some_and(|(k, _)| k != (key, svma))
+        {
             self.stats.rule_evictions += 1;
         }
         r
@@ -380,7 +412,11 @@ impl Unwinder {
                 self.pids.remove(&pid);
             }
         }
-        if let Some(m) = self.pids.get(&pid).and_then(|s| s.modules.get(&mapping.start)) {
+        if let Some(m) = self
+            .pids
+            .get(&pid)
+            .and_then(|s| s.modules.get(&mapping.start))
+        {
             return match m {
                 PidModule::Ready { key, bias, tables } => Ok((*key, *bias, tables.clone())),
                 PidModule::Failed(reason) => Err(ModuleStop::failed(mapping, reason)),

@@ -259,7 +259,10 @@ impl UserSymbolizer {
                     };
                     self.paths.entry(maps.pid).or_default().insert(path.clone());
                     let elf = Elf::new(path);
-                    (elf.into(), misses.iter().map(|&(_, k, _)| k.offset).collect())
+                    (
+                        elf.into(),
+                        misses.iter().map(|&(_, k, _)| k.offset).collect(),
+                    )
                 }
             };
             let input = match m.backing {
@@ -291,9 +294,7 @@ impl UserSymbolizer {
                         out[i] = Some(Arc::new(NativeSymbol {
                             module: m.name.clone(),
                             module_offset: key.offset,
-                            symbol: Symbol::Unsymbolised(Unsymbolised::Unreadable(
-                                reason.clone(),
-                            )),
+                            symbol: Symbol::Unsymbolised(Unsymbolised::Unreadable(reason.clone())),
                         }));
                     }
                 }
