@@ -1,7 +1,6 @@
 //! Native stacks of sampled processes: one owner for each process's
 //! mappings, the unwinder and the symbolizer, which is what the sampler's
 //! reader calls per sample.
-use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +48,7 @@ pub struct NativeStack {
 /// Unwinds and symbolises user stacks of any number of processes.
 pub struct NativeStacks {
     limits: NativeLimits,
-    maps: HashMap<u32, ProcessMaps>,
+    maps: crate::FastHashMap<u32, ProcessMaps>,
     unwinder: Unwinder,
     symbols: UserSymbolizer,
     maps_reads: u64,
@@ -59,7 +58,7 @@ impl NativeStacks {
     pub fn new(limits: NativeLimits) -> NativeStacks {
         NativeStacks {
             limits,
-            maps: HashMap::new(),
+            maps: Default::default(),
             unwinder: Unwinder::new(limits.unwind),
             symbols: UserSymbolizer::new(limits.symbols),
             maps_reads: 0,
@@ -136,7 +135,7 @@ impl NativeStacks {
 
 /// `pid`'s mappings, read on first use.
 fn maps_of<'m>(
-    maps: &'m mut HashMap<u32, ProcessMaps>,
+    maps: &'m mut crate::FastHashMap<u32, ProcessMaps>,
     reads: &mut u64,
     pid: u32,
 ) -> io::Result<&'m ProcessMaps> {

@@ -6,7 +6,6 @@
 //! Unwind tables are cached per file, bounded in bytes (LRU, evictions
 //! counted); rules per address likewise, bounded in entries.
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -19,6 +18,10 @@ use lru::LruCache;
 use super::cfi::{CfaBase, CfiError, Context, LoadError, RbpRule, Rule, UnwindSections};
 use super::maps::{Backing, ExecMapping, FileKey, ProcessMaps};
 use crate::process::memory::{ProcessMemory, RemoteMemory};
+use crate::FastHashMap;
+
+/// An LRU hashed like [`FastHashMap`]: looked up for every frame.
+type FastLru<K, V> = LruCache<K, V, foldhash::fast::RandomState>;
 
 /// The registers of the sampled thread in user mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,17 +208,17 @@ struct PidState {
     maps_read_at: Instant,
     unwinder: UnwinderX86_64<Arc<[u8]>>,
     /// By mapping start.
-    modules: HashMap<u64, PidModule>,
+    modules: FastHashMap<u64, PidModule>,
 }
 
 /// Unwinds user stacks of any number of processes.
 pub struct Unwinder {
     limits: UnwindLimits,
-    tables: LruCache<FileKey, Tables>,
-    rules: LruCache<(FileKey, u64), Result<Rule, CfiError>>,
+    tables: FastLru<FileKey, Tables>,
+    rules: FastLru<(FileKey, u64), Result<Rule, CfiError>>,
     ctx: Box<Context>,
     cache: Box<CacheX86_64>,
-    pids: HashMap<u32, PidState>,
+    pids: FastHashMap<u32, PidState>,
     stats: UnwindStats,
 }
 
@@ -223,11 +226,14 @@ impl Unwinder {
     pub fn new(limits: UnwindLimits) -> Unwinder {
         Unwinder {
             limits,
-            tables: LruCache::unbounded(),
-            rules: LruCache::new(NonZeroUsize::new(limits.rules).unwrap_or(NonZeroUsize::MIN)),
+            tables: LruCache::unbounded_with_hasher(Default::default()),
+            rules: LruCache::with_hasher(
+                NonZeroUsize::new(limits.rules).unwrap_or(NonZeroUsize::MIN),
+                Default::default(),
+            ),
             ctx: Box::new(Context::new()),
             cache: Box::new(CacheX86_64::new()),
-            pids: HashMap::new(),
+            pids: FastHashMap::default(),
             stats: UnwindStats::default(),
         }
     }
@@ -449,7 +455,7 @@ impl Unwinder {
         let state = self.pids.entry(pid).or_insert_with(|| PidState {
             maps_read_at: maps.read_at,
             unwinder: UnwinderX86_64::new(),
-            modules: HashMap::new(),
+            modules: FastHashMap::default(),
         });
         if let (PidModule::Ready { bias, .. }, Ok(s)) = (&entry, tables.as_ref()) {
             state.unwinder.add_module(s.framehop_module(

@@ -162,7 +162,7 @@ const ENTRY_OVERHEAD: usize = 64;
 /// Not `Send`: blazesym's symbolizer keeps `Rc`s; own one per thread.
 pub struct UserSymbolizer {
     blaze: Symbolizer,
-    cache: LruCache<SymKey, Arc<NativeSymbol>>,
+    cache: LruCache<SymKey, Arc<NativeSymbol>, foldhash::fast::RandomState>,
     limits: SymbolLimits,
     stats: SymbolStats,
     /// Paths blazesym opened per process: it caches per path (and shares
@@ -179,7 +179,7 @@ impl UserSymbolizer {
                 .enable_inlined_fns(false)
                 .enable_demangling(true)
                 .build(),
-            cache: LruCache::unbounded(),
+            cache: LruCache::unbounded_with_hasher(Default::default()),
             limits,
             stats: SymbolStats::default(),
             paths: HashMap::new(),
