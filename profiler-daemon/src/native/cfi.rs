@@ -34,6 +34,16 @@ pub enum LoadError {
     CompressedDebugFrame,
     #[error("malformed unwind tables: {0}")]
     Malformed(String),
+    #[error("its unwind tables ({bytes} bytes) exceed the cache's {budget} bytes")]
+    TooBig { bytes: usize, budget: usize },
+}
+
+impl LoadError {
+    /// About the file's contents (the same for every process mapping it),
+    /// not about reaching it from one process.
+    pub fn is_about_the_file(&self) -> bool {
+        !matches!(self, LoadError::Io(_))
+    }
 }
 
 /// Which table the rules come from, and how an address finds its FDE.

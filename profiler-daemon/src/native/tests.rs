@@ -716,3 +716,68 @@ fn stack_bytes_per_activation() {
         assert!(per > 100, "{used:?}");
     }
 }
+
+/// The vDSO has no file: its symbols and unwind tables come from memory.
+/// In our own process: `clock_gettime`'s entry is named, and a step from
+/// it follows its CFI to the return address we put on a stack.
+#[test]
+fn vdso_is_symbolised_and_unwound_from_memory() {
+    use object::{Object, ObjectSymbol};
+    let pid = std::process::id();
+    let maps = super::maps::ProcessMaps::read(pid).unwrap();
+    let vdso = maps
+        .mappings()
+        .iter()
+        .find(|m| m.backing == super::maps::Backing::Vdso)
+        .expect("a vDSO");
+    let image = ProcessMemory::new(pid)
+        .read_vec(vdso.start, (vdso.end - vdso.start) as usize)
+        .unwrap();
+    let elf = object::File::parse(image.as_slice()).unwrap();
+    let sym = elf
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok("__vdso_clock_gettime"))
+        .expect("__vdso_clock_gettime");
+    let tables = super::cfi::UnwindSections::parse(image.as_slice()).unwrap();
+    let bias = tables.bias(vdso.start, 0).unwrap();
+    let entry = bias + sym.address();
+    assert!(vdso.contains(entry));
+
+    let mut stacks = NativeStacks::new(NativeLimits::default());
+    let named = stacks.symbolise(pid, &[entry]).unwrap();
+    assert_eq!(&*named[0].module, "[vdso]");
+    assert!(
+        named[0]
+            .function()
+            .is_some_and(|f| f.ends_with("clock_gettime")),
+        "{:?}",
+        named[0]
+    );
+
+    // At a function's entry the return address is at sp.
+    let ret = vdso_is_symbolised_and_unwound_from_memory as fn() as usize as u64 + 1;
+    let stack = ret.to_le_bytes();
+    let u = stacks
+        .unwind(
+            pid,
+            &UserStack {
+                regs: UserRegs {
+                    ip: entry,
+                    sp: 0x7000_0000,
+                    bp: None,
+                },
+                stack: &stack,
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        u.frames.iter().map(|f| f.address).collect::<Vec<_>>(),
+        [entry, ret]
+    );
+    // The next step needs bytes past the 8 we gave.
+    assert!(
+        matches!(u.stop, StopReason::StackCopyEnded { needed } if needed > 8),
+        "{}",
+        u.stop
+    );
+}

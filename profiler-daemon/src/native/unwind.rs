@@ -488,11 +488,10 @@ impl Unwinder {
             },
         };
         let loaded = match loaded {
-            Ok(s) if s.bytes() > self.limits.module_bytes => Err(LoadError::Io(format!(
-                "its unwind tables ({} bytes) exceed the cache's {} bytes",
-                s.bytes(),
-                self.limits.module_bytes
-            ))),
+            Ok(s) if s.bytes() > self.limits.module_bytes => Err(LoadError::TooBig {
+                bytes: s.bytes(),
+                budget: self.limits.module_bytes,
+            }),
             r => r,
         };
         match &loaded {
@@ -500,6 +499,13 @@ impl Unwinder {
             Err(_) => self.stats.module_load_failures += 1,
         }
         let tables: Tables = Arc::new(loaded);
+        if let Err(e) = tables.as_ref() {
+            if !e.is_about_the_file() {
+                // This process could not reach the file (it may be exiting):
+                // others may, so nothing is cached for the file.
+                return tables;
+            }
+        }
         self.stats.module_bytes += tables_bytes(&tables);
         self.tables.push(key, tables.clone());
         while self.stats.module_bytes > self.limits.module_bytes {
