@@ -813,3 +813,148 @@ fn vdso_is_symbolised_and_unwound_from_memory() {
         u.stop
     );
 }
+
+/// The project's own case: a gunicorn worker (threads) whose Flask
+/// handler blocks. Its native stack matches gdb, merged with its Python
+/// frames the handler sits where its activation was, and the bytes a
+/// complete unwind reads are printed (sizing the sampler's copy).
+#[test]
+fn gunicorn_flask_handler_stack() {
+    use std::io::Write;
+    let py = &host_pythons()[0];
+    assert!(py.shared, "pyenv's python3 (with gunicorn and flask) first");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("app.py"),
+        r#"
+import ctypes, os, threading, time
+from flask import Flask
+ctypes.pythonapi.PyThreadState_Get.restype = ctypes.c_void_p
+app = Flask(__name__)
+@app.route("/")
+def handler():
+    print("ready", os.getpid(), threading.get_native_id(),
+          ctypes.pythonapi.PyThreadState_Get(), flush=True)
+    time.sleep(100)
+    return "ok"
+"#,
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The request, once gunicorn listens.
+    std::thread::spawn(move || {
+        for _ in 0..300 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                std::thread::sleep(Duration::from_secs(120));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut cmd = py.command();
+    cmd.current_dir(dir.path()).args([
+        "-m",
+        "gunicorn",
+        "-w",
+        "1",
+        "--threads",
+        "2",
+        "-b",
+        &format!("127.0.0.1:{port}"),
+        "app:app",
+    ]);
+    let (_master, words) = spawn_ready(&mut cmd);
+    let word = |i: usize| -> u64 { words[i].parse().unwrap() };
+    let (pid, tid, tstate) = (word(0) as u32, word(1) as u32, word(2));
+    // The worker's pool thread would outlive the master by its sleep.
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill has no memory preconditions; the pid is our
+            // grandchild, still unreaped (its parent is alive until the
+            // master guard drops after this one).
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let _worker = Kill(pid);
+    let (sp, ip) = blocked_in(pid, tid, libc::SYS_clock_nanosleep as u64);
+    let bytes = copy_stack(pid, sp, 1 << 20);
+    let ([gip, gsp, bp], gdb) = gdb_frames(pid, tid);
+    assert_eq!((gip, gsp), (ip, sp));
+    let mut stacks = NativeStacks::new(NativeLimits::default());
+    let s = stacks
+        .native_stack(
+            pid,
+            &UserStack {
+                regs: UserRegs {
+                    ip,
+                    sp,
+                    bp: Some(bp),
+                },
+                stack: &bytes,
+            },
+        )
+        .unwrap();
+    let ours: Vec<GdbFrame> = s
+        .unwound
+        .frames
+        .iter()
+        .zip(&s.symbols)
+        .map(|(f, sym)| GdbFrame {
+            pc: f.address,
+            name: sym.function().map(str::to_owned),
+        })
+        .collect();
+    assert_eq!(ours, gdb, "ended: {}", s.unwound.stop);
+    assert_eq!(s.unwound.stop, StopReason::Outermost);
+    let python = python_frames(pid, tstate, py.minor);
+    let merged = merge(
+        Side {
+            frames: &s.symbols,
+            complete: true,
+        },
+        Side {
+            frames: &python,
+            complete: true,
+        },
+    );
+    let shown: Vec<Option<String>> = merged
+        .iter()
+        .map(|m| {
+            Some(match m {
+                Merged::Native(n) => n.function().unwrap_or("?").to_owned(),
+                Merged::Python(p) => format!("py:{}", p.name),
+                Merged::Marker(k) => k.to_string(),
+            })
+        })
+        .collect();
+    assert!(
+        !merged.iter().any(|m| matches!(m, Merged::Marker(_))),
+        "{shown:?}"
+    );
+    assert_chain(
+        "gunicorn",
+        &shown,
+        &[
+            "time_sleep",
+            "py:handler",
+            "py:Flask.dispatch_request",
+            "py:Flask.wsgi_app",
+            "py:ThreadWorker.handle",
+            "start_thread",
+        ],
+    );
+    eprintln!(
+        "gunicorn gthread worker, Flask handler in time.sleep: {} native frames, {} Python \
+         frames, {} eval activations, a complete unwind reads {} bytes of stack",
+        s.unwound.frames.len(),
+        python.len(),
+        s.symbols.iter().filter(|s| s.is_eval_loop()).count(),
+        s.unwound.stack_bytes_used
+    );
+}
