@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::maps::ProcessMaps;
-use super::unwind::{StopReason, UnwindLimits, UnwindStats, Unwinder, Unwound, UserStack};
+use super::unwind::{
+    NativeFrame, StopReason, UnwindLimits, UnwindStats, Unwinder, Unwound, UserStack,
+};
 use super::user::{NativeSymbol, Symbol, SymbolLimits, SymbolStats, Unsymbolised, UserSymbolizer};
 
 /// Bounds of [`NativeStacks`].
@@ -43,6 +45,19 @@ pub struct NativeStats {
 pub struct NativeStack {
     pub unwound: Unwound,
     pub symbols: Vec<Arc<NativeSymbol>>,
+}
+
+impl NativeStack {
+    /// Each frame with its symbol: what [`super::merge::merge`] takes to
+    /// pair activations by stack address.
+    pub fn frames(&self) -> Vec<(NativeFrame, Arc<NativeSymbol>)> {
+        self.unwound
+            .frames
+            .iter()
+            .copied()
+            .zip(self.symbols.iter().cloned())
+            .collect()
+    }
 }
 
 /// Unwinds and symbolises user stacks of any number of processes.

@@ -54,6 +54,11 @@ pub enum FrameSource {
 pub struct NativeFrame {
     pub address: u64,
     pub source: FrameSource,
+    /// The stack pointer in this frame (the sample's sp for the leaf, the
+    /// callee's CFA for the others): the frame's locals lie between it and
+    /// the next frame's `sp`, so objects on the C stack (3.12+'s entry shim
+    /// frames, 3.11's `_PyCFrame`s) can be matched to their activation.
+    pub sp: u64,
 }
 
 impl NativeFrame {
@@ -266,6 +271,7 @@ impl Unwinder {
         let mut frames = vec![NativeFrame {
             address: stack.regs.ip,
             source: FrameSource::Registers,
+            sp: sp0,
         }];
         let mut at = FrameAddress::from_instruction_pointer(stack.regs.ip);
         let stop = loop {
@@ -355,6 +361,7 @@ impl Unwinder {
                     frames.push(NativeFrame {
                         address: ra,
                         source: FrameSource::Cfi,
+                        sp: cfa,
                     });
                     at = next;
                 }
