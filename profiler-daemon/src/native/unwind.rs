@@ -159,7 +159,7 @@ pub struct Unwound {
 #[derive(Clone, Copy, Debug)]
 pub struct UnwindLimits {
     /// Unwind tables kept, in bytes (`.eh_frame` and its index are about
-    /// 0.5 MB for Debian's python3.11, 0.3 MB for libpython, 0.1 MB for libc).
+    /// 0.5 MB for Debian's python3.11, 0.3 MB for libpython, 0.2 MB for libc).
     pub module_bytes: usize,
     /// Rules kept, by address (about 64 bytes each).
     pub rules: usize,
