@@ -1,7 +1,8 @@
 //! Microbenchmarks of pyebpf's userspace hot paths, one per stage a sample
 //! goes through: ring-buffer record decode, symbol cache hit, line lookup
 //! (the table decoded once per code object, and the scan of the raw table
-//! for comparison), aggregation (store add and query).
+//! for comparison), aggregation (store add and query), native stacks
+//! (unwinding a copied user stack from CFI and symbolising it, warm caches).
 //!
 //! `cargo bench -p profiler-daemon --bench userspace`; `cargo xtask bench`
 //! runs them with a short measurement time and reports the medians.
@@ -18,7 +19,10 @@ use profiler_common::{
 use pyebpf::bpf::events::{decode, RawSample};
 use pyebpf::model::labels::ProcessLabels;
 use pyebpf::model::query::Selector;
+use pyebpf::native::stacks::{NativeLimits, NativeStacks};
+use pyebpf::native::unwind::{StopReason, UserRegs, UserStack};
 use pyebpf::process::memory::SliceMemory;
+use pyebpf::process::memory::{ProcessMemory, RemoteMemory};
 use pyebpf::python::code::CodeFormat;
 use pyebpf::python::layout::Minor;
 use pyebpf::python::linetable::{line_for_instr, LineTable};
@@ -282,11 +286,89 @@ fn bench_store(c: &mut Criterion) {
     assert!(p.total_samples() > samples.len() as u64);
 }
 
+/// A python3 (pyenv's 3.11) blocked in `time.sleep` under three levels of
+/// C calling Python (`list(map(...))`): about 30 native frames. Returns
+/// the child, its registers and a copy of its stack.
+fn blocked_python() -> (std::process::Child, UserRegs, Vec<u8>) {
+    use std::io::{BufRead, BufReader};
+    let script = "import threading, time\n\
+                  def nest(n):\n\
+                  \x20   if n == 0:\n\
+                  \x20       print('ready', threading.get_native_id(), flush=True)\n\
+                  \x20       time.sleep(600)\n\
+                  \x20   else:\n\
+                  \x20       list(map(lambda x: nest(n - 1), [n]))\n\
+                  nest(3)\n";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("the native-stack benchmark needs python3 on PATH");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("ready line");
+    let tid: u32 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("bad ready line {line:?}"));
+    // `nr args... sp pc` once it sleeps in clock_nanosleep.
+    let (sp, ip) = loop {
+        let text = std::fs::read_to_string(format!("/proc/{}/task/{tid}/syscall", child.id()))
+            .expect("syscall file");
+        let f: Vec<&str> = text.split_whitespace().collect();
+        if f.len() == 9 && f[0] == libc::SYS_clock_nanosleep.to_string() {
+            let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex");
+            break (hex(f[7]), hex(f[8]));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let maps = pyebpf::process::maps::read(child.id()).expect("maps");
+    let end = maps.iter().find(|m| m.contains(sp)).expect("stack").end;
+    let stack = ProcessMemory::new(child.id())
+        .read_vec(sp, (end - sp).min(64 << 10) as usize)
+        .expect("stack copy");
+    (child, UserRegs { ip, sp, bp: None }, stack)
+}
+
+fn bench_native(c: &mut Criterion) {
+    let (mut child, regs, bytes) = blocked_python();
+    let pid = child.id();
+    let stack = UserStack {
+        regs,
+        stack: &bytes,
+    };
+    let mut stacks = NativeStacks::new(NativeLimits::default());
+    let first = stacks.native_stack(pid, &stack).expect("native stack");
+    assert_eq!(first.unwound.stop, StopReason::Outermost);
+    let n = first.unwound.frames.len();
+    assert!((25..=40).contains(&n), "{n} frames");
+    c.bench_function(
+        &format!("native/unwind_and_symbolise_{n}_frames_warm"),
+        |b| b.iter(|| black_box(stacks.native_stack(pid, black_box(&stack)).expect("stack"))),
+    );
+    c.bench_function(&format!("native/unwind_{n}_frames_warm"), |b| {
+        b.iter(|| black_box(stacks.unwind(pid, black_box(&stack)).expect("stack")))
+    });
+    let lookups: Vec<u64> = first
+        .unwound
+        .frames
+        .iter()
+        .map(|f| f.lookup_address())
+        .collect();
+    c.bench_function(&format!("native/symbolise_{n}_frames_warm"), |b| {
+        b.iter(|| black_box(stacks.symbolise(pid, black_box(&lookups)).expect("symbols")))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_decode, bench_symbols, bench_lines, bench_store
+    targets = bench_decode, bench_symbols, bench_lines, bench_native, bench_store
 }
 criterion_main!(benches);

@@ -1,6 +1,8 @@
 //! pyebpf: sample CPython 3.11-3.15 stacks from BPF and symbolise them in userspace.
 //!
 //! Crate layout (one job per module):
+//! - [`native`]: native frames of the target: unwinding, symbols, and
+//!   their merge with the Python frames.
 //! - [`process`]: access to a target process (maps, memory, ELF files) and
 //!   detection of its Python interpreter.
 //! - [`python`]: CPython object layouts, one module per version: strings, code objects, line
@@ -20,6 +22,7 @@ pub mod daemon;
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod model;
+pub mod native;
 pub mod process;
 pub mod profile;
 pub mod python;

@@ -16,7 +16,13 @@ pub const NIGHTLY: &str = "nightly-2026-05-20";
 const SYSTEM_PYTHON: &str = "/usr/bin/python3.11";
 const REQUIREMENTS: &str = "tests/requirements.txt";
 /// Debian packages the tests use: (package, a binary it provides).
-const DEB_TOOLS: [(&str, &str); 3] = [("tmux", "tmux"), ("util-linux", "setpriv"), ("wrk", "wrk")];
+/// gdb is the native-stack tests' oracle (profiler-daemon/src/native/tests.rs).
+const DEB_TOOLS: [(&str, &str); 4] = [
+    ("tmux", "tmux"),
+    ("util-linux", "setpriv"),
+    ("wrk", "wrk"),
+    ("gdb", "gdb"),
+];
 
 enum Status {
     Present,
