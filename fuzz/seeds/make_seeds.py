@@ -92,19 +92,39 @@ def unicode():
 
 
 # ---- ring-buffer sample records (the layout of events.rs's tests) ----
+# Header: ktime u64; pid, tid, cpu, nframes, flags, error_step, kind, nkernel
+# u32; weight_ns, user ip, sp, bp, syscall nr, syscall arg0 u64 (88 bytes).
+# Body: nkernel u64 kernel addresses padded to 16 bytes, then the frames.
 def events():
-    def record(nframes, flags, frames, step=2):
+    def record(nframes, flags, frames, step=2, kind=0, kernel=(), nkernel=None,
+               weight=10_101_010):
+        nk = len(kernel) if nkernel is None else nkernel
         v = struct.pack("<Q", 123456789)
-        v += struct.pack("<6I", 42, 43, 1, nframes, flags, step)
+        v += struct.pack("<8I", 42, 43, 1, nframes, flags, step, kind, nk)
+        v += struct.pack("<6Q", weight, 0x7f0000001234, 0x7ffc00000000,
+                         0x7ffc00000100, 202, 0x555500000040)
+        for a in kernel:
+            v += struct.pack("<Q", a)
+        if len(kernel) % 2:
+            v += struct.pack("<Q", 0)
         for code, instr, checksum in frames:
             v += struct.pack("<QiI", code, instr, checksum)
         return v
+    k = [0xffffffff81000000 + 0x100 * i for i in range(5)]
     put("events", record(0, 0, []))
     put("events", record(1, 0, [(0x7f0000001000, -1, 7)]))
     put("events", record(3, 1, [(0x1000, 0, 1), (0x2000, 17, 2), (0x3000, 255, 3)]))
     put("events", record(2, 2, [(0x1000, 4, 9), (0, 0, 0)], step=5))
     put("events", record(2, 3, [(0x1000, 4, 9)]))  # length mismatch
-
+    # Off-CPU, preempted, user registers, in the kernel, odd kernel stack.
+    put("events", record(1, 4 | 16 | 32, [(0x1000, 3, 9)], kind=1, kernel=k[:3],
+                         weight=2_500_000))
+    # CPU sample in the kernel with a cut stack of 64 (even: no pad).
+    put("events", record(1, 8 | 16 | 32, [(0x1000, 3, 9)], kernel=k * 12 + k[:4]))
+    put("events", record(0, 64, [], kind=1, kernel=k[:1]))
+    put("events", record(0, 0, [], kind=7))  # unknown kind
+    put("events", record(0, 0, [], kernel=k[:2], nkernel=3))  # missing pad
+    put("events", record(0, 0, [], kernel=k * 13, nkernel=65))  # too deep
 
 # ---- small ELF files ----
 FAKE_PY = r"""

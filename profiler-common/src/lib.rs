@@ -37,9 +37,37 @@ pub const SEEN_CODE_ENTRIES: u32 = 65536;
 pub const FLAG_TRUNCATED: u32 = 1;
 /// The walk stopped on a failed read; the frames before it are valid.
 pub const FLAG_READ_ERROR: u32 = 2;
+/// Off-CPU: the thread was switched out still runnable (preempted, or it
+/// yielded), so the interval was spent waiting for a CPU, not blocked.
+pub const FLAG_PREEMPTED: u32 = 4;
+/// The kernel stack was deeper than [`KSTACK_MAX`]: its root end is cut.
+pub const FLAG_KSTACK_TRUNCATED: u32 = 8;
+/// `user_ip`, `user_sp` and `user_bp` hold the thread's user registers.
+pub const FLAG_USER_REGS: u32 = 16;
+/// The thread was in the kernel: the user registers are where it entered
+/// it (a system call or an interrupt), and `syscall_nr`/`syscall_arg0` are
+/// its `orig_ax`/`di`.
+pub const FLAG_IN_KERNEL: u32 = 32;
+/// Getting the kernel stack failed (`bpf_get_stack` returned an error).
+pub const FLAG_KSTACK_ERROR: u32 = 64;
 
-/// Head of every ring-buffer record; `nframes` [`RawFrame`]s follow, leaf
-/// first.
+/// [`SampleHeader::kind`] of a thread sampled while on a CPU.
+pub const KIND_CPU: u32 = 0;
+/// [`SampleHeader::kind`] of an off-CPU interval, at its end.
+pub const KIND_OFF_CPU: u32 = 1;
+
+/// Kernel return addresses kept per sample; a deeper stack is cut at its
+/// root end and flagged [`FLAG_KSTACK_TRUNCATED`].
+pub const KSTACK_MAX: usize = 64;
+/// [`RawFrame`] slots the kernel stack may take at the start of a record's
+/// body: room for `KSTACK_MAX + 1` addresses (the extra one tells a cut
+/// stack from one of exactly `KSTACK_MAX`), rounded up.
+pub const KSTACK_SLOTS: usize = (KSTACK_MAX + 2) / 2;
+
+/// Head of every ring-buffer record. The body follows: `nkernel` kernel
+/// return addresses (u64, innermost first), padded with one zero word to a
+/// multiple of 16 bytes when `nkernel` is odd, then `nframes` [`RawFrame`]s,
+/// leaf first.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SampleHeader {
@@ -51,6 +79,28 @@ pub struct SampleHeader {
     pub flags: u32,
     /// A [`ReadStep`] when `FLAG_READ_ERROR` is set.
     pub error_step: u32,
+    /// [`KIND_CPU`] or [`KIND_OFF_CPU`].
+    pub kind: u32,
+    /// Kernel return addresses in the body.
+    pub nkernel: u32,
+    /// Time this sample stands for: the perf event's period for this
+    /// sample (ns of CPU clock), or the off-CPU interval's Horvitz-Thompson
+    /// weight `max(d, T)`.
+    pub weight_ns: u64,
+    /// User-mode registers (valid with [`FLAG_USER_REGS`]).
+    pub user_ip: u64,
+    pub user_sp: u64,
+    pub user_bp: u64,
+    /// `orig_ax` and `di` of the thread's saved user registers (valid with
+    /// [`FLAG_IN_KERNEL`]): the system call it is in and its first argument
+    /// (`orig_ax` is negative for an interrupt).
+    pub syscall_nr: u64,
+    pub syscall_arg0: u64,
+}
+
+/// Bytes the kernel stack of `nkernel` addresses takes in a record.
+pub const fn kstack_bytes(nkernel: usize) -> usize {
+    nkernel.div_ceil(2) * 16
 }
 
 /// One Python frame as seen by BPF.
@@ -68,12 +118,17 @@ pub struct RawFrame {
 pub const HEADER_LEN: usize = core::mem::size_of::<SampleHeader>();
 pub const RAW_FRAME_LEN: usize = core::mem::size_of::<RawFrame>();
 
-/// Per-CPU scratch record: the header and room for the deepest stack.
+/// Per-CPU scratch record: the header, then the kernel stack in the first
+/// `kstack_bytes(nkernel) / 16` slots and the Python frames after it.
 #[repr(C)]
 pub struct SampleBuf {
     pub header: SampleHeader,
-    pub frames: [RawFrame; MAX_FRAMES],
+    pub frames: [RawFrame; MAX_FRAMES + KSTACK_SLOTS_MAX],
 }
+
+/// Slots the walker may offset its frames by: a power of two at least
+/// [`KSTACK_SLOTS`], so the offset can be masked for the verifier.
+pub const KSTACK_SLOTS_MAX: usize = 64;
 
 /// Bytes of target memory copied at once when frames lie next to each other
 /// (CPython keeps most frames contiguous in the thread's data stack): one
@@ -117,7 +172,8 @@ pub struct WalkState {
     /// Non-zero when the sample holds a code object not sent before.
     pub novel: u32,
     pub tgid: u32,
-    pub _pad: u32,
+    /// [`RawFrame`] slots the kernel stack takes before the Python frames.
+    pub kslots: u32,
     pub cycle: CycleCheck,
     pub cache: [CodeSlot; CODE_CACHE_SLOTS],
     /// Scratch for one code-object header (kept off the 512-byte BPF stack).
@@ -135,7 +191,7 @@ impl Default for WalkState {
             block_len: 0,
             novel: 0,
             tgid: 0,
-            _pad: 0,
+            kslots: 0,
             cycle: CycleCheck::new(),
             cache: [CodeSlot::default(); CODE_CACHE_SLOTS],
             code_hdr: [0; CODE_READ_WORDS],
@@ -255,7 +311,84 @@ pub enum Counter {
 pub const COUNTER_SLOTS: u32 = 9;
 /// Read-error counters live after the outcome counters, one per [`ReadStep`].
 pub const READ_ERROR_BASE: u32 = 16;
-pub const COUNTERS_LEN: u32 = READ_ERROR_BASE + 8;
+/// Off-CPU and kernel-stack counters, after the read errors.
+pub const OFF_CPU_BASE: u32 = READ_ERROR_BASE + 8;
+pub const COUNTERS_LEN: u32 = OFF_CPU_BASE + OffCpuCounter::ALL.len() as u32;
+
+/// Counters of the off-CPU programs, in `OFF_COUNTERS` slots of their own
+/// (`OFF_CPU_BASE + n`; the slots before are the off-CPU samples'
+/// [`Counter`]s and read errors). `KstackFailed` and `RegsFailed` are
+/// counted in each lane's array, for its own samples.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffCpuCounter {
+    /// A thread of a profiled process switched out; its start was recorded.
+    SwitchOuts = 0,
+    /// A switch-out not timed: the thread's storage could not be created
+    /// (kernel memory).
+    MapFull = 1,
+    /// Off-CPU intervals that ended (their thread switched back in).
+    Intervals = 2,
+    /// Their summed length, in nanoseconds.
+    IntervalNs = 3,
+    /// Intervals chosen to be walked (probability `min(1, d / T)`).
+    Chosen = 4,
+    /// The chosen intervals' summed weights `max(d, T)`, in nanoseconds: in
+    /// expectation equal to `IntervalNs` (the estimate is unbiased).
+    WeightNs = 5,
+    /// Intervals of a process no longer profiled when they ended: dropped.
+    Gone = 6,
+    /// `bpf_get_stack` failed on a sample that wanted its kernel stack.
+    KstackFailed = 7,
+    /// The thread's saved user registers could not be read.
+    RegsFailed = 8,
+}
+
+impl OffCpuCounter {
+    pub const ALL: [OffCpuCounter; 9] = [
+        OffCpuCounter::SwitchOuts,
+        OffCpuCounter::MapFull,
+        OffCpuCounter::Intervals,
+        OffCpuCounter::IntervalNs,
+        OffCpuCounter::Chosen,
+        OffCpuCounter::WeightNs,
+        OffCpuCounter::Gone,
+        OffCpuCounter::KstackFailed,
+        OffCpuCounter::RegsFailed,
+    ];
+
+    /// Its slot in `COUNTERS`.
+    pub const fn slot(self) -> u32 {
+        OFF_CPU_BASE + self as u32
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            OffCpuCounter::SwitchOuts => "switch_outs",
+            OffCpuCounter::MapFull => "map_full",
+            OffCpuCounter::Intervals => "intervals",
+            OffCpuCounter::IntervalNs => "interval_ns",
+            OffCpuCounter::Chosen => "chosen",
+            OffCpuCounter::WeightNs => "weight_ns",
+            OffCpuCounter::Gone => "process_gone",
+            OffCpuCounter::KstackFailed => "kernel_stack_failed",
+            OffCpuCounter::RegsFailed => "user_regs_failed",
+        }
+    }
+}
+
+/// One off-CPU interval being timed: a thread's value in the task storage
+/// `OFF_CPU` (`start_ns` 0 when none is under way).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OffCpuStart {
+    /// `bpf_ktime_get_ns` at the switch-out.
+    pub start_ns: u64,
+    /// The thread's process when it switched out.
+    pub tgid: u32,
+    /// Non-zero if the thread was still runnable when switched out.
+    pub preempted: u32,
+}
 
 impl Counter {
     pub const ALL: [Counter; 9] = [
@@ -270,7 +403,7 @@ impl Counter {
         Counter::Wakeups,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Counter::Events => "events",
             Counter::NotProfiled => "not_profiled",
@@ -295,6 +428,7 @@ mod pod {
     unsafe impl aya::Pod for RawFrame {}
     unsafe impl aya::Pod for ProcEvent {}
     unsafe impl aya::Pod for SeenKey {}
+    unsafe impl aya::Pod for OffCpuStart {}
 }
 
 #[cfg(test)]
@@ -303,7 +437,16 @@ mod tests {
 
     #[test]
     fn layout_sizes() {
-        assert_eq!(HEADER_LEN, 32);
+        assert_eq!(HEADER_LEN, 88);
+        assert_eq!(core::mem::size_of::<OffCpuStart>(), 16);
+        // The kernel stack plus the deepest walk fit the scratch body, and
+        // the kernel stack's slots fit the walker's offset mask.
+        const { assert!(KSTACK_SLOTS <= KSTACK_SLOTS_MAX && KSTACK_SLOTS_MAX.is_power_of_two()) };
+        assert_eq!(kstack_bytes(KSTACK_MAX + 1), KSTACK_SLOTS * RAW_FRAME_LEN);
+        assert_eq!(
+            (kstack_bytes(0), kstack_bytes(1), kstack_bytes(2)),
+            (0, 16, 16)
+        );
         assert_eq!(RAW_FRAME_LEN, 16);
         assert_eq!(core::mem::size_of::<TlsLayout>(), 24);
         assert_eq!(core::mem::size_of::<PyLayout>(), 88);
@@ -320,6 +463,11 @@ mod tests {
         const { assert!(READ_ERROR_BASE as usize + ReadStep::ALL.len() <= COUNTERS_LEN as usize) };
         for c in ProcCounter::ALL {
             assert!(c as u32 >= COUNTER_SLOTS && (c as u32) < READ_ERROR_BASE);
+        }
+        for (i, c) in OffCpuCounter::ALL.into_iter().enumerate() {
+            assert_eq!(c as usize, i);
+            assert!(c.slot() >= READ_ERROR_BASE + ReadStep::ALL.len() as u32);
+            assert!(c.slot() < COUNTERS_LEN);
         }
     }
 }

@@ -210,6 +210,7 @@ fn store() -> Store {
             start_time: 1,
             python_version: "3.11.7".into(),
             code_format: format(),
+            gil: None,
         },
         SystemTime::now(),
     );
@@ -241,6 +242,7 @@ fn stacks(n: usize, depth: usize) -> Vec<RawSample> {
                     checksum: 7,
                 })
                 .collect(),
+            ..RawSample::default()
         })
         .collect()
 }

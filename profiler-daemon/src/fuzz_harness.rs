@@ -15,7 +15,10 @@ use crate::process::python::{self, GILSTATE_GETTER, RUNTIME_SECTION};
 use crate::process::{maps, tls_access};
 use crate::python::linetable::{self, LineTable};
 use crate::python::unicode::{self, Kind};
-use profiler_common::{FLAG_READ_ERROR, FLAG_TRUNCATED, HEADER_LEN, MAX_FRAMES, RAW_FRAME_LEN};
+use profiler_common::{
+    kstack_bytes, FLAG_IN_KERNEL, FLAG_PREEMPTED, FLAG_READ_ERROR, FLAG_TRUNCATED, FLAG_USER_REGS,
+    HEADER_LEN, KSTACK_MAX, MAX_FRAMES, RAW_FRAME_LEN,
+};
 
 /// A target's check of one input.
 pub type Check = fn(&[u8]);
@@ -99,18 +102,41 @@ pub fn events(data: &[u8]) {
         return;
     };
     assert!(s.frames.len() <= MAX_FRAMES);
-    assert_eq!(data.len(), HEADER_LEN + s.frames.len() * RAW_FRAME_LEN);
+    let nkernel = u32_at(data, 36) as usize;
+    assert!(s.kernel.len() <= nkernel && nkernel <= KSTACK_MAX);
+    let kbytes = kstack_bytes(nkernel);
+    assert_eq!(
+        data.len(),
+        HEADER_LEN + kbytes + s.frames.len() * RAW_FRAME_LEN
+    );
     assert_eq!(u32_at(data, 8), s.pid);
     assert_eq!(u32_at(data, 12), s.tid);
     assert_eq!(u32_at(data, 16), s.cpu);
     let flags = u32_at(data, 24);
     assert_eq!(s.truncated, flags & FLAG_TRUNCATED != 0);
     assert_eq!(s.read_error.is_some(), flags & FLAG_READ_ERROR != 0);
+    assert_eq!(s.preempted, flags & FLAG_PREEMPTED != 0);
+    assert_eq!(s.regs.is_some(), flags & FLAG_USER_REGS != 0);
+    assert_eq!(s.entry.is_some(), flags & FLAG_IN_KERNEL != 0);
+    assert_eq!(u64_at(data, 40), s.weight_ns);
+    // Every address kept is the record's; only zeros are cut at the end.
+    for i in 0..nkernel {
+        let a = u64_at(data, HEADER_LEN + i * 8);
+        match s.kernel.get(i) {
+            Some(k) => assert_eq!(*k, a),
+            None => assert_eq!(a, 0),
+        }
+    }
     for (i, f) in s.frames.iter().enumerate() {
-        let at = HEADER_LEN + i * RAW_FRAME_LEN;
+        let at = HEADER_LEN + kbytes + i * RAW_FRAME_LEN;
+        assert_eq!(u64_at(data, at), f.code);
         assert_eq!(u32_at(data, at + 8) as i32, f.instr);
         assert_eq!(u32_at(data, at + 12), f.checksum);
     }
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from(u32_at(b, off)) | u64::from(u32_at(b, off + 4)) << 32
 }
 
 /// Parse an ELF image and make every look-up the daemon makes of a

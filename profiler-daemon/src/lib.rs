@@ -8,6 +8,7 @@
 //! - [`python`]: CPython object layouts, one module per version: strings, code objects, line
 //!   tables, and the symbol cache.
 //! - [`bpf`]: loading the sampler, reading its ring buffer and counters.
+//! - [`native`]: native frames: kernel stacks' symbols.
 //! - [`profile`]: aggregated stacks and the output formats.
 //! - [`model`]: the types every frontend (`record`, `top`, the daemon and
 //!   its HTTP API) shares, so that none of them imports another.

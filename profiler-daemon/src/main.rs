@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use pyebpf::bpf::sampler::SamplerConfig;
-use pyebpf::profile::Format;
+use pyebpf::profile::{Format, ProfileKind};
 use pyebpf::record::{self, RecordOptions};
 
 #[derive(Parser)]
@@ -114,6 +114,11 @@ struct TopArgs {
     /// and CAP_SYS_PTRACE (or root).
     #[arg(long)]
     local: bool,
+    /// Local mode: also sample off-CPU time (the scheduler hooks), so that
+    /// `m` switches the view between cpu, wall and off-cpu. A daemon shows
+    /// the types of its `sampling.types`.
+    #[arg(long, conflicts_with = "daemon")]
+    off_cpu: bool,
     /// Start with one row per source line instead of per function (`l` toggles).
     #[arg(long)]
     line: bool,
@@ -154,6 +159,26 @@ impl From<FormatArg> for Format {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    /// Threads on CPU, sampled with the perf clock (sample counts).
+    Cpu,
+    /// Every thread's elapsed time, on CPU or not (nanoseconds).
+    Wall,
+    /// Time threads spend off CPU, by where they block (nanoseconds).
+    OffCpu,
+}
+
+impl From<ModeArg> for ProfileKind {
+    fn from(m: ModeArg) -> ProfileKind {
+        match m {
+            ModeArg::Cpu => ProfileKind::Cpu,
+            ModeArg::Wall => ProfileKind::Wall,
+            ModeArg::OffCpu => ProfileKind::OffCpu,
+        }
+    }
+}
+
 #[derive(clap::Args)]
 struct RecordArgs {
     /// Process to profile (repeatable).
@@ -165,6 +190,19 @@ struct RecordArgs {
     /// Samples per second per CPU.
     #[arg(long, short = 'r', default_value_t = 99, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     rate: u64,
+    /// What to profile: CPU time (folded values are sample counts), wall
+    /// time or off-CPU time (folded values are nanoseconds).
+    #[arg(long, value_enum, default_value = "cpu")]
+    mode: ModeArg,
+    /// Kernel stacks of CPU samples taken in the kernel (always on for wall
+    /// and off-cpu).
+    #[arg(long)]
+    kernel: bool,
+    /// Off-CPU sampling period T in microseconds: an interval of d is walked
+    /// with probability min(1, d/T) and weighs max(d, T) [default: the CPU
+    /// sampling period, 1/rate].
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    off_cpu_period_us: Option<u64>,
     /// Deepest stack walked; deeper stacks are cut here and flagged [truncated].
     #[arg(long, default_value_t = profiler_common::DEFAULT_MAX_DEPTH,
           value_parser = clap::value_parser!(u32).range(1..=profiler_common::MAX_FRAMES as i64))]
@@ -289,9 +327,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Inspections run on short-lived blocking threads; with glibc's
             // default of one arena per thread their freed memory stays
             // mapped (150 MB idle RSS instead of 60 MB in the benchmarks).
+            // (musl, the static release build, has one heap and no mallopt.)
             // SAFETY: mallopt only tunes the allocator; called before any
             // thread is started.
-            unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+            #[cfg(target_env = "gnu")]
+            unsafe {
+                libc::mallopt(libc::M_ARENA_MAX, 2)
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -323,6 +365,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     line_level: a.line,
                     token_file: a.token_file,
                     once,
+                    off_cpu: a.off_cpu,
                 },
                 // Local mode runs the daemon's loop in this process.
                 pyebpf::daemon::local::prepare,
@@ -344,11 +387,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| format_from_name(&a.output)),
                 pids: a.pids,
                 duration,
-                sampler: SamplerConfig {
-                    rate_hz: a.rate,
-                    max_depth: a.max_depth,
-                    ..SamplerConfig::default()
-                },
+                kind: a.mode.into(),
+                sampler: RecordOptions::sampler_for(
+                    a.mode.into(),
+                    SamplerConfig {
+                        rate_hz: a.rate,
+                        max_depth: a.max_depth,
+                        ..SamplerConfig::default()
+                    },
+                    a.off_cpu_period_us.map(|us| us * 1_000),
+                    a.kernel,
+                ),
                 output: a.output,
                 status: !a.quiet,
                 // At most 1 TiB (checked above): fits a usize on 64-bit hosts.

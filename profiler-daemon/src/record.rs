@@ -7,15 +7,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context};
 use aya::maps::{MapData, RingBuf};
-use profiler_common::{Counter, ReadStep};
+use profiler_common::{Counter, OffCpuCounter, ReadStep};
 
 use crate::bpf::counters::Counters;
 use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
 use crate::model::labels::ProcessLabels;
+use crate::native::kernel::KernelSymbols;
 use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError, PythonProcess};
-use crate::profile::{CompactProfile, Format, Frame, Profile};
+use crate::profile::{CompactProfile, Format, Frame, Profile, ProfileKind, ValueUnit};
 use crate::store::{NewProcess, Store, StoreLimits};
 use profiler_common::{PROC_EVENT_EXEC, PROC_EVENT_EXIT};
 
@@ -24,6 +25,9 @@ use profiler_common::{PROC_EVENT_EXEC, PROC_EVENT_EXIT};
 pub struct RecordOptions {
     pub pids: Vec<u32>,
     pub duration: Option<Duration>,
+    /// Which time to profile (`--mode`); the sampler's on-CPU and off-CPU
+    /// settings must match it ([`RecordOptions::sampler_for`]).
+    pub kind: ProfileKind,
     pub sampler: SamplerConfig,
     pub format: Format,
     pub output: PathBuf,
@@ -36,6 +40,28 @@ pub struct RecordOptions {
 
 /// `--memory-budget-mib` when not given.
 pub const DEFAULT_MEMORY_BUDGET_MIB: usize = 1024;
+
+impl RecordOptions {
+    /// `sampler` set up for profiles of `kind`: on-CPU samples for cpu and
+    /// wall, off-CPU intervals for wall and off-cpu, sampled with period
+    /// `off_cpu_period_ns` (default: the CPU sampling period, so each
+    /// off-CPU sample weighs at least one CPU sample), and kernel stacks
+    /// with `kernel` or whenever off-CPU intervals are (they say where a
+    /// thread waits).
+    pub fn sampler_for(
+        kind: ProfileKind,
+        mut sampler: SamplerConfig,
+        off_cpu_period_ns: Option<u64>,
+        kernel: bool,
+    ) -> SamplerConfig {
+        sampler.on_cpu = kind.on_cpu();
+        sampler.off_cpu_period_ns = kind
+            .off_cpu()
+            .then(|| off_cpu_period_ns.unwrap_or_else(|| sampler.cpu_period_ns()));
+        sampler.kernel_stacks = kernel || kind.off_cpu();
+        sampler
+    }
+}
 
 /// A recorded process, as the summary describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,6 +121,10 @@ pub struct RecordSummary {
     pub exec_not_python: Vec<(u32, String)>,
     /// Kernel-measured run time of the BPF programs.
     pub bpf: crate::bpf::sampler::RunStats,
+    /// What the profile measures.
+    pub kind: ProfileKind,
+    /// The profile's total, in its unit (samples or nanoseconds).
+    pub total_value: u64,
     /// Samples of the oldest seconds evicted to fit the memory budget.
     pub evicted_samples: u64,
     /// Seconds (of one process each) evicted to fit the memory budget.
@@ -117,6 +147,13 @@ impl RecordSummary {
             opts.output.display(),
             format_name(opts.format),
         );
+        if self.kind.unit() == ValueUnit::Nanoseconds {
+            s += &format!(
+                "  {}: {:.3} s in the profile (values in nanoseconds)\n",
+                self.kind.describe(),
+                self.total_value as f64 / 1e9
+            );
+        }
         for p in &self.processes {
             s += &format!("  {}\n", p.describe());
         }
@@ -149,12 +186,20 @@ impl RecordSummary {
             "  reader wakeups: {wakeups} ({:.1} stacks per wakeup; new code objects wake it at once)\n",
             sampled as f64 / wakeups.max(1) as f64,
         );
+        if self.kind.off_cpu() {
+            s += &self.render_off_cpu();
+        }
         if self.bpf.samples > 0 && sampled > 0 {
+            // The perf-event programs only: the scheduler hooks have their line.
+            let b = &self.bpf;
+            let cpu = b
+                .run_time
+                .saturating_sub(b.switch_out.run_time + b.switch_in.run_time + b.off_walk.run_time);
             s += &format!(
                 "  BPF cost (kernel stats): {:.1} us per stack sent, {:.0} ns per perf event, {:.1} ms in total\n",
-                self.bpf.run_time.as_secs_f64() * 1e6 / sampled as f64,
-                self.bpf.run_time.as_secs_f64() * 1e9 / self.bpf.samples as f64,
-                self.bpf.run_time.as_secs_f64() * 1e3,
+                cpu.as_secs_f64() * 1e6 / sampled as f64,
+                cpu.as_secs_f64() * 1e9 / b.samples as f64,
+                cpu.as_secs_f64() * 1e3,
             );
         }
         if !self.exited.is_empty() {
@@ -165,11 +210,17 @@ impl RecordSummary {
             );
         }
         if self.evicted_samples > 0 || self.overflowed_samples > 0 {
+            // Evictions count the store's values: samples, or nanoseconds.
+            let evicted = match self.kind.unit() {
+                ValueUnit::Samples => format!("{} samples", self.evicted_samples),
+                ValueUnit::Nanoseconds => {
+                    format!("{:.3} s", self.evicted_samples as f64 / 1e9)
+                }
+            };
             s += &format!(
-                "  memory budget ({} MiB, --memory-budget-mib) reached: {} samples of the oldest \
+                "  memory budget ({} MiB, --memory-budget-mib) reached: {evicted} of the oldest \
                  seconds evicted ({} process-seconds), {} samples under [stack table full]\n",
                 opts.memory_budget / (1 << 20),
-                self.evicted_samples,
                 self.evicted_seconds,
                 self.overflowed_samples,
             );
@@ -178,6 +229,68 @@ impl RecordSummary {
             s += &format!(
                 "  process {pid} exec'd into a program that is not profiled ({why}); its samples \
                  before the exec are kept\n"
+            );
+        }
+        s
+    }
+}
+
+impl RecordSummary {
+    /// The off-CPU lines: intervals seen and walked, their time, what was
+    /// lost, and the cost per context switch.
+    fn render_off_cpu(&self) -> String {
+        let o = &self.counters.off_cpu;
+        let k = |c: OffCpuCounter| o.off_cpu(c);
+        let mut s = format!(
+            "  off-CPU: {} intervals ({:.3} s), {} walked (weights {:.3} s), {} stacks sent, \
+             {} truncated, {} partial, {} without Python state, {} dropped (ring buffer full)\n",
+            k(OffCpuCounter::Intervals),
+            k(OffCpuCounter::IntervalNs) as f64 / 1e9,
+            k(OffCpuCounter::Chosen),
+            k(OffCpuCounter::WeightNs) as f64 / 1e9,
+            o.get(Counter::Sampled),
+            o.get(Counter::Truncated),
+            o.get(Counter::ReadFailed),
+            o.get(Counter::NoThreadState),
+            o.get(Counter::RingBufFull),
+        );
+        let lost = [
+            (
+                k(OffCpuCounter::MapFull),
+                "switch-outs not timed (thread storage not created)",
+            ),
+            (
+                k(OffCpuCounter::Gone),
+                "intervals of processes no longer profiled",
+            ),
+            (
+                k(OffCpuCounter::KstackFailed)
+                    + self.counters.cpu_extras[OffCpuCounter::KstackFailed as usize],
+                "kernel stacks unreadable",
+            ),
+            (
+                k(OffCpuCounter::RegsFailed)
+                    + self.counters.cpu_extras[OffCpuCounter::RegsFailed as usize],
+                "user registers unreadable",
+            ),
+            (o.get(Counter::TailCallFailed), "off-CPU tail-call failures"),
+        ];
+        let lost: Vec<String> = lost
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, what)| format!("{n} {what}"))
+            .collect();
+        if !lost.is_empty() {
+            s += &format!("  off-CPU losses: {}\n", lost.join(", "));
+        }
+        let (out, inn) = (self.bpf.switch_out, self.bpf.switch_in);
+        if out.runs > 0 && inn.runs > 0 {
+            s += &format!(
+                "  scheduler hooks (kernel stats): {:.0} ns per switch-out, {:.0} ns per switch-in \
+                 (walks included), {:.1} ms in total\n",
+                out.ns_per_run(),
+                inn.ns_per_run(),
+                (out.run_time + inn.run_time).as_secs_f64() * 1e3,
             );
         }
         s
@@ -227,7 +340,12 @@ struct Programs {
 impl Programs {
     /// The whole recording is kept: no retention limit, only `budget_bytes`
     /// evicts (the oldest seconds, counted in the store's stats).
-    fn new(rate_hz: u32, budget_bytes: usize) -> Self {
+    fn new(
+        kind: ProfileKind,
+        rate_hz: u32,
+        budget_bytes: usize,
+        kernel: Option<Arc<KernelSymbols>>,
+    ) -> Self {
         let limits = StoreLimits {
             retention_secs: u32::MAX,
             max_processes: usize::MAX,
@@ -235,8 +353,12 @@ impl Programs {
             max_bytes: budget_bytes,
             max_bytes_per_process: budget_bytes,
         };
+        let mut store = Store::of_kind(limits, rate_hz, kind);
+        if let Some(k) = kernel {
+            store.set_kernel_symbols(k);
+        }
         Programs {
-            store: Store::new(limits, rate_hz),
+            store,
             done: Vec::new(),
         }
     }
@@ -256,6 +378,7 @@ impl Programs {
                 start_time: t.start_time,
                 python_version: t.version.to_string(),
                 code_format: t.code_format(),
+                gil: t.gil.clone(),
             },
             SystemTime::now(),
         );
@@ -288,7 +411,7 @@ impl Programs {
     /// (once per such frame). With `process_roots`, each stack starts with a
     /// `process PID (command)` frame.
     fn profile(&self, rate_hz: u32, process_roots: bool) -> (Profile, u64) {
-        let mut profile = Profile::new(rate_hz);
+        let mut profile = Profile::of_kind(self.store.kind(), rate_hz);
         let mut unknown = 0;
         let held = self.store.window(0, u64::MAX);
         for (labels, part) in self.done.iter().chain(held.iter()) {
@@ -361,10 +484,24 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         .saturating_add(16)
         .min(profiler_common::MAX_PROCS_ENTRIES);
     let mut sampler = Sampler::start(config)?;
+    // Read while CAP_SYSLOG still shows the kernel's addresses.
+    let kernel = if config.kernel_stacks {
+        Some(Arc::new(
+            KernelSymbols::new(crate::native::kernel::DEFAULT_CACHE_BYTES)
+                .context("kernel stacks need the kernel's symbols")?,
+        ))
+    } else {
+        None
+    };
     // Loaded and attached: only reading the targets needs privileges now.
     let kept = crate::caps::drop_after_start()?;
     tracing::debug!("capabilities dropped; kept: {}", crate::caps::names(&kept));
-    let mut programs = Programs::new(opts.sampler.rate_hz as u32, opts.memory_budget);
+    let mut programs = Programs::new(
+        opts.kind,
+        opts.sampler.rate_hz as u32,
+        opts.memory_budget,
+        kernel,
+    );
     for t in &targets {
         programs.start(t);
         sampler
@@ -580,6 +717,8 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         evicted_samples: stats.samples_evicted,
         evicted_seconds: stats.seconds_evicted,
         overflowed_samples: stats.stacks_overflowed,
+        kind: opts.kind,
+        total_value: profile.total_samples(),
     })
 }
 
@@ -615,16 +754,24 @@ fn status_line(sampler: &Sampler, programs: &Programs, elapsed: Duration) {
 /// Writes atomically: a partial file never replaces a good one.
 fn write_profile(profile: &crate::profile::Profile, opts: &RecordOptions) -> anyhow::Result<()> {
     let tmp = opts.output.with_extension("pyebpf-tmp");
-    let title = format!(
-        "pyebpf: {} ({} samples at {} Hz)",
-        opts.pids
-            .iter()
-            .map(|p| format!("pid {p}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        profile.total_samples(),
-        opts.sampler.rate_hz
-    );
+    let pids = opts
+        .pids
+        .iter()
+        .map(|p| format!("pid {p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let title = match profile.kind.unit() {
+        ValueUnit::Samples => format!(
+            "pyebpf: {pids} ({} samples at {} Hz)",
+            profile.total_samples(),
+            opts.sampler.rate_hz
+        ),
+        ValueUnit::Nanoseconds => format!(
+            "pyebpf: {pids} ({}, {:.2} s)",
+            profile.kind.describe(),
+            profile.total_samples() as f64 / 1e9
+        ),
+    };
     {
         let f = std::fs::File::create(&tmp)
             .with_context(|| format!("cannot create {}", tmp.display()))?;
@@ -646,6 +793,7 @@ mod tests {
         RecordOptions {
             pids: vec![4242, 4343],
             duration: Some(Duration::from_secs(10)),
+            kind: ProfileKind::Cpu,
             sampler: SamplerConfig::default(),
             format: Format::Svg,
             output: PathBuf::from("app.svg"),
@@ -715,6 +863,70 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn summary_reports_off_cpu_intervals_and_time() {
+        use crate::bpf::sampler::{ProgramStats, RunStats};
+        let mut counters = Counters::default();
+        let off = &mut counters.off_cpu;
+        off.off_cpu[OffCpuCounter::Intervals as usize] = 1200;
+        off.off_cpu[OffCpuCounter::IntervalNs as usize] = 3_500_000_000;
+        off.off_cpu[OffCpuCounter::Chosen as usize] = 300;
+        off.off_cpu[OffCpuCounter::WeightNs as usize] = 3_400_000_000;
+        off.off_cpu[OffCpuCounter::MapFull as usize] = 2;
+        off.outcomes[Counter::Sampled as usize] = 299;
+        off.outcomes[Counter::NoThreadState as usize] = 1;
+        let summary = RecordSummary {
+            kind: ProfileKind::Wall,
+            total_value: 12_345_000_000,
+            counters,
+            bpf: RunStats {
+                switch_out: ProgramStats {
+                    run_time: Duration::from_millis(2),
+                    runs: 10_000,
+                },
+                switch_in: ProgramStats {
+                    run_time: Duration::from_millis(3),
+                    runs: 10_000,
+                },
+                ..RunStats::default()
+            },
+            ..RecordSummary::default()
+        };
+        let text = summary.render(&opts());
+        for line in [
+            "  wall time: 12.345 s in the profile (values in nanoseconds)\n",
+            "  off-CPU: 1200 intervals (3.500 s), 300 walked (weights 3.400 s), 299 stacks sent, \
+             0 truncated, 0 partial, 1 without Python state, 0 dropped (ring buffer full)\n",
+            "  off-CPU losses: 2 switch-outs not timed (thread storage not created)\n",
+            "  scheduler hooks (kernel stats): 200 ns per switch-out, 300 ns per switch-in \
+             (walks included), 5.0 ms in total\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        // A CPU recording has none of it.
+        let cpu = RecordSummary::default().render(&opts());
+        assert!(
+            !cpu.contains("off-CPU") && !cpu.contains("in the profile"),
+            "{cpu}"
+        );
+    }
+
+    #[test]
+    fn modes_set_up_the_sampler() {
+        let base = SamplerConfig::default();
+        let cpu = RecordOptions::sampler_for(ProfileKind::Cpu, base, None, false);
+        assert!(cpu.on_cpu && cpu.off_cpu_period_ns.is_none() && !cpu.kernel_stacks);
+        let k = RecordOptions::sampler_for(ProfileKind::Cpu, base, None, true);
+        assert!(k.kernel_stacks);
+        // T defaults to the CPU sampling period.
+        let wall = RecordOptions::sampler_for(ProfileKind::Wall, base, None, false);
+        assert!(wall.on_cpu && wall.kernel_stacks);
+        assert_eq!(wall.off_cpu_period_ns, Some(1_000_000_000 / 99));
+        let off = RecordOptions::sampler_for(ProfileKind::OffCpu, base, Some(1_000_000), false);
+        assert!(!off.on_cpu && off.kernel_stacks);
+        assert_eq!(off.off_cpu_period_ns, Some(1_000_000));
     }
 
     /// The build kind comes from where `_PyRuntime` is: libpython for the

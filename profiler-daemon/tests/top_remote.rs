@@ -32,6 +32,9 @@ impl ApiSource for One {
             evicted_samples: 0,
             reason: None,
             replaced_by: None,
+            types: Vec::new(),
+            gil_wait_seconds: None,
+            wall_seconds: None,
         }]
     }
     fn profile(&self, _: &Selector, _: u32) -> Result<Profile, QueryError> {

@@ -10,25 +10,40 @@
 //! The walk is split into programs of `FRAMES_PER_PROG` frames chained by tail
 //! calls, which keeps each program small for the verifier and covers
 //! `MAX_FRAMES` within the kernel's 33 tail calls.
+//!
+//! Off-CPU time (`on_switch_out`, `on_switch_in`): the scheduler's
+//! tracepoints time each switch-out of a profiled thread and, as it comes
+//! back, sample the interval and walk the same way, in buffers of their own
+//! (`OFF_LANE`). Records then also carry the kernel stack and the thread's
+//! saved user registers.
 #![no_std]
 #![no_main]
 
+mod task_storage;
+
 use aya_ebpf::{
+    bindings::task_struct,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_task_btf,
+        bpf_get_prandom_u32, bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf, bpf_task_pt_regs,
     },
-    macros::{map, perf_event, raw_tracepoint},
+    macros::{btf_tracepoint, map, perf_event, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
-    programs::{PerfEventContext, RawTracePointContext},
+    programs::{BtfTracePointContext, PerfEventContext, RawTracePointContext},
+    EbpfContext,
 };
 use profiler_common::{
     code_checksum, code_flags, code_size_units, instr_index, Counter, CycleCheck, FrameFields,
-    FrameKind, ProcCounter, ProcEvent, ProcInfo, RawFrame, ReadStep, SampleBuf, SeenKey, TlsKind,
-    WalkState, CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN, FLAG_READ_ERROR, FLAG_TRUNCATED,
-    FRAMES_PER_PROG, FRAME_BLOCK, FRAME_BLOCK_WORDS, FRAME_READ_LEN, FRAME_READ_WORDS, HEADER_LEN,
-    MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES, WATCH_ENTRIES,
+    FrameKind, OffCpuCounter, OffCpuStart, ProcCounter, ProcEvent, ProcInfo, RawFrame, ReadStep,
+    SampleBuf, SeenKey, TlsKind, WalkState, CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN,
+    FLAG_IN_KERNEL, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_PREEMPTED, FLAG_READ_ERROR,
+    FLAG_TRUNCATED, FLAG_USER_REGS, FRAMES_PER_PROG, FRAME_BLOCK, FRAME_BLOCK_WORDS,
+    FRAME_READ_LEN, FRAME_READ_WORDS, HEADER_LEN, KIND_CPU, KIND_OFF_CPU, KSTACK_MAX,
+    KSTACK_SLOTS_MAX, MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES,
+    WATCH_ENTRIES,
 };
+use task_storage::TaskStorage;
 
 /// Offset of `task_struct.thread.fsbase`, from the kernel's BTF (set by
 /// userspace before load).
@@ -67,8 +82,50 @@ static STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static BLOCK: PerCpuArray<[u64; FRAME_BLOCK_WORDS]> = PerCpuArray::with_max_entries(1, 0);
 
+/// The same three for off-CPU samples. Their program runs with interrupts
+/// on, so a CPU sample can interrupt it on the same CPU: sharing buffers
+/// would let one overwrite the other's walk.
+#[map]
+static OFF_SCRATCH: Array<SampleBuf> = Array::with_max_entries(1, 0);
+#[map]
+static OFF_STATE: PerCpuArray<WalkState> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+static OFF_BLOCK: PerCpuArray<[u64; FRAME_BLOCK_WORDS]> = PerCpuArray::with_max_entries(1, 0);
+
+/// The per-CPU buffers one kind of sample walks in.
+#[derive(Clone, Copy)]
+struct Lane {
+    scratch: &'static Array<SampleBuf>,
+    state: &'static PerCpuArray<WalkState>,
+    block: &'static PerCpuArray<[u64; FRAME_BLOCK_WORDS]>,
+    /// Slot 0 holds the lane's walker program.
+    walker: &'static ProgramArray,
+    counters: &'static PerCpuArray<u64>,
+}
+
+const CPU_LANE: Lane = Lane {
+    scratch: &SCRATCH,
+    state: &STATE,
+    block: &BLOCK,
+    walker: &WALKER,
+    counters: &COUNTERS,
+};
+
+const OFF_LANE: Lane = Lane {
+    scratch: &OFF_SCRATCH,
+    state: &OFF_STATE,
+    block: &OFF_BLOCK,
+    walker: &OFF_WALKER,
+    counters: &OFF_COUNTERS,
+};
+
+/// Outcomes of CPU samples, and the exec and exit programs' counters.
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
+
+/// Outcomes of off-CPU samples (same slots), and the off-CPU counters.
+#[map]
+static OFF_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS_LEN, 0);
 
 /// Userspace sets the size (bytes, a power of two multiple of the page size).
 #[map]
@@ -88,6 +145,38 @@ static WAKEUP_BYTES: u64 = 0;
 #[map]
 static WALKER: ProgramArray = ProgramArray::with_max_entries(1, 0);
 
+/// Slot 0 holds `walk_off`: a tail call must stay within one program type
+/// (and, for BTF-typed programs, one attach point), so off-CPU samples have
+/// a walker of their own with the same body as `walk`.
+#[map]
+static OFF_WALKER: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Off-CPU intervals being timed, per thread: the switch-out of a thread of
+/// a profiled process (`start_ns` 0: none under way). Task-local storage:
+/// found through the task, with no hashing or lock on the scheduler's path,
+/// and freed with the task.
+#[link_section = ".maps"]
+#[export_name = "OFF_CPU"]
+static OFF_CPU: TaskStorage<OffCpuStart> = TaskStorage::new();
+
+/// What one CPU sample stands for, in ns (1e9 / rate); set by userspace.
+#[no_mangle]
+static CPU_PERIOD_NS: u64 = 0;
+
+/// Non-zero: CPU samples that interrupted the kernel carry its stack.
+#[no_mangle]
+static CPU_KSTACKS: u32 = 0;
+
+/// T, the off-CPU sampling period: an interval of `d` ns is walked with
+/// probability `min(1, d / T)` and then weighs `max(d, T)`. At most 2^32.
+#[no_mangle]
+static OFF_CPU_PERIOD_NS: u64 = 1_000_000;
+
+/// Frames of the off-CPU program's own kernel stack (the BPF program and
+/// its trampoline) that `bpf_get_stack` skips; set by userspace.
+#[no_mangle]
+static OFF_CPU_KSTACK_SKIP: u32 = 0;
+
 const WALK_SLOT: u32 = 0;
 
 // `bpf_ringbuf_output` and `bpf_ringbuf_query` flags (uapi/linux/bpf.h).
@@ -95,18 +184,38 @@ const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 
+/// Adds `n` to slot `c` of `counters`.
 #[inline(always)]
-fn count(c: u32) {
-    if let Some(p) = COUNTERS.get_ptr_mut(c) {
-        // SAFETY: a per-CPU slot; perf_event programs do not nest on a CPU,
-        // and the tracepoint programs' slots are theirs alone.
-        unsafe { *p += 1 };
+fn add_counter(counters: &PerCpuArray<u64>, c: u32, n: u64) {
+    if let Some(p) = counters.get_ptr_mut(c) {
+        // SAFETY: a per-CPU slot. Programs writing one array never nest on
+        // a CPU: the perf_event programs run in hard interrupts, the
+        // scheduler hooks with preemption off, and the one that can be
+        // interrupted (`on_switch_in`, by a CPU sample) counts in its own.
+        unsafe { *p += n };
     }
 }
 
 #[inline(always)]
-fn count_read_error(step: ReadStep) {
-    count(READ_ERROR_BASE + step as u32);
+fn count(c: u32) {
+    add_counter(&COUNTERS, c, 1);
+}
+
+/// Counts an outcome of the lane's samples.
+#[inline(always)]
+fn count_lane(lane: Lane, c: Counter) {
+    add_counter(lane.counters, c as u32, 1);
+}
+
+/// Adds `n` to an off-CPU counter.
+#[inline(always)]
+fn count_off(c: OffCpuCounter, n: u64) {
+    add_counter(&OFF_COUNTERS, c.slot(), n);
+}
+
+#[inline(always)]
+fn count_read_error(lane: Lane, step: ReadStep) {
+    add_counter(lane.counters, READ_ERROR_BASE + step as u32, 1);
 }
 
 #[inline(always)]
@@ -159,28 +268,156 @@ pub fn sample(ctx: PerfEventContext) -> u32 {
             return 0;
         }
     };
-    match start_walk(tgid, tid, &info) {
-        Ok(true) => {}
-        Ok(false) => {
-            count(Counter::NoThreadState as u32);
-            return 0;
-        }
-        Err(step) => {
-            count(Counter::ReadFailed as u32);
-            count_read_error(step);
-            return 0;
-        }
-    }
+    // What this sample stands for: the perf event's period (ns of the CPU
+    // clock) as the kernel set it for this overflow. In frequency mode it
+    // drifts from 1e9 / rate, so the nominal period would bias CPU time.
+    // SAFETY: `struct bpf_perf_event_data` is the regs, then `sample_period`.
+    let period = unsafe { *(ctx.as_ptr() as *const u64).add(PT_REGS_WORDS) };
+    let weight = if period != 0 {
+        period
+    } else {
+        unsafe { core::ptr::read_volatile(&CPU_PERIOD_NS) }
+    };
+    let Some((buf, state)) = begin(CPU_LANE, tgid, tid, &info, KIND_CPU, weight) else {
+        return 0;
+    };
+    cpu_context(&ctx, buf, state);
     // SAFETY: tail_call only returns on failure.
     unsafe { WALKER.tail_call(&ctx, WALK_SLOT) };
     count(Counter::TailCallFailed as u32);
     0
 }
 
-/// Finds the leaf frame and fills the per-CPU walk state. `Ok(false)`: the
-/// thread has no Python state or no frame (not yet started, finalising).
+/// [`start_walk`] with its outcome counted: the scratch record and walk
+/// state of a sample whose walk can start, or `None` (counted).
 #[inline(always)]
-fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
+fn begin(
+    lane: Lane,
+    tgid: u32,
+    tid: u32,
+    info: &ProcInfo,
+    kind: u32,
+    weight_ns: u64,
+) -> Option<(&'static mut SampleBuf, &'static mut WalkState)> {
+    match start_walk(lane, tgid, tid, info, kind, weight_ns) {
+        Ok(Some(s)) => Some(s),
+        Ok(None) => {
+            count_lane(lane, Counter::NoThreadState);
+            None
+        }
+        Err(step) => {
+            count_lane(lane, Counter::ReadFailed);
+            count_read_error(lane, step);
+            None
+        }
+    }
+}
+
+/// `struct pt_regs` (x86-64) in words, and the words of it a sample keeps.
+const PT_REGS_WORDS: usize = 21;
+const REG_BP: usize = 4;
+const REG_DI: usize = 14;
+const REG_ORIG_AX: usize = 15;
+const REG_IP: usize = 16;
+const REG_CS: usize = 17;
+const REG_SP: usize = 19;
+
+/// Copies the registers a sample keeps from a `pt_regs` image.
+#[inline(always)]
+fn keep_regs(h: &mut profiler_common::SampleHeader, r: &[u64; PT_REGS_WORDS], in_kernel: bool) {
+    h.user_ip = r[REG_IP];
+    h.user_sp = r[REG_SP];
+    h.user_bp = r[REG_BP];
+    h.syscall_nr = r[REG_ORIG_AX];
+    h.syscall_arg0 = r[REG_DI];
+    h.flags |= FLAG_USER_REGS;
+    if in_kernel {
+        h.flags |= FLAG_IN_KERNEL;
+    }
+}
+
+/// The current thread's saved user registers (the `pt_regs` at the top of
+/// its kernel stack: where it entered the kernel), into the header.
+#[inline(always)]
+fn task_regs(lane: Lane, h: &mut profiler_common::SampleHeader) {
+    // SAFETY: the helper returns the current task's BTF pointer; the
+    // registers are read with bpf_probe_read_kernel, which cannot fault.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf() as *mut task_struct) };
+    match unsafe { bpf_probe_read_kernel(regs as *const [u64; PT_REGS_WORDS]) } {
+        Ok(r) => keep_regs(h, &r, true),
+        Err(_) => add_counter(lane.counters, OffCpuCounter::RegsFailed.slot(), 1),
+    }
+}
+
+/// The kernel stack of `ctx`'s task into the record's body, innermost
+/// first, skipping `skip` frames; sets `nkernel` and the walker's frame
+/// offset past it.
+#[inline(always)]
+fn kernel_stack<C: EbpfContext>(
+    lane: Lane,
+    ctx: &C,
+    buf: &mut SampleBuf,
+    state: &mut WalkState,
+    skip: u32,
+) {
+    const WANT: usize = (KSTACK_MAX + 1) * 8;
+    // SAFETY: the body holds far more than WANT bytes.
+    let got = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            buf.frames.as_mut_ptr().cast(),
+            WANT as u32,
+            u64::from(skip & 0xff),
+        )
+    };
+    if got < 0 {
+        buf.header.flags |= FLAG_KSTACK_ERROR;
+        add_counter(lane.counters, OffCpuCounter::KstackFailed.slot(), 1);
+        return;
+    }
+    let mut n = got as usize / 8;
+    if n > KSTACK_MAX {
+        n = KSTACK_MAX;
+        buf.header.flags |= FLAG_KSTACK_TRUNCATED;
+    }
+    buf.header.nkernel = n as u32;
+    state.kslots = n.div_ceil(2) as u32;
+    // The pad word after an odd count is zero, not stale.
+    if n % 2 == 1 {
+        buf.frames[(n / 2) & (KSTACK_SLOTS_MAX - 1)].code = 0;
+    }
+}
+
+/// A CPU sample's registers and, with `CPU_KSTACKS`, kernel stack: from the
+/// interrupted state if it was user code, else from where the thread
+/// entered the kernel (and then the kernel stack is the interrupted one).
+#[inline(always)]
+fn cpu_context(ctx: &PerfEventContext, buf: &mut SampleBuf, state: &mut WalkState) {
+    // SAFETY: a perf_event program's context starts with the interrupted
+    // `pt_regs`, readable whole.
+    let regs = unsafe { &*(ctx.as_ptr() as *const [u64; PT_REGS_WORDS]) };
+    if regs[REG_CS] & 3 == 3 {
+        keep_regs(&mut buf.header, regs, false);
+        return;
+    }
+    task_regs(CPU_LANE, &mut buf.header);
+    if unsafe { core::ptr::read_volatile(&CPU_KSTACKS) } != 0 {
+        kernel_stack(CPU_LANE, ctx, buf, state, 0);
+    }
+}
+
+/// Finds the leaf frame and fills the per-CPU walk state and record header.
+/// `Ok(None)`: the thread has no Python state or no frame (not yet
+/// started, finalising).
+#[inline(always)]
+fn start_walk(
+    lane: Lane,
+    tgid: u32,
+    tid: u32,
+    info: &ProcInfo,
+    kind: u32,
+    weight_ns: u64,
+) -> Result<Option<(&'static mut SampleBuf, &'static mut WalkState)>, ReadStep> {
     let off = unsafe { core::ptr::read_volatile(&FSBASE_OFFSET) };
     // SAFETY: bpf_get_current_task returns the current task_struct; the read
     // is bounded by the kernel helper.
@@ -188,7 +425,7 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
     let fsbase: u64 = unsafe { bpf_probe_read_kernel((task + (off & 0xffff)) as *const u64) }
         .map_err(|_| ReadStep::FsBase)?;
     if fsbase == 0 {
-        return Ok(false);
+        return Ok(None);
     }
     // A thread in its last moments (do_exit after exit_mm) has left the
     // address space: no user memory to read, and no Python state left.
@@ -198,12 +435,12 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         let mm: u64 = unsafe { bpf_probe_read_kernel((task + (mm_off & 0xffff)) as *const u64) }
             .map_err(|_| ReadStep::FsBase)?;
         if mm == 0 {
-            return Ok(false);
+            return Ok(None);
         }
     }
     let tstate = thread_state(fsbase, info).map_err(|_| ReadStep::Tls)?;
     if tstate == 0 {
-        return Ok(false);
+        return Ok(None);
     }
     // The TSD slot must point back at this thread: `thread_id` is its
     // pthread_t, which is its FS base on glibc and musl.
@@ -221,11 +458,11 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         frame = read_u64(frame + u64::from(py.cframe_frame)).map_err(|_| ReadStep::CFrame)?;
     }
     if frame == 0 {
-        return Ok(false);
+        return Ok(None);
     }
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let buf = SCRATCH.get_ptr_mut(cpu).ok_or(ReadStep::FsBase)?;
-    let state = STATE.get_ptr_mut(0).ok_or(ReadStep::FsBase)?;
+    let buf = lane.scratch.get_ptr_mut(cpu).ok_or(ReadStep::FsBase)?;
+    let state = lane.state.get_ptr_mut(0).ok_or(ReadStep::FsBase)?;
     // SAFETY: both pointers are map values owned by this CPU for the sample.
     unsafe {
         let h = &mut (*buf).header;
@@ -236,6 +473,14 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         h.nframes = 0;
         h.flags = 0;
         h.error_step = 0;
+        h.kind = kind;
+        h.nkernel = 0;
+        h.weight_ns = weight_ns;
+        h.user_ip = 0;
+        h.user_sp = 0;
+        h.user_bp = 0;
+        h.syscall_nr = 0;
+        h.syscall_arg0 = 0;
         let s = &mut *state;
         s.frame = frame;
         s.info = *info;
@@ -243,6 +488,7 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         s.block_len = 0;
         s.novel = 0;
         s.tgid = tgid;
+        s.kslots = 0;
         s.cycle = CycleCheck::new();
         let max = core::ptr::read_volatile(&MAX_DEPTH);
         s.max_depth = if max == 0 || max > MAX_FRAMES as u32 {
@@ -250,8 +496,8 @@ fn start_walk(tgid: u32, tid: u32, info: &ProcInfo) -> Result<bool, ReadStep> {
         } else {
             max
         };
+        Ok(Some((&mut *buf, &mut *state)))
     }
-    Ok(true)
 }
 
 /// `--max-depth`, set by userspace before load.
@@ -268,11 +514,24 @@ enum Step {
 
 #[perf_event]
 pub fn walk(ctx: PerfEventContext) -> u32 {
+    walk_body(&ctx, CPU_LANE)
+}
+
+/// The walker of off-CPU samples: see `OFF_WALKER`.
+#[btf_tracepoint(function = "sched_exit_tp")]
+pub fn walk_off(ctx: BtfTracePointContext) -> u32 {
+    walk_body(&ctx, OFF_LANE)
+}
+
+/// Walks up to `FRAMES_PER_PROG` frames, then chains to the lane's walker
+/// (the program running this) or sends the sample.
+#[inline(always)]
+fn walk_body<C: EbpfContext>(ctx: &C, lane: Lane) -> u32 {
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let (Some(buf), Some(state), Some(block)) = (
-        SCRATCH.get_ptr_mut(cpu),
-        STATE.get_ptr_mut(0),
-        BLOCK.get_ptr_mut(0),
+        lane.scratch.get_ptr_mut(cpu),
+        lane.state.get_ptr_mut(0),
+        lane.block.get_ptr_mut(0),
     ) else {
         return 0;
     };
@@ -288,23 +547,23 @@ pub fn walk(ctx: PerfEventContext) -> u32 {
     match end {
         Step::Next => {
             // More frames: continue in a fresh program invocation.
-            unsafe { WALKER.tail_call(&ctx, WALK_SLOT) };
-            count(Counter::TailCallFailed as u32);
+            unsafe { lane.walker.tail_call(ctx, WALK_SLOT) };
+            count_lane(lane, Counter::TailCallFailed);
             buf.header.flags |= FLAG_TRUNCATED;
         }
         Step::Done => {}
         Step::Truncated => {
             buf.header.flags |= FLAG_TRUNCATED;
-            count(Counter::Truncated as u32);
+            count_lane(lane, Counter::Truncated);
         }
         Step::Failed(step) => {
             buf.header.flags |= FLAG_READ_ERROR;
             buf.header.error_step = step as u32;
-            count(Counter::ReadFailed as u32);
-            count_read_error(step);
+            count_lane(lane, Counter::ReadFailed);
+            count_read_error(lane, step);
         }
     }
-    emit(buf, state.novel != 0);
+    emit(lane, buf, state.kslots, state.novel != 0);
     0
 }
 
@@ -474,9 +733,11 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut Block) -> St
         return Step::Next;
     }
     let instr = instr_index(frame.instr, frame.code, code.units, &state.info.py);
-    // The mask through black_box keeps LLVM from dropping it: the verifier
-    // needs to see the store bounded.
-    let slot = core::hint::black_box(n as usize) & (MAX_FRAMES - 1);
+    // The masks through black_box keep LLVM from dropping them: the
+    // verifier needs to see the store bounded. Frames follow the kernel
+    // stack's slots.
+    let slot = (core::hint::black_box(state.kslots as usize) & (KSTACK_SLOTS_MAX - 1))
+        + (core::hint::black_box(n as usize) & (MAX_FRAMES - 1));
     buf.frames[slot] = RawFrame {
         code: frame.code,
         instr,
@@ -493,12 +754,13 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut Block) -> St
 /// soon (a finished import, an exiting process) and must be read while it
 /// exists. A ring filling up wakes it too.
 #[inline(always)]
-fn emit(buf: &SampleBuf, novel: bool) {
+fn emit(lane: Lane, buf: &SampleBuf, kslots: u32, novel: bool) {
     let mut n = buf.header.nframes as usize;
     if n > MAX_FRAMES {
         n = MAX_FRAMES;
     }
-    let len = HEADER_LEN + n * RAW_FRAME_LEN;
+    let k = kslots as usize & (KSTACK_SLOTS_MAX - 1);
+    let len = HEADER_LEN + (k + n) * RAW_FRAME_LEN;
     // SAFETY: `len` never exceeds the size of `SampleBuf`.
     let bytes = unsafe { core::slice::from_raw_parts((buf as *const SampleBuf).cast::<u8>(), len) };
     let limit = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
@@ -510,13 +772,134 @@ fn emit(buf: &SampleBuf, novel: bool) {
     };
     match EVENTS.output::<[u8]>(bytes, flags) {
         Ok(()) => {
-            count(Counter::Sampled as u32);
+            count_lane(lane, Counter::Sampled);
             if wake {
-                count(Counter::Wakeups as u32);
+                count_lane(lane, Counter::Wakeups);
             }
         }
-        Err(_) => count(Counter::RingBufFull as u32),
+        Err(_) => count_lane(lane, Counter::RingBufFull),
     }
+}
+
+/// `TASK_DEAD` (`include/linux/sched.h`): the switch-out of an exiting
+/// thread, which never switches back in.
+const TASK_DEAD: u64 = 0x80;
+
+/// A thread leaves the CPU. At this tracepoint `current` is still that
+/// thread (`prev`). For a thread of a profiled process only, the time and
+/// whether it is still runnable are kept until it switches back in; any
+/// other thread costs one map lookup.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn on_switch_out(ctx: BtfTracePointContext) -> u32 {
+    // sched_switch(bool preempt, prev, next, unsigned int prev_state).
+    let prev_state = ctx.arg::<u64>(3) & 0xffff_ffff;
+    if prev_state & TASK_DEAD != 0 {
+        return 0;
+    }
+    let prev: *mut task_struct = ctx.arg(1);
+    // A thread timed before has its slot; any other costs one lookup of
+    // its process.
+    // SAFETY: `prev` is the tracepoint's trusted task pointer.
+    let mut slot = unsafe { OFF_CPU.get(prev) };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if slot.is_null() {
+        // SAFETY: only tested for presence.
+        if unsafe { PROCS.get(&tgid) }.is_none() {
+            return 0;
+        }
+        // SAFETY: as above.
+        slot = unsafe { OFF_CPU.get_or_create(prev) };
+        if slot.is_null() {
+            count_off(OffCpuCounter::MapFull, 1);
+            return 0;
+        }
+    }
+    let preempt: u64 = ctx.arg(0);
+    // SAFETY: the slot is this task's, and the task is switching out on
+    // this CPU: nothing else touches it now.
+    unsafe {
+        *slot = OffCpuStart {
+            start_ns: bpf_ktime_get_ns(),
+            tgid,
+            // Preempted, or yielding: it stays on the run queue.
+            preempted: u32::from(preempt & 1 != 0 || prev_state == 0),
+        }
+    };
+    count_off(OffCpuCounter::SwitchOuts, 1);
+    0
+}
+
+/// The end of `__schedule()` (the `sched_exit_tp` tracepoint, Linux 6.16+):
+/// it runs in the context of the thread now on the CPU, right after it was
+/// switched in: its memory, its saved user registers, and its kernel stack
+/// still where it blocked. So this is where an off-CPU interval ends and its
+/// stacks are read. An interval of `d` ns is walked with probability
+/// `min(1, d / T)` and then weighs `max(d, T)`: the sum of weights estimates
+/// the off-CPU time without bias (Horvitz-Thompson), at no more than about
+/// one walk per `T` of a thread's off-CPU time.
+#[btf_tracepoint(function = "sched_exit_tp")]
+pub fn on_switch_in(ctx: BtfTracePointContext) -> u32 {
+    // sched_exit_tp(bool is_switch): `__schedule()` also returns without a
+    // switch (several times per switch on an idle-polling host): nothing
+    // ended then, and no map lookup is spent on it.
+    let is_switch: u64 = ctx.arg(0);
+    if is_switch & 1 == 0 {
+        return 0;
+    }
+    // SAFETY: the current task, as a trusted pointer.
+    let task = unsafe { bpf_get_current_task_btf() } as *mut task_struct;
+    // SAFETY: as above.
+    let slot = unsafe { OFF_CPU.get(task) };
+    if slot.is_null() {
+        return 0;
+    }
+    // SAFETY: this task's slot; the task runs here, nothing else touches it.
+    let start = unsafe { *slot };
+    if start.start_ns == 0 {
+        return 0;
+    }
+    unsafe { (*slot).start_ns = 0 };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let now = unsafe { bpf_ktime_get_ns() };
+    let d = now.saturating_sub(start.start_ns);
+    count_off(OffCpuCounter::Intervals, 1);
+    count_off(OffCpuCounter::IntervalNs, d);
+    let tgid = (pid_tgid >> 32) as u32;
+    let t = unsafe { core::ptr::read_volatile(&OFF_CPU_PERIOD_NS) };
+    // r is uniform on [0, T): P(r < d) = d / T for d < T.
+    let r = (u64::from(unsafe { bpf_get_prandom_u32() }) * t) >> 32;
+    if d < t && r >= d {
+        return 0;
+    }
+    let weight = if d > t { d } else { t };
+    count_off(OffCpuCounter::Chosen, 1);
+    count_off(OffCpuCounter::WeightNs, weight);
+    // SAFETY: plain data, copied out.
+    let info = match unsafe { PROCS.get(&tgid) } {
+        Some(i) if start.tgid == tgid => *i,
+        _ => {
+            // No longer profiled (or it exec'd): its switch-outs go back
+            // to the process lookup, which stops timing it.
+            // SAFETY: as above.
+            unsafe { OFF_CPU.delete(task) };
+            count_off(OffCpuCounter::Gone, 1);
+            return 0;
+        }
+    };
+    let Some((buf, state)) = begin(OFF_LANE, tgid, tid, &info, KIND_OFF_CPU, weight) else {
+        return 0;
+    };
+    if start.preempted != 0 {
+        buf.header.flags |= FLAG_PREEMPTED;
+    }
+    task_regs(OFF_LANE, &mut buf.header);
+    let skip = unsafe { core::ptr::read_volatile(&OFF_CPU_KSTACK_SKIP) };
+    kernel_stack(OFF_LANE, &ctx, buf, state, skip);
+    // SAFETY: tail_call only returns on failure.
+    unsafe { OFF_WALKER.tail_call(&ctx, WALK_SLOT) };
+    count_lane(OFF_LANE, Counter::TailCallFailed);
+    0
 }
 
 /// Exec and exit of processes, for the daemon's discovery.

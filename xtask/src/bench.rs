@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod gunicorn;
 mod measure;
 mod micro;
+mod offcpu;
 pub mod report;
 mod scale;
 mod self_profile;
@@ -251,6 +252,12 @@ pub struct BenchArgs {
     /// `--quick` under 6 minutes, full under 35.
     #[arg(long, conflicts_with = "self_profile")]
     pub scale: bool,
+    /// Instead of the benchmarks: the cost of off-CPU profiling per context
+    /// switch (profiled and not) under a ping-pong at about 20,000 context
+    /// switches a second, written to BENCHMARKS-offcpu.md and
+    /// benchmarks-offcpu.json. Full 2.5 minutes, `--quick` 40 s.
+    #[arg(long, conflicts_with_all = ["scale", "self_profile"])]
+    pub offcpu: bool,
     /// Instead of the benchmarks: profile the daemon itself with perf under
     /// a high sample rate and write a flamegraph to target/self-profile/.
     #[arg(long, conflicts_with_all = ["quick", "smoke"])]
@@ -369,6 +376,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     if args.scale {
         return scale::run(mode, args.out.clone(), args.pyebpf.clone());
+    }
+    if args.offcpu {
+        return offcpu::run(mode, args.out.clone(), args.pyebpf.clone());
     }
     if !crate::util::is_root() {
         bail!("`cargo xtask bench` needs root: it loads BPF programs and py-spy reads other processes");

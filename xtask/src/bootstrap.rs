@@ -3,7 +3,7 @@
 
 // A child module (so it can extend `Bootstrap`) kept in its own file, src/roots.rs.
 #[path = "roots.rs"]
-mod roots;
+pub mod roots;
 
 use crate::util::{cargo, cmd, is_root, root, which};
 use anyhow::{bail, Result};
@@ -17,12 +17,19 @@ const SYSTEM_PYTHON: &str = "/usr/bin/python3.11";
 const REQUIREMENTS: &str = "tests/requirements.txt";
 /// Debian packages the tests use: (package, a binary it provides).
 /// gdb is the native-stack tests' oracle (profiler-daemon/src/native/tests.rs).
-const DEB_TOOLS: [(&str, &str); 4] = [
+/// umoci builds the OCI image of `cargo xtask dist`, whose checks read sections with readelf.
+/// musl-tools: the C compiler for ring's and lzma-sys's C code in the musl build.
+const DEB_TOOLS: [(&str, &str); 7] = [
     ("tmux", "tmux"),
     ("util-linux", "setpriv"),
     ("wrk", "wrk"),
     ("gdb", "gdb"),
+    ("umoci", "umoci"),
+    ("binutils", "readelf"),
+    ("musl-tools", "musl-gcc"),
 ];
+/// `cargo xtask dist`'s Debian package.
+const CARGO_DEB: &str = "3.8.0";
 
 enum Status {
     Present,
@@ -70,6 +77,7 @@ pub fn run() -> Result<()> {
     b.bpf_linker(llvm)?;
     b.python()?;
     b.deb_tools()?;
+    b.dist_tools()?;
     b.roots()?;
     b.summary()
 }
@@ -318,6 +326,41 @@ impl Bootstrap {
                 None => bail!("installed {pkg} but `{bin}` is still not on PATH"),
             }
         }
+        Ok(())
+    }
+
+    /// Step 5b: what `cargo xtask dist` needs from Rust: the musl target of the default
+    /// toolchain (the static binary) and cargo-deb.
+    fn dist_tools(&mut self) -> Result<()> {
+        let musl = crate::dist::MUSL;
+        let installed = || {
+            cmd("rustup", &["target", "list", "--installed"])
+                .probe()
+                .is_some_and(|out| out.lines().any(|l| l.trim() == musl))
+        };
+        if installed() {
+            self.record(musl, Status::Present, "rustup target");
+        } else if which("rustup").is_none() {
+            self.record(musl, Status::Missing, "rustup not found");
+        } else {
+            cmd("rustup", &["target", "add", musl]).run()?;
+            if !installed() {
+                bail!("`rustup target add {musl}` ran but the target is not installed");
+            }
+            self.record(musl, Status::Installed, "rustup target add");
+        }
+        let version = || cargo(&["deb", "--version"]).probe().unwrap_or_default();
+        let found = version();
+        if found.ends_with(CARGO_DEB) {
+            self.record("cargo-deb", Status::Present, found);
+            return Ok(());
+        }
+        cargo(&["install", "--locked", &format!("cargo-deb@{CARGO_DEB}")]).run()?;
+        let found = version();
+        if !found.ends_with(CARGO_DEB) {
+            bail!("installed cargo-deb {CARGO_DEB} but `cargo deb --version` says {found:?}");
+        }
+        self.record("cargo-deb", Status::Installed, found);
         Ok(())
     }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod dist;
 mod fuzz;
 mod soak;
 mod test;
@@ -29,7 +30,8 @@ enum Command {
     Bootstrap,
     /// Bootstrap, then `cargo build --release` (also builds the eBPF object).
     Build,
-    /// Bootstrap, build, fmt check, clippy, then `cargo test --release --workspace [ARGS]`.
+    /// Bootstrap, build, fmt check, clippy, `cargo test --release --workspace [ARGS]`, then
+    /// `cargo xtask dist` (the release artifacts and their checks).
     Test {
         /// Extra arguments passed to `cargo test` (after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -37,6 +39,9 @@ enum Command {
     },
     /// Bootstrap, build, then profile examples/busy.py and write a flamegraph.
     Demo,
+    /// Release artifacts in target/artifacts/: the static (musl) binary, the .deb, the OCI image,
+    /// the Helm chart and SHA256SUMS, each checked (installs, runs, renders); needs root.
+    Dist(dist::DistArgs),
     /// Benchmarks against py-spy: writes BENCHMARKS.md and benchmarks.json (needs root);
     /// `--scale`: the daemon at production scale, BENCHMARKS-scale.md.
     Bench(bench::BenchArgs),
@@ -71,6 +76,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Test { args } => test::run(&args),
         Command::Demo => demo::run(),
+        Command::Dist(args) => dist::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Soak(args) => soak::run(&args),

@@ -27,7 +27,8 @@ pub fn run(extra: &[String]) -> Result<()> {
         .env("AYA_BUILD_SKIP", "1"),
         test_cmd,
     ];
-    let total = stages.len() + 1;
+    // + bootstrap, + dist (the release artifacts, built and checked).
+    let total = stages.len() + 2;
 
     banner(&format!("[1/{total}] bootstrap"));
     bootstrap::run().context("stage `bootstrap` failed")?;
@@ -51,6 +52,14 @@ pub fn run(extra: &[String]) -> Result<()> {
             .run()
             .with_context(|| format!("stage `{name}` failed"))?;
     }
+    banner(&format!("[{total}/{total}] cargo xtask dist"));
+    let started = std::time::Instant::now();
+    crate::dist::run(&crate::dist::DistArgs { no_bootstrap: true })
+        .context("stage `cargo xtask dist` failed")?;
+    println!(
+        "dist stage: {:.0} s (build and checks of the release artifacts)",
+        started.elapsed().as_secs_f64()
+    );
     banner("all stages passed");
     Ok(())
 }

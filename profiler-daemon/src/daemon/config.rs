@@ -24,6 +24,9 @@ use serde::Deserialize;
 use crate::model::labels::ProcessLabels;
 use profiler_common::MAX_PROCS_ENTRIES;
 
+mod otlp;
+pub use otlp::{Otlp, OtlpCompression, OtlpProtocol, OtlpTls};
+
 /// The conventional location of the file (used by the systemd unit and the
 /// container manifests); without `--config` the daemon uses the defaults.
 pub const DEFAULT_PATH: &str = "/etc/pyebpf/pyebpf.yaml";
@@ -129,6 +132,53 @@ pub struct Sampling {
     /// of two. Samples are dropped (and counted) when it is full.
     #[serde(deserialize_with = "ranged::<_, _, 65_536, 1_073_741_824>")]
     pub ring_buffer_bytes: u32,
+    /// Profile types kept per process: any of `cpu`, `wall`, `off-cpu`;
+    /// default `[cpu]`. `wall` or `off-cpu` turn on off-CPU sampling (the
+    /// scheduler hooks, with kernel stacks); wall is derived at query time
+    /// from the CPU samples and off-CPU time, never stored twice.
+    #[serde(deserialize_with = "profile_types")]
+    pub types: Vec<crate::profile::ProfileKind>,
+}
+
+impl Sampling {
+    /// Whether threads on CPU are sampled (cpu or wall).
+    pub fn on_cpu(&self) -> bool {
+        self.types.iter().any(|k| k.on_cpu())
+    }
+
+    /// Whether off-CPU intervals are traced (wall or off-cpu).
+    pub fn off_cpu(&self) -> bool {
+        self.types.iter().any(|k| k.off_cpu())
+    }
+}
+
+/// `sampling.types`: a non-empty list of distinct profile type names.
+fn profile_types<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<crate::profile::ProfileKind>, D::Error> {
+    use crate::profile::ProfileKind;
+    let names: Vec<String> = Vec::deserialize(d)?;
+    if names.is_empty() {
+        return Err(de::Error::custom(
+            "an empty list: expected at least one of cpu, wall, off-cpu",
+        ));
+    }
+    let mut out = Vec::new();
+    for n in &names {
+        let k = ProfileKind::ALL
+            .into_iter()
+            .find(|k| k.name() == n)
+            .ok_or_else(|| {
+                de::Error::custom(format!(
+                    "unknown profile type {n:?}: expected cpu, wall or off-cpu"
+                ))
+            })?;
+        if out.contains(&k) {
+            return Err(de::Error::custom(format!("profile type {n} listed twice")));
+        }
+        out.push(k);
+    }
+    Ok(out)
 }
 
 impl Default for Sampling {
@@ -137,6 +187,7 @@ impl Default for Sampling {
             rate_hz: 99,
             max_depth: profiler_common::DEFAULT_MAX_DEPTH,
             ring_buffer_bytes: 8 << 20,
+            types: vec![crate::profile::ProfileKind::Cpu],
         }
     }
 }
@@ -384,6 +435,9 @@ pub struct Outputs {
     pub pprof_dir: Option<PprofDir>,
     /// Push each window to a Pyroscope server; default off.
     pub pyroscope: Option<Pyroscope>,
+    /// Export each window to an OpenTelemetry Collector over OTLP; default
+    /// off.
+    pub otlp: Option<Otlp>,
 }
 
 /// `outputs.pprof_dir:` pprof files on disk.
@@ -657,6 +711,11 @@ fn cross_check(config: &Config, text: &str, origin: &str) -> Result<(), ConfigEr
                 agg.retention_secs, agg.window_secs
             ),
         );
+    }
+    if let Some(o) = &config.outputs.otlp {
+        if let Err((key, message)) = o.cross_check() {
+            return fail(&[&["outputs", "otlp", key]], message);
+        }
     }
     if let Some(p) = &config.outputs.pprof_dir {
         if p.max_age_secs < agg.window_secs {
@@ -1392,6 +1451,22 @@ mod tests {
             Some("0123456789ab")
         );
         assert_eq!(c.outputs.pprof_dir, Some(PprofDir::default()));
+        let o = c.outputs.otlp.clone().unwrap();
+        assert_eq!(o.endpoint(), "https://otel-collector.observability:4317");
+        assert_eq!(o.protocol, OtlpProtocol::Grpc);
+        assert_eq!(
+            o.headers,
+            [("authorization".to_string(), "Bearer replace_me".to_string())]
+        );
+        assert_eq!(
+            o.tls.unwrap().ca_file.unwrap(),
+            PathBuf::from("/etc/pyebpf/otlp-ca.pem")
+        );
+        assert_eq!(o.host_name.as_deref(), Some("node-1"));
+        assert_eq!(
+            (o.timeout_secs, o.max_queue_bytes, o.max_retry_secs),
+            (10, 64 << 20, 300)
+        );
         let py = c.outputs.pyroscope.unwrap();
         assert_eq!(py.url, "http://127.0.0.1:4040");
         assert_eq!(py.application_name, "python");
@@ -1441,7 +1516,8 @@ logging: { format: json, level: "warn,pyebpf=debug" }
             Sampling {
                 rate_hz: 19,
                 max_depth: 512,
-                ring_buffer_bytes: 65536
+                ring_buffer_bytes: 65536,
+                types: vec![crate::profile::ProfileKind::Cpu],
             }
         );
         assert_eq!(c.discovery.rescan_interval_secs, 5);
@@ -1960,5 +2036,26 @@ logging: { format: json, level: "warn,pyebpf=debug" }
         assert_eq!(at(&["a", "c", "d"]), Some((4, 8)));
         assert_eq!(at(&["a", "x"]), None);
         assert_eq!(at(&["a", "b", "c"]), None);
+    }
+
+    #[test]
+    fn profile_types() {
+        use crate::profile::ProfileKind;
+        let c =
+            parse("sampling:\n  types: [cpu, off-cpu]\n", "t").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.sampling.types, [ProfileKind::Cpu, ProfileKind::OffCpu]);
+        assert!(c.sampling.on_cpu() && c.sampling.off_cpu());
+        let c = parse("sampling:\n  types: [wall]\n", "t").unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.sampling.on_cpu() && c.sampling.off_cpu());
+        let d = Config::default();
+        assert!(d.sampling.on_cpu() && !d.sampling.off_cpu());
+        for (bad, why) in [
+            ("[]", "empty"),
+            ("[gpu]", "unknown profile type \"gpu\""),
+            ("[cpu, cpu]", "listed twice"),
+        ] {
+            let e = parse(&format!("sampling:\n  types: {bad}\n"), "t").unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -43,7 +43,7 @@ use super::access::Token;
 use crate::model::api::ApiSource;
 use crate::model::query::{QueryError, Selector, STATUS_UNSUPPORTED};
 use crate::model::top::TopQuery;
-use crate::profile::{folded, pprof, svg, Profile};
+use crate::profile::{folded, pprof, svg, Profile, ProfileKind};
 
 /// Longest query string accepted, in bytes (longer: 414).
 pub const MAX_QUERY_LEN: usize = 2048;
@@ -340,6 +340,8 @@ async fn processes(
 struct ProfileQuery {
     selector: Selector,
     seconds: u32,
+    /// `type=`: cpu (the default), wall or off-cpu.
+    kind: ProfileKind,
 }
 
 /// `v` for an error message: quoted, escaped, cut to 64 characters.
@@ -366,14 +368,16 @@ fn parse_profile_query(pairs: &[(String, String)], retention: u32) -> Result<Pro
     let mut pid = None;
     let mut service = None;
     let mut seconds = None;
+    let mut kind = None;
     for (k, v) in pairs {
         let slot = match k.as_str() {
             "pid" => &mut pid,
             "service" => &mut service,
             "seconds" => &mut seconds,
+            "type" => &mut kind,
             _ => {
                 return Err(format!(
-                    "unknown parameter {}: expected pid or service, and seconds",
+                    "unknown parameter {}: expected pid or service, seconds and type",
                     quoted(k)
                 ))
             }
@@ -414,7 +418,18 @@ fn parse_profile_query(pairs: &[(String, String)], retention: u32) -> Result<Pro
             Selector::Service(v.to_string())
         }
     };
-    Ok(ProfileQuery { selector, seconds })
+    let kind = match kind {
+        None => ProfileKind::Cpu,
+        Some(v) => ProfileKind::ALL
+            .into_iter()
+            .find(|k| k.name() == v)
+            .ok_or_else(|| format!("bad type {}: expected cpu, wall or off-cpu", quoted(v)))?,
+    };
+    Ok(ProfileQuery {
+        selector,
+        seconds,
+        kind,
+    })
 }
 
 /// Validates the parameters of `/api/top`.
@@ -446,6 +461,14 @@ fn parse_top_query(pairs: &[(String, String)], retention: u32) -> Result<TopQuer
                         ))
                     }
                 };
+            }
+            "type" => {
+                q.kind = ProfileKind::ALL
+                    .into_iter()
+                    .find(|k| k.name() == v)
+                    .ok_or_else(|| {
+                        format!("bad type {}: expected cpu, wall or off-cpu", quoted(v))
+                    })?;
             }
             "line" => {
                 once(&mut seen_line)?;
@@ -637,7 +660,12 @@ fn encode(kind: Kind, p: &Profile, q: &ProfileQuery) -> anyhow::Result<Vec<u8>> 
         Kind::Pprof => pprof::write(p, &mut out)?,
         Kind::Folded => folded::write(p, &mut out)?,
         Kind::Svg => {
-            let title = format!("pyebpf: {}, last {} s", describe(&q.selector), q.seconds);
+            let title = format!(
+                "pyebpf: {}, last {} s, {}",
+                describe(&q.selector),
+                q.seconds,
+                p.kind.describe()
+            );
             if p.total_samples() == 0 {
                 out = empty_svg(&title);
             } else {
@@ -678,7 +706,7 @@ async fn profile_response(
     let job = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
         let result = source
-            .profile(&q.selector, q.seconds)
+            .profile_of(&q.selector, q.seconds, q.kind)
             .map(|p| (encode(kind, &p, &q), p.total_samples()));
         (q, result, started.elapsed())
     });
@@ -927,6 +955,9 @@ mod tests {
                     evicted_samples: 0,
                     reason: None,
                     replaced_by: None,
+                    types: Vec::new(),
+                    gil_wait_seconds: None,
+                    wall_seconds: None,
                 },
                 ProcessView {
                     labels: ProcessLabels {
@@ -947,6 +978,9 @@ mod tests {
                             .into(),
                     ),
                     replaced_by: None,
+                    types: Vec::new(),
+                    gil_wait_seconds: None,
+                    wall_seconds: None,
                 },
             ]
         }
@@ -1516,16 +1550,27 @@ mod tests {
             parse_profile_query(&q("pid=12"), 300),
             Ok(ProfileQuery {
                 selector: Selector::Pid(12),
-                seconds: 10
+                seconds: 10,
+                kind: ProfileKind::Cpu,
             })
         );
         assert_eq!(
             parse_profile_query(&q("seconds=300&service=a b"), 300),
             Ok(ProfileQuery {
                 selector: Selector::Service("a b".into()),
-                seconds: 300
+                seconds: 300,
+                kind: ProfileKind::Cpu,
             })
         );
+        assert_eq!(
+            parse_profile_query(&q("pid=3&type=off-cpu"), 300).map(|q| q.kind),
+            Ok(ProfileKind::OffCpu)
+        );
+        assert_eq!(
+            parse_profile_query(&q("pid=3&type=wall"), 300).map(|q| q.kind),
+            Ok(ProfileKind::Wall)
+        );
+        assert!(parse_profile_query(&q("pid=3&type=gpu"), 300).is_err());
         // Default clamped to a retention shorter than it.
         assert_eq!(
             parse_profile_query(&q("pid=1"), 5).map(|q| q.seconds),
@@ -1569,6 +1614,7 @@ mod tests {
                 service: Some("web".into()),
                 line_level: true,
                 limit: Some(DEFAULT_TOP_LIMIT),
+                kind: ProfileKind::Cpu,
             })
         );
         assert_eq!(parse_top_query(&q(""), 5).unwrap().seconds, Some(5));

@@ -331,6 +331,8 @@ pub fn read_labels_and_opt_out(pid: u32) -> Result<(ProcessLabels, bool), LabelE
         pod_uid: cgroup.pod_uid,
         qos_class: cgroup.qos_class,
         ecs_task_id: cgroup.ecs_task_id,
+        // Known once the interpreter is inspected (the store sets it).
+        python_version: String::new(),
     };
     Ok((labels, disabled))
 }

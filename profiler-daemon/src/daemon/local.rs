@@ -11,11 +11,20 @@ use super::run::{self, DaemonOptions, Handle, Prepared};
 use crate::model::api::{ApiSource, LocalSampling, PreparedLocal};
 
 /// Loads the sampler for a loop at `rate_hz`, keeping `retention_secs` of
-/// stacks (a [`crate::model::api::PrepareLocal`]); starts no thread. The
-/// caller checks privileges.
-pub fn prepare(rate_hz: u64, retention_secs: u64) -> anyhow::Result<Box<dyn PreparedLocal>> {
+/// stacks (a [`crate::model::api::PrepareLocal`]), with `off_cpu` the
+/// cpu, off-cpu and wall types; starts no thread. The caller checks
+/// privileges.
+pub fn prepare(
+    rate_hz: u64,
+    retention_secs: u64,
+    off_cpu: bool,
+) -> anyhow::Result<Box<dyn PreparedLocal>> {
+    use crate::profile::ProfileKind;
     let mut config = Config::default();
     config.sampling.rate_hz = rate_hz;
+    if off_cpu {
+        config.sampling.types = vec![ProfileKind::Cpu, ProfileKind::OffCpu, ProfileKind::Wall];
+    }
     config.aggregation.retention_secs = retention_secs;
     config.aggregation.window_secs = config.aggregation.window_secs.min(retention_secs);
     let prepared = run::prepare(DaemonOptions {

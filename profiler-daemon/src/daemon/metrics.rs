@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use profiler_common::{Counter, ProcCounter, ReadStep};
+use profiler_common::{Counter, OffCpuCounter, ProcCounter, ReadStep};
 use prometheus::core::Collector;
 use prometheus::{
     Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -27,11 +27,15 @@ use prometheus::{
 };
 
 use super::export::pprof_writer::WriteCounters;
+
+mod push;
 use crate::bpf::counters::Counters;
 use crate::bpf::sampler::RunStats;
 use crate::model::labels::ProcessLabels;
+use crate::model::query::ProcessView;
 use crate::profile::{CompactProfile, Frame};
 use crate::python::symbolizer::SymbolStats;
+pub use push::{DropReason, PushMetrics};
 
 /// Most distinct values the `python` label takes (besides `""` and
 /// [`OTHER_PYTHON`]).
@@ -85,15 +89,21 @@ impl DiscoveryResult {
 pub enum ExportTarget {
     PprofDir,
     Pyroscope,
+    Otlp,
 }
 
 impl ExportTarget {
-    pub const ALL: [ExportTarget; 2] = [ExportTarget::PprofDir, ExportTarget::Pyroscope];
+    pub const ALL: [ExportTarget; 3] = [
+        ExportTarget::PprofDir,
+        ExportTarget::Pyroscope,
+        ExportTarget::Otlp,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ExportTarget::PprofDir => "pprof_dir",
             ExportTarget::Pyroscope => "pyroscope",
+            ExportTarget::Otlp => "otlp",
         }
     }
 }
@@ -117,58 +127,6 @@ impl ExportResult {
             ExportResult::Dropped => "dropped",
         }
     }
-}
-
-/// Why profiles meant for Pyroscope were lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DropReason {
-    /// The push queue reached its byte bound; the oldest profiles went.
-    QueueFull,
-    /// The server refused them (4xx other than 408/429, a redirect), or
-    /// they could not be encoded.
-    Rejected,
-    /// Still failing `max_retry` after the first attempt.
-    GaveUp,
-    /// Still queued or in flight when the shutdown deadline passed.
-    Shutdown,
-}
-
-impl DropReason {
-    pub const ALL: [DropReason; 4] = [
-        DropReason::QueueFull,
-        DropReason::Rejected,
-        DropReason::GaveUp,
-        DropReason::Shutdown,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::QueueFull => "queue_full",
-            DropReason::Rejected => "rejected",
-            DropReason::GaveUp => "gave_up",
-            DropReason::Shutdown => "shutdown",
-        }
-    }
-}
-
-/// Handles on the Pyroscope pusher's metrics, updated by the pusher as
-/// things happen (so a scrape never waits for the next window).
-#[derive(Clone)]
-pub struct PushMetrics {
-    /// `pyebpf_export_total{target="pyroscope",result="ok"}`.
-    pub sent: IntCounter,
-    /// `pyebpf_export_total{target="pyroscope",result="error"}`.
-    pub failed_attempts: IntCounter,
-    /// `pyebpf_export_total{target="pyroscope",result="dropped"}`.
-    pub dropped: IntCounter,
-    /// By [`DropReason`], in [`DropReason::ALL`] order.
-    pub dropped_profiles: [IntCounter; 4],
-    pub dropped_bytes: [IntCounter; 4],
-    pub sent_bytes: IntCounter,
-    pub queue_bytes: IntGauge,
-    pub queue_profiles: IntGauge,
-    pub in_flight: IntGauge,
-    pub upload_seconds: Histogram,
 }
 
 /// `(function, file, samples)` of one function in one process.
@@ -200,9 +158,37 @@ impl PythonLabels {
     }
 }
 
+/// The events of `pyebpf_bpf_off_cpu_total`: the off-CPU programs'
+/// counters, then the outcomes of off-CPU samples (those the off-CPU lane
+/// can count).
+const OFF_CPU_OUTCOMES: [Counter; 7] = [
+    Counter::NoThreadState,
+    Counter::Sampled,
+    Counter::Truncated,
+    Counter::RingBufFull,
+    Counter::TailCallFailed,
+    Counter::ReadFailed,
+    Counter::Wakeups,
+];
+const OFF_CPU_EVENTS: [&str; OffCpuCounter::ALL.len() + OFF_CPU_OUTCOMES.len()] = {
+    let mut names = [""; OffCpuCounter::ALL.len() + OFF_CPU_OUTCOMES.len()];
+    let mut i = 0;
+    while i < OffCpuCounter::ALL.len() {
+        names[i] = OffCpuCounter::ALL[i].name();
+        i += 1;
+    }
+    let mut j = 0;
+    while j < OFF_CPU_OUTCOMES.len() {
+        names[i + j] = OFF_CPU_OUTCOMES[j].name();
+        j += 1;
+    }
+    names
+};
+
 /// Last absolute values seen by the delta setters.
 #[derive(Default)]
 struct Last {
+    off_cpu: [u64; OFF_CPU_EVENTS.len()],
     outcomes: [u64; Counter::ALL.len()],
     read_errors: [u64; ReadStep::ALL.len()],
     symbols: [u64; SYMBOL_RESULTS.len()],
@@ -228,6 +214,7 @@ pub struct Metrics {
     last: Mutex<Last>,
     python_labels: Mutex<PythonLabels>,
     bpf_events: IntCounterVec,
+    bpf_off_cpu: IntCounterVec,
     bpf_read_errors: IntCounterVec,
     ringbuf_dropped: IntCounter,
     processes_profiled: IntGaugeVec,
@@ -241,8 +228,15 @@ pub struct Metrics {
     window_flush: Histogram,
     export: IntCounterVec,
     push: PushMetrics,
+    otlp: PushMetrics,
     samples_received: IntCounter,
     function_samples: IntGaugeVec,
+    /// Per process (pid, service), with off-CPU sampling on.
+    gil_wait_seconds: prometheus::CounterVec,
+    wall_seconds: prometheus::CounterVec,
+    /// The (pid, service) series of the two above, to remove those of
+    /// processes no longer held.
+    gil_series: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     function_series_dropped: IntGauge,
     process_events: IntCounterVec,
     process_events_lost: IntCounter,
@@ -300,6 +294,14 @@ impl Metrics {
             "Outcomes of the BPF sampler's perf events, by outcome (events counts every run; \
              the others say what became of it).",
             &["outcome"],
+        );
+        let bpf_off_cpu = counter_vec(
+            &r,
+            "pyebpf_bpf_off_cpu_total",
+            "Off-CPU tracing, by event: switch-outs timed or not (map_full), intervals and their \
+             nanoseconds, those walked (chosen) and their weights in nanoseconds, and what \
+             became of their stacks (sampled, truncated, read_failed, ...).",
+            &["event"],
         );
         let bpf_read_errors = counter_vec(
             &r,
@@ -392,80 +394,15 @@ impl Metrics {
         let export = counter_vec(
             &r,
             "pyebpf_export_total",
-            "Profile exports, by target (pprof_dir, pyroscope) and result: ok (written, or \
-             accepted by the server), error (a failed write; for pyroscope a failed upload \
-             attempt, retried) or dropped (for pyroscope, profiles lost for any reason; see \
-             pyebpf_pyroscope_dropped_profiles_total).",
+            "Profile exports (one per process and window), by target (pprof_dir, pyroscope, \
+             otlp) and result: ok (written, or accepted by the server), error (a failed write; \
+             for pyroscope and otlp a failed request attempt, retried) or dropped (for \
+             pyroscope and otlp, profiles lost for any reason; see \
+             pyebpf_<target>_dropped_profiles_total).",
             &["target", "result"],
         );
-        let dropped_profiles = counter_vec(
-            &r,
-            "pyebpf_pyroscope_dropped_profiles_total",
-            "Profiles not delivered to Pyroscope, by reason: queue_full (the oldest dropped to \
-             stay within max_queue_bytes), rejected (refused by the server), gave_up (still \
-             failing after max_retry_secs) or shutdown (left at the shutdown deadline).",
-            &["reason"],
-        );
-        let dropped_bytes = counter_vec(
-            &r,
-            "pyebpf_pyroscope_dropped_bytes_total",
-            "Queue bytes (gzipped pprof, request and a fixed per-profile overhead) of the \
-             profiles counted by pyebpf_pyroscope_dropped_profiles_total, by reason.",
-            &["reason"],
-        );
-        let by_reason =
-            |v: &IntCounterVec| DropReason::ALL.map(|x| v.with_label_values(&[x.as_str()]));
-        let push = PushMetrics {
-            sent: export.with_label_values(&["pyroscope", "ok"]),
-            failed_attempts: export.with_label_values(&["pyroscope", "error"]),
-            dropped: export.with_label_values(&["pyroscope", "dropped"]),
-            dropped_profiles: by_reason(&dropped_profiles),
-            dropped_bytes: by_reason(&dropped_bytes),
-            sent_bytes: counter(
-                &r,
-                "pyebpf_pyroscope_sent_bytes_total",
-                "Queue bytes of the profiles Pyroscope accepted.",
-            ),
-            queue_bytes: register(
-                &r,
-                IntGauge::new(
-                    "pyebpf_pyroscope_queue_bytes",
-                    "Bytes held for Pyroscope now, queued or being uploaded (bounded by \
-                     max_queue_bytes).",
-                )
-                .expect("valid metric"),
-            ),
-            queue_profiles: register(
-                &r,
-                IntGauge::new(
-                    "pyebpf_pyroscope_queue_profiles",
-                    "Profiles waiting to be uploaded to Pyroscope now (being encoded, queued or \
-                     waiting to retry; not those in flight).",
-                )
-                .expect("valid metric"),
-            ),
-            in_flight: register(
-                &r,
-                IntGauge::new(
-                    "pyebpf_pyroscope_uploads_in_flight",
-                    "Uploads to Pyroscope in progress now (at most max_concurrent_uploads).",
-                )
-                .expect("valid metric"),
-            ),
-            upload_seconds: register(
-                &r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "pyebpf_pyroscope_upload_duration_seconds",
-                        "Duration of each upload attempt to Pyroscope, successful or not.",
-                    )
-                    .buckets(vec![
-                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                    ]),
-                )
-                .expect("valid metric"),
-            ),
-        };
+        let push = push::push_metrics(&r, &export, ExportTarget::Pyroscope);
+        let otlp = push::push_metrics(&r, &export, ExportTarget::Otlp);
         let samples_received = counter(
             &r,
             "pyebpf_samples_received_total",
@@ -480,6 +417,32 @@ impl Metrics {
                      each process's top functions (capped series count).",
                 ),
                 &["pid", "service", "function", "file"],
+            )
+            .expect("valid metric"),
+        );
+        let gil_wait_seconds = register(
+            &r,
+            prometheus::CounterVec::new(
+                Opts::new(
+                    "pyebpf_gil_wait_seconds_total",
+                    "Off-CPU time the process's threads spent waiting for the GIL since it was \
+                     first profiled (only with off-CPU sampling: sampling.types wall or \
+                     off-cpu); over pyebpf_wall_seconds_total, its GIL contention.",
+                ),
+                &["pid", "service"],
+            )
+            .expect("valid metric"),
+        );
+        let wall_seconds = register(
+            &r,
+            prometheus::CounterVec::new(
+                Opts::new(
+                    "pyebpf_wall_seconds_total",
+                    "Wall time of the process's threads (CPU samples at 1/rate_hz s each plus \
+                     off-CPU time) since it was first profiled (with both on- and off-CPU \
+                     sampling).",
+                ),
+                &["pid", "service"],
             )
             .expect("valid metric"),
         );
@@ -537,6 +500,9 @@ impl Metrics {
         for k in Counter::ALL {
             bpf_events.with_label_values(&[k.name()]);
         }
+        for name in OFF_CPU_EVENTS {
+            bpf_off_cpu.with_label_values(&[name]);
+        }
         for s in ReadStep::ALL {
             bpf_read_errors.with_label_values(&[s.name()]);
         }
@@ -566,6 +532,7 @@ impl Metrics {
             last: Mutex::new(Last::default()),
             python_labels: Mutex::new(PythonLabels::default()),
             bpf_events,
+            bpf_off_cpu,
             bpf_read_errors,
             ringbuf_dropped,
             processes_profiled,
@@ -579,8 +546,12 @@ impl Metrics {
             window_flush,
             export,
             push,
+            otlp,
             samples_received,
             function_samples,
+            gil_wait_seconds,
+            wall_seconds,
+            gil_series: Default::default(),
             function_series_dropped,
             process_events,
             process_events_lost,
@@ -643,6 +614,18 @@ impl Metrics {
                 &self.bpf_read_errors.with_label_values(&[s.name()]),
                 &mut last.read_errors[i],
                 c.read_errors[i],
+            );
+        }
+        let off = &c.off_cpu;
+        let values = OffCpuCounter::ALL
+            .iter()
+            .map(|k| off.off_cpu(*k))
+            .chain(OFF_CPU_OUTCOMES.iter().map(|k| off.get(*k)));
+        for (i, (name, v)) in OFF_CPU_EVENTS.iter().zip(values).enumerate() {
+            advance(
+                &self.bpf_off_cpu.with_label_values(&[name]),
+                &mut last.off_cpu[i],
+                v,
             );
         }
         for (i, k) in ProcCounter::ALL.into_iter().enumerate() {
@@ -792,6 +775,11 @@ impl Metrics {
         self.push.clone()
     }
 
+    /// Handles on the OTLP exporter's metrics.
+    pub fn otlp(&self) -> PushMetrics {
+        self.otlp.clone()
+    }
+
     /// Replaces every `pyebpf_function_samples` series with `top` (per
     /// process, its functions as from [`top_functions`]). At most
     /// `max_series` series are kept, the largest across all processes (ties
@@ -825,6 +813,40 @@ impl Metrics {
         }
         self.function_series_dropped
             .set(i64::try_from(dropped).unwrap_or(i64::MAX));
+    }
+
+    /// Brings `pyebpf_gil_wait_seconds_total` and `pyebpf_wall_seconds_total`
+    /// to each held process's totals (the store's, which only grow while a
+    /// process is held); series of processes no longer held are removed.
+    /// One series each per process held: bounded by
+    /// `aggregation.max_processes`.
+    pub fn set_gil_waits(&self, views: &[ProcessView]) {
+        let mut series = self.gil_series.lock().unwrap_or_else(|p| p.into_inner());
+        let mut now = std::collections::HashSet::new();
+        for v in views {
+            let Some(gil) = v.gil_wait_seconds else {
+                continue;
+            };
+            let key = (v.labels.pid.to_string(), v.labels.service.clone());
+            let labels = [key.0.as_str(), key.1.as_str()];
+            let raise = |c: &prometheus::CounterVec, to: f64| {
+                let c = c.with_label_values(&labels);
+                let delta = to - c.get();
+                if delta > 0.0 {
+                    c.inc_by(delta);
+                }
+            };
+            raise(&self.gil_wait_seconds, gil);
+            if let Some(wall) = v.wall_seconds {
+                raise(&self.wall_seconds, wall);
+            }
+            now.insert(key);
+        }
+        for (pid, service) in series.difference(&now) {
+            let _ = self.gil_wait_seconds.remove_label_values(&[pid, service]);
+            let _ = self.wall_seconds.remove_label_values(&[pid, service]);
+        }
+        *series = now;
     }
 
     /// Every metric in the Prometheus text format (version 0.0.4).
@@ -995,6 +1017,14 @@ mod tests {
             "pyebpf_pyroscope_queue_profiles",
             "pyebpf_pyroscope_uploads_in_flight",
             "pyebpf_pyroscope_upload_duration_seconds",
+            "pyebpf_otlp_dropped_profiles_total",
+            "pyebpf_otlp_dropped_bytes_total",
+            "pyebpf_otlp_sent_bytes_total",
+            "pyebpf_otlp_queue_bytes",
+            "pyebpf_otlp_queue_profiles",
+            "pyebpf_otlp_exports_in_flight",
+            "pyebpf_otlp_export_duration_seconds",
+            "pyebpf_otlp_partial_success_total",
             "pyebpf_samples_received_total",
             "pyebpf_function_samples",
             "pyebpf_function_series_dropped",
@@ -1052,7 +1082,7 @@ mod tests {
                 "{r}"
             );
         }
-        for t in ["pprof_dir", "pyroscope"] {
+        for t in ["pprof_dir", "pyroscope", "otlp"] {
             for r in ["ok", "error", "dropped"] {
                 assert_eq!(
                     value(
@@ -1068,12 +1098,16 @@ mod tests {
             for name in [
                 "pyebpf_pyroscope_dropped_profiles_total",
                 "pyebpf_pyroscope_dropped_bytes_total",
+                "pyebpf_otlp_dropped_profiles_total",
+                "pyebpf_otlp_dropped_bytes_total",
             ] {
                 assert_eq!(value(&text, name, &[("reason", r.as_str())]), Some(0.0));
             }
         }
         assert!(text.contains("# TYPE pyebpf_pyroscope_queue_bytes gauge"));
         assert!(text.contains("# TYPE pyebpf_pyroscope_upload_duration_seconds histogram"));
+        assert!(text.contains("# TYPE pyebpf_otlp_export_duration_seconds histogram"));
+        assert!(!text.contains("pyebpf_pyroscope_partial_success_total"));
         assert!(text.contains("# TYPE pyebpf_bpf_events_total counter"));
         assert!(text.contains("# TYPE pyebpf_window_flush_seconds histogram"));
         assert!(text.contains("# TYPE pyebpf_function_samples gauge"));
@@ -1132,6 +1166,19 @@ mod tests {
         assert_eq!(ev(&m, "sampled"), Some(90.0));
         assert_eq!(ev(&m, "ringbuf_full"), Some(4.0));
         assert_eq!(ev(&m, "truncated"), Some(0.0));
+        // Off-CPU tracing has its own counter, every event listed.
+        let off =
+            |m: &Metrics, e: &str| value(&m.render(), "pyebpf_bpf_off_cpu_total", &[("event", e)]);
+        assert_eq!(off(&m, "intervals"), Some(0.0));
+        assert_eq!(off(&m, "sampled"), Some(0.0));
+        let mut c2 = c.clone();
+        c2.off_cpu.off_cpu[OffCpuCounter::IntervalNs as usize] = 7_000;
+        c2.off_cpu.outcomes[Counter::Sampled as usize] = 3;
+        m.set_bpf_counters(&c2);
+        m.set_bpf_counters(&c2);
+        assert_eq!(off(&m, "interval_ns"), Some(7_000.0));
+        assert_eq!(off(&m, "sampled"), Some(3.0));
+        assert_eq!(ev(&m, "sampled"), Some(90.0), "lanes stay apart");
         assert_eq!(
             value(
                 &m.render(),
@@ -1217,6 +1264,7 @@ mod tests {
             run_time: Duration::from_micros(500),
             samples: 100,
             walks: 300,
+            ..RunStats::default()
         });
         let t = m.render();
         assert_eq!(value(&t, "pyebpf_bpf_run_count_total", &[]), Some(100.0));
@@ -1227,6 +1275,7 @@ mod tests {
             run_time: Duration::from_micros(700),
             samples: 200,
             walks: 600,
+            ..RunStats::default()
         });
         let t = m.render();
         assert_eq!(value(&t, "pyebpf_bpf_run_count_total", &[]), Some(200.0));
@@ -1236,6 +1285,7 @@ mod tests {
             run_time: Duration::from_micros(700),
             samples: 200,
             walks: 600,
+            ..RunStats::default()
         });
         assert_eq!(
             value(&m.render(), "pyebpf_bpf_ns_per_sample", &[]),

@@ -443,6 +443,7 @@ impl Daemon {
                         start_time: p.start_time,
                         python_version: p.version.to_string(),
                         code_format: p.code_format(),
+                        gil: p.gil.clone(),
                     },
                     SystemTime::now(),
                 );
@@ -599,9 +600,18 @@ impl Daemon {
                 .map(|(l, p)| (l.clone(), top_functions(p, k)))
                 .collect()
         };
+        let primary = self.shared.store().kind();
         let (top, windows) = if self.exporters.any() {
-            let windows = self.shared.store().window(from, until);
-            (top_of(&windows), windows)
+            // One window per profile type held, each exported as its own
+            // profile; the top functions are the default type's.
+            let store = self.shared.store();
+            let mut windows = store.window(from, until);
+            let top = top_of(&windows);
+            for kind in store.types().iter().filter(|k| **k != primary) {
+                windows.extend(store.window_kind(from, until, *kind));
+            }
+            drop(store);
+            (top, windows)
         } else {
             (
                 top_of(&self.shared.store().window_leaves(from, until)),
@@ -611,8 +621,10 @@ impl Daemon {
         self.shared
             .metrics
             .set_top_functions(&top, self.config.metrics.max_function_series as usize);
+        let views = self.shared.store().views();
+        self.shared.metrics.set_gil_waits(&views);
         self.exporters
-            .export(windows, from, until, &self.shared.metrics);
+            .export(windows, from, until, primary, &self.shared.metrics);
         self.window_start = until;
         release_freed_memory();
         self.last_trim = Instant::now();
@@ -708,6 +720,9 @@ pub struct Prepared {
     procs_capacity: u32,
     /// The API's listener (then `metrics_listen`'s), when served.
     listeners: Vec<(std::net::TcpListener, super::http::Access)>,
+    /// Kernel symbols for off-CPU stacks, read while the capabilities
+    /// that show `/proc/kallsyms`' addresses are held.
+    kernel: Option<Arc<crate::native::kernel::KernelSymbols>>,
 }
 
 /// Checks the API's access rules, loads the sampler and binds the API.
@@ -729,7 +744,28 @@ pub fn prepare(opts: DaemonOptions) -> anyhow::Result<Prepared> {
         ring_bytes: config.sampling.ring_buffer_bytes,
         process_events: true,
         max_processes: procs_capacity,
+        on_cpu: config.sampling.on_cpu(),
+        // Each off-CPU sample weighs at least one CPU sample's period.
+        off_cpu_period_ns: config
+            .sampling
+            .off_cpu()
+            .then(|| 1_000_000_000 / config.sampling.rate_hz.max(1)),
+        kernel_stacks: config.sampling.off_cpu(),
     })?;
+    // Off-CPU stacks end in the kernel frames of where threads wait: their
+    // names are read now, before the capabilities are dropped.
+    let kernel = if config.sampling.off_cpu() {
+        match crate::native::kernel::KernelSymbols::new(crate::native::kernel::DEFAULT_CACHE_BYTES)
+        {
+            Ok(k) => Some(Arc::new(k)),
+            Err(e) => {
+                tracing::warn!("kernel frames will show addresses: {e:#}");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut listeners = Vec::new();
     if opts.serve_http {
         let access = super::http::Access {
@@ -750,6 +786,7 @@ pub fn prepare(opts: DaemonOptions) -> anyhow::Result<Prepared> {
         sampler,
         procs_capacity,
         listeners,
+        kernel,
     })
 }
 
@@ -769,6 +806,7 @@ pub async fn start(prepared: Prepared) -> anyhow::Result<Handle> {
         mut sampler,
         procs_capacity,
         listeners,
+        kernel,
     } = prepared;
     let config = opts.config;
     // Polled by the ingest thread's runtime (an `AsyncFd` belongs to the
@@ -778,10 +816,14 @@ pub async fn start(prepared: Prepared) -> anyhow::Result<Handle> {
         .take_proc_events()
         .context("process event ring buffer")?;
 
-    let store = Store::new(
+    let mut store = Store::with_types(
         store_limits(&config, procs_capacity),
         config.sampling.rate_hz as u32,
+        &config.sampling.types,
     );
+    if let Some(k) = kernel {
+        store.set_kernel_symbols(k);
+    }
     let metrics = Metrics::new();
     let store_metrics = StoreMetrics::register(metrics.registry());
     let shared = Arc::new(Shared::new(store, metrics));

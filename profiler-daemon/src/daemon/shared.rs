@@ -9,7 +9,7 @@ use crate::bpf::events::RawSample;
 use crate::model::api::ApiSource;
 use crate::model::query::{checked_top_seconds, top_span, ProcessView, QueryError, Selector};
 use crate::model::top::{self as model, Header, TopQuery, TopSnapshot};
-use crate::profile::Profile;
+use crate::profile::{Profile, ProfileKind};
 use crate::store::Store;
 
 /// The store, the metrics and readiness, behind one `Arc`.
@@ -151,6 +151,16 @@ impl ApiSource for Shared {
     /// released. The stacks spelled out are held to `api.max_query_mib`,
     /// checked before each process is.
     fn profile(&self, selector: &Selector, seconds: u32) -> Result<Profile, QueryError> {
+        let kind = self.store().kind();
+        self.profile_of(selector, seconds, kind)
+    }
+
+    fn profile_of(
+        &self,
+        selector: &Selector,
+        seconds: u32,
+        kind: ProfileKind,
+    ) -> Result<Profile, QueryError> {
         let now = SystemTime::now();
         let budget = self.max_query_bytes.load(Ordering::Relaxed);
         let pids = match selector {
@@ -160,7 +170,10 @@ impl ApiSource for Shared {
         let mut merged: Option<Profile> = None;
         let mut spent = 0usize;
         for pid in pids {
-            let one = match self.store().query(&Selector::Pid(pid), seconds, now) {
+            let one = match self
+                .store()
+                .query_kind(&Selector::Pid(pid), seconds, now, kind)
+            {
                 Ok(c) => c,
                 // The pid asked for: say why (not found, bad seconds).
                 Err(e) if matches!(selector, Selector::Pid(_)) => return Err(e),
@@ -191,7 +204,7 @@ impl ApiSource for Shared {
             // Nothing selected: the store says why (not found, bad seconds).
             None => self
                 .store()
-                .query(selector, seconds, now)
+                .query_kind(selector, seconds, now, kind)
                 .map(|c| c.to_profile()),
         }
     }
@@ -226,15 +239,24 @@ impl ApiSource for Shared {
     fn top(&self, q: &TopQuery) -> Result<TopSnapshot, QueryError> {
         let now = SystemTime::now();
         let (drops, errors) = self.bpf_drops_and_errors();
-        let (retention, rate_hz, views, profiled) = {
+        let (retention, rate_hz, views, profiled, types) = {
             let store = self.store();
             (
                 store.retention_secs(),
                 store.rate_hz(),
                 store.views(),
                 store.processes_profiled() as u64,
+                store.types().to_vec(),
             )
         };
+        if !types.contains(&q.kind) {
+            let names: Vec<&str> = types.iter().map(|k| k.name()).collect();
+            return Err(QueryError::BadRequest(format!(
+                "profile type {} is not enabled; enabled: {}",
+                q.kind.name(),
+                names.join(", ")
+            )));
+        }
         let seconds = checked_top_seconds(q.seconds, retention)?;
         let span = top_span(seconds, retention);
         let now_s = unix_secs(now);
@@ -244,7 +266,10 @@ impl ApiSource for Shared {
         let mut per_process = Vec::new();
         for v in views.iter().filter(|v| q.selects(&v.labels)) {
             // Gone since `views` (expired): nothing to show for it.
-            if let Ok(p) = self.store().query(&Selector::Pid(v.labels.pid), span, now) {
+            if let Ok(p) = self
+                .store()
+                .query_kind(&Selector::Pid(v.labels.pid), span, now, q.kind)
+            {
                 per_process.push((v.labels.clone(), p));
             }
         }
@@ -264,7 +289,21 @@ impl ApiSource for Shared {
                     .min(seconds),
             },
         };
-        Ok(model::snapshot(&per_process, q, &header))
+        let mut snap = model::snapshot(&per_process, q, &header);
+        snap.kind = q.kind.name().to_string();
+        snap.types = types.iter().map(|k| k.name().to_string()).collect();
+        // GIL contention since each process was first profiled.
+        for row in &mut snap.processes {
+            let Some(v) = views.iter().find(|v| v.labels.pid == row.pid) else {
+                continue;
+            };
+            if let (Some(gil), Some(wall)) = (v.gil_wait_seconds, v.wall_seconds) {
+                if wall > 0.0 {
+                    row.gil_wait_permille = Some((1000.0 * gil / wall).round().min(1000.0) as u32);
+                }
+            }
+        }
+        Ok(snap)
     }
 }
 
@@ -384,6 +423,7 @@ mod tests {
             start_time: 1,
             python_version: "3.11.7".into(),
             code_format: test_code::format(),
+            gil: None,
         };
         let mem = TargetMemory::new(ProbeMemory(probe.clone()));
         assert!(shared.store().add_process_reading(process, now, mem));
@@ -431,6 +471,7 @@ mod tests {
                 start_time: 1,
                 python_version: "3.11.7".into(),
                 code_format: test_code::format(),
+                gil: None,
             };
             let mem = TargetMemory::new(mem);
             assert!(shared.store().add_process_reading(process, now, mem));
@@ -474,6 +515,7 @@ mod tests {
             start_time: 1,
             python_version: "3.11.7".into(),
             code_format: test_code::format(),
+            gil: None,
         };
         assert!(shared.store().add_process(process, SystemTime::now()));
         let cmdline = |s: &Shared| s.processes()[0].labels.cmdline.clone();

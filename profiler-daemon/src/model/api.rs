@@ -11,7 +11,7 @@ use super::query::{
     STATUS_UNSUPPORTED,
 };
 use super::top::{snapshot, Header, TopQuery, TopSnapshot};
-use crate::profile::{CompactProfile, Profile};
+use crate::profile::{CompactProfile, Profile, ProfileKind};
 
 /// What the HTTP API reads from the running daemon.
 pub trait ApiSource: Send + Sync + 'static {
@@ -21,6 +21,22 @@ pub trait ApiSource: Send + Sync + 'static {
     /// The last `seconds` seconds of the selected process(es), at one-second
     /// granularity; `seconds` is at most the configured retention.
     fn profile(&self, selector: &Selector, seconds: u32) -> Result<Profile, QueryError>;
+    /// [`ApiSource::profile`] of profile type `kind`; the default holds
+    /// only CPU profiles.
+    fn profile_of(
+        &self,
+        selector: &Selector,
+        seconds: u32,
+        kind: ProfileKind,
+    ) -> Result<Profile, QueryError> {
+        match kind {
+            ProfileKind::Cpu => self.profile(selector, seconds),
+            k => Err(QueryError::BadRequest(format!(
+                "profile type {} is not enabled; enabled: cpu",
+                k.name()
+            ))),
+        }
+    }
     /// Prometheus text exposition of every metric.
     fn metrics_text(&self) -> String;
     /// Sampler loaded and first discovery done.
@@ -117,7 +133,7 @@ pub trait PreparedLocal {
 /// Loads a [`PreparedLocal`] loop at `rate_hz`, keeping `retention_secs`;
 /// starts no thread.
 pub type PrepareLocal =
-    fn(rate_hz: u64, retention_secs: u64) -> anyhow::Result<Box<dyn PreparedLocal>>;
+    fn(rate_hz: u64, retention_secs: u64, off_cpu: bool) -> anyhow::Result<Box<dyn PreparedLocal>>;
 
 #[cfg(test)]
 mod tests {
@@ -140,6 +156,9 @@ mod tests {
                 evicted_samples: 0,
                 reason: (status == STATUS_UNSUPPORTED).then(|| "too new".to_string()),
                 replaced_by: None,
+                types: Vec::new(),
+                gil_wait_seconds: None,
+                wall_seconds: None,
             };
             vec![
                 view(1, "3.14", STATUS_PROFILED),

@@ -22,6 +22,11 @@ pub struct ProcessLabels {
     pub qos_class: Option<String>,
     /// ECS task id from the cgroup path.
     pub ecs_task_id: Option<String>,
+    /// CPython version (`3.11.7`), set by the store when the process is
+    /// profiled; empty before. Exports only (OTLP's
+    /// `process.runtime.version`): `/processes` lists it beside the labels.
+    #[serde(skip)]
+    pub python_version: String,
 }
 
 #[cfg(test)]

@@ -59,6 +59,18 @@ pub struct ProcessView {
     /// program (status [`STATUS_REPLACED`]; absent for the others).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replaced_by: Option<String>,
+    /// Profile types that can be queried (`cpu`, `wall`, `off-cpu`);
+    /// none for a process not profiled.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub types: Vec<&'static str>,
+    /// Seconds its threads spent waiting for the GIL since profiling
+    /// started (off-CPU sampling only; absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gil_wait_seconds: Option<f64>,
+    /// Wall seconds of its threads (on CPU plus off CPU) since profiling
+    /// started (with both on- and off-CPU sampling; absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wall_seconds: Option<f64>,
 }
 
 /// Why a query could not be answered.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::labels::ProcessLabels;
-use crate::profile::{CompactProfile, Frame};
+use crate::profile::{CompactProfile, Frame, ProfileKind};
 
 /// What a `top` view asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -34,6 +34,8 @@ pub struct TopQuery {
     /// total samples (their union), and this many process rows; `None`:
     /// all. The daemon's `/api/top` always sets it, to bound its answers.
     pub limit: Option<u32>,
+    /// The profile type shown (`type=`): cpu by default.
+    pub kind: ProfileKind,
 }
 
 impl TopQuery {
@@ -95,6 +97,10 @@ pub struct ProcessRow {
     #[serde(default)]
     pub python: String,
     pub samples: u64,
+    /// Share of its threads' wall time spent waiting for the GIL since it
+    /// was first profiled, in tenths of a percent (with off-CPU sampling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gil_wait_permille: Option<u32>,
 }
 
 /// Everything one refresh of `top` shows.
@@ -128,6 +134,33 @@ pub struct TopSnapshot {
     /// Process rows before the query's `limit`.
     #[serde(default)]
     pub processes_total: u64,
+    /// The profile type of the values (`cpu`: samples at `rate_hz`; `wall`,
+    /// `off-cpu`: nanoseconds); empty from an older daemon (cpu).
+    #[serde(default)]
+    pub kind: String,
+    /// The types the source holds (`m` cycles through them); empty from an
+    /// older daemon (cpu only).
+    #[serde(default)]
+    pub types: Vec<String>,
+}
+
+impl TopSnapshot {
+    /// The profile type of its values.
+    pub fn profile_kind(&self) -> ProfileKind {
+        ProfileKind::ALL
+            .into_iter()
+            .find(|k| k.name() == self.kind)
+            .unwrap_or_default()
+    }
+
+    /// Values per second of time: `rate_hz` for CPU samples, 1e9 for
+    /// nanoseconds.
+    pub fn values_per_sec(&self) -> u32 {
+        match self.profile_kind().unit() {
+            crate::profile::ValueUnit::Samples => self.rate_hz,
+            crate::profile::ValueUnit::Nanoseconds => 1_000_000_000,
+        }
+    }
 }
 
 impl TopSnapshot {
@@ -221,7 +254,20 @@ pub fn snapshot(
         let mut seen = HashSet::new();
         for (stack, count) in profile.stacks() {
             samples += count;
-            if let Some(k) = stack.last().and_then(|f| key_of(f, query.line_level)) {
+            // Own: the innermost Python frame, under which only the kernel
+            // or a wait's synthetic leaf may lie (the line where the thread
+            // was, on CPU in the kernel or blocked).
+            let leaf = stack.iter().rev().find(|f| {
+                !matches!(
+                    f,
+                    Frame::Kernel { .. }
+                        | Frame::KernelTruncated
+                        | Frame::KernelUnavailable
+                        | Frame::GilWait
+                        | Frame::Runnable
+                )
+            });
+            if let Some(k) = leaf.and_then(|f| key_of(f, query.line_level)) {
                 *own.entry(k).or_insert(0) += count;
             }
             seen.clear();
@@ -238,6 +284,7 @@ pub fn snapshot(
             service: labels.service.clone(),
             python: String::new(),
             samples,
+            gil_wait_permille: None,
         });
         for (k, t) in total {
             functions.push(FunctionRow {
@@ -273,6 +320,8 @@ pub fn snapshot(
         processes,
         functions_total,
         processes_total,
+        kind: String::new(),
+        types: Vec::new(),
     }
 }
 
@@ -443,7 +492,8 @@ mod tests {
                 command: "python3".into(),
                 service: "web".into(),
                 python: String::new(),
-                samples: 16
+                samples: 16,
+                gil_wait_permille: None,
             }]
         );
     }

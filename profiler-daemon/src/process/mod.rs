@@ -3,6 +3,7 @@
 pub mod elf;
 pub mod elf_cache;
 pub mod exe_filter;
+pub mod gil;
 pub mod gilstate;
 pub mod maps;
 pub mod memory;

@@ -115,6 +115,9 @@ pub struct PythonProcess {
     pub tls: TlsLayout,
     /// The evidence for `tls`: threads walked and threads it found.
     pub tls_check: TlsDetection,
+    /// Where its GIL state is (`None` if it could not be found: GIL waits
+    /// are then not told from other waits).
+    pub gil: Option<std::ops::Range<u64>>,
 }
 
 impl PythonProcess {
@@ -747,6 +750,14 @@ pub fn inspect_cached(pid: u32, cache: &VerdictCache) -> Result<PythonProcess, I
         "thread-state binding verified"
     );
 
+    let gil = match super::gil::locate(&mem, runtime_addr, &layout) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(pid, version = %version, "GIL state not found ({e}): GIL waits will not be told apart");
+            None
+        }
+    };
+
     Ok(PythonProcess {
         pid,
         start_time,
@@ -761,6 +772,7 @@ pub fn inspect_cached(pid: u32, cache: &VerdictCache) -> Result<PythonProcess, I
         walker,
         tls: tls_check.layout,
         tls_check,
+        gil,
     })
 }
 
@@ -1003,6 +1015,21 @@ mod tests {
             mem.read_u64(p.pycode_type + l.type_basicsize).unwrap(),
             l.code.adaptive
         );
+
+        // The GIL state: its first field is the switch interval in us (5 ms
+        // by default), its third the `locked` flag (0 or 1 once created).
+        let gil = p
+            .gil
+            .clone()
+            .unwrap_or_else(|| panic!("{what}: no GIL state"));
+        assert_eq!(gil.end - gil.start, crate::python::layout::GIL_STATE_SIZE);
+        assert_eq!(
+            mem.read_u64(gil.start).unwrap(),
+            5000,
+            "{what}: GIL interval"
+        );
+        let locked = mem.read_u64(gil.start + 16).unwrap() as u32;
+        assert!(locked <= 1, "{what}: GIL locked flag {locked}");
 
         // The gilstate binding, proven on all three threads: the pthread key
         // in glibc's blocks up to 3.14, 3.15's thread-local after.

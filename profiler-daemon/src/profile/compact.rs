@@ -7,16 +7,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::{Frame, Profile};
+use super::{Frame, Profile, ProfileKind};
 
-/// Stacks over a table of distinct frames, with their sample counts.
+/// Stacks over a table of distinct frames, with their values (sample counts
+/// or nanoseconds, by `kind`).
 #[derive(Clone, Debug, Default)]
 pub struct CompactProfile {
     frames: Vec<Frame>,
     /// Indices into `frames`, root first; every index is in range (checked
     /// by [`CompactProfile::push_stack`]).
     stacks: Vec<(Arc<[u32]>, u64)>,
-    /// Sampling frequency in Hz.
+    pub kind: ProfileKind,
+    /// CPU sampling frequency in Hz.
     pub rate_hz: u32,
     pub start: Option<SystemTime>,
     pub duration: Duration,
@@ -60,8 +62,14 @@ impl<'a> StackRef<'a> {
 const EXPANDED_STACK_OVERHEAD: usize = 64;
 
 impl CompactProfile {
+    /// An empty CPU profile (values are sample counts).
     pub fn new(rate_hz: u32) -> Self {
+        CompactProfile::of_kind(ProfileKind::Cpu, rate_hz)
+    }
+
+    pub fn of_kind(kind: ProfileKind, rate_hz: u32) -> Self {
         CompactProfile {
+            kind,
             rate_hz,
             ..Default::default()
         }
@@ -122,13 +130,14 @@ impl CompactProfile {
         self.stacks.len()
     }
 
+    /// The sum of the values (samples or nanoseconds, by `kind`).
     pub fn total_samples(&self) -> u64 {
         self.stacks.iter().map(|(_, c)| c).sum()
     }
 
-    /// Nanoseconds of CPU one sample stands for.
-    pub fn period_ns(&self) -> u64 {
-        1_000_000_000 / u64::from(self.rate_hz.max(1))
+    /// Nanoseconds one unit of value stands for.
+    pub fn ns_per_value(&self) -> u64 {
+        self.kind.ns_per_value(self.rate_hz)
     }
 
     /// Bytes it holds (the frames' strings are shared with the store and
@@ -155,6 +164,7 @@ impl CompactProfile {
                         Frame::Python {
                             qualname, filename, ..
                         } => qualname.len() + filename.len() + 16,
+                        Frame::Kernel { function } => function.len() + 16,
                         _ => 32,
                     }
             })
@@ -173,7 +183,7 @@ impl CompactProfile {
 
     /// Every stack spelled out.
     pub fn to_profile(&self) -> Profile {
-        let mut p = Profile::new(self.rate_hz);
+        let mut p = Profile::of_kind(self.kind, self.rate_hz);
         p.start = self.start;
         p.duration = self.duration;
         p.stacks.reserve(self.stacks.len());
@@ -187,7 +197,7 @@ impl CompactProfile {
 impl From<&Profile> for CompactProfile {
     /// Stacks in [`Profile::sorted_stacks`] order, frames interned.
     fn from(p: &Profile) -> Self {
-        let mut c = CompactProfile::new(p.rate_hz);
+        let mut c = CompactProfile::of_kind(p.kind, p.rate_hz);
         c.start = p.start;
         c.duration = p.duration;
         let mut index: HashMap<&Frame, u32> = HashMap::new();
@@ -223,8 +233,14 @@ mod tests {
         let back = c.to_profile();
         assert_eq!(back.stacks, p.stacks);
         assert_eq!(
-            (back.rate_hz, back.start, back.duration),
-            (p.rate_hz, p.start, p.duration)
+            (back.kind, back.rate_hz, back.start, back.duration),
+            (p.kind, p.rate_hz, p.start, p.duration)
+        );
+        let mut wall = p.clone();
+        wall.kind = ProfileKind::Wall;
+        assert_eq!(
+            CompactProfile::from(&wall).to_profile().kind,
+            ProfileKind::Wall
         );
         // Shared frames are stored once.
         let occurrences: usize = p.stacks.keys().map(Vec::len).sum();

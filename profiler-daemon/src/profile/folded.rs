@@ -1,5 +1,7 @@
 //! Brendan Gregg's folded-stacks text: `root;...;leaf COUNT`, one line per
-//! distinct stack, as read by flamegraph.pl, inferno and speedscope.
+//! distinct stack, as read by flamegraph.pl, inferno and speedscope. COUNT
+//! is the profile's value: a sample count for a CPU profile, integer
+//! nanoseconds for wall and off-CPU profiles.
 //!
 //! Frames are rendered with [`Frame`]'s `Display` (`qualname (file:line)`),
 //! made safe for the format, which is lossy and meant for display:

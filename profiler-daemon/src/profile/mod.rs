@@ -38,6 +38,20 @@ pub enum Frame {
     /// Stands for samples whose stack was new while the daemon's per-process
     /// stack table was full (counted in `pyebpf_stacks_overflowed_total`).
     Overflow,
+    /// A kernel function: its name, or its address (`0xffff...`) when no
+    /// kernel symbol holds it.
+    Kernel { function: Arc<str> },
+    /// Between the Python and kernel frames: the kernel stack was deeper
+    /// than the sampler keeps, and its frames nearest the root are cut.
+    KernelTruncated,
+    /// In place of the kernel frames: they were wanted but could not be read.
+    KernelUnavailable,
+    /// Synthetic leaf: the thread was off CPU waiting for the GIL (blocked
+    /// on the interpreter's GIL state).
+    GilWait,
+    /// Synthetic leaf: the thread was off CPU while runnable (preempted, or
+    /// it yielded): it waited for a CPU, not for an event.
+    Runnable,
 }
 
 /// Why a frame is shown as unknown.
@@ -93,15 +107,91 @@ impl fmt::Display for Frame {
             Frame::Truncated => f.write_str("[truncated]"),
             Frame::Partial => f.write_str("[partial stack: read failed]"),
             Frame::Overflow => f.write_str("[stack table full]"),
+            Frame::Kernel { function } => write!(f, "[kernel] {function}"),
+            Frame::KernelTruncated => f.write_str("[kernel stack truncated]"),
+            Frame::KernelUnavailable => f.write_str("[kernel stack unavailable]"),
+            Frame::GilWait => f.write_str("[waiting for the GIL]"),
+            Frame::Runnable => f.write_str("[runnable: waiting for a CPU]"),
         }
     }
 }
 
-/// Symbolised stacks with their sample counts, root first.
+/// Which time a profile measures; its values' unit follows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ProfileKind {
+    /// Threads on CPU: values are sample counts, each standing for
+    /// `1e9 / rate_hz` ns of CPU.
+    #[default]
+    Cpu,
+    /// Every thread's elapsed time, running or not: values are nanoseconds.
+    Wall,
+    /// Time threads spent off CPU (blocked, or runnable and waiting for a
+    /// CPU): values are nanoseconds.
+    OffCpu,
+}
+
+/// The unit of a profile's values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValueUnit {
+    Samples,
+    Nanoseconds,
+}
+
+impl ProfileKind {
+    pub const ALL: [ProfileKind; 3] = [ProfileKind::Cpu, ProfileKind::Wall, ProfileKind::OffCpu];
+
+    pub fn unit(self) -> ValueUnit {
+        match self {
+            ProfileKind::Cpu => ValueUnit::Samples,
+            ProfileKind::Wall | ProfileKind::OffCpu => ValueUnit::Nanoseconds,
+        }
+    }
+
+    /// `cpu`, `wall`, `off-cpu`: the `--mode` value and pprof sample type.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProfileKind::Cpu => "cpu",
+            ProfileKind::Wall => "wall",
+            ProfileKind::OffCpu => "off-cpu",
+        }
+    }
+
+    /// What the time is, for titles: "CPU time", "wall time", "off-CPU time".
+    pub fn describe(self) -> &'static str {
+        match self {
+            ProfileKind::Cpu => "CPU time",
+            ProfileKind::Wall => "wall time",
+            ProfileKind::OffCpu => "off-CPU time",
+        }
+    }
+
+    /// Whether its samples include threads on CPU (perf clock samples).
+    pub fn on_cpu(self) -> bool {
+        matches!(self, ProfileKind::Cpu | ProfileKind::Wall)
+    }
+
+    /// Whether its samples include off-CPU intervals.
+    pub fn off_cpu(self) -> bool {
+        matches!(self, ProfileKind::Wall | ProfileKind::OffCpu)
+    }
+
+    /// Nanoseconds one unit of value stands for at `rate_hz`.
+    pub fn ns_per_value(self, rate_hz: u32) -> u64 {
+        match self.unit() {
+            ValueUnit::Samples => 1_000_000_000 / u64::from(rate_hz.max(1)),
+            ValueUnit::Nanoseconds => 1,
+        }
+    }
+}
+
+/// Symbolised stacks with their values, root first.
 #[derive(Clone, Debug, Default)]
 pub struct Profile {
+    /// Values in `kind`'s unit: sample counts or nanoseconds.
     pub stacks: HashMap<Vec<Frame>, u64>,
-    /// Sampling frequency in Hz: one sample stands for `1e9 / rate_hz` ns of CPU.
+    pub kind: ProfileKind,
+    /// CPU sampling frequency in Hz: one CPU sample stands for
+    /// `1e9 / rate_hz` ns.
     pub rate_hz: u32,
     /// Wall-clock start of the recording.
     pub start: Option<SystemTime>,
@@ -110,8 +200,14 @@ pub struct Profile {
 }
 
 impl Profile {
+    /// An empty CPU profile (values are sample counts).
     pub fn new(rate_hz: u32) -> Self {
+        Profile::of_kind(ProfileKind::Cpu, rate_hz)
+    }
+
+    pub fn of_kind(kind: ProfileKind, rate_hz: u32) -> Self {
         Profile {
+            kind,
             rate_hz,
             ..Default::default()
         }
@@ -121,13 +217,14 @@ impl Profile {
         *self.stacks.entry(stack).or_insert(0) += count;
     }
 
+    /// The sum of the values (samples or nanoseconds, by `kind`).
     pub fn total_samples(&self) -> u64 {
         self.stacks.values().sum()
     }
 
-    /// Nanoseconds of CPU one sample stands for.
-    pub fn period_ns(&self) -> u64 {
-        1_000_000_000 / u64::from(self.rate_hz.max(1))
+    /// Nanoseconds one unit of value stands for.
+    pub fn ns_per_value(&self) -> u64 {
+        self.kind.ns_per_value(self.rate_hz)
     }
 
     /// Stacks sorted by frames, for deterministic output.

@@ -12,7 +12,7 @@ use std::time::UNIX_EPOCH;
 use flate2::{write::GzEncoder, Compression};
 use prost::Message;
 
-use super::{CompactProfile, Frame, Profile};
+use super::{CompactProfile, Frame, Profile, ValueUnit};
 
 /// The messages of pprof's profile.proto (`perftools.profiles`), fields 1-14
 /// of `Profile`; later additions are not needed here.
@@ -235,12 +235,27 @@ pub fn build(p: &Profile) -> proto::Profile {
 /// once, and samples list them leaf first.
 pub fn build_compact(p: &CompactProfile) -> proto::Profile {
     let mut b = Builder::new();
-    let period = to_i64(p.period_ns());
-    let sample_type = vec![
-        b.value_type("samples", "count"),
-        b.value_type("cpu", "nanoseconds"),
-    ];
-    let period_type = b.value_type("cpu", "nanoseconds");
+    // A CPU profile counts samples, each worth `period` ns of CPU; wall and
+    // off-CPU profiles hold nanoseconds (the CPU sampling period is kept as
+    // the profile's `period`, off-CPU intervals are weighted by their own).
+    let unit = p.kind.unit();
+    let period = to_i64(1_000_000_000 / u64::from(p.rate_hz.max(1)));
+    let (sample_type, period_type) = match unit {
+        ValueUnit::Samples => (
+            vec![
+                b.value_type("samples", "count"),
+                b.value_type("cpu", "nanoseconds"),
+            ],
+            b.value_type("cpu", "nanoseconds"),
+        ),
+        ValueUnit::Nanoseconds => {
+            let name = p.kind.name();
+            (
+                vec![b.value_type(name, "nanoseconds")],
+                b.value_type(name, "nanoseconds"),
+            )
+        }
+    };
     let locations: Vec<u64> = p.frames().iter().map(|f| b.location(f)).collect();
     let mut samples = Vec::with_capacity(p.stack_count());
     for (stack, count) in p.stacks() {
@@ -251,9 +266,13 @@ pub fn build_compact(p: &CompactProfile) -> proto::Profile {
             .filter_map(|&i| locations.get(i as usize).copied())
             .collect();
         let count = to_i64(count);
+        let value = match unit {
+            ValueUnit::Samples => vec![count, count.saturating_mul(period)],
+            ValueUnit::Nanoseconds => vec![count],
+        };
         samples.push(proto::Sample {
             location_id,
-            value: vec![count, count.saturating_mul(period)],
+            value,
             label: Vec::new(),
         });
     }
@@ -495,6 +514,52 @@ mod tests {
         }
         counts.sort();
         assert_eq!(counts, [1, 2, 3, 4, 5]);
+    }
+
+    /// Wall and off-CPU profiles hold nanoseconds: one value per sample,
+    /// typed by the profile's kind.
+    #[test]
+    fn nanosecond_profiles() {
+        use crate::profile::ProfileKind;
+        for kind in [ProfileKind::Wall, ProfileKind::OffCpu] {
+            let mut p = Profile::of_kind(kind, 100);
+            p.add(
+                vec![
+                    Frame::Python {
+                        qualname: "handler".into(),
+                        filename: "/srv/app.py".into(),
+                        line: 12,
+                        first_line: 10,
+                    },
+                    Frame::Kernel {
+                        function: "do_nanosleep".into(),
+                    },
+                    Frame::GilWait,
+                ],
+                2_500_000,
+            );
+            let m = build(&p);
+            let st = |i: i64| m.string_table[i as usize].as_str();
+            let types: Vec<_> = m
+                .sample_type
+                .iter()
+                .map(|t| (st(t.r#type), st(t.unit)))
+                .collect();
+            assert_eq!(types, [(kind.name(), "nanoseconds")]);
+            let pt = m.period_type.as_ref().unwrap();
+            assert_eq!((st(pt.r#type), st(pt.unit)), (kind.name(), "nanoseconds"));
+            assert_eq!(m.period, 10_000_000);
+            assert_eq!(m.sample.len(), 1);
+            assert_eq!(m.sample[0].value, [2_500_000]);
+            assert_eq!(
+                stack_of(&m, &m.sample[0]),
+                [
+                    "handler /srv/app.py:12",
+                    "[kernel] do_nanosleep :0",
+                    "[waiting for the GIL] :0"
+                ]
+            );
+        }
     }
 
     #[test]

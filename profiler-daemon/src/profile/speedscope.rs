@@ -1,9 +1,9 @@
 //! speedscope's JSON file format
 //! (https://www.speedscope.app/file-format-schema.json).
 //!
-//! One "sampled" profile. Weights are CPU time in nanoseconds
-//! (`count * period_ns`) with unit "nanoseconds", so speedscope shows times
-//! rather than bare sample counts. Each distinct [`Frame`] is one shared
+//! One "sampled" profile. Weights are nanoseconds (CPU samples times their
+//! period, or the wall and off-CPU profiles' own nanoseconds) with unit
+//! "nanoseconds", so speedscope shows times rather than bare sample counts. Each distinct [`Frame`] is one shared
 //! frame: Python frames carry `file` and the executing `line` (like py-spy),
 //! synthetic frames only a name.
 use std::collections::HashMap;
@@ -59,7 +59,7 @@ pub struct SampledProfile {
 /// `p` as a speedscope document. Frames are numbered in order of first use
 /// over the sorted stacks, so the output is deterministic.
 pub fn build(p: &Profile, title: &str) -> File {
-    let period = p.period_ns();
+    let period = p.ns_per_value();
     let mut index: HashMap<&Frame, usize> = HashMap::new();
     let mut frames = Vec::new();
     let mut samples = Vec::with_capacity(p.stacks.len());

@@ -2,7 +2,7 @@
 use anyhow::Context;
 use inferno::flamegraph::{self, color::MultiPalette, Palette};
 
-use super::{folded, Profile};
+use super::{folded, Profile, ValueUnit};
 
 /// Write `p` as an SVG flamegraph titled `title`. Fails on a profile without
 /// samples (inferno cannot draw an empty graph).
@@ -14,7 +14,11 @@ pub fn write(p: &Profile, title: &str, out: &mut dyn std::io::Write) -> anyhow::
     let mut opt = flamegraph::Options::default();
     opt.title = title.to_string();
     opt.subtitle = Some(subtitle(p, total));
-    opt.count_name = "samples".to_string();
+    opt.count_name = match p.kind.unit() {
+        ValueUnit::Samples => "samples",
+        ValueUnit::Nanoseconds => "ns",
+    }
+    .to_string();
     // Colours from the frame text, which includes the filename: stdlib
     // (`python3.11/`), site-packages and application code get distinct hues;
     // synthetic frames fall back to the application hue.
@@ -28,12 +32,19 @@ pub fn write(p: &Profile, title: &str, out: &mut dyn std::io::Write) -> anyhow::
 }
 
 fn subtitle(p: &Profile, total: u64) -> String {
-    let cpu_s = total as f64 * p.period_ns() as f64 / 1e9;
-    format!(
-        "{total} samples at {} Hz over {:.1} s ({cpu_s:.2} s of CPU)",
-        p.rate_hz,
-        p.duration.as_secs_f64()
-    )
+    let secs = total as f64 * p.ns_per_value() as f64 / 1e9;
+    match p.kind.unit() {
+        ValueUnit::Samples => format!(
+            "{total} samples at {} Hz over {:.1} s ({secs:.2} s of CPU)",
+            p.rate_hz,
+            p.duration.as_secs_f64()
+        ),
+        ValueUnit::Nanoseconds => format!(
+            "{secs:.2} s of {} over {:.1} s (widths in ns)",
+            p.kind.describe(),
+            p.duration.as_secs_f64()
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -65,6 +76,26 @@ mod tests {
         let mut again = Vec::new();
         write(&sample_profile(), "CPU of <app> & co", &mut again).unwrap();
         assert_eq!(svg.as_bytes(), &again[..]);
+    }
+
+    #[test]
+    fn nanosecond_profiles_say_so() {
+        let mut p = Profile::of_kind(crate::profile::ProfileKind::OffCpu, 100);
+        p.duration = std::time::Duration::from_secs(4);
+        p.add(
+            vec![crate::profile::Frame::Kernel {
+                function: "do_epoll_wait".into(),
+            }],
+            1_500_000_000,
+        );
+        let mut out = Vec::new();
+        write(&p, "t", &mut out).unwrap();
+        let svg = String::from_utf8(out).unwrap();
+        assert!(svg.contains("1.50 s of off-CPU time over 4.0 s (widths in ns)"));
+        assert!(
+            svg.contains("[kernel] do_epoll_wait (1,500,000,000 ns"),
+            "{svg}"
+        );
     }
 
     #[test]

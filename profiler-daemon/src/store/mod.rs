@@ -21,6 +21,7 @@
 //! [`Store::begin_batch`] counts samples of cached raw stacks and returns the
 //! new ones, [`Pending::resolve`] symbolises them without touching the
 //! store, and [`Store::insert`] interns and counts them.
+mod raw;
 mod stacks;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -28,19 +29,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lru::LruCache;
-use profiler_common::RawFrame;
 
-use crate::bpf::events::RawSample;
+use crate::bpf::events::{RawSample, SampleKind};
 use crate::model::labels::{python_label, ProcessLabels};
 use crate::model::query::{
     ProcessView, QueryError, Selector, STATUS_EXITED, STATUS_FAILED, STATUS_PROFILED,
     STATUS_REPLACED, STATUS_UNSUPPORTED,
 };
+use crate::native::kernel::KernelSymbols;
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
-use crate::profile::{CompactProfile, Frame};
+use crate::profile::{CompactProfile, Frame, ProfileKind, ValueUnit};
 use crate::python::code::CodeFormat;
 use crate::python::symbolizer::{SymbolStats, Symbolizer};
 use crate::FastHashMap;
+use raw::{symbolise, RawKey};
 use stacks::{StackId, StackTable};
 
 /// Whole seconds since the Unix epoch (0 for a time before it): the
@@ -72,13 +74,18 @@ impl StoreLimits {
     }
 }
 
-/// Counters of what the store had to refuse or drop.
+/// Counters of what the store had to refuse or drop. Counts of samples
+/// are sample counts, except `samples_evicted`, which is in the store's
+/// value unit (samples, or nanoseconds for wall and off-CPU stores).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreStats {
     /// Samples added.
     pub samples: u64,
     /// Samples from a pid the store does not hold.
     pub foreign_samples: u64,
+    /// Samples of a kind the store does not hold (off-CPU samples in a CPU
+    /// store, CPU samples in an off-CPU one).
+    pub other_kind_samples: u64,
     /// Samples whose stack was new while it could not be stored (stack cap
     /// or byte budget reached with nothing older left to evict): counted
     /// under a synthetic `[stack table full]` stack instead.
@@ -90,6 +97,8 @@ pub struct StoreStats {
     /// Samples of seconds evicted before the end of the retention to fit
     /// the budgets.
     pub samples_evicted: u64,
+    /// Off-CPU nanoseconds of those seconds (a store with off-CPU sampling).
+    pub off_cpu_ns_evicted: u64,
     /// Seconds (one process's bucket each) evicted to fit the budgets.
     pub seconds_evicted: u64,
     /// Raw stacks dropped from the per-process raw-stack caches (least
@@ -128,30 +137,6 @@ pub const MAX_UNSUPPORTED: usize = 256;
 const BUCKET_OVERHEAD: usize = 64;
 /// Bytes a `(stack id, count)` entry of a bucket costs, load factor included.
 const BUCKET_ENTRY: usize = 24;
-/// Bytes a raw-stack cache entry costs beyond its frames.
-const RAW_ENTRY_OVERHEAD: usize = 96;
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct RawKey {
-    truncated: bool,
-    partial: bool,
-    frames: Box<[RawFrame]>,
-}
-
-impl RawKey {
-    fn of(s: RawSample) -> RawKey {
-        RawKey {
-            truncated: s.truncated,
-            partial: s.read_error.is_some(),
-            frames: s.frames.into_boxed_slice(),
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        RAW_ENTRY_OVERHEAD + std::mem::size_of_val(&*self.frames)
-    }
-}
-
 /// Memory the code objects of a process are read from: the live process, or
 /// a stand-in in tests.
 pub struct TargetMemory(Box<dyn RemoteMemory + Send>);
@@ -172,21 +157,10 @@ impl RemoteMemory for TargetMemory {
 /// [`Pending::resolve`] locks it, with the store lock released.
 type Symbols = Arc<Mutex<Symbolizer<TargetMemory>>>;
 
-/// Symbolises a raw stack, root first (leaf first as sampled).
-fn symbolise(symbols: &mut Symbolizer<TargetMemory>, key: &RawKey) -> Vec<Frame> {
-    let mut v = Vec::with_capacity(key.frames.len() + 1);
-    if key.truncated {
-        v.push(Frame::Truncated);
-    } else if key.partial {
-        v.push(Frame::Partial);
-    }
-    v.extend(key.frames.iter().rev().map(|f| symbols.frame(f)));
-    v
-}
-
 /// New stacks of a batch, to symbolise without the store lock.
 pub struct Pending {
     second: u64,
+    kernel: Option<Arc<KernelSymbols>>,
     procs: Vec<PendingProcess>,
 }
 
@@ -196,8 +170,8 @@ struct PendingProcess {
     symbols: Symbols,
     /// The symbol cache's byte bound now.
     symbol_bytes: usize,
-    /// Distinct new raw stacks and their sample counts.
-    stacks: Vec<(RawKey, u64)>,
+    /// Distinct new raw stacks, their sample counts and values.
+    stacks: Vec<(RawKey, u64, u64)>,
 }
 
 /// Stacks symbolised by [`Pending::resolve`], for [`Store::insert`].
@@ -213,7 +187,8 @@ struct ResolvedProcess {
     symbol_stats: SymbolStats,
     /// Bytes its symbol cache holds after resolving.
     symbol_bytes: usize,
-    stacks: Vec<(RawKey, Vec<Frame>, u64)>,
+    /// Raw stack, its frames, sample count and value.
+    stacks: Vec<(RawKey, Vec<Frame>, u64, u64)>,
 }
 
 impl Pending {
@@ -225,6 +200,7 @@ impl Pending {
     /// Symbolises the new stacks, reading code objects from target memory.
     /// Takes no store: call it with the store lock released.
     pub fn resolve(self) -> Resolved {
+        let kernel = self.kernel.as_deref();
         let procs = self
             .procs
             .into_iter()
@@ -236,9 +212,9 @@ impl Pending {
                 let stacks = p
                     .stacks
                     .into_iter()
-                    .map(|(key, n)| {
-                        let frames = symbolise(&mut symbols, &key);
-                        (key, frames, n)
+                    .map(|(key, n, value)| {
+                        let frames = symbolise(&mut symbols, kernel, &key);
+                        (key, frames, n, value)
                     })
                     .collect();
                 ResolvedProcess {
@@ -270,6 +246,9 @@ struct Entry {
     /// new stacks were resolved from the entry they were resolved for.
     generation: u64,
     python_version: String,
+    /// Its GIL state's addresses, if known: off-CPU samples blocked there
+    /// are GIL waits.
+    gil: Option<std::ops::Range<u64>>,
     /// A free-threaded build (`python` gets a `t`). Always false for now:
     /// inspection refuses those builds.
     free_threaded: bool,
@@ -296,16 +275,83 @@ struct Entry {
     retained: FastHashMap<StackId, u64>,
     /// Samples of its seconds evicted to fit the budgets.
     evicted_samples: u64,
+    /// Off-CPU nanoseconds in `buckets` (under [`OFF_TAG`] ids).
+    retained_off_ns: u64,
+    /// Off-CPU nanoseconds of its seconds evicted to fit the budgets.
+    evicted_off_ns: u64,
+    /// Since profiling started, never evicted: off-CPU ns waiting for the
+    /// GIL, all off-CPU ns, CPU samples.
+    gil_wait_ns: u64,
+    off_cpu_ns: u64,
+    cpu_samples: u64,
+}
+
+/// Marks a bucket count of off-CPU nanoseconds in a store holding both
+/// kinds: the id without it is the stack's. Stack ids are dense indexes,
+/// far below it.
+const OFF_TAG: StackId = 1 << 31;
+
+/// Which of a split store's counts a query reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sel {
+    /// Every count as held (a store of one kind).
+    All,
+    /// CPU sample counts only.
+    Cpu,
+    /// Off-CPU nanoseconds only.
+    Off,
+    /// Both in nanoseconds: CPU samples count this many ns each.
+    Wall(u64),
+}
+
+impl Sel {
+    /// The count of tagged id `id`, as this selection reads it: its stack
+    /// id and value, or `None` if it is not selected.
+    fn pick(self, id: StackId, n: u64) -> Option<(StackId, u64)> {
+        let off = id & OFF_TAG != 0;
+        let stack = id & !OFF_TAG;
+        match (self, off) {
+            (Sel::All, _) => Some((id, n)),
+            (Sel::Cpu, false) | (Sel::Off, true) => Some((stack, n)),
+            (Sel::Wall(ns), false) => Some((stack, n.saturating_mul(ns))),
+            (Sel::Wall(_), true) => Some((stack, n)),
+            _ => None,
+        }
+    }
 }
 
 /// What evicting a process's oldest second freed.
 struct Evicted {
     samples: u64,
+    off_ns: u64,
     stacks: u64,
     bytes: usize,
 }
 
 impl Entry {
+    /// Counts a sample of a split store in the since-start totals; returns
+    /// the tag its bucket count goes under.
+    fn tally(&mut self, key: &RawKey, value: u64) -> StackId {
+        if key.off_cpu() {
+            self.off_cpu_ns += value;
+            if key.gil_wait() {
+                self.gil_wait_ns += value;
+            }
+            OFF_TAG
+        } else {
+            self.cpu_samples += 1;
+            0
+        }
+    }
+
+    /// Wall nanoseconds of its threads since profiling started: CPU samples
+    /// at `1e9 / rate_hz` ns each, plus off-CPU time.
+    fn wall_ns(&self, rate_hz: u32) -> u64 {
+        self.cpu_samples
+            .saturating_mul(ProfileKind::Cpu.ns_per_value(rate_hz))
+            .saturating_add(self.off_cpu_ns)
+    }
+
     fn bytes(&self) -> usize {
         self.table.bytes()
             + self.bucket_bytes
@@ -357,9 +403,14 @@ impl Entry {
         evicted
     }
 
-    /// Counts `n` samples of stack `id` in second `second`.
+    /// Adds `n` (in the store's value unit) to stack `id` in second
+    /// `second`.
     fn add(&mut self, second: u64, id: StackId, n: u64) {
-        self.retained_samples += n;
+        if id & OFF_TAG == 0 {
+            self.retained_samples += n;
+        } else {
+            self.retained_off_ns += n;
+        }
         *self.retained.entry(id).or_insert(0) += n;
         let b = match self.buckets.back_mut() {
             // A late sample (clock step) counts in the newest bucket.
@@ -381,7 +432,7 @@ impl Entry {
             None => {
                 b.counts.insert(id, n);
                 self.bucket_bytes += BUCKET_ENTRY;
-                self.table.retain(id);
+                self.table.retain(id & !OFF_TAG);
             }
         }
     }
@@ -394,22 +445,28 @@ impl Entry {
         self.bucket_bytes = self.bucket_bytes.saturating_sub(freed_bucket);
         let mut ev = Evicted {
             samples: 0,
+            off_ns: 0,
             stacks: 0,
             bytes: 0,
         };
         for (id, n) in b.counts {
-            ev.samples += n;
+            if id & OFF_TAG == 0 {
+                ev.samples += n;
+            } else {
+                ev.off_ns += n;
+            }
             if let Some(c) = self.retained.get_mut(&id) {
                 *c = c.saturating_sub(n);
                 if *c == 0 {
                     self.retained.remove(&id);
                 }
             }
-            if self.table.release(id) {
+            if self.table.release(id & !OFF_TAG) {
                 ev.stacks += 1;
             }
         }
         self.retained_samples = self.retained_samples.saturating_sub(ev.samples);
+        self.retained_off_ns = self.retained_off_ns.saturating_sub(ev.off_ns);
         ev.bytes = before.saturating_sub(self.bytes());
         Some(ev)
     }
@@ -424,7 +481,22 @@ impl Entry {
     /// it (a query of most of the retention), the running totals minus the
     /// outside buckets: a query of the whole retention costs O(stacks), not
     /// O(retention x stacks).
-    fn counts(&self, from: u64, until: u64) -> FastHashMap<StackId, u64> {
+    fn counts(&self, from: u64, until: u64, sel: Sel) -> FastHashMap<StackId, u64> {
+        let raw = self.raw_counts(from, until);
+        if sel == Sel::All {
+            return raw;
+        }
+        let mut out = FastHashMap::default();
+        for (id, n) in raw {
+            if let Some((stack, v)) = sel.pick(id, n) {
+                *out.entry(stack).or_insert(0) += v;
+            }
+        }
+        out
+    }
+
+    /// [`Entry::counts`] by tagged id.
+    fn raw_counts(&self, from: u64, until: u64) -> FastHashMap<StackId, u64> {
         let inside = |b: &&Bucket| b.second >= from && b.second < until;
         let (mut in_entries, mut out_entries) = (0, 0);
         for b in &self.buckets {
@@ -459,9 +531,9 @@ impl Entry {
 
     /// Its samples over `[from, until)` by leaf frame only: one-frame
     /// stacks, for per-function metrics when no window is exported.
-    fn leaves(&self, rate_hz: u32, from: u64, until: u64) -> CompactProfile {
+    fn leaves(&self, rate_hz: u32, from: u64, until: u64, sel: Sel) -> CompactProfile {
         let mut by_leaf: FastHashMap<stacks::FrameId, u64> = FastHashMap::default();
-        for (id, n) in self.counts(from, until) {
+        for (id, n) in self.counts(from, until, sel) {
             if let Some(&leaf) = self.table.stack(id).and_then(|s| s.last()) {
                 *by_leaf.entry(leaf).or_insert(0) += n;
             }
@@ -481,8 +553,8 @@ impl Entry {
     /// Its stacks over `[from, until)`, frames stored once, in stack id
     /// order. Costs O(stacks + frames held), under the store lock; nothing
     /// is spelled out.
-    fn compact(&self, rate_hz: u32, from: u64, until: u64) -> CompactProfile {
-        let mut counts: Vec<(StackId, u64)> = self.counts(from, until).into_iter().collect();
+    fn compact(&self, rate_hz: u32, from: u64, until: u64, sel: Sel) -> CompactProfile {
+        let mut counts: Vec<(StackId, u64)> = self.counts(from, until, sel).into_iter().collect();
         counts.sort_unstable_by_key(|(id, _)| *id);
         let mut out = CompactProfile::new(rate_hz);
         // Frame id -> index in `out`, `u32::MAX` until first used.
@@ -515,6 +587,19 @@ impl Entry {
 pub struct Store {
     limits: StoreLimits,
     rate_hz: u32,
+    /// What its values measure: sample counts (CPU) or nanoseconds; the
+    /// default type of a split store.
+    kind: ProfileKind,
+    /// The types it answers: `[kind]`, or with off-CPU sampling in the
+    /// daemon any of cpu, wall, off-cpu.
+    types: Vec<ProfileKind>,
+    /// Holds CPU sample counts and off-CPU nanoseconds apart (off-CPU ones
+    /// under [`OFF_TAG`] ids): cpu and off-cpu are read alone, wall is
+    /// their sum with each CPU sample counted `1e9 / rate_hz` ns.
+    split: bool,
+    /// Symbols for kernel stacks (without them, kernel frames show their
+    /// addresses).
+    kernel: Option<Arc<KernelSymbols>>,
     entries: HashMap<u32, Entry>,
     pub stats: StoreStats,
     /// Symbol statistics of processes already removed.
@@ -573,19 +658,77 @@ pub struct NewProcess {
     pub python_version: String,
     /// How its code objects are read.
     pub code_format: CodeFormat,
+    /// Its GIL state's addresses, if known.
+    pub gil: Option<std::ops::Range<u64>>,
 }
 
 impl Store {
+    /// A store of CPU samples (values are sample counts).
     pub fn new(limits: StoreLimits, rate_hz: u32) -> Self {
+        Store::of_kind(limits, rate_hz, ProfileKind::Cpu)
+    }
+
+    /// A store of `kind`'s profile: CPU sample counts, or the nanoseconds
+    /// of wall or off-CPU time (CPU samples count `1e9 / rate_hz` each).
+    pub fn of_kind(limits: StoreLimits, rate_hz: u32, kind: ProfileKind) -> Self {
         Store {
             limits,
             rate_hz,
+            kind,
+            types: vec![kind],
+            split: false,
+            kernel: None,
             entries: HashMap::new(),
             stats: StoreStats::default(),
             retired_symbols: SymbolStats::default(),
             next_generation: 0,
             unsupported: VecDeque::new(),
         }
+    }
+
+    /// A daemon's store answering every type of `types` (in this order of
+    /// preference for the default): with only cpu, [`Store::new`]'s;
+    /// otherwise CPU samples and off-CPU nanoseconds are held apart, once,
+    /// and wall is their sum at query time. Empty `types` means cpu.
+    pub fn with_types(limits: StoreLimits, rate_hz: u32, types: &[ProfileKind]) -> Self {
+        let mut s = Store::new(limits, rate_hz);
+        if types.iter().any(|k| *k != ProfileKind::Cpu) {
+            s.split = true;
+            s.types = types.to_vec();
+            s.kind = if types.contains(&ProfileKind::Cpu) {
+                ProfileKind::Cpu
+            } else {
+                types[0]
+            };
+        }
+        s
+    }
+
+    /// The types it answers.
+    pub fn types(&self) -> &[ProfileKind] {
+        &self.types
+    }
+
+    /// How a query of `kind` reads the counts; an error naming the types
+    /// held if it holds none of `kind`.
+    fn sel(&self, kind: ProfileKind) -> Result<Sel, QueryError> {
+        if !self.types.contains(&kind) {
+            let names: Vec<&str> = self.types.iter().map(|k| k.name()).collect();
+            return Err(QueryError::BadRequest(format!(
+                "profile type {} is not enabled; enabled: {} (sampling.types)",
+                kind.name(),
+                names.join(", ")
+            )));
+        }
+        Ok(if !self.split {
+            Sel::All
+        } else {
+            match kind {
+                ProfileKind::Cpu => Sel::Cpu,
+                ProfileKind::OffCpu => Sel::Off,
+                ProfileKind::Wall => Sel::Wall(ProfileKind::Cpu.ns_per_value(self.rate_hz)),
+            }
+        })
     }
 
     /// New limits; lower byte budgets are enforced at the next
@@ -617,6 +760,8 @@ impl Store {
         mem: TargetMemory,
     ) -> bool {
         let pid = p.labels.pid;
+        let mut labels = p.labels;
+        labels.python_version.clone_from(&p.python_version);
         if let Some(old) = self.entries.remove(&pid) {
             self.retire(old);
         }
@@ -637,10 +782,11 @@ impl Store {
                 ))),
                 symbol_stats: SymbolStats::default(),
                 symbol_bytes: 0,
-                labels: p.labels,
+                labels,
                 start_time: p.start_time,
                 generation: self.next_generation,
                 python_version: p.python_version,
+                gil: p.gil,
                 free_threaded: false,
                 since: now,
                 exited_at: None,
@@ -653,6 +799,11 @@ impl Store {
                 retained_samples: 0,
                 retained: FastHashMap::default(),
                 evicted_samples: 0,
+                retained_off_ns: 0,
+                evicted_off_ns: 0,
+                gil_wait_ns: 0,
+                off_cpu_ns: 0,
+                cpu_samples: 0,
             },
         );
         self.next_generation += 1;
@@ -683,7 +834,8 @@ impl Store {
     /// it ends, since the next program under its pid would replace it.
     pub fn take(&mut self, pid: u32) -> Option<(ProcessLabels, CompactProfile)> {
         let e = self.entries.remove(&pid)?;
-        let p = e.compact(self.rate_hz, 0, u64::MAX);
+        let mut p = e.compact(self.rate_hz, 0, u64::MAX, Sel::All);
+        p.kind = self.kind;
         let labels = e.labels.clone();
         self.retire(e);
         Some((labels, p))
@@ -745,6 +897,44 @@ impl Store {
         true
     }
 
+    pub fn kind(&self) -> ProfileKind {
+        self.kind
+    }
+
+    /// Names kernel frames with `k` from now on.
+    pub fn set_kernel_symbols(&mut self, k: Arc<KernelSymbols>) {
+        self.kernel = Some(k);
+    }
+
+    /// What sample `s` adds, in the store's unit; `None` for a sample of
+    /// a kind it does not hold.
+    fn value_of(&self, s: &RawSample) -> Option<u64> {
+        if self.split {
+            // CPU samples as counts, off-CPU intervals as nanoseconds, each
+            // under its own ids.
+            return Some(match s.kind {
+                SampleKind::Cpu => 1,
+                SampleKind::OffCpu => s.weight_ns,
+            });
+        }
+        match (self.kind.unit(), s.kind) {
+            (ValueUnit::Samples, SampleKind::Cpu) => Some(1),
+            (ValueUnit::Samples, SampleKind::OffCpu) => None,
+            // The perf event's own period for this sample (it drifts from
+            // the nominal one in frequency mode); the nominal if absent.
+            (ValueUnit::Nanoseconds, SampleKind::Cpu) if self.kind.on_cpu() => {
+                Some(match s.weight_ns {
+                    0 => 1_000_000_000 / u64::from(self.rate_hz.max(1)),
+                    w => w,
+                })
+            }
+            (ValueUnit::Nanoseconds, SampleKind::OffCpu) if self.kind.off_cpu() => {
+                Some(s.weight_ns)
+            }
+            (ValueUnit::Nanoseconds, _) => None,
+        }
+    }
+
     /// Adds one sample, symbolising its stack if new: all three steps with
     /// the store at hand (see `Shared::add_samples` for the locked store).
     pub fn add_sample(&mut self, s: RawSample, now: SystemTime) {
@@ -776,14 +966,19 @@ impl Store {
         let mut seen: Vec<FastHashMap<RawKey, usize>> = Vec::new();
         for s in samples {
             let pid = s.pid;
+            let Some(value) = self.value_of(&s) else {
+                self.stats.other_kind_samples += 1;
+                continue;
+            };
             let Some(e) = self.entries.get_mut(&pid) else {
                 self.stats.foreign_samples += 1;
                 continue;
             };
-            let key = RawKey::of(s);
+            let key = RawKey::of(s, e.gil.as_ref());
+            let tag = if self.split { e.tally(&key, value) } else { 0 };
             if let Some(id) = e.cached(&key) {
                 self.stats.samples += 1;
-                e.add(second, id, 1);
+                e.add(second, id | tag, value);
                 continue;
             }
             let at = match at_pid.get(&pid) {
@@ -802,14 +997,22 @@ impl Store {
                 }
             };
             match seen[at].get(&key) {
-                Some(&k) => procs[at].stacks[k].1 += 1,
+                Some(&k) => {
+                    let s = &mut procs[at].stacks[k];
+                    s.1 += 1;
+                    s.2 += value;
+                }
                 None => {
                     seen[at].insert(key.clone(), procs[at].stacks.len());
-                    procs[at].stacks.push((key, 1));
+                    procs[at].stacks.push((key, 1, value));
                 }
             }
         }
-        Pending { second, procs }
+        Pending {
+            second,
+            kernel: self.kernel.clone(),
+            procs,
+        }
     }
 
     /// Step three: interns and counts resolved stacks. Stacks of a process
@@ -832,8 +1035,13 @@ impl Store {
                 total = (total + p.symbol_bytes).saturating_sub(e.symbol_bytes);
                 e.symbol_bytes = p.symbol_bytes;
             }
-            for (key, frames, n) in p.stacks {
+            for (key, frames, n, value) in p.stacks {
                 self.stats.samples += n;
+                let tag = if self.split && key.off_cpu() {
+                    OFF_TAG
+                } else {
+                    0
+                };
                 let known = self.entries.get(&p.pid).and_then(|e| e.table.get(&frames));
                 let id = match known {
                     Some(id) => Some(id),
@@ -846,13 +1054,13 @@ impl Store {
                 match id {
                     Some(id) => {
                         self.stats.raw_cache_evictions += e.cache(key, id, raw_bytes);
-                        e.add(r.second, id, n);
+                        e.add(r.second, id | tag, value);
                     }
                     None => {
                         // Not cached: once there is room, it gets its stack.
                         self.stats.stacks_overflowed += n;
                         let id = e.table.intern(&[Frame::Overflow]);
-                        e.add(r.second, id, n);
+                        e.add(r.second, id | tag, value);
                     }
                 }
                 total = (total + e.bytes()).saturating_sub(before);
@@ -915,8 +1123,10 @@ impl Store {
             return false;
         };
         e.evicted_samples += ev.samples;
+        e.evicted_off_ns += ev.off_ns;
         self.stats.seconds_evicted += 1;
         self.stats.samples_evicted += ev.samples;
+        self.stats.off_cpu_ns_evicted += ev.off_ns;
         self.stats.stacks_evicted += ev.stacks;
         *total = total.saturating_sub(ev.bytes);
         true
@@ -1010,7 +1220,13 @@ impl Store {
             .values()
             .flat_map(|e| e.buckets.iter().rev().take_while(|b| b.second >= from))
             .filter(|b| b.second < until)
-            .map(|b| b.counts.values().sum::<u64>())
+            .map(|b| {
+                b.counts
+                    .iter()
+                    .filter(|(id, _)| **id & OFF_TAG == 0)
+                    .map(|(_, n)| n)
+                    .sum::<u64>()
+            })
             .sum()
     }
 
@@ -1082,6 +1298,14 @@ impl Store {
                 evicted_samples: e.evicted_samples,
                 reason: None,
                 replaced_by: e.replaced_by.clone(),
+                types: self.types.iter().map(|k| k.name()).collect(),
+                gil_wait_seconds: self
+                    .types
+                    .iter()
+                    .any(|k| k.off_cpu())
+                    .then(|| e.gil_wait_ns as f64 / 1e9),
+                wall_seconds: (self.split && self.types.iter().any(|k| *k != ProfileKind::OffCpu))
+                    .then(|| e.wall_ns(self.rate_hz) as f64 / 1e9),
             })
             .collect();
         v.sort_by_key(|p| p.labels.pid);
@@ -1101,6 +1325,9 @@ impl Store {
                 evicted_samples: 0,
                 reason: Some(u.reason.clone()),
                 replaced_by: None,
+                types: Vec::new(),
+                gil_wait_seconds: None,
+                wall_seconds: None,
             })
             .collect();
         unsupported.sort_by_key(|p| p.labels.pid);
@@ -1117,6 +1344,19 @@ impl Store {
         seconds: u32,
         now: SystemTime,
     ) -> Result<CompactProfile, QueryError> {
+        self.query_kind(selector, seconds, now, self.kind)
+    }
+
+    /// [`Store::query`] of profile type `kind`: a bad request if the store
+    /// does not hold it.
+    pub fn query_kind(
+        &self,
+        selector: &Selector,
+        seconds: u32,
+        now: SystemTime,
+        kind: ProfileKind,
+    ) -> Result<CompactProfile, QueryError> {
+        let sel = self.sel(kind)?;
         if seconds == 0 || seconds > self.limits.retention_secs {
             return Err(QueryError::BadRequest(format!(
                 "seconds must be between 1 and {} (the retention)",
@@ -1132,9 +1372,11 @@ impl Store {
                 Selector::Service(s) => format!("no profiled process has service {s:?}"),
             }));
         }
-        let mut profile = CompactProfile::new(self.rate_hz);
+        let mut profile = CompactProfile::of_kind(kind, self.rate_hz);
         for e in selected {
-            profile.append(e.compact(self.rate_hz, from, until));
+            let mut p = e.compact(self.rate_hz, from, until, sel);
+            p.kind = kind;
+            profile.append(p);
         }
         profile.start = Some(UNIX_EPOCH + std::time::Duration::from_secs(from));
         profile.duration = std::time::Duration::from_secs(u64::from(seconds));
@@ -1151,24 +1393,44 @@ impl Store {
     /// One profile per process over `[from, until)` unix seconds, for window
     /// exports; processes without samples there are left out.
     pub fn window(&self, from: u64, until: u64) -> Vec<(ProcessLabels, CompactProfile)> {
-        self.per_process(from, until, Entry::compact)
+        self.window_kind(from, until, self.kind)
+    }
+
+    /// [`Store::window`] of profile type `kind` (none if not held).
+    pub fn window_kind(
+        &self,
+        from: u64,
+        until: u64,
+        kind: ProfileKind,
+    ) -> Vec<(ProcessLabels, CompactProfile)> {
+        match self.sel(kind) {
+            Ok(sel) => self.per_process(from, until, kind, |e, r, f, u| {
+                Entry::compact(e, r, f, u, sel)
+            }),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// [`Store::window`] with only the leaf frame of every stack: what
     /// per-function metrics need, at a fraction of the memory.
     pub fn window_leaves(&self, from: u64, until: u64) -> Vec<(ProcessLabels, CompactProfile)> {
-        self.per_process(from, until, Entry::leaves)
+        let sel = self.sel(self.kind).unwrap_or(Sel::All);
+        self.per_process(from, until, self.kind, |e, r, f, u| {
+            Entry::leaves(e, r, f, u, sel)
+        })
     }
 
     fn per_process(
         &self,
         from: u64,
         until: u64,
+        kind: ProfileKind,
         build: impl Fn(&Entry, u32, u64, u64) -> CompactProfile,
     ) -> Vec<(ProcessLabels, CompactProfile)> {
         let mut out = Vec::new();
         for e in self.entries.values() {
             let mut p = build(e, self.rate_hz, from, until);
+            p.kind = kind;
             if p.total_samples() > 0 {
                 p.start = Some(UNIX_EPOCH + std::time::Duration::from_secs(from));
                 p.duration = std::time::Duration::from_secs(until.saturating_sub(from));
@@ -1240,7 +1502,213 @@ mod tests {
             start_time: 1,
             python_version: "3.11.7".into(),
             code_format: crate::python::code::test_code::format(),
+            gil: None,
         }
+    }
+
+    /// An off-CPU sample of fake code `c` blocked in a futex at `futex`,
+    /// with a two-frame kernel stack, weighing `ns`.
+    fn off_cpu(pid: u32, c: (u64, u32), futex: u64, ns: u64) -> RawSample {
+        RawSample {
+            kind: SampleKind::OffCpu,
+            weight_ns: ns,
+            kernel: vec![0xffff_ffff_8100_1210, 0xffff_ffff_8100_1001],
+            entry: Some(crate::bpf::events::KernelEntry {
+                nr: 202,
+                arg0: futex,
+            }),
+            ..at(pid, c, 0)
+        }
+    }
+
+    fn kernel_table() -> Arc<KernelSymbols> {
+        use std::io::Write as _;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(
+            b"ffffffff81000000 T _stext\nffffffff81001000 T do_futex\n\
+              ffffffff81001200 t futex_wait_queue\nffffffff81002000 T _etext\n",
+        )
+        .unwrap();
+        Arc::new(KernelSymbols::from_kallsyms(f.path(), 1 << 20).unwrap())
+    }
+
+    /// A wall store counts time: a CPU sample its perf period (or the
+    /// nominal one), an off-CPU sample its weight; GIL waits and kernel
+    /// frames show in the stacks. A CPU store leaves off-CPU samples out.
+    #[test]
+    fn wall_and_off_cpu_stores_count_nanoseconds() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = Store::of_kind(limits(100), 100, ProfileKind::Wall);
+        s.set_kernel_symbols(kernel_table());
+        let (mem, c) = codes(1);
+        let mut p = new_proc(1, "a");
+        p.gil = Some(0x5000..0x5000 + 208);
+        assert!(s.add_process_reading(p, t0, mem));
+        let mut cpu = at(1, c[0], 0);
+        cpu.weight_ns = 9_000_000;
+        s.add_sample(cpu.clone(), t0);
+        cpu.weight_ns = 0;
+        s.add_sample(cpu, t0);
+        s.add_sample(off_cpu(1, c[0], 0x5020, 3_000_000), t0);
+        s.add_sample(off_cpu(1, c[0], 0x9000, 4_000_000), t0);
+        let mut preempted = off_cpu(1, c[0], 0x5020, 1_000_000);
+        preempted.preempted = true;
+        s.add_sample(preempted, t0);
+        assert_eq!(s.stats.samples, 5);
+        let p = s.query(&Selector::Pid(1), 1, t0).unwrap().to_profile();
+        assert_eq!(p.kind, ProfileKind::Wall);
+        assert_eq!(p.total_samples(), 9_000_000 + 10_000_000 + 8_000_000);
+        let kernel = |f: &str| Frame::Kernel { function: f.into() };
+        let tail = |leaf: Option<Frame>| {
+            let mut v = vec![kernel("do_futex"), kernel("futex_wait_queue")];
+            v.extend(leaf);
+            v
+        };
+        let by_tail: HashMap<Vec<Frame>, u64> = p
+            .stacks
+            .iter()
+            .map(|(st, v)| (st[1..].to_vec(), *v))
+            .collect();
+        assert_eq!(by_tail.get(&tail(Some(Frame::GilWait))), Some(&3_000_000));
+        assert_eq!(by_tail.get(&tail(None)), Some(&4_000_000));
+        assert_eq!(by_tail.get(&tail(Some(Frame::Runnable))), Some(&1_000_000));
+        assert_eq!(by_tail.get(&vec![]), Some(&19_000_000));
+
+        // Off-CPU only: CPU samples are another kind.
+        let mut s = Store::of_kind(limits(100), 100, ProfileKind::OffCpu);
+        let (mem, c) = codes(1);
+        assert!(s.add_process_reading(new_proc(1, "a"), t0, mem));
+        s.add_sample(at(1, c[0], 0), t0);
+        s.add_sample(off_cpu(1, c[0], 0x5020, 2_000_000), t0);
+        assert_eq!((s.stats.samples, s.stats.other_kind_samples), (1, 1));
+        let p = s.query(&Selector::Pid(1), 1, t0).unwrap().to_profile();
+        assert_eq!(
+            (p.kind, p.total_samples()),
+            (ProfileKind::OffCpu, 2_000_000)
+        );
+        // Without kernel symbols, and no GIL known: addresses, no leaf.
+        let st = p.stacks.keys().next().unwrap();
+        assert_eq!(
+            st[1..],
+            [kernel("0xffffffff81001001"), kernel("0xffffffff81001210")]
+        );
+
+        // A CPU store counts samples and leaves off-CPU ones out.
+        let mut s = store(100);
+        let (mem, c) = codes(1);
+        assert!(s.add_process_reading(new_proc(1, "a"), t0, mem));
+        s.add_sample(at(1, c[0], 0), t0);
+        s.add_sample(off_cpu(1, c[0], 0x5020, 2_000_000), t0);
+        assert_eq!(s.stats.other_kind_samples, 1);
+        let p = s.query(&Selector::Pid(1), 1, t0).unwrap().to_profile();
+        assert_eq!((p.kind, p.total_samples()), (ProfileKind::Cpu, 1));
+    }
+
+    /// A daemon store of cpu, off-cpu and wall: CPU samples and off-CPU
+    /// time held once each, apart; wall is their sum with CPU samples at
+    /// 1e9 / rate_hz ns; a type not held is a bad request naming those held;
+    /// the GIL and wall totals survive eviction.
+    #[test]
+    fn split_store_answers_every_type() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let kinds = [ProfileKind::Cpu, ProfileKind::OffCpu, ProfileKind::Wall];
+        let mut s = Store::with_types(limits(100), 100, &kinds);
+        assert_eq!(s.kind(), ProfileKind::Cpu);
+        let (mem, c) = codes(1);
+        let mut p = new_proc(1, "a");
+        p.gil = Some(0x5000..0x5000 + 208);
+        assert!(s.add_process_reading(p, t0, mem));
+        for _ in 0..3 {
+            s.add_sample(at(1, c[0], 0), t0);
+        }
+        s.add_sample(off_cpu(1, c[0], 0x5020, 3_000_000), t0);
+        s.add_sample(off_cpu(1, c[0], 0x9000, 4_000_000), t0);
+        let q = |k| {
+            s.query_kind(&Selector::Pid(1), 1, t0, k)
+                .unwrap()
+                .to_profile()
+        };
+        let cpu = q(ProfileKind::Cpu);
+        assert_eq!((cpu.kind, cpu.total_samples()), (ProfileKind::Cpu, 3));
+        assert_eq!(cpu.stacks.len(), 1);
+        let off = q(ProfileKind::OffCpu);
+        assert_eq!(
+            (off.kind, off.total_samples()),
+            (ProfileKind::OffCpu, 7_000_000)
+        );
+        assert!(off.stacks.keys().all(|st| st.len() > 1));
+        let wall = q(ProfileKind::Wall);
+        assert_eq!(
+            (wall.kind, wall.total_samples()),
+            (ProfileKind::Wall, 30_000_000 + 7_000_000)
+        );
+        // The same Python stack on and off CPU: one stack in the table.
+        assert_eq!(s.stacks_held(), 3);
+        let v = &s.views()[0];
+        assert_eq!(v.types, ["cpu", "off-cpu", "wall"]);
+        assert_eq!(v.samples, 3);
+        assert_eq!(v.gil_wait_seconds, Some(0.003));
+        assert_eq!(v.wall_seconds, Some(0.037));
+        // Windows of each type.
+        let w = s.window_kind(1_000, 1_001, ProfileKind::OffCpu);
+        assert_eq!(w[0].1.total_samples(), 7_000_000);
+        assert_eq!(s.samples_between(1_000, 1_001), 3);
+        // Eviction counts each kind in its unit; totals since start stay.
+        s.set_limits(StoreLimits {
+            retention_secs: 1,
+            ..limits(100)
+        });
+        s.add_sample(at(1, c[0], 0), t0 + Duration::from_secs(5));
+        s.expire(t0 + Duration::from_secs(5));
+        let v = &s.views()[0];
+        assert_eq!(v.samples, 1);
+        assert_eq!(v.gil_wait_seconds, Some(0.003));
+
+        // Only cpu: other types are refused, naming cpu.
+        let s = Store::with_types(limits(100), 100, &[ProfileKind::Cpu]);
+        let e = s
+            .query_kind(&Selector::Pid(1), 1, t0, ProfileKind::Wall)
+            .unwrap_err();
+        assert!(e.to_string().contains("enabled: cpu"), "{e}");
+        // Off-CPU only: the default type is off-cpu.
+        let s = Store::with_types(limits(100), 100, &[ProfileKind::OffCpu]);
+        assert_eq!(s.kind(), ProfileKind::OffCpu);
+    }
+
+    /// Cut and unreadable kernel stacks are marked, never dropped.
+    #[test]
+    fn kernel_stack_gaps_are_marked() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut s = Store::of_kind(limits(100), 100, ProfileKind::OffCpu);
+        s.set_kernel_symbols(kernel_table());
+        let (mem, c) = codes(1);
+        assert!(s.add_process_reading(new_proc(1, "a"), t0, mem));
+        let mut cut = off_cpu(1, c[0], 0, 1_000_000);
+        cut.kernel_truncated = true;
+        s.add_sample(cut, t0);
+        let mut failed = off_cpu(1, c[0], 0, 2_000_000);
+        failed.kernel = Vec::new();
+        failed.kernel_error = true;
+        s.add_sample(failed, t0);
+        let p = s.query(&Selector::Pid(1), 1, t0).unwrap().to_profile();
+        let tails: HashMap<Vec<String>, u64> = p
+            .stacks
+            .iter()
+            .map(|(st, v)| (st[1..].iter().map(Frame::to_string).collect(), *v))
+            .collect();
+        let want = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            tails.get(&want(&[
+                "[kernel stack truncated]",
+                "[kernel] do_futex",
+                "[kernel] futex_wait_queue"
+            ])),
+            Some(&1_000_000)
+        );
+        assert_eq!(
+            tails.get(&want(&["[kernel stack unavailable]"])),
+            Some(&2_000_000)
+        );
     }
 
     #[test]
@@ -1572,7 +2040,7 @@ mod tests {
                         *direct.entry(*id).or_insert(0) += n;
                     }
                 }
-                assert_eq!(e.counts(from, until), direct, "[{from}, {until})");
+                assert_eq!(e.counts(from, until, Sel::All), direct, "[{from}, {until})");
             }
         }
     }

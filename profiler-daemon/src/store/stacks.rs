@@ -56,6 +56,7 @@ fn frame_bytes(f: &Frame) -> usize {
                 qualname, filename, ..
             } => qualname.len() + filename.len(),
             Frame::Process { command, .. } => command.len(),
+            Frame::Kernel { function } => function.len(),
             _ => 0,
         }
 }

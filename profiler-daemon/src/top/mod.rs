@@ -77,6 +77,9 @@ pub struct TopOptions {
     /// The daemon's bearer token file (`--token-file`).
     pub token_file: Option<std::path::PathBuf>,
     pub once: Option<Once>,
+    /// Local mode: also trace off-CPU time, so that `m` switches between
+    /// cpu, wall and off-cpu (`--off-cpu`).
+    pub off_cpu: bool,
 }
 
 impl Default for TopOptions {
@@ -90,6 +93,7 @@ impl Default for TopOptions {
             line_level: false,
             token_file: None,
             once: None,
+            off_cpu: false,
         }
     }
 }
@@ -140,6 +144,7 @@ fn run_once(src: &mut dyn TopSource, opts: &TopOptions, once: Once) -> anyhow::R
         service: opts.service.clone(),
         line_level: opts.line_level,
         limit: None,
+        kind: crate::profile::ProfileKind::Cpu,
     };
     let deadline = Instant::now() + Duration::from_secs(u64::from(once.duration_secs));
     loop {
@@ -303,9 +308,12 @@ mod tests {
                 service: "web".into(),
                 python: "3.14".into(),
                 samples: 200,
+                gil_wait_permille: None,
             }],
             functions_total: 2,
             processes_total: 1,
+            kind: String::new(),
+            types: Vec::new(),
         }
     }
 

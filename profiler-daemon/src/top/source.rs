@@ -83,7 +83,8 @@ pub fn plan(opts: &TopOptions, prepare_local: PrepareLocal) -> anyhow::Result<Pl
     };
     let local = || {
         let rate = opts.rate_hz.unwrap_or(DEFAULT_RATE_HZ);
-        LocalSource::prepare(rate, local_retention(opts), prepare_local).map(Plan::Local)
+        LocalSource::prepare(rate, local_retention(opts), opts.off_cpu, prepare_local)
+            .map(Plan::Local)
     };
     match &opts.source {
         SourceChoice::Daemon(url) => Ok(Plan::Remote {
@@ -149,6 +150,7 @@ impl LocalSource {
     pub fn prepare(
         rate_hz: u64,
         retention_secs: u64,
+        off_cpu: bool,
         prepare_local: PrepareLocal,
     ) -> anyhow::Result<Box<dyn PreparedLocal>> {
         crate::caps::require(
@@ -161,7 +163,8 @@ impl LocalSource {
                  and needs no privileges."
             )
         })?;
-        let prepared = prepare_local(rate_hz, retention_secs).context("cannot start sampling")?;
+        let prepared =
+            prepare_local(rate_hz, retention_secs, off_cpu).context("cannot start sampling")?;
         let kept = crate::caps::drop_after_start()?;
         tracing::info!("capabilities dropped; kept: {}", crate::caps::names(&kept));
         Ok(prepared)
@@ -273,6 +276,10 @@ pub fn query_params(q: &TopQuery) -> Vec<(&'static str, String)> {
     }
     if let Some(n) = q.limit {
         v.push(("limit", n.to_string()));
+    }
+    // Only when asked: a daemon without types knows no `type`.
+    if q.kind != crate::profile::ProfileKind::Cpu {
+        v.push(("type", q.kind.name().to_string()));
     }
     v
 }
@@ -390,6 +397,7 @@ mod tests {
             service: Some("a b".into()),
             line_level: true,
             limit: Some(50),
+            kind: crate::profile::ProfileKind::OffCpu,
         };
         assert_eq!(
             query_params(&q),
@@ -399,7 +407,8 @@ mod tests {
                 ("pid", "3".to_string()),
                 ("pid", "4".to_string()),
                 ("service", "a b".to_string()),
-                ("limit", "50".to_string())
+                ("limit", "50".to_string()),
+                ("type", "off-cpu".to_string())
             ]
         );
         assert_eq!(

@@ -77,6 +77,8 @@ pub struct App {
     pub processes_state: TableState,
     /// Last fetch error, shown until a fetch succeeds.
     pub error: Option<String>,
+    /// The profile type shown; `m` cycles through the source's types.
+    pub kind: crate::profile::ProfileKind,
 }
 
 impl App {
@@ -99,6 +101,7 @@ impl App {
             functions_state: TableState::default().with_selected(Some(0)),
             processes_state: TableState::default().with_selected(Some(0)),
             error: None,
+            kind: crate::profile::ProfileKind::Cpu,
         }
     }
 
@@ -114,7 +117,29 @@ impl App {
             line_level: self.line_level,
             // The daemon's default bound (1000 rows by own and by total).
             limit: None,
+            kind: self.kind,
         }
+    }
+
+    /// The type after the one shown, among those the source holds (as the
+    /// last snapshot says); `None` with a single type.
+    fn next_kind(&self) -> Option<crate::profile::ProfileKind> {
+        use crate::profile::ProfileKind;
+        let types: Vec<ProfileKind> = self
+            .snapshot
+            .as_ref()
+            .map(|s| {
+                ProfileKind::ALL
+                    .into_iter()
+                    .filter(|k| s.types.iter().any(|t| t == k.name()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if types.len() < 2 {
+            return None;
+        }
+        let at = types.iter().position(|k| *k == self.kind);
+        Some(types[at.map_or(0, |i| (i + 1) % types.len())])
     }
 
     pub fn set_snapshot(&mut self, s: TopSnapshot) {
@@ -213,6 +238,12 @@ impl App {
             KeyCode::Char('w') => {
                 self.whole_run = !self.whole_run;
                 return Action::Refetch;
+            }
+            KeyCode::Char('m') => {
+                if let Some(k) = self.next_kind() {
+                    self.kind = k;
+                    return Action::Refetch;
+                }
             }
             KeyCode::Char('p') | KeyCode::Char(' ') => self.paused = !self.paused,
             KeyCode::Char('/') => self.editing = Some(self.filter.clone()),
@@ -386,6 +417,7 @@ fn header_lines(app: &App, width: u16) -> Vec<Line<'static>> {
     let first = vec![
         vec![Span::styled("pyebpf top", bold())],
         field("mode", app.mode.clone()),
+        field("type", app.kind.name().to_string()),
         field("rate", rate_label(s.rate_hz)),
         field("samples/s", format!("{:.0}", s.samples_per_sec)),
         field("processes", s.processes_profiled.to_string()),
@@ -449,7 +481,7 @@ fn footer_line(app: &App) -> Line<'static> {
     }
     let hint = match app.view {
         View::Functions => {
-            "Tab processes  o/t/n sort  l lines  w window  / filter  p pause  ? help  q quit"
+            "Tab processes  o/t/n sort  l lines  w window  m type  / filter  p pause  ? help  q quit"
         }
         View::Processes => {
             "Enter show this process  Esc all processes  Tab functions  ? help  q quit"
@@ -490,7 +522,7 @@ fn draw_functions(f: &mut Frame, app: &mut App, area: Rect) {
         _ => right(t.to_string()),
     }))
     .style(Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED));
-    let (total, rate) = (snap.total_samples, snap.rate_hz);
+    let (total, rate) = (snap.total_samples, snap.values_per_sec());
     let table_rows = rows.iter().map(|r| {
         Row::new(cols.iter().map(|(t, _)| match *t {
             "OWN%" => right(format!("{:.1}", percent(r.own, total))),
@@ -537,7 +569,12 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
         right("PID".into()),
         right("SAMPLES".into()),
         right("SHARE%".into()),
-        right("CPU TIME".into()),
+        right(match snap.profile_kind() {
+            crate::profile::ProfileKind::Cpu => "CPU TIME".into(),
+            crate::profile::ProfileKind::Wall => "WALL".into(),
+            crate::profile::ProfileKind::OffCpu => "OFF-CPU".into(),
+        }),
+        right("GIL%".into()),
         Cell::from("COMMAND"),
         Cell::from("PYTHON"),
         Cell::from("SERVICE"),
@@ -548,7 +585,14 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
             right(p.pid.to_string()),
             right(p.samples.to_string()),
             right(format!("{:.1}", percent(p.samples, snap.total_samples))),
-            right(format_duration(seconds_of(p.samples, snap.rate_hz))),
+            right(format_duration(seconds_of(
+                p.samples,
+                snap.values_per_sec(),
+            ))),
+            right(p.gil_wait_permille.map_or_else(
+                || "-".to_string(),
+                |m| format!("{:.1}", f64::from(m) / 10.0),
+            )),
             Cell::from(p.command.clone()),
             Cell::from(python_or_dash(&p.python).to_string()),
             Cell::from(p.service.clone()),
@@ -558,9 +602,10 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
         rows,
         [
             Constraint::Length(8),
-            Constraint::Length(9),
+            Constraint::Length(11),
             Constraint::Length(7),
             Constraint::Length(8),
+            Constraint::Length(6),
             Constraint::Length(16),
             Constraint::Length(6),
             Constraint::Fill(1),
@@ -581,6 +626,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("o / t / n", "sort by own samples / total samples / name"),
     ("l", "toggle line-level and function-level rows"),
     ("w", "toggle the last --window seconds and the whole run"),
+    (
+        "m",
+        "cycle the profile type: cpu, wall, off-cpu (those the source has)",
+    ),
     ("p, space", "pause / resume refreshing"),
     (
         "/",
@@ -850,6 +899,7 @@ mod tests {
                     service: "svc11".into(),
                     python: "3.11".into(),
                     samples: 600,
+                    gil_wait_permille: None,
                 },
                 ProcessRow {
                     pid: 22,
@@ -857,10 +907,13 @@ mod tests {
                     service: "svc22".into(),
                     python: "3.14".into(),
                     samples: 400,
+                    gil_wait_permille: None,
                 },
             ],
             functions_total: 4,
             processes_total: 2,
+            kind: String::new(),
+            types: Vec::new(),
         }
     }
 
@@ -922,6 +975,32 @@ mod tests {
             let s = fit_function("функция", "/ü/ü/ü/ü/ü.py", 123, w);
             assert!(width(&s) <= w, "{w}: {s}");
         }
+    }
+
+    /// `m` cycles through the types the snapshot lists, in cpu, wall,
+    /// off-cpu order; with one type (an older daemon: none listed) it does
+    /// nothing. The header names the type, the process view shows GIL%.
+    #[test]
+    fn m_cycles_profile_types() {
+        use crate::profile::ProfileKind;
+        let mut a = app();
+        assert_eq!(a.handle_key(key(KeyCode::Char('m'))), Action::None);
+        assert_eq!(a.query().kind, ProfileKind::Cpu);
+        let mut s = snap();
+        s.types = vec!["cpu".into(), "off-cpu".into(), "wall".into()];
+        s.processes[0].gil_wait_permille = Some(375);
+        a.set_snapshot(s);
+        assert!(screen(&mut a, 120, 20)[0].contains("type cpu"));
+        for want in [ProfileKind::Wall, ProfileKind::OffCpu, ProfileKind::Cpu] {
+            assert_eq!(a.handle_key(key(KeyCode::Char('m'))), Action::Refetch);
+            assert_eq!(a.query().kind, want);
+            let top = screen(&mut a, 120, 20)[0].clone();
+            assert!(top.contains(&format!("type {}", want.name())), "{top}");
+        }
+        a.handle_key(key(KeyCode::Tab));
+        let lines = screen(&mut a, 120, 20);
+        assert!(lines.iter().any(|l| l.contains("GIL%")), "{lines:#?}");
+        assert!(lines.iter().any(|l| l.contains("37.5")), "{lines:#?}");
     }
 
     #[test]
@@ -1007,7 +1086,7 @@ mod tests {
         let lines = screen(&mut a, 160, 12);
         assert!(
             lines[0].starts_with(
-                "pyebpf top  mode local  rate 99 Hz  samples/s 198  processes 2  drops 0  errors 3"
+                "pyebpf top  mode local  type cpu  rate 99 Hz  samples/s 198  processes 2  drops 0  errors 3"
             ),
             "{lines:#?}"
         );
@@ -1049,7 +1128,7 @@ mod tests {
 
         // Narrower: command and service dropped, the path cut from the left.
         let lines = screen(&mut a, 75, 12);
-        assert_eq!(lines[1], "errors 3", "whole fields wrap");
+        assert_eq!(lines[1], "drops 0  errors 3", "whole fields wrap");
         assert!(
             !lines[3].contains("SERVICE") && lines[3].contains("PID"),
             "{lines:#?}"
@@ -1063,8 +1142,8 @@ mod tests {
         assert_eq!(
             lines[..4],
             [
-                "pyebpf top  mode local  rate 99 Hz  samples/s 198",
-                "processes 2  drops 0  errors 3",
+                "pyebpf top  mode local  type cpu  rate 99 Hz",
+                "samples/s 198  processes 2  drops 0  errors 3",
                 "window last 10 s  level function  sort own",
                 "samples 1000",
             ],
@@ -1090,7 +1169,7 @@ mod tests {
             "{lines:#?}"
         );
         assert!(
-            lines[3].starts_with(">       11       600    60.0"),
+            lines[3].starts_with(">       11         600    60.0"),
             "{lines:#?}"
         );
         assert!(

@@ -7,13 +7,17 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 pub mod daemon;
+pub mod otlp;
 pub mod pyroscope;
 pub mod pythons;
 pub mod roots;
+pub mod stacks;
 
 // Not every test binary uses them.
 #[allow(unused_imports)]
 pub use self::daemon::*;
+#[allow(unused_imports)]
+pub use self::otlp::*;
 #[allow(unused_imports)]
 pub use self::pyroscope::*;
 

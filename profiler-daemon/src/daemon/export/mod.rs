@@ -1,4 +1,5 @@
-//! Where closed windows go: pprof files on disk and Pyroscope's ingest API.
+//! Where closed windows go: pprof files on disk, Pyroscope's ingest API and
+//! OTLP (an OpenTelemetry Collector).
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -7,8 +8,10 @@ use super::metrics::Metrics;
 use super::{ProcessLabels, WindowProfile};
 use crate::profile::CompactProfile;
 
+pub mod otlp;
 pub mod pprof_dir;
 pub mod pprof_writer;
+pub mod push;
 pub mod pyroscope;
 
 pub use pprof_dir::ExportError;
@@ -17,6 +20,7 @@ pub use pprof_dir::ExportError;
 pub struct Exporters {
     pprof_dir: Option<pprof_writer::Writer>,
     pyroscope: Option<pyroscope::Pusher>,
+    otlp: Option<otlp::Exporter>,
 }
 
 impl Exporters {
@@ -25,12 +29,13 @@ impl Exporters {
         Exporters {
             pprof_dir: None,
             pyroscope: None,
+            otlp: None,
         }
     }
 
     /// Whether any output is configured.
     pub fn any(&self) -> bool {
-        self.pprof_dir.is_some() || self.pyroscope.is_some()
+        self.pprof_dir.is_some() || self.pyroscope.is_some() || self.otlp.is_some()
     }
 
     pub fn new(cfg: &Outputs, metrics: &Metrics) -> Result<Self, ExportError> {
@@ -56,9 +61,17 @@ impl Exporters {
             )?),
             None => None,
         };
+        let otlp = match &cfg.otlp {
+            Some(o) => Some(otlp::Exporter::spawn(
+                otlp_config(o),
+                Arc::new(otlp::PushStats::default()),
+            )?),
+            None => None,
+        };
         Ok(Exporters {
             pprof_dir,
             pyroscope,
+            otlp,
         })
     }
 
@@ -70,6 +83,7 @@ impl Exporters {
         windows: Vec<(ProcessLabels, CompactProfile)>,
         from: u64,
         until: u64,
+        primary: crate::profile::ProfileKind,
         metrics: &Metrics,
     ) {
         let start = UNIX_EPOCH + Duration::from_secs(from);
@@ -85,23 +99,43 @@ impl Exporters {
                 end,
             })
             .collect();
-        match (&self.pprof_dir, &self.pyroscope) {
-            (Some(dir), Some(p)) => {
-                dir.write_window(window.clone());
-                p.push_window(window);
-            }
-            (Some(dir), None) => dir.write_window(window),
-            (None, Some(p)) => p.push_window(window),
-            (None, None) => {}
+        // Each output but the last gets a copy.
+        let mut outputs: Vec<Box<dyn FnOnce(Vec<WindowProfile>) + '_>> = Vec::new();
+        if let Some(dir) = &self.pprof_dir {
+            // One file per process and window: the default type's only.
+            outputs.push(Box::new(move |w: Vec<WindowProfile>| {
+                dir.write_window(
+                    w.into_iter()
+                        .filter(|w| w.profile.kind == primary)
+                        .collect(),
+                )
+            }));
+        }
+        if let Some(p) = &self.pyroscope {
+            outputs.push(Box::new(|w| p.push_window(w)));
+        }
+        if let Some(o) = &self.otlp {
+            outputs.push(Box::new(|w| o.push_window(w)));
+        }
+        let last = outputs.pop();
+        for out in outputs {
+            out(window.clone());
+        }
+        if let Some(out) = last {
+            out(window);
         }
     }
 
-    /// Connects the pusher to `metrics`: from the first call on, what it
-    /// does (and what it did before) shows in the metrics as it happens
-    /// (`pyebpf_export_total{target="pyroscope"}`, `pyebpf_pyroscope_*`).
+    /// Connects the pushers to `metrics`: from the first call on, what they
+    /// do (and what they did before) shows in the metrics as it happens
+    /// (`pyebpf_export_total{target}`, `pyebpf_pyroscope_*`,
+    /// `pyebpf_otlp_*`).
     pub fn report(&self, metrics: &Metrics) {
         if let Some(p) = &self.pyroscope {
             p.attach_metrics(metrics.pyroscope());
+        }
+        if let Some(o) = &self.otlp {
+            o.attach_metrics(metrics.otlp());
         }
     }
 
@@ -113,13 +147,23 @@ impl Exporters {
                 tracing::warn!("pprof_dir: files still being written at shutdown");
             }
         }
-        if let Some(p) = self.pyroscope {
-            let r = p.shutdown(deadline).await;
-            if r.unsent > 0 {
-                tracing::warn!(
-                    "pyroscope: {} profile(s) could not be sent before shutdown",
-                    r.unsent
-                );
+        // Both pushers drain at once, within the one deadline.
+        let pyroscope = async {
+            match self.pyroscope {
+                Some(p) => p.shutdown(deadline).await.unsent,
+                None => 0,
+            }
+        };
+        let otlp = async {
+            match self.otlp {
+                Some(o) => o.shutdown(deadline).await.unsent,
+                None => 0,
+            }
+        };
+        let (p, o) = tokio::join!(pyroscope, otlp);
+        for (name, unsent) in [("pyroscope", p), ("otlp", o)] {
+            if unsent > 0 {
+                tracing::warn!("{name}: {unsent} profile(s) could not be sent before shutdown");
             }
         }
     }
@@ -136,5 +180,26 @@ fn pusher_config(p: &super::config::Pyroscope) -> pyroscope::PyroscopeConfig {
         .as_ref()
         .map(|b| (b.username.clone(), b.password.clone()));
     c.tenant_id = p.tenant_id.clone();
+    c
+}
+
+fn otlp_config(o: &super::config::Otlp) -> otlp::OtlpConfig {
+    use super::config::{OtlpCompression, OtlpProtocol};
+    let protocol = match o.protocol {
+        OtlpProtocol::Grpc => otlp::Protocol::Grpc,
+        OtlpProtocol::HttpProtobuf => otlp::Protocol::HttpProtobuf,
+    };
+    let mut c = otlp::OtlpConfig::new(o.endpoint(), protocol);
+    c.headers = o.headers.clone();
+    c.ca_file = o.tls.as_ref().and_then(|t| t.ca_file.clone());
+    c.gzip = o.compression == OtlpCompression::Gzip;
+    c.timeout = Duration::from_secs(o.timeout_secs);
+    c.max_queue_bytes = o.max_queue_bytes;
+    c.max_concurrent = o.max_concurrent_exports as usize;
+    c.max_retry = Duration::from_secs(o.max_retry_secs);
+    c.max_request_bytes = usize::try_from(o.max_request_bytes).unwrap_or(usize::MAX);
+    if let Some(h) = &o.host_name {
+        c.host_name.clone_from(h);
+    }
     c
 }

@@ -188,6 +188,23 @@ pub enum Gilstate {
     ThreadLocal,
 }
 
+/// Where the GIL's state (`struct _gil_runtime_state`: the flag, the
+/// condition variables and mutexes its waiters block on) is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GilLayout {
+    /// Inside `_PyRuntime` (3.11: `_PyRuntime.ceval.gil`), at `offset`.
+    Runtime { offset: u64, size: u64 },
+    /// Pointed at by the main interpreter's `ceval.gil` (3.12+, one GIL
+    /// per interpreter; the main one's is its own `_gil`), at `pointer` in
+    /// `PyInterpreterState`.
+    Interpreter { pointer: u64, size: u64 },
+}
+
+/// `sizeof(struct _gil_runtime_state)` of every default (GIL) build from
+/// 3.11 on: interval, last_holder, locked, switch_number, then two
+/// `pthread_cond_t` (48 bytes) and two `pthread_mutex_t` (40 bytes).
+pub const GIL_STATE_SIZE: u64 = 208;
+
 /// Everything pyebpf reads in one interpreter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -200,6 +217,7 @@ pub struct Layout {
     /// `PyTypeObject.tp_basicsize`.
     pub type_basicsize: u64,
     pub gilstate: Gilstate,
+    pub gil: GilLayout,
 }
 
 /// Every checksum word taken whole: no run-time field in the header.

@@ -64,5 +64,12 @@ pub fn layout() -> Layout {
         gilstate: Gilstate::TssKey {
             runtime_offset: 592,
         },
+        // _PyRuntime.ceval.gil: offsetof() with the 3.11.7 and Debian's
+        // 3.11.2 headers; both builds' PyEval_ThreadsInitialized read
+        // `gil.locked` at _PyRuntime+376 (checked in process::gil's tests).
+        gil: GilLayout::Runtime {
+            offset: 360,
+            size: GIL_STATE_SIZE,
+        },
     }
 }

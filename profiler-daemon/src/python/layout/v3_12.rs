@@ -62,5 +62,10 @@ pub fn layout() -> Layout {
         gilstate: Gilstate::TssKey {
             runtime_offset: 1544,
         },
+        // PyInterpreterState.ceval.gil (offsetof() with the 3.12.1 headers).
+        gil: GilLayout::Interpreter {
+            pointer: 384,
+            size: GIL_STATE_SIZE,
+        },
     }
 }

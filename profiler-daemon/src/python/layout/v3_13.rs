@@ -59,6 +59,12 @@ pub fn layout() -> Layout {
         gilstate: Gilstate::TssKey {
             runtime_offset: 2160,
         },
+        // PyInterpreterState.ceval.gil: `ceval` is the first member from
+        // 3.13 on (offsetof() with the 3.13.0 headers).
+        gil: GilLayout::Interpreter {
+            pointer: 16,
+            size: GIL_STATE_SIZE,
+        },
     }
 }
 

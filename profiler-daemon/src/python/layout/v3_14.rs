@@ -59,6 +59,13 @@ pub fn layout() -> Layout {
         gilstate: Gilstate::TssKey {
             runtime_offset: 2336,
         },
+        // PyInterpreterState.ceval.gil, as in 3.13 (read off the headers:
+        // `struct _is` starts with `struct _ceval_state ceval`, whose
+        // `gil` follows a uintptr_t and an int).
+        gil: GilLayout::Interpreter {
+            pointer: 16,
+            size: GIL_STATE_SIZE,
+        },
     }
 }
 

@@ -57,6 +57,11 @@ pub fn layout() -> Layout {
         // `autoTSSkey` is gone (cpython gh-131185): the binding is the
         // `_Py_tss_gilstate` thread-local.
         gilstate: Gilstate::ThreadLocal,
+        // As in 3.14 (read off the headers, not an interpreter).
+        gil: GilLayout::Interpreter {
+            pointer: 16,
+            size: GIL_STATE_SIZE,
+        },
     }
 }
 
