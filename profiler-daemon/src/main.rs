@@ -198,6 +198,12 @@ struct RecordArgs {
     /// and off-cpu).
     #[arg(long)]
     kernel: bool,
+    /// Below each sample's Python frames, the native function its thread was
+    /// in (C code such as `[native] crc32_z (libz.so.1)`, or the system
+    /// call's caller when in the kernel), named from the target's ELF
+    /// symbols and debug info with blazesym.
+    #[arg(long)]
+    native: bool,
     /// Off-CPU sampling period T in microseconds: an interval of d is walked
     /// with probability min(1, d/T) and weighs max(d, T) [default: the CPU
     /// sampling period, 1/rate].
@@ -400,6 +406,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 output: a.output,
                 status: !a.quiet,
+                native: a.native,
                 // At most 1 TiB (checked above): fits a usize on 64-bit hosts.
                 memory_budget: usize::try_from(a.memory_budget_mib << 20).map_err(|_| {
                     anyhow::anyhow!("--memory-budget-mib is too large for this host")

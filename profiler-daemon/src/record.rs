@@ -14,6 +14,7 @@ use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
 use crate::model::labels::ProcessLabels;
 use crate::native::kernel::KernelSymbols;
+use crate::native::leaves::LeafNamer;
 use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError, PythonProcess};
 use crate::profile::{CompactProfile, Format, Frame, Profile, ProfileKind, ValueUnit};
@@ -36,6 +37,8 @@ pub struct RecordOptions {
     /// Bytes the recorded stacks may hold (`--memory-budget-mib`); beyond
     /// it the oldest seconds are evicted, and the summary says so.
     pub memory_budget: usize,
+    /// End each sample's Python frames with its native leaf (`--native`).
+    pub native: bool,
 }
 
 /// `--memory-budget-mib` when not given.
@@ -345,6 +348,7 @@ impl Programs {
         rate_hz: u32,
         budget_bytes: usize,
         kernel: Option<Arc<KernelSymbols>>,
+        native: Option<Arc<LeafNamer>>,
     ) -> Self {
         let limits = StoreLimits {
             retention_secs: u32::MAX,
@@ -356,6 +360,9 @@ impl Programs {
         let mut store = Store::of_kind(limits, rate_hz, kind);
         if let Some(k) = kernel {
             store.set_kernel_symbols(k);
+        }
+        if let Some(n) = native {
+            store.set_native(n);
         }
         Programs {
             store,
@@ -501,6 +508,8 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         opts.sampler.rate_hz as u32,
         opts.memory_budget,
         kernel,
+        opts.native
+            .then(|| LeafNamer::new(crate::native::stacks::NativeLimits::default())),
     );
     for t in &targets {
         programs.start(t);
@@ -799,6 +808,7 @@ mod tests {
             output: PathBuf::from("app.svg"),
             status: false,
             memory_budget: DEFAULT_MEMORY_BUDGET_MIB << 20,
+            native: false,
         }
     }
 

@@ -261,6 +261,7 @@ pub fn snapshot(
                 !matches!(
                     f,
                     Frame::Kernel { .. }
+                        | Frame::Native { .. }
                         | Frame::KernelTruncated
                         | Frame::KernelUnavailable
                         | Frame::GilWait

@@ -5,6 +5,7 @@
 //! process's executable mappings.
 pub mod cfi;
 pub mod kernel;
+pub mod leaves;
 pub mod maps;
 pub mod merge;
 pub mod stacks;

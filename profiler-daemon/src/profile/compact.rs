@@ -165,6 +165,9 @@ impl CompactProfile {
                             qualname, filename, ..
                         } => qualname.len() + filename.len() + 16,
                         Frame::Kernel { function } => function.len() + 16,
+                        Frame::Native { function, module } => {
+                            function.as_deref().map_or(2, str::len) + module.len() + 24
+                        }
                         _ => 32,
                     }
             })

@@ -46,6 +46,15 @@ pub enum Frame {
     KernelTruncated,
     /// In place of the kernel frames: they were wanted but could not be read.
     KernelUnavailable,
+    /// A native function of the target, after the Python frames: where the
+    /// CPU was (C code called from the Python leaf), or for a thread in the
+    /// kernel the function that made the system call. `function` is `None`
+    /// when the module has no symbol for the address (a static function of
+    /// a stripped library): shown as such, never guessed.
+    Native {
+        function: Option<Arc<str>>,
+        module: Arc<str>,
+    },
     /// Synthetic leaf: the thread was off CPU waiting for the GIL (blocked
     /// on the interpreter's GIL state).
     GilWait,
@@ -108,6 +117,9 @@ impl fmt::Display for Frame {
             Frame::Partial => f.write_str("[partial stack: read failed]"),
             Frame::Overflow => f.write_str("[stack table full]"),
             Frame::Kernel { function } => write!(f, "[kernel] {function}"),
+            Frame::Native { function, module } => {
+                write!(f, "[native] {} ({module})", function.as_deref().unwrap_or("??"))
+            }
             Frame::KernelTruncated => f.write_str("[kernel stack truncated]"),
             Frame::KernelUnavailable => f.write_str("[kernel stack unavailable]"),
             Frame::GilWait => f.write_str("[waiting for the GIL]"),

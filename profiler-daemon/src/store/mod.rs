@@ -37,6 +37,8 @@ use crate::model::query::{
     STATUS_REPLACED, STATUS_UNSUPPORTED,
 };
 use crate::native::kernel::KernelSymbols;
+use crate::native::leaves::LeafNamer;
+use crate::native::stacks::NativeStats;
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{CompactProfile, Frame, ProfileKind, ValueUnit};
 use crate::python::code::CodeFormat;
@@ -161,6 +163,7 @@ type Symbols = Arc<Mutex<Symbolizer<TargetMemory>>>;
 pub struct Pending {
     second: u64,
     kernel: Option<Arc<KernelSymbols>>,
+    native: Option<Arc<LeafNamer>>,
     procs: Vec<PendingProcess>,
 }
 
@@ -197,10 +200,34 @@ impl Pending {
         self.procs.is_empty()
     }
 
+    /// The native leaves of the new stacks, named in one request.
+    fn native_leaves(&self) -> FastHashMap<(u32, u64), Option<Frame>> {
+        let Some(namer) = &self.native else {
+            return FastHashMap::default();
+        };
+        let lookups: Vec<(u32, u64)> = self
+            .procs
+            .iter()
+            .flat_map(|p| {
+                p.stacks
+                    .iter()
+                    .filter_map(move |(k, ..)| Some((p.pid, k.native_ip()?)))
+            })
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if lookups.is_empty() {
+            return FastHashMap::default();
+        }
+        let names = namer.name(lookups.clone());
+        lookups.into_iter().zip(names).collect()
+    }
+
     /// Symbolises the new stacks, reading code objects from target memory.
     /// Takes no store: call it with the store lock released.
     pub fn resolve(self) -> Resolved {
         let kernel = self.kernel.as_deref();
+        let leaves = self.native_leaves();
         let procs = self
             .procs
             .into_iter()
@@ -213,7 +240,10 @@ impl Pending {
                     .stacks
                     .into_iter()
                     .map(|(key, n, value)| {
-                        let frames = symbolise(&mut symbols, kernel, &key);
+                        let leaf = key
+                            .native_ip()
+                            .and_then(|ip| leaves.get(&(p.pid, ip)).cloned().flatten());
+                        let frames = symbolise(&mut symbols, kernel, leaf, &key);
                         (key, frames, n, value)
                     })
                     .collect();
@@ -600,6 +630,8 @@ pub struct Store {
     /// Symbols for kernel stacks (without them, kernel frames show their
     /// addresses).
     kernel: Option<Arc<KernelSymbols>>,
+    /// Names each sample's native leaf when set (see [`Store::set_native`]).
+    native: Option<Arc<LeafNamer>>,
     entries: HashMap<u32, Entry>,
     pub stats: StoreStats,
     /// Symbol statistics of processes already removed.
@@ -678,6 +710,7 @@ impl Store {
             types: vec![kind],
             split: false,
             kernel: None,
+            native: None,
             entries: HashMap::new(),
             stats: StoreStats::default(),
             retired_symbols: SymbolStats::default(),
@@ -812,6 +845,10 @@ impl Store {
 
     fn retire(&mut self, e: Entry) {
         self.retired_symbols += e.symbol_stats;
+        if let Some(n) = &self.native {
+            // A later process under this pid has other mappings.
+            n.forget_pid(e.labels.pid);
+        }
     }
 
     pub fn holds(&self, pid: u32, start_time: u64) -> bool {
@@ -906,6 +943,17 @@ impl Store {
         self.kernel = Some(k);
     }
 
+    /// From now on each sample with user registers ends its Python frames
+    /// with its native leaf, named by `n`.
+    pub fn set_native(&mut self, n: Arc<LeafNamer>) {
+        self.native = Some(n);
+    }
+
+    /// The native symbolisation's statistics, if native leaves are named.
+    pub fn native_stats(&self) -> Option<NativeStats> {
+        Some(self.native.as_ref()?.stats())
+    }
+
     /// What sample `s` adds, in the store's unit; `None` for a sample of
     /// a kind it does not hold.
     fn value_of(&self, s: &RawSample) -> Option<u64> {
@@ -974,7 +1022,7 @@ impl Store {
                 self.stats.foreign_samples += 1;
                 continue;
             };
-            let key = RawKey::of(s, e.gil.as_ref());
+            let key = RawKey::of(s, e.gil.as_ref(), self.native.is_some());
             let tag = if self.split { e.tally(&key, value) } else { 0 };
             if let Some(id) = e.cached(&key) {
                 self.stats.samples += 1;
@@ -1011,6 +1059,7 @@ impl Store {
         Pending {
             second,
             kernel: self.kernel.clone(),
+            native: self.native.clone(),
             procs,
         }
     }

@@ -62,12 +62,17 @@ pub struct RawKey {
     kernel_truncated: bool,
     kernel_unavailable: bool,
     wait: Wait,
+    /// The thread's user instruction pointer, when native leaves are
+    /// wanted: named at symbolisation ([`native_leaf`]).
+    native_ip: Option<u64>,
 }
 
 impl RawKey {
-    /// The key of `s`, from a process whose GIL state is `gil`.
-    pub fn of(s: RawSample, gil: Option<&Range<u64>>) -> RawKey {
+    /// The key of `s`, from a process whose GIL state is `gil`; with
+    /// `native`, keeping its user instruction pointer for the native leaf.
+    pub fn of(s: RawSample, gil: Option<&Range<u64>>, native: bool) -> RawKey {
         let wait = Wait::of(&s, gil);
+        let native_ip = s.regs.filter(|_| native).map(|r| r.ip);
         RawKey {
             truncated: s.truncated,
             partial: s.read_error.is_some(),
@@ -77,7 +82,14 @@ impl RawKey {
             kernel_truncated: s.kernel_truncated,
             kernel_unavailable: s.kernel_error,
             wait,
+            native_ip,
         }
+    }
+
+    /// The user instruction pointer whose native leaf the stack ends its
+    /// Python frames with, if kept.
+    pub fn native_ip(&self) -> Option<u64> {
+        self.native_ip
     }
 
     /// An off-CPU interval's key (an on-CPU sample's leaf is exact).
@@ -98,21 +110,23 @@ impl RawKey {
 }
 
 /// Symbolises a raw stack, root first: the Python frames (walked leaf
-/// first), then the kernel's (sampled innermost first), then what the
-/// thread waited for. Without kernel symbols, kernel frames show their
-/// addresses.
+/// first), its native leaf (named by the caller, see [`RawKey::native_ip`]),
+/// then the kernel's (sampled innermost first), then what the thread waited
+/// for. Without kernel symbols, kernel frames show their addresses.
 pub fn symbolise(
     symbols: &mut Symbolizer<TargetMemory>,
     kernel: Option<&KernelSymbols>,
+    native_leaf: Option<Frame>,
     key: &RawKey,
 ) -> Vec<Frame> {
-    let mut v = Vec::with_capacity(key.frames.len() + key.kernel.len() + 3);
+    let mut v = Vec::with_capacity(key.frames.len() + key.kernel.len() + 4);
     if key.truncated {
         v.push(Frame::Truncated);
     } else if key.partial {
         v.push(Frame::Partial);
     }
     v.extend(key.frames.iter().rev().map(|f| symbols.frame(f)));
+    v.extend(native_leaf);
     if key.kernel_unavailable {
         v.push(Frame::KernelUnavailable);
     } else if !key.kernel.is_empty() {

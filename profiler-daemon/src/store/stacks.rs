@@ -57,6 +57,9 @@ fn frame_bytes(f: &Frame) -> usize {
             } => qualname.len() + filename.len(),
             Frame::Process { command, .. } => command.len(),
             Frame::Kernel { function } => function.len(),
+            Frame::Native { function, module } => {
+                function.as_deref().map_or(0, str::len) + module.len()
+            }
             _ => 0,
         }
 }

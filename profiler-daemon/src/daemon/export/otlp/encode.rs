@@ -33,6 +33,8 @@ use crate::profile::Frame;
 pub const FRAME_TYPE: &str = "profile.frame.type";
 pub const FRAME_TYPE_CPYTHON: &str = "cpython";
 pub const FRAME_TYPE_KERNEL: &str = "kernel";
+/// A native (C) frame of the target, as the OTel eBPF profiler marks them.
+pub const FRAME_TYPE_NATIVE: &str = "native";
 
 /// What every process's resource says about the host and the profiler.
 #[derive(Clone, Debug)]
@@ -145,6 +147,7 @@ impl Builder {
             ),
             Frame::Unknown { .. } => (0, 0, 0, Some(FRAME_TYPE_CPYTHON)),
             Frame::Kernel { .. } => (0, 0, 0, Some(FRAME_TYPE_KERNEL)),
+            Frame::Native { module, .. } => (self.string(module), 0, 0, Some(FRAME_TYPE_NATIVE)),
             _ => (0, 0, 0, None),
         };
         let function = self

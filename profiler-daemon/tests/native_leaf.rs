@@ -1,0 +1,207 @@
+//! End to end: `pyebpf record --native` names the native function each
+//! sampled thread is in, below the right Python line, on pyenv's shared
+//! 3.11 and Debian's static 3.11. The oracle is gdb: the innermost frame it
+//! shows of each thread of the same process (a stripped library's static
+//! function is `??` for both).
+mod common;
+
+use std::collections::{HashMap, HashSet};
+
+use common::pythons::{Python, Running};
+use common::*;
+
+const SCRIPT: &str = "workloads/native_leaf.py";
+/// Threads in C code: name, the library their time goes to.
+const IN_C: [(&str, &str); 2] = [("checksum", "libz.so"), ("digest", "libcrypto.so")];
+/// gdb snapshots taken at most to see each C thread inside its library.
+const SNAPSHOTS: usize = 20;
+
+/// `qualname (path:line)` of the `# HOT:<name>` line, as the interpreter
+/// sees the script.
+fn hot(py: &Python, name: &str) -> String {
+    let path = repo_root().join("tests").join(SCRIPT);
+    let line = markers_in(&path)
+        .get(&format!("HOT={name}"))
+        .copied()
+        .unwrap_or_else(|| panic!("no HOT:{name} in {SCRIPT}"));
+    format!("{name} ({}:{line})", py.script_path(SCRIPT))
+}
+
+/// The workload's `name=tid` line.
+fn thread_ids(w: &mut Running) -> HashMap<String, u32> {
+    w.read_line()
+        .split_whitespace()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// gdb's innermost frame of one thread: its function (`??` when gdb has
+/// no name) and, when gdb says, the file it is in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct GdbLeaf {
+    function: String,
+    module: Option<String>,
+}
+
+/// The innermost frame of every thread of `pid`, by thread id, from one
+/// `gdb -batch` (which stops the process for a moment).
+fn gdb_leaves(pid: u32) -> HashMap<u32, GdbLeaf> {
+    let out = std::process::Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 1"])
+        .output()
+        .expect("gdb is installed by cargo xtask bootstrap");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut leaves = HashMap::new();
+    let mut tid = None;
+    for line in text.lines() {
+        if line.starts_with("Thread ") {
+            tid = line
+                .split("(LWP ")
+                .nth(1)
+                .and_then(|s| s.split(')').next())
+                .and_then(|s| s.parse::<u32>().ok());
+        } else if let (Some(t), Some(rest)) = (tid, line.strip_prefix("#0  ")) {
+            // `0x... in NAME (...) from /lib/libz.so.1` or `NAME (...) at f.c:1`.
+            let rest = rest.split_once(" in ").map_or(rest, |(_, r)| r);
+            let function = rest.split(" (").next().unwrap_or(rest).to_string();
+            let module = rest
+                .rsplit_once(" from ")
+                .map(|(_, m)| m.rsplit('/').next().unwrap_or(m).to_string());
+            leaves.insert(t, GdbLeaf { function, module });
+            tid = None;
+        }
+    }
+    leaves
+}
+
+/// For each C thread, what gdb saw it in while inside its library: taken
+/// until every thread was seen there once.
+fn oracle(pid: u32, tids: &HashMap<String, u32>) -> HashMap<&'static str, HashSet<GdbLeaf>> {
+    let mut seen: HashMap<&'static str, HashSet<GdbLeaf>> = HashMap::new();
+    for _ in 0..SNAPSHOTS {
+        let leaves = gdb_leaves(pid);
+        for (thread, lib) in IN_C {
+            let Some(leaf) = tids.get(thread).and_then(|t| leaves.get(t)) else {
+                continue;
+            };
+            if leaf.module.as_deref().is_some_and(|m| m.starts_with(lib)) {
+                seen.entry(thread).or_default().insert(leaf.clone());
+            }
+        }
+        if seen.len() == IN_C.len() {
+            break;
+        }
+    }
+    seen
+}
+
+/// `[native] NAME (MODULE)` split into its name and module.
+fn native(frame: &str) -> Option<(&str, &str)> {
+    let rest = frame.strip_prefix("[native] ")?;
+    let (name, module) = rest.rsplit_once(" (")?;
+    Some((name, module.strip_suffix(')')?))
+}
+
+fn dump(stacks: &[(Vec<String>, u64)]) -> String {
+    let mut s: Vec<_> = stacks.iter().collect();
+    s.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    s.iter()
+        .take(25)
+        .map(|(f, n)| format!("{n:6} {}", f.join(";")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn native_leaves(py: Python) {
+    let Some(_serial) = serial_bpf_test() else {
+        return;
+    };
+    let label = py.label();
+    let mut w = py.start(SCRIPT, &[]);
+    let tids = thread_ids(&mut w);
+    let (out, text) = record(
+        &[w.pid()],
+        &["--native", "--duration", "4", "--rate", "199"],
+    );
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let seen = oracle(w.pid(), &tids);
+    let all = dump(&stacks);
+    assert!(!stacks.is_empty(), "{label}: empty profile");
+
+    // The native leaf is the innermost frame, right under a Python frame.
+    for (s, _) in &stacks {
+        if let Some(i) = s.iter().position(|f| f.starts_with("[native] ")) {
+            assert_eq!(i, s.len() - 1, "{label}: native frame not the leaf: {s:?}");
+            assert!(
+                i > 0 && s[i - 1].contains(".py:"),
+                "{label}: native leaf not under a Python frame: {s:?}"
+            );
+        }
+    }
+
+    for (thread, lib) in IN_C {
+        let at = hot(&py, thread);
+        // Samples whose Python leaf is the thread's hot line, by native leaf.
+        let mut by_leaf: HashMap<Option<(&str, &str)>, u64> = HashMap::new();
+        for (s, n) in &stacks {
+            let Some(i) = s.iter().position(|f| *f == at) else {
+                continue;
+            };
+            let leaf = s.get(i + 1).and_then(|f| native(f));
+            *by_leaf.entry(leaf).or_default() += n;
+        }
+        let total: u64 = by_leaf.values().sum();
+        let in_lib: u64 = by_leaf
+            .iter()
+            .filter(|(l, _)| l.is_some_and(|(_, m)| m.starts_with(lib)))
+            .map(|(_, n)| n)
+            .sum();
+        // At 199 Hz for 4 s a thread always in C gives ~800 samples; it
+        // waits for the GIL between calls (off CPU, not sampled), so ask
+        // for far fewer.
+        assert!(total >= 100, "{label}: {total} samples at {at}\n{all}");
+        // A few samples catch the call's own bytecode in the eval loop or
+        // the GIL's release and reacquisition in libpython and libc.
+        assert!(
+            in_lib * 10 >= total * 8,
+            "{label}: {in_lib} of {total} samples at {at} in {lib}: {by_leaf:?}"
+        );
+        let (top, _) = by_leaf
+            .iter()
+            .filter_map(|(l, n)| Some((l.as_ref()?, n)))
+            .max_by_key(|(_, n)| **n)
+            .expect("a native leaf");
+        let gdb = seen
+            .get(thread)
+            .unwrap_or_else(|| panic!("{label}: gdb never saw {thread} in {lib}"));
+        assert!(
+            gdb.iter().any(|g| g.function == top.0
+                && g.module.as_deref().is_none_or(|m| top.1.starts_with(m))),
+            "{label}: {thread}'s native leaf is {top:?}; gdb saw {gdb:?}"
+        );
+    }
+
+    // The pure-Python thread is never given a C thread's library.
+    let spin = hot(&py, "spin");
+    for (s, _) in stacks.iter().filter(|(s, _)| s.contains(&spin)) {
+        let leaf = s.last().and_then(|f| native(f));
+        assert!(
+            !leaf.is_some_and(|(_, m)| IN_C.iter().any(|(_, lib)| m.starts_with(lib))),
+            "{label}: spin under a C thread's library: {s:?}"
+        );
+    }
+}
+
+#[test]
+fn bpf_native_leaves_shared_libpython() {
+    native_leaves(Python::Host(Interp::Shared));
+}
+
+#[test]
+fn bpf_native_leaves_static_debian() {
+    native_leaves(Python::Host(Interp::Static));
+}
