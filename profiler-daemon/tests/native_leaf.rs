@@ -119,7 +119,6 @@ fn native_leaves(py: Python) {
     let Some(_serial) = serial_bpf_test() else {
         return;
     };
-    let label = py.label();
     let mut w = py.start(SCRIPT, &[]);
     let tids = thread_ids(&mut w);
     let (out, text) = record(
@@ -127,13 +126,22 @@ fn native_leaves(py: Python) {
         &["--native", "--duration", "4", "--rate", "199"],
     );
     assert_success(&out);
-    let stacks = parse_folded(&text);
-    let seen = oracle(w.pid(), &tids);
-    let all = dump(&stacks);
+    check(&py, &py.label(), &parse_folded(&text), &oracle(w.pid(), &tids));
+}
+
+/// What a profile of native_leaf.py with native leaves must show, `seen`
+/// being gdb's view of its C threads.
+fn check(
+    py: &Python,
+    label: &str,
+    stacks: &[(Vec<String>, u64)],
+    seen: &HashMap<&'static str, HashSet<GdbLeaf>>,
+) {
+    let all = dump(stacks);
     assert!(!stacks.is_empty(), "{label}: empty profile");
 
     // The native leaf is the innermost frame, right under a Python frame.
-    for (s, _) in &stacks {
+    for (s, _) in stacks {
         if let Some(i) = s.iter().position(|f| f.starts_with("[native] ")) {
             assert_eq!(i, s.len() - 1, "{label}: native frame not the leaf: {s:?}");
             assert!(
@@ -144,10 +152,10 @@ fn native_leaves(py: Python) {
     }
 
     for (thread, lib) in IN_C {
-        let at = hot(&py, thread);
+        let at = hot(py, thread);
         // Samples whose Python leaf is the thread's hot line, by native leaf.
         let mut by_leaf: HashMap<Option<(&str, &str)>, u64> = HashMap::new();
-        for (s, n) in &stacks {
+        for (s, n) in stacks {
             let Some(i) = s.iter().position(|f| *f == at) else {
                 continue;
             };
@@ -186,7 +194,7 @@ fn native_leaves(py: Python) {
     }
 
     // The pure-Python thread is never given a C thread's library.
-    let spin = hot(&py, "spin");
+    let spin = hot(py, "spin");
     for (s, _) in stacks.iter().filter(|(s, _)| s.contains(&spin)) {
         let leaf = s.last().and_then(|f| native(f));
         assert!(
@@ -204,4 +212,27 @@ fn bpf_native_leaves_shared_libpython() {
 #[test]
 fn bpf_native_leaves_static_debian() {
     native_leaves(Python::Host(Interp::Static));
+}
+
+/// The daemon with `sampling.native: true`: its profiles carry the same
+/// native leaves.
+#[test]
+fn bpf_daemon_native_leaves() {
+    let Some(_serial) = serial_bpf_test() else {
+        return;
+    };
+    let py = Python::Host(Interp::Shared);
+    let d = common::daemon::Daemon::start(
+        "native",
+        "sampling:\n  rate_hz: 199\n  native: true\n\
+         aggregation:\n  window_secs: 2\n\
+         discovery:\n  rescan_interval_secs: 1\n  include:\n    - cmdline: 'native_leaf\\.py$'\n",
+    );
+    let mut w = py.start(SCRIPT, &[]);
+    let tids = thread_ids(&mut w);
+    let pid = w.pid();
+    d.wait_profiled(pid, std::time::Duration::from_secs(15));
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let (_, stacks) = d.folded(&format!("pid={pid}&seconds=4"));
+    check(&py, "daemon", &stacks, &oracle(pid, &tids));
 }

@@ -138,6 +138,9 @@ pub struct Sampling {
     /// from the CPU samples and off-CPU time, never stored twice.
     #[serde(deserialize_with = "profile_types")]
     pub types: Vec<crate::profile::ProfileKind>,
+    /// End each stack's Python frames with its native leaf (the C function
+    /// the thread was in, named from the target's ELF files); default false.
+    pub native: bool,
 }
 
 impl Sampling {
@@ -188,6 +191,7 @@ impl Default for Sampling {
             max_depth: profiler_common::DEFAULT_MAX_DEPTH,
             ring_buffer_bytes: 8 << 20,
             types: vec![crate::profile::ProfileKind::Cpu],
+            native: false,
         }
     }
 }

@@ -824,6 +824,13 @@ pub async fn start(prepared: Prepared) -> anyhow::Result<Handle> {
     if let Some(k) = kernel {
         store.set_kernel_symbols(k);
     }
+    if config.sampling.native {
+        // Its thread starts with the first stack to name, after the
+        // capabilities were dropped.
+        store.set_native(crate::native::leaves::LeafNamer::new(
+            crate::native::stacks::NativeLimits::default(),
+        ));
+    }
     let metrics = Metrics::new();
     let store_metrics = StoreMetrics::register(metrics.registry());
     let shared = Arc::new(Shared::new(store, metrics));
