@@ -50,7 +50,13 @@ struct GdbLeaf {
 /// `gdb -batch` (which stops the process for a moment).
 fn gdb_leaves(pid: u32) -> HashMap<u32, GdbLeaf> {
     let out = std::process::Command::new("gdb")
-        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 1"])
+        .args([
+            "-p",
+            &pid.to_string(),
+            "-batch",
+            "-ex",
+            "thread apply all bt 1",
+        ])
         .output()
         .expect("gdb is installed by cargo xtask bootstrap");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -126,7 +132,12 @@ fn native_leaves(py: Python) {
         &["--native", "--duration", "4", "--rate", "199"],
     );
     assert_success(&out);
-    check(&py, &py.label(), &parse_folded(&text), &oracle(w.pid(), &tids));
+    check(
+        &py,
+        &py.label(),
+        &parse_folded(&text),
+        &oracle(w.pid(), &tids),
+    );
 }
 
 /// What a profile of native_leaf.py with native leaves must show, `seen`
@@ -187,8 +198,9 @@ fn check(
             .get(thread)
             .unwrap_or_else(|| panic!("{label}: gdb never saw {thread} in {lib}"));
         assert!(
-            gdb.iter().any(|g| g.function == top.0
-                && g.module.as_deref().is_none_or(|m| top.1.starts_with(m))),
+            gdb.iter()
+                .any(|g| g.function == top.0
+                    && g.module.as_deref().is_none_or(|m| top.1.starts_with(m))),
             "{label}: {thread}'s native leaf is {top:?}; gdb saw {gdb:?}"
         );
     }

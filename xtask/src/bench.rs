@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod gunicorn;
 mod measure;
 mod micro;
+mod modes;
 mod offcpu;
 pub mod report;
 mod scale;
@@ -258,6 +259,13 @@ pub struct BenchArgs {
     /// benchmarks-offcpu.json. Full 2.5 minutes, `--quick` 40 s.
     #[arg(long, conflicts_with_all = ["scale", "self_profile"])]
     pub offcpu: bool,
+    /// Instead of the benchmarks: pyebpf's profile modes (cpu, cpu with
+    /// native leaves, wall, off-cpu) side by side with py-spy's (default,
+    /// `--idle`, `--native`): profiler CPU per sample and target slowdown,
+    /// written to BENCHMARKS-modes.md and benchmarks-modes.json. Full about
+    /// 9 minutes, `--quick` 2.
+    #[arg(long, conflicts_with_all = ["scale", "self_profile", "offcpu"])]
+    pub modes: bool,
     /// Instead of the benchmarks: profile the daemon itself with perf under
     /// a high sample rate and write a flamegraph to target/self-profile/.
     #[arg(long, conflicts_with_all = ["quick", "smoke"])]
@@ -338,7 +346,7 @@ pub fn python() -> Result<PathBuf> {
 }
 
 /// py-spy next to the interpreter (where pip puts it), else on PATH.
-fn pyspy(python: &Path) -> Result<PathBuf> {
+pub fn pyspy(python: &Path) -> Result<PathBuf> {
     let beside = python.with_file_name("py-spy");
     if beside.exists() {
         return Ok(beside);
@@ -379,6 +387,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if args.offcpu {
         return offcpu::run(mode, args.out.clone(), args.pyebpf.clone());
+    }
+    if args.modes {
+        return modes::run(mode, args.out.clone(), args.pyebpf.clone());
     }
     if !crate::util::is_root() {
         bail!("`cargo xtask bench` needs root: it loads BPF programs and py-spy reads other processes");

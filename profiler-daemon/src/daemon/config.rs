@@ -1484,7 +1484,7 @@ mod tests {
     fn full_configuration() {
         let text = r#"
 listen: "[::1]:9000"
-sampling: { rate_hz: 19, max_depth: 512, ring_buffer_bytes: 65536 }
+sampling: { rate_hz: 19, max_depth: 512, ring_buffer_bytes: 65536, native: true }
 discovery:
   rescan_interval_secs: 5
   include:
@@ -1522,6 +1522,7 @@ logging: { format: json, level: "warn,pyebpf=debug" }
                 max_depth: 512,
                 ring_buffer_bytes: 65536,
                 types: vec![crate::profile::ProfileKind::Cpu],
+                native: true,
             }
         );
         assert_eq!(c.discovery.rescan_interval_secs, 5);

@@ -118,7 +118,11 @@ impl fmt::Display for Frame {
             Frame::Overflow => f.write_str("[stack table full]"),
             Frame::Kernel { function } => write!(f, "[kernel] {function}"),
             Frame::Native { function, module } => {
-                write!(f, "[native] {} ({module})", function.as_deref().unwrap_or("??"))
+                write!(
+                    f,
+                    "[native] {} ({module})",
+                    function.as_deref().unwrap_or("??")
+                )
             }
             Frame::KernelTruncated => f.write_str("[kernel stack truncated]"),
             Frame::KernelUnavailable => f.write_str("[kernel stack unavailable]"),
