@@ -19,7 +19,9 @@ const REQUIREMENTS: &str = "tests/requirements.txt";
 /// gdb is the native-stack tests' oracle (profiler-daemon/src/native/tests.rs).
 /// umoci builds the OCI image of `cargo xtask dist`, whose checks read sections with readelf.
 /// musl-tools: the C compiler for ring's and lzma-sys's C code in the musl build.
-const DEB_TOOLS: [(&str, &str); 7] = [
+/// bpftool: tests/faults.rs's independent view of the BPF objects left behind
+/// (it lives in sbin, so it is named by its path).
+const DEB_TOOLS: [(&str, &str); 8] = [
     ("tmux", "tmux"),
     ("util-linux", "setpriv"),
     ("wrk", "wrk"),
@@ -27,6 +29,7 @@ const DEB_TOOLS: [(&str, &str); 7] = [
     ("umoci", "umoci"),
     ("binutils", "readelf"),
     ("musl-tools", "musl-gcc"),
+    ("bpftool", "/usr/sbin/bpftool"),
 ];
 /// `cargo xtask dist`'s Debian package.
 const CARGO_DEB: &str = "3.8.0";
