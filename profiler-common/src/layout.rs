@@ -51,6 +51,9 @@ impl TlsLayout {
 pub const NO_CFRAME: u16 = u16::MAX;
 /// `PyLayout::owner_boundary` when no frame owner marks a boundary frame.
 pub const NO_BOUNDARY_OWNER: u8 = u8::MAX;
+/// `PyLayout::frame_is_entry` when frames have no entry flag (3.12+, whose
+/// activations start with a boundary frame instead).
+pub const NO_ENTRY_FLAG: u8 = u8::MAX;
 
 /// Bytes of a `_PyInterpreterFrame` read per frame: enough for the fields of
 /// every supported version (3.14 keeps `owner` at +74).
@@ -93,7 +96,9 @@ pub struct PyLayout {
     pub owner_max: u8,
     /// `co_flags`, relative to [`CODE_READ_START`].
     pub code_flags: u8,
-    pub _pad: u8,
+    /// 3.11's `_PyInterpreterFrame.is_entry` (the first frame an eval-loop
+    /// activation runs), or [`NO_ENTRY_FLAG`].
+    pub frame_is_entry: u8,
     /// Code objects with any of these `co_flags` are interpreter shims
     /// (3.13+'s `__init__` cleanup frame), never shown.
     pub shim_flags: u32,
@@ -178,7 +183,7 @@ impl Default for ProcInfo {
                 owner_boundary: NO_BOUNDARY_OWNER,
                 owner_max: 0,
                 code_flags: 0,
-                _pad: 0,
+                frame_is_entry: NO_ENTRY_FLAG,
                 shim_flags: 0,
                 code_tag_bits: 0,
                 checksum_masks: [0; CODE_READ_WORDS],

@@ -50,6 +50,19 @@ pub const FLAG_USER_REGS: u32 = 16;
 pub const FLAG_IN_KERNEL: u32 = 32;
 /// Getting the kernel stack failed (`bpf_get_stack` returned an error).
 pub const FLAG_KSTACK_ERROR: u32 = 64;
+/// The record ends with a copy of the thread's user stack from `user_sp`
+/// up (all the bytes after the frames), for native unwinding.
+pub const FLAG_USER_STACK: u32 = 128;
+
+/// [`RawFrame::instr`] of an entry mark, written only when user stacks are
+/// copied: the Python frame before it (leaf first) is the first one its
+/// eval-loop activation runs (3.11's `is_entry`; 3.12+'s frame above a
+/// boundary frame). Its `code` is the boundary frame's address, 0 on 3.11.
+pub const ENTRY_MARK_INSTR: i32 = i32::MIN;
+/// Most bytes of user stack a record carries (a power of two).
+pub const USER_STACK_MAX: usize = 16384;
+/// Fewest bytes of user stack asked for.
+pub const USER_STACK_MIN: usize = 512;
 
 /// [`SampleHeader::kind`] of a thread sampled while on a CPU.
 pub const KIND_CPU: u32 = 0;
@@ -124,6 +137,8 @@ pub const RAW_FRAME_LEN: usize = core::mem::size_of::<RawFrame>();
 pub struct SampleBuf {
     pub header: SampleHeader,
     pub frames: [RawFrame; MAX_FRAMES + KSTACK_SLOTS_MAX],
+    /// Room for the user stack copied after the last frame.
+    pub user_stack: [u8; USER_STACK_MAX],
 }
 
 /// Slots the walker may offset its frames by: a power of two at least

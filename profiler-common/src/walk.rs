@@ -21,6 +21,9 @@ pub struct FrameFields {
     /// instruction.
     pub instr: u64,
     pub owner: u8,
+    /// 3.11: the frame's `is_entry` (always false where the layout has
+    /// no such flag).
+    pub entry: bool,
 }
 
 /// What the walker does with a frame.
@@ -78,6 +81,8 @@ impl FrameFields {
             previous: word_at(words, l.frame_previous)?,
             instr: word_at(words, l.frame_instr)?,
             owner: byte_at(words, l.frame_owner)?,
+            // Out of the words read for NO_ENTRY_FLAG: false.
+            entry: byte_at(words, l.frame_is_entry).is_some_and(|b| b != 0),
         })
     }
 
@@ -224,7 +229,7 @@ mod tests {
             owner_boundary: 3,
             owner_max: 4,
             code_flags: 32,
-            _pad: 0,
+            frame_is_entry: crate::layout::NO_ENTRY_FLAG,
             shim_flags: 0x0200_0000,
             code_tag_bits: 3,
             checksum_masks: [u64::MAX; CODE_READ_WORDS],
@@ -250,10 +255,25 @@ mod tests {
                 code: 0x1000,
                 previous: 0x2000,
                 instr: 0x1100,
-                owner: 1
+                owner: 1,
+                entry: false,
             }
         );
         assert_eq!(f.kind(0x3000, &l), FrameKind::Python);
+    }
+
+    /// 3.11's `is_entry` byte, where the layout has one.
+    #[test]
+    fn reads_the_entry_flag() {
+        let mut l = layout();
+        let mut words = frame(0x1000, 0x2000, 0x1100, 1);
+        assert!(!FrameFields::parse(&words, &l).unwrap().entry);
+        l.frame_is_entry = 68;
+        assert!(!FrameFields::parse(&words, &l).unwrap().entry);
+        words[68 / 8] |= 1 << ((68 % 8) * 8);
+        assert!(FrameFields::parse(&words, &l).unwrap().entry);
+        l.frame_is_entry = crate::layout::NO_ENTRY_FLAG;
+        assert!(!FrameFields::parse(&words, &l).unwrap().entry);
     }
 
     #[test]

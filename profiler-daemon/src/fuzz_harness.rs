@@ -17,7 +17,7 @@ use crate::python::linetable::{self, LineTable};
 use crate::python::unicode::{self, Kind};
 use profiler_common::{
     kstack_bytes, FLAG_IN_KERNEL, FLAG_PREEMPTED, FLAG_READ_ERROR, FLAG_TRUNCATED, FLAG_USER_REGS,
-    HEADER_LEN, KSTACK_MAX, MAX_FRAMES, RAW_FRAME_LEN,
+    HEADER_LEN, KSTACK_MAX, MAX_FRAMES, RAW_FRAME_LEN, USER_STACK_MAX, USER_STACK_MIN,
 };
 
 /// A target's check of one input.
@@ -105,10 +105,16 @@ pub fn events(data: &[u8]) {
     let nkernel = u32_at(data, 36) as usize;
     assert!(s.kernel.len() <= nkernel && nkernel <= KSTACK_MAX);
     let kbytes = kstack_bytes(nkernel);
-    assert_eq!(
-        data.len(),
-        HEADER_LEN + kbytes + s.frames.len() * RAW_FRAME_LEN
-    );
+    let body_end = HEADER_LEN + kbytes + s.frames.len() * RAW_FRAME_LEN;
+    // The rest is the user stack copy, whole, or nothing.
+    match &s.user_stack {
+        Some(stack) => {
+            assert!((USER_STACK_MIN..=USER_STACK_MAX).contains(&stack.len()));
+            assert_eq!(&data[body_end..], &stack[..]);
+            assert!(s.regs.is_some());
+        }
+        None => assert_eq!(data.len(), body_end),
+    }
     assert_eq!(u32_at(data, 8), s.pid);
     assert_eq!(u32_at(data, 12), s.tid);
     assert_eq!(u32_at(data, 16), s.cpu);

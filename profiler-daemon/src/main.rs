@@ -204,6 +204,19 @@ struct RecordArgs {
     /// symbols and debug info with blazesym.
     #[arg(long)]
     native: bool,
+    /// Whole native stacks, merged with the Python frames: each eval-loop
+    /// activation stands for the Python frames it runs, C frames keep their
+    /// place. BPF copies `--native-stack-bytes` of each sampled thread's
+    /// stack; pyebpf unwinds it from the ELF files' CFI (.eh_frame), so
+    /// builds without frame pointers unwind too.
+    #[arg(long)]
+    native_stacks: bool,
+    /// Bytes of user stack copied per sample for --native-stacks; a deeper
+    /// native stack ends early, its older Python frames after a
+    /// `[native frames missing]` mark.
+    #[arg(long, value_name = "BYTES", default_value_t = profiler_common::USER_STACK_MAX as u32,
+          value_parser = clap::value_parser!(u32).range(profiler_common::USER_STACK_MIN as i64..=profiler_common::USER_STACK_MAX as i64))]
+    native_stack_bytes: u32,
     /// Off-CPU sampling period T in microseconds: an interval of d is walked
     /// with probability min(1, d/T) and weighs max(d, T) [default: the CPU
     /// sampling period, 1/rate].
@@ -399,6 +412,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     SamplerConfig {
                         rate_hz: a.rate,
                         max_depth: a.max_depth,
+                        user_stack_bytes: if a.native_stacks {
+                            a.native_stack_bytes
+                        } else {
+                            0
+                        },
                         ..SamplerConfig::default()
                     },
                     a.off_cpu_period_us.map(|us| us * 1_000),
@@ -406,7 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
                 output: a.output,
                 status: !a.quiet,
-                native: a.native,
+                native: a.native || a.native_stacks,
                 // At most 1 TiB (checked above): fits a usize on 64-bit hosts.
                 memory_budget: usize::try_from(a.memory_budget_mib << 20).map_err(|_| {
                     anyhow::anyhow!("--memory-budget-mib is too large for this host")

@@ -14,7 +14,7 @@ use crate::bpf::events;
 use crate::bpf::sampler::{drain_timer, poll_ring, Sampler, SamplerConfig};
 use crate::model::labels::ProcessLabels;
 use crate::native::kernel::KernelSymbols;
-use crate::native::leaves::LeafNamer;
+use crate::native::service::NativeService;
 use crate::process::exe_filter::ExeFilter;
 use crate::process::python::{self, InspectError, PythonProcess};
 use crate::profile::{CompactProfile, Format, Frame, Profile, ProfileKind, ValueUnit};
@@ -348,7 +348,7 @@ impl Programs {
         rate_hz: u32,
         budget_bytes: usize,
         kernel: Option<Arc<KernelSymbols>>,
-        native: Option<Arc<LeafNamer>>,
+        native: Option<Arc<NativeService>>,
     ) -> Self {
         let limits = StoreLimits {
             retention_secs: u32::MAX,
@@ -509,7 +509,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         opts.memory_budget,
         kernel,
         opts.native
-            .then(|| LeafNamer::new(crate::native::stacks::NativeLimits::default())),
+            .then(|| NativeService::new(crate::native::stacks::NativeLimits::default())),
     );
     for t in &targets {
         programs.start(t);

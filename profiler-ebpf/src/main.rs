@@ -37,11 +37,11 @@ use profiler_common::{
     code_checksum, code_flags, code_size_units, instr_index, Counter, CycleCheck, FrameFields,
     FrameKind, OffCpuCounter, OffCpuStart, ProcCounter, ProcEvent, ProcInfo, RawFrame, ReadStep,
     SampleBuf, SeenKey, TlsKind, WalkState, CODE_CACHE_SLOTS, CODE_READ_START, COUNTERS_LEN,
-    FLAG_IN_KERNEL, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_PREEMPTED, FLAG_READ_ERROR,
-    FLAG_TRUNCATED, FLAG_USER_REGS, FRAMES_PER_PROG, FRAME_BLOCK, FRAME_BLOCK_WORDS,
-    FRAME_READ_LEN, FRAME_READ_WORDS, HEADER_LEN, KIND_CPU, KIND_OFF_CPU, KSTACK_MAX,
-    KSTACK_SLOTS_MAX, MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN, READ_ERROR_BASE, SEEN_CODE_ENTRIES,
-    WATCH_ENTRIES,
+    ENTRY_MARK_INSTR, FLAG_IN_KERNEL, FLAG_KSTACK_ERROR, FLAG_KSTACK_TRUNCATED, FLAG_PREEMPTED,
+    FLAG_READ_ERROR, FLAG_TRUNCATED, FLAG_USER_REGS, FLAG_USER_STACK, FRAMES_PER_PROG, FRAME_BLOCK,
+    FRAME_BLOCK_WORDS, FRAME_READ_LEN, FRAME_READ_WORDS, HEADER_LEN, KIND_CPU, KIND_OFF_CPU,
+    KSTACK_MAX, KSTACK_SLOTS_MAX, MAX_FRAMES, NO_CFRAME, RAW_FRAME_LEN, READ_ERROR_BASE,
+    SEEN_CODE_ENTRIES, USER_STACK_MAX, USER_STACK_MIN, WATCH_ENTRIES,
 };
 use task_storage::TaskStorage;
 
@@ -176,6 +176,18 @@ static OFF_CPU_PERIOD_NS: u64 = 1_000_000;
 /// its trampoline) that `bpf_get_stack` skips; set by userspace.
 #[no_mangle]
 static OFF_CPU_KSTACK_SKIP: u32 = 0;
+
+/// Bytes of the thread's user stack each record carries, for native
+/// unwinding in userspace (0: none, and no entry marks); set by userspace,
+/// at most `USER_STACK_MAX`.
+#[no_mangle]
+static USER_STACK_BYTES: u32 = 0;
+
+#[inline(always)]
+fn user_stack_bytes() -> usize {
+    // SAFETY: a plain global, set before the programs are loaded.
+    unsafe { core::ptr::read_volatile(&USER_STACK_BYTES) as usize }
+}
 
 const WALK_SLOT: u32 = 0;
 
@@ -722,8 +734,13 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut Block) -> St
         return Step::Failed(ReadStep::BadFrame);
     }
     state.frame = frame.previous;
-    // Interpreter boundaries and shims are not Python frames: skipped.
+    // Interpreter boundaries and shims are not Python frames: skipped. A
+    // boundary starts an eval-loop activation: marked where native stacks
+    // are merged with the Python frames.
     if kind == FrameKind::Boundary {
+        if user_stack_bytes() != 0 {
+            return push(buf, state, entry_mark(addr));
+        }
         return Step::Next;
     }
     let Some(code) = code_info(frame.code, state) else {
@@ -733,18 +750,86 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut Block) -> St
         return Step::Next;
     }
     let instr = instr_index(frame.instr, frame.code, code.units, &state.info.py);
+    let step = push(
+        buf,
+        state,
+        RawFrame {
+            code: frame.code,
+            instr,
+            checksum: code.checksum,
+        },
+    );
+    // 3.11: the first frame of its activation (no boundary frame follows).
+    if frame.entry && user_stack_bytes() != 0 && matches!(step, Step::Next) {
+        return push(buf, state, entry_mark(0));
+    }
+    step
+}
+
+/// The mark after the first frame of an eval-loop activation.
+#[inline(always)]
+fn entry_mark(boundary: u64) -> RawFrame {
+    RawFrame {
+        code: boundary,
+        instr: ENTRY_MARK_INSTR,
+        checksum: 0,
+    }
+}
+
+/// Appends `f` to the record, unless the stack is at its depth bound.
+#[inline(always)]
+fn push(buf: &mut SampleBuf, state: &WalkState, f: RawFrame) -> Step {
+    let n = buf.header.nframes;
+    if n >= state.max_depth {
+        return Step::Truncated;
+    }
     // The masks through black_box keep LLVM from dropping them: the
     // verifier needs to see the store bounded. Frames follow the kernel
     // stack's slots.
     let slot = (core::hint::black_box(state.kslots as usize) & (KSTACK_SLOTS_MAX - 1))
         + (core::hint::black_box(n as usize) & (MAX_FRAMES - 1));
-    buf.frames[slot] = RawFrame {
-        code: frame.code,
-        instr,
-        checksum: code.checksum,
-    };
+    buf.frames[slot] = f;
     buf.header.nframes = n + 1;
     Step::Next
+}
+
+/// Where the body may end at most: the user stack copy starts there.
+const BODY_END_MAX: usize = HEADER_LEN + (KSTACK_SLOTS_MAX + MAX_FRAMES) * RAW_FRAME_LEN;
+
+/// Copies up to `want` bytes of the thread's user stack from its `sp` to
+/// offset `off` of the record; returns the bytes copied (flagged
+/// `FLAG_USER_STACK`). A copy that would run past the stack's mapping
+/// fails whole, so shorter ones are tried (a quarter each time).
+#[inline(always)]
+fn copy_user_stack(buf: &mut SampleBuf, off: usize, want: usize) -> usize {
+    let sp = buf.header.user_sp;
+    let off = core::hint::black_box(off) & (2 * BODY_END_MAX.next_power_of_two() - 1);
+    if off > BODY_END_MAX {
+        return 0;
+    }
+    let base = (buf as *mut SampleBuf).cast::<u8>();
+    let mut size = want;
+    for _ in 0..4 {
+        let s = core::hint::black_box(size) & (2 * USER_STACK_MAX - 1);
+        if !(USER_STACK_MIN..=USER_STACK_MAX).contains(&s) {
+            return 0;
+        }
+        // SAFETY: `off + s` is within the record (`user_stack` follows the
+        // frames); bpf_probe_read_user never faults.
+        let r = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                base.add(off).cast(),
+                s as u32,
+                sp as *const aya_ebpf::cty::c_void,
+            )
+        };
+        if r == 0 {
+            buf.header.flags |= FLAG_USER_STACK;
+            return s;
+        }
+        size /= 4;
+    }
+    0
 }
 
 /// Sends the sample. Waking the reader (an irq_work and a context switch)
@@ -754,13 +839,17 @@ fn walk_one(buf: &mut SampleBuf, state: &mut WalkState, block: &mut Block) -> St
 /// soon (a finished import, an exiting process) and must be read while it
 /// exists. A ring filling up wakes it too.
 #[inline(always)]
-fn emit(lane: Lane, buf: &SampleBuf, kslots: u32, novel: bool) {
+fn emit(lane: Lane, buf: &mut SampleBuf, kslots: u32, novel: bool) {
     let mut n = buf.header.nframes as usize;
     if n > MAX_FRAMES {
         n = MAX_FRAMES;
     }
     let k = kslots as usize & (KSTACK_SLOTS_MAX - 1);
-    let len = HEADER_LEN + (k + n) * RAW_FRAME_LEN;
+    let mut len = HEADER_LEN + (k + n) * RAW_FRAME_LEN;
+    let want = user_stack_bytes();
+    if want != 0 && buf.header.flags & FLAG_USER_REGS != 0 {
+        len += copy_user_stack(buf, len, want);
+    }
     // SAFETY: `len` never exceeds the size of `SampleBuf`.
     let bytes = unsafe { core::slice::from_raw_parts((buf as *const SampleBuf).cast::<u8>(), len) };
     let limit = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };

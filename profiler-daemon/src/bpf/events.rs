@@ -3,7 +3,8 @@ use aya::maps::{MapData, RingBuf};
 use profiler_common::{
     kstack_bytes, ProcEvent, RawFrame, ReadStep, SampleHeader, FLAG_IN_KERNEL, FLAG_KSTACK_ERROR,
     FLAG_KSTACK_TRUNCATED, FLAG_PREEMPTED, FLAG_READ_ERROR, FLAG_TRUNCATED, FLAG_USER_REGS,
-    HEADER_LEN, KIND_CPU, KIND_OFF_CPU, KSTACK_MAX, MAX_FRAMES, RAW_FRAME_LEN,
+    FLAG_USER_STACK, HEADER_LEN, KIND_CPU, KIND_OFF_CPU, KSTACK_MAX, MAX_FRAMES, RAW_FRAME_LEN,
+    USER_STACK_MAX, USER_STACK_MIN,
 };
 
 /// What a sample measured.
@@ -61,6 +62,10 @@ pub struct RawSample {
     pub regs: Option<UserRegs>,
     /// Set when the thread was in the kernel.
     pub entry: Option<KernelEntry>,
+    /// The thread's user stack from `regs.sp` up, when copied.
+    pub user_stack: Option<Vec<u8>>,
+    /// That stack unwound (see `NativeService::unwind_samples`).
+    pub native: Option<crate::native::service::NativeWalk>,
 }
 
 #[cfg(test)]
@@ -130,7 +135,9 @@ fn header(bytes: &[u8]) -> SampleHeader {
 }
 
 /// Decodes one record: a [`SampleHeader`], `nkernel` kernel addresses
-/// (padded to 16 bytes), then `nframes` [`RawFrame`]s.
+/// (padded to 16 bytes), `nframes` [`RawFrame`]s, then with
+/// [`FLAG_USER_STACK`] the user stack copy (between [`USER_STACK_MIN`] and
+/// [`USER_STACK_MAX`] bytes).
 pub fn decode(bytes: &[u8]) -> Result<RawSample, DecodeError> {
     if bytes.len() < HEADER_LEN {
         return Err(DecodeError::Short(bytes.len()));
@@ -143,7 +150,15 @@ pub fn decode(bytes: &[u8]) -> Result<RawSample, DecodeError> {
     };
     let (n, k) = (h.nframes as usize, h.nkernel as usize);
     let kbytes = kstack_bytes(k);
-    if n > MAX_FRAMES || k > KSTACK_MAX || bytes.len() != HEADER_LEN + kbytes + n * RAW_FRAME_LEN {
+    let body_end = HEADER_LEN + kbytes + n * RAW_FRAME_LEN;
+    let copied = bytes.len().saturating_sub(body_end);
+    let has_stack = h.flags & FLAG_USER_STACK != 0 && h.flags & FLAG_USER_REGS != 0;
+    let stack_fits = if has_stack {
+        (USER_STACK_MIN..=USER_STACK_MAX).contains(&copied)
+    } else {
+        copied == 0
+    };
+    if n > MAX_FRAMES || k > KSTACK_MAX || bytes.len() < body_end || !stack_fits {
         return Err(DecodeError::Length {
             claimed: h.nframes,
             kernel: h.nkernel,
@@ -160,7 +175,7 @@ pub fn decode(bytes: &[u8]) -> Result<RawSample, DecodeError> {
     while kernel.last() == Some(&0) {
         kernel.pop();
     }
-    let frames = body[kbytes..]
+    let frames = body[kbytes..body_end - HEADER_LEN]
         .chunks_exact(RAW_FRAME_LEN)
         .map(|c| RawFrame {
             code: u64_at(c, 0),
@@ -196,6 +211,8 @@ pub fn decode(bytes: &[u8]) -> Result<RawSample, DecodeError> {
             nr: h.syscall_nr as i64,
             arg0: h.syscall_arg0,
         }),
+        user_stack: has_stack.then(|| bytes[body_end..].to_vec()),
+        native: None,
     })
 }
 
@@ -290,6 +307,33 @@ mod tests {
                 checksum: 10,
             },
         ]
+    }
+
+    /// A user stack copy follows the frames, whole, only where flagged.
+    #[test]
+    fn user_stack_copy() {
+        let flags = FLAG_USER_REGS | FLAG_USER_STACK;
+        let mut bytes = encode(&header(2, 1, flags), &[0xffff_ffff_8100_0000], &frames());
+        let plain = bytes.len();
+        let stack: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
+        bytes.extend_from_slice(&stack);
+        let s = decode(&bytes).unwrap();
+        assert_eq!(s.user_stack.as_deref(), Some(&stack[..]));
+        assert_eq!(s.frames, frames());
+        // Too short, too long, missing, or there without the flag (or
+        // without registers to start from): a bad record.
+        let bad = |b: &[u8]| matches!(decode(b), Err(DecodeError::Length { .. }));
+        assert!(bad(&bytes[..plain + USER_STACK_MIN - 1]));
+        assert!(bad(&bytes[..plain]));
+        let mut long = bytes.clone();
+        long.resize(plain + USER_STACK_MAX + 1, 0);
+        assert!(bad(&long));
+        let mut unflagged = encode(&header(2, 1, FLAG_USER_REGS), &[1], &frames());
+        unflagged.extend_from_slice(&stack);
+        assert!(bad(&unflagged));
+        let mut no_regs = encode(&header(2, 1, FLAG_USER_STACK), &[1], &frames());
+        no_regs.extend_from_slice(&stack);
+        assert!(bad(&no_regs));
     }
 
     #[test]

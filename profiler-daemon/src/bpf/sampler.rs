@@ -84,6 +84,10 @@ pub struct SamplerConfig {
     /// Kernel stacks of CPU samples that interrupted the kernel (off-CPU
     /// samples always carry theirs).
     pub kernel_stacks: bool,
+    /// Bytes of each sampled thread's user stack copied into its record
+    /// for native unwinding, and entry marks among its Python frames; 0:
+    /// neither. Clamped to `USER_STACK_MIN..=USER_STACK_MAX`.
+    pub user_stack_bytes: u32,
 }
 
 impl Default for SamplerConfig {
@@ -97,6 +101,7 @@ impl Default for SamplerConfig {
             on_cpu: true,
             off_cpu_period_ns: None,
             kernel_stacks: false,
+            user_stack_bytes: 0,
         }
     }
 }
@@ -351,6 +356,13 @@ impl Sampler {
         let wakeup_bytes = u64::from(ring_bytes / WAKEUP_FRACTION);
         let cpu_period = config.cpu_period_ns();
         let cpu_kstacks = u32::from(config.kernel_stacks);
+        let user_stack_bytes = match config.user_stack_bytes {
+            0 => 0,
+            n => n.clamp(
+                profiler_common::USER_STACK_MIN as u32,
+                profiler_common::USER_STACK_MAX as u32,
+            ),
+        };
         let off_cpu_period = config.off_cpu_period_ns.unwrap_or(*OFF_CPU_PERIOD_NS.end());
         let mut ebpf = EbpfLoader::new()
             // OFF_CPU is task storage, which aya has no wrapper for: only
@@ -358,6 +370,7 @@ impl Sampler {
             .allow_unsupported_maps()
             .override_global("CPU_PERIOD_NS", &cpu_period, true)
             .override_global("CPU_KSTACKS", &cpu_kstacks, true)
+            .override_global("USER_STACK_BYTES", &user_stack_bytes, true)
             .override_global("OFF_CPU_PERIOD_NS", &off_cpu_period, true)
             .override_global("OFF_CPU_KSTACK_SKIP", &OFF_CPU_KSTACK_SKIP, true)
             .override_global("FSBASE_OFFSET", &fsbase, true)

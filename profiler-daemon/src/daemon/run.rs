@@ -751,6 +751,7 @@ pub fn prepare(opts: DaemonOptions) -> anyhow::Result<Prepared> {
             .off_cpu()
             .then(|| 1_000_000_000 / config.sampling.rate_hz.max(1)),
         kernel_stacks: config.sampling.off_cpu(),
+        user_stack_bytes: 0,
     })?;
     // Off-CPU stacks end in the kernel frames of where threads wait: their
     // names are read now, before the capabilities are dropped.
@@ -827,7 +828,7 @@ pub async fn start(prepared: Prepared) -> anyhow::Result<Handle> {
     if config.sampling.native {
         // Its thread starts with the first stack to name, after the
         // capabilities were dropped.
-        store.set_native(crate::native::leaves::LeafNamer::new(
+        store.set_native(crate::native::service::NativeService::new(
             crate::native::stacks::NativeLimits::default(),
         ));
     }

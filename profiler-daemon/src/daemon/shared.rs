@@ -1,7 +1,7 @@
 //! State the sampling loop shares with the HTTP API.
 use crate::store::unix_secs;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::metrics::Metrics;
@@ -9,6 +9,7 @@ use crate::bpf::events::RawSample;
 use crate::model::api::ApiSource;
 use crate::model::query::{checked_top_seconds, top_span, ProcessView, QueryError, Selector};
 use crate::model::top::{self as model, Header, TopQuery, TopSnapshot};
+use crate::native::service::NativeService;
 use crate::profile::{Profile, ProfileKind};
 use crate::store::Store;
 
@@ -29,6 +30,8 @@ pub struct Shared {
     show_cmdline: AtomicBool,
     /// `api.allowed_hosts`, lowercased.
     allowed_hosts: Mutex<Vec<String>>,
+    /// Unwinds the user stacks samples carry, before the store is locked.
+    native: Option<Arc<NativeService>>,
 }
 
 /// What `/processes` shows for a command line unless `api.show_cmdline`.
@@ -45,6 +48,7 @@ pub const MAX_DRAIN_GAP: Duration = Duration::from_secs(10);
 impl Shared {
     pub fn new(store: Store, metrics: Metrics) -> Self {
         Shared {
+            native: store.native_service(),
             store: Mutex::new(store),
             metrics,
             ready: Mutex::new(Err("starting: first process scan not done".into())),
@@ -119,7 +123,15 @@ impl Shared {
     /// stacks) would stall the HTTP API. A batch of known stacks takes the
     /// lock once.
     pub fn add_samples(&self, samples: impl IntoIterator<Item = RawSample>, now: SystemTime) {
-        let pending = self.store().begin_batch(samples, now);
+        let pending = match &self.native {
+            // Unwinding reads the targets' files: not under the lock either.
+            Some(n) => {
+                let mut samples: Vec<RawSample> = samples.into_iter().collect();
+                n.unwind_samples(&mut samples);
+                self.store().begin_batch(samples, now)
+            }
+            None => self.store().begin_batch(samples, now),
+        };
         if pending.is_empty() {
             return;
         }

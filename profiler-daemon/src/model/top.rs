@@ -262,6 +262,7 @@ pub fn snapshot(
                     f,
                     Frame::Kernel { .. }
                         | Frame::Native { .. }
+                        | Frame::NativeMarker(_)
                         | Frame::KernelTruncated
                         | Frame::KernelUnavailable
                         | Frame::GilWait

@@ -69,7 +69,7 @@ impl<T: NativeFrameKind + ?Sized> NativeFrameKind for std::sync::Arc<T> {
 }
 
 /// A stand-in for frames that are not there, shown as such.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Marker {
     /// An eval-loop activation whose Python frames are not in the sample
     /// (the Python stack was cut short).

@@ -5,9 +5,9 @@
 //! process's executable mappings.
 pub mod cfi;
 pub mod kernel;
-pub mod leaves;
 pub mod maps;
 pub mod merge;
+pub mod service;
 pub mod stacks;
 #[cfg(test)]
 mod tests;

@@ -55,6 +55,9 @@ pub enum Frame {
         function: Option<Arc<str>>,
         module: Arc<str>,
     },
+    /// Where native and Python frames could not be merged, or some are
+    /// missing (see [`crate::native::merge::Marker`]).
+    NativeMarker(crate::native::merge::Marker),
     /// Synthetic leaf: the thread was off CPU waiting for the GIL (blocked
     /// on the interpreter's GIL state).
     GilWait,
@@ -126,6 +129,7 @@ impl fmt::Display for Frame {
             }
             Frame::KernelTruncated => f.write_str("[kernel stack truncated]"),
             Frame::KernelUnavailable => f.write_str("[kernel stack unavailable]"),
+            Frame::NativeMarker(m) => write!(f, "{m}"),
             Frame::GilWait => f.write_str("[waiting for the GIL]"),
             Frame::Runnable => f.write_str("[runnable: waiting for a CPU]"),
         }

@@ -37,8 +37,9 @@ use crate::model::query::{
     STATUS_REPLACED, STATUS_UNSUPPORTED,
 };
 use crate::native::kernel::KernelSymbols;
-use crate::native::leaves::LeafNamer;
+use crate::native::service::NativeService;
 use crate::native::stacks::NativeStats;
+use crate::native::user::NativeSymbol;
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{CompactProfile, Frame, ProfileKind, ValueUnit};
 use crate::python::code::CodeFormat;
@@ -163,7 +164,7 @@ type Symbols = Arc<Mutex<Symbolizer<TargetMemory>>>;
 pub struct Pending {
     second: u64,
     kernel: Option<Arc<KernelSymbols>>,
-    native: Option<Arc<LeafNamer>>,
+    native: Option<Arc<NativeService>>,
     procs: Vec<PendingProcess>,
 }
 
@@ -200,9 +201,10 @@ impl Pending {
         self.procs.is_empty()
     }
 
-    /// The native leaves of the new stacks, named in one request.
-    fn native_leaves(&self) -> FastHashMap<(u32, u64), Option<Frame>> {
-        let Some(namer) = &self.native else {
+    /// The symbols of the new stacks' native addresses, named in one
+    /// request.
+    fn native_symbols(&self) -> FastHashMap<(u32, u64), Arc<NativeSymbol>> {
+        let Some(service) = &self.native else {
             return FastHashMap::default();
         };
         let lookups: Vec<(u32, u64)> = self
@@ -211,7 +213,7 @@ impl Pending {
             .flat_map(|p| {
                 p.stacks
                     .iter()
-                    .filter_map(move |(k, ..)| Some((p.pid, k.native_ip()?)))
+                    .flat_map(move |(k, ..)| k.native().lookups().iter().map(move |a| (p.pid, *a)))
             })
             .collect::<HashSet<_>>()
             .into_iter()
@@ -219,7 +221,7 @@ impl Pending {
         if lookups.is_empty() {
             return FastHashMap::default();
         }
-        let names = namer.name(lookups.clone());
+        let names = service.name(lookups.clone());
         lookups.into_iter().zip(names).collect()
     }
 
@@ -227,7 +229,7 @@ impl Pending {
     /// Takes no store: call it with the store lock released.
     pub fn resolve(self) -> Resolved {
         let kernel = self.kernel.as_deref();
-        let leaves = self.native_leaves();
+        let named = self.native_symbols();
         let procs = self
             .procs
             .into_iter()
@@ -240,10 +242,13 @@ impl Pending {
                     .stacks
                     .into_iter()
                     .map(|(key, n, value)| {
-                        let leaf = key
-                            .native_ip()
-                            .and_then(|ip| leaves.get(&(p.pid, ip)).cloned().flatten());
-                        let frames = symbolise(&mut symbols, kernel, leaf, &key);
+                        let native: Vec<Arc<NativeSymbol>> = key
+                            .native()
+                            .lookups()
+                            .iter()
+                            .filter_map(|a| named.get(&(p.pid, *a)).cloned())
+                            .collect();
+                        let frames = symbolise(&mut symbols, kernel, &native, &key);
                         (key, frames, n, value)
                     })
                     .collect();
@@ -631,7 +636,7 @@ pub struct Store {
     /// addresses).
     kernel: Option<Arc<KernelSymbols>>,
     /// Names each sample's native leaf when set (see [`Store::set_native`]).
-    native: Option<Arc<LeafNamer>>,
+    native: Option<Arc<NativeService>>,
     entries: HashMap<u32, Entry>,
     pub stats: StoreStats,
     /// Symbol statistics of processes already removed.
@@ -945,8 +950,13 @@ impl Store {
 
     /// From now on each sample with user registers ends its Python frames
     /// with its native leaf, named by `n`.
-    pub fn set_native(&mut self, n: Arc<LeafNamer>) {
+    pub fn set_native(&mut self, n: Arc<NativeService>) {
         self.native = Some(n);
+    }
+
+    /// What names (and unwinds) native frames, if anything does.
+    pub fn native_service(&self) -> Option<Arc<NativeService>> {
+        self.native.clone()
     }
 
     /// The native symbolisation's statistics, if native leaves are named.
@@ -991,7 +1001,14 @@ impl Store {
 
     /// [`Store::add_sample`] for a batch.
     pub fn add_samples(&mut self, samples: impl IntoIterator<Item = RawSample>, now: SystemTime) {
-        let pending = self.begin_batch(samples, now);
+        let pending = match self.native.clone() {
+            Some(n) => {
+                let mut samples: Vec<RawSample> = samples.into_iter().collect();
+                n.unwind_samples(&mut samples);
+                self.begin_batch(samples, now)
+            }
+            None => self.begin_batch(samples, now),
+        };
         if !pending.is_empty() {
             self.insert(pending.resolve());
         }

@@ -6,7 +6,14 @@ use std::ops::Range;
 use profiler_common::RawFrame;
 
 use crate::bpf::events::{RawSample, SampleKind};
+use std::sync::Arc;
+
+use profiler_common::ENTRY_MARK_INSTR;
+
 use crate::native::kernel::KernelSymbols;
+use crate::native::merge::{merge, Merged, PythonFrameKind, Side};
+use crate::native::service::{self, NativeWalk};
+use crate::native::user::NativeSymbol;
 use crate::profile::Frame;
 use crate::python::symbolizer::Symbolizer;
 
@@ -62,17 +69,50 @@ pub struct RawKey {
     kernel_truncated: bool,
     kernel_unavailable: bool,
     wait: Wait,
-    /// The thread's user instruction pointer, when native leaves are
-    /// wanted: named at symbolisation ([`native_leaf`]).
-    native_ip: Option<u64>,
+    /// Its native frames, named at symbolisation.
+    native: NativeKey,
+}
+
+/// What a raw stack keeps of its native frames.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum NativeKey {
+    None,
+    /// The user instruction pointer: the native leaf.
+    Leaf(u64),
+    /// The unwound stack, merged with the Python frames.
+    Stack(NativeWalk),
+}
+
+impl NativeKey {
+    /// The addresses to name.
+    pub fn lookups(&self) -> &[u64] {
+        match self {
+            NativeKey::None => &[],
+            NativeKey::Leaf(ip) => std::slice::from_ref(ip),
+            NativeKey::Stack(w) => &w.lookups,
+        }
+    }
 }
 
 impl RawKey {
     /// The key of `s`, from a process whose GIL state is `gil`; with
-    /// `native`, keeping its user instruction pointer for the native leaf.
-    pub fn of(s: RawSample, gil: Option<&Range<u64>>, native: bool) -> RawKey {
+    /// `native`, keeping its native stack if unwound, else its user
+    /// instruction pointer for the native leaf.
+    pub fn of(mut s: RawSample, gil: Option<&Range<u64>>, native: bool) -> RawKey {
         let wait = Wait::of(&s, gil);
-        let native_ip = s.regs.filter(|_| native).map(|r| r.ip);
+        let native = match (native, s.native.take(), s.regs) {
+            (false, ..) => NativeKey::None,
+            (true, Some(w), _) => NativeKey::Stack(w),
+            (true, None, Some(r)) => NativeKey::Leaf(r.ip),
+            (true, None, None) => NativeKey::None,
+        };
+        // An entry mark's boundary address differs from sample to sample;
+        // only where it is matters.
+        for f in &mut s.frames {
+            if f.instr == ENTRY_MARK_INSTR {
+                f.code = 0;
+            }
+        }
         RawKey {
             truncated: s.truncated,
             partial: s.read_error.is_some(),
@@ -82,14 +122,13 @@ impl RawKey {
             kernel_truncated: s.kernel_truncated,
             kernel_unavailable: s.kernel_error,
             wait,
-            native_ip,
+            native,
         }
     }
 
-    /// The user instruction pointer whose native leaf the stack ends its
-    /// Python frames with, if kept.
-    pub fn native_ip(&self) -> Option<u64> {
-        self.native_ip
+    /// Its native frames, to name.
+    pub fn native(&self) -> &NativeKey {
+        &self.native
     }
 
     /// An off-CPU interval's key (an on-CPU sample's leaf is exact).
@@ -106,27 +145,79 @@ impl RawKey {
         RAW_ENTRY_OVERHEAD
             + std::mem::size_of_val(&*self.frames)
             + std::mem::size_of_val(&*self.kernel)
+            + std::mem::size_of_val(self.native.lookups())
+    }
+}
+
+/// A Python frame and whether its activation starts with it, for the merge.
+struct PyItem {
+    frame: Frame,
+    entry: bool,
+}
+
+impl PythonFrameKind for PyItem {
+    fn is_entry(&self) -> bool {
+        self.entry
     }
 }
 
 /// Symbolises a raw stack, root first: the Python frames (walked leaf
-/// first), its native leaf (named by the caller, see [`RawKey::native_ip`]),
+/// first) with its native frames (`native`: the symbols of
+/// [`NativeKey::lookups`]; a leaf below them, a stack merged with them),
 /// then the kernel's (sampled innermost first), then what the thread waited
 /// for. Without kernel symbols, kernel frames show their addresses.
 pub fn symbolise(
     symbols: &mut Symbolizer<TargetMemory>,
     kernel: Option<&KernelSymbols>,
-    native_leaf: Option<Frame>,
+    native: &[Arc<NativeSymbol>],
     key: &RawKey,
 ) -> Vec<Frame> {
-    let mut v = Vec::with_capacity(key.frames.len() + key.kernel.len() + 4);
+    let mut v = Vec::with_capacity(key.frames.len() + key.kernel.len() + native.len() + 4);
     if key.truncated {
         v.push(Frame::Truncated);
     } else if key.partial {
         v.push(Frame::Partial);
     }
-    v.extend(key.frames.iter().rev().map(|f| symbols.frame(f)));
-    v.extend(native_leaf);
+    match (&key.native, native) {
+        (NativeKey::Stack(w), _) if native.len() == w.lookups.len() => {
+            // Leaf first, entry marks folded into the frame before them.
+            let mut python: Vec<PyItem> = Vec::with_capacity(key.frames.len());
+            for f in key.frames.iter() {
+                if f.instr == ENTRY_MARK_INSTR {
+                    if let Some(last) = python.last_mut() {
+                        last.entry = true;
+                    }
+                } else {
+                    python.push(PyItem {
+                        frame: symbols.frame(f),
+                        entry: false,
+                    });
+                }
+            }
+            let merged = merge(
+                Side {
+                    frames: native,
+                    complete: w.complete,
+                },
+                Side {
+                    frames: &python,
+                    complete: !key.truncated && !key.partial,
+                },
+            );
+            v.extend(merged.into_iter().rev().map(|m| match m {
+                Merged::Native(n) => service::frame(n),
+                Merged::Python(p) => p.frame.clone(),
+                Merged::Marker(m) => Frame::NativeMarker(m),
+            }));
+        }
+        _ => {
+            let python = key.frames.iter().filter(|f| f.instr != ENTRY_MARK_INSTR);
+            v.extend(python.rev().map(|f| symbols.frame(f)));
+            if let (NativeKey::Leaf(_), [leaf]) = (&key.native, native) {
+                v.extend(service::leaf_frame(leaf));
+            }
+        }
+    }
     if key.kernel_unavailable {
         v.push(Frame::KernelUnavailable);
     } else if !key.kernel.is_empty() {

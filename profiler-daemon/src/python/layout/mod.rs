@@ -131,6 +131,10 @@ pub struct FrameLayout {
     pub owner_boundary: Option<u8>,
     /// The largest valid `owner`.
     pub owner_max: u8,
+    /// 3.11's `is_entry` byte, marking the first frame an eval-loop
+    /// activation runs; `None` where activations start with a boundary
+    /// frame instead (3.12+).
+    pub is_entry: Option<u64>,
     /// Tag bits of `f_executable` when it is a `_PyStackRef` (3.14+).
     pub code_tag_bits: u32,
 }
@@ -304,7 +308,10 @@ impl Layout {
             owner_boundary: f.owner_boundary.unwrap_or(NO_BOUNDARY_OWNER),
             owner_max: f.owner_max,
             code_flags: fits("co_flags", "code header", flags, 4, CODE_READ_LEN as u64)?,
-            _pad: 0,
+            frame_is_entry: match f.is_entry {
+                Some(o) => fits("frame is_entry", "frame", o, 1, frame_len)?,
+                None => profiler_common::NO_ENTRY_FLAG,
+            },
             shim_flags: c.shim_flags,
             code_tag_bits: f.code_tag_bits,
             checksum_masks: c.checksum_masks,

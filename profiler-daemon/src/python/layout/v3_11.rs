@@ -27,6 +27,7 @@ pub fn layout() -> Layout {
             // `is_entry` (+68) marks the first frame of a C-level call, but it
             // is a real Python frame: 3.11 has no boundary frames.
             owner_boundary: None,
+            is_entry: Some(68),
             // FRAME_OWNED_BY_THREAD, _GENERATOR, _FRAME_OBJECT.
             owner_max: 2,
             code_tag_bits: 0,

@@ -32,6 +32,7 @@ pub fn layout() -> Layout {
             // `_PyEval_EvalFrameDefault`, whose code is the `<shim>`
             // interpreter trampoline.
             owner_boundary: Some(3),
+            is_entry: None,
             owner_max: 3,
             code_tag_bits: 0,
         },

@@ -30,6 +30,7 @@ pub fn layout() -> Layout {
             owner: 70,
             // FRAME_OWNED_BY_CSTACK: entry frames, f_executable is None.
             owner_boundary: Some(3),
+            is_entry: None,
             owner_max: 3,
             code_tag_bits: 0,
         },

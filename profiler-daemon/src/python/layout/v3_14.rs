@@ -29,6 +29,7 @@ pub fn layout() -> Layout {
             // The owner enum was renumbered: FRAME_OWNED_BY_INTERPRETER (3)
             // marks entry frames, FRAME_OWNED_BY_CSTACK is 4.
             owner_boundary: Some(3),
+            is_entry: None,
             owner_max: 4,
             // Py_TAG_BITS of the default (GIL) build.
             code_tag_bits: 3,

@@ -28,6 +28,7 @@ pub fn layout() -> Layout {
             owner: 74,
             // FRAME_OWNED_BY_INTERPRETER (3) marks entry frames; CSTACK is gone.
             owner_boundary: Some(3),
+            is_entry: None,
             owner_max: 3,
             code_tag_bits: 3,
         },

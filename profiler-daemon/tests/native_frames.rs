@@ -2,7 +2,9 @@
 //! sampled thread is in, below the right Python line, on pyenv's shared
 //! 3.11 and Debian's static 3.11. The oracle is gdb: the innermost frame it
 //! shows of each thread of the same process (a stripped library's static
-//! function is `??` for both).
+//! function is `??` for both). `--native-stacks` merges whole native stacks
+//! with the Python frames, on those two and on a 3.14 (its activations
+//! start with boundary frames, not 3.11's entry flags).
 mod common;
 
 use std::collections::{HashMap, HashSet};
@@ -27,13 +29,37 @@ fn hot(py: &Python, name: &str) -> String {
     format!("{name} ({}:{line})", py.script_path(SCRIPT))
 }
 
-/// The workload's `name=tid` line.
+/// The workload's `name=tid` line, with each thread id as the host sees it
+/// (a workload in its own pid namespace prints its namespace's ids).
 fn thread_ids(w: &mut Running) -> HashMap<String, u32> {
+    let host_tid = host_tids(w.pid());
     w.read_line()
         .split_whitespace()
         .filter_map(|kv| {
             let (k, v) = kv.split_once('=')?;
-            Some((k.to_string(), v.parse().ok()?))
+            let tid: u32 = v.parse().ok()?;
+            Some((k.to_string(), host_tid.get(&tid).copied().unwrap_or(tid)))
+        })
+        .collect()
+}
+
+/// The host's id of each thread of `pid`, by its id in the innermost pid
+/// namespace (`NSpid` in its status).
+fn host_tids(pid: u32) -> HashMap<u32, u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .filter_map(|status| {
+            let ids: Vec<u32> = status
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))?
+                .split_whitespace()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some((*ids.last()?, *ids.first()?))
         })
         .collect()
 }
@@ -47,16 +73,13 @@ struct GdbLeaf {
 }
 
 /// The innermost frame of every thread of `pid`, by thread id, from one
-/// `gdb -batch` (which stops the process for a moment).
+/// `gdb -batch` (which stops the process for a moment). Libraries are read
+/// through `/proc/PID/root`, so a target in a chroot shows its own.
 fn gdb_leaves(pid: u32) -> HashMap<u32, GdbLeaf> {
     let out = std::process::Command::new("gdb")
-        .args([
-            "-p",
-            &pid.to_string(),
-            "-batch",
-            "-ex",
-            "thread apply all bt 1",
-        ])
+        .args(["-nx", "-batch", "-ex"])
+        .arg(format!("set sysroot /proc/{pid}/root"))
+        .args(["-p", &pid.to_string(), "-ex", "thread apply all bt 1"])
         .output()
         .expect("gdb is installed by cargo xtask bootstrap");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -64,10 +87,11 @@ fn gdb_leaves(pid: u32) -> HashMap<u32, GdbLeaf> {
     let mut tid = None;
     for line in text.lines() {
         if line.starts_with("Thread ") {
+            // `(LWP 123)`, or `(LWP 123 "name")` without libthread_db.
             tid = line
                 .split("(LWP ")
                 .nth(1)
-                .and_then(|s| s.split(')').next())
+                .and_then(|s| s.split(|c: char| !c.is_ascii_digit()).next())
                 .and_then(|s| s.parse::<u32>().ok());
         } else if let (Some(t), Some(rest)) = (tid, line.strip_prefix("#0  ")) {
             // `0x... in NAME (...) from /lib/libz.so.1` or `NAME (...) at f.c:1`.
@@ -247,4 +271,118 @@ fn bpf_daemon_native_leaves() {
     std::thread::sleep(std::time::Duration::from_secs(5));
     let (_, stacks) = d.folded(&format!("pid={pid}&seconds=4"));
     check(&py, "daemon", &stacks, &oracle(pid, &tids));
+}
+
+/// The Python frames of a stack, root first.
+fn python_frames(s: &[String]) -> Vec<&str> {
+    s.iter()
+        .filter(|f| f.contains(".py:"))
+        .map(String::as_str)
+        .collect()
+}
+
+fn native_stacks(py: Python) {
+    let Some(_serial) = serial_bpf_test() else {
+        return;
+    };
+    let label = py.label();
+    let mut w = py.start(SCRIPT, &[]);
+    let tids = thread_ids(&mut w);
+    let (out, text) = record(
+        &[w.pid()],
+        &["--native-stacks", "--duration", "4", "--rate", "199"],
+    );
+    assert_success(&out);
+    let stacks = parse_folded(&text);
+    let seen = oracle(w.pid(), &tids);
+    let all = dump(&stacks);
+    assert!(!stacks.is_empty(), "{label}: empty profile");
+    for (thread, lib) in IN_C {
+        let at = hot(&py, thread);
+        let gdb = seen.get(thread).unwrap_or_else(|| {
+            panic!(
+                "{label}: gdb never saw {thread} in {lib} (threads {tids:?}, last seen {:?})",
+                gdb_leaves(w.pid())
+            )
+        });
+        let mut total = 0;
+        let mut whole = 0;
+        for (s, n) in &stacks {
+            if python_frames(s).last() != Some(&at.as_str()) {
+                continue;
+            }
+            total += n;
+            let Some(i) = s.iter().position(|f| *f == at) else {
+                continue;
+            };
+            // Root to leaf: the thread's start in libc (`clone3`, or `??`
+            // where libc has no symbol for it, as in the Debian roots),
+            // native frames between the Python runs (no eval loop left
+            // unmerged), the hot line, then C frames down to the library
+            // gdb saw.
+            let below: Vec<_> = s[i + 1..].iter().filter_map(|f| native(f)).collect();
+            let starts_in_libc = native(&s[0]).is_some_and(|(f, m)| {
+                (f == "??" || f.starts_with("clone")) && m.starts_with("libc.so")
+            });
+            let merged = !s
+                .iter()
+                .any(|f| f.starts_with("[unmerged") || f.contains("_PyEval_EvalFrameDefault"));
+            let leaf_ok = below.last().is_some_and(|(f, m)| {
+                m.starts_with(lib)
+                    && gdb.iter().any(|g| {
+                        g.function == *f && g.module.as_deref().is_none_or(|gm| m.starts_with(gm))
+                    })
+            });
+            let runs_between = s[..i]
+                .iter()
+                .skip_while(|f| !f.contains(".py:"))
+                .any(|f| f.starts_with("[native] "));
+            if starts_in_libc && merged && leaf_ok && below.len() >= 2 && runs_between {
+                whole += n;
+            }
+        }
+        assert!(total >= 100, "{label}: {total} samples at {at}\n{all}");
+        // Some samples catch the thread between calls (in the eval loop,
+        // or taking the GIL back in libpython and libc).
+        assert!(
+            whole * 10 >= total * 7,
+            "{label}: {whole} of {total} samples at {at} have the whole merged stack\n{all}"
+        );
+    }
+    // Every Python frame keeps its place: the pure-Python thread's Python
+    // frames are those of a stack without native frames.
+    let spin = hot(&py, "spin");
+    let spins: Vec<_> = stacks
+        .iter()
+        .filter(|(s, _)| python_frames(s).last() == Some(&spin.as_str()))
+        .collect();
+    assert!(!spins.is_empty(), "{label}: no sample at {spin}\n{all}");
+    for (s, _) in spins {
+        let py_frames = python_frames(s);
+        assert!(
+            py_frames.len() == 4 && py_frames[0].starts_with("Thread._bootstrap ("),
+            "{label}: Python frames out of place: {s:?}"
+        );
+    }
+}
+
+#[test]
+fn bpf_native_stacks_shared_libpython() {
+    native_stacks(Python::Host(Interp::Shared));
+}
+
+#[test]
+fn bpf_native_stacks_static_debian() {
+    native_stacks(Python::Host(Interp::Static));
+}
+
+/// 3.14's libpython build from the sid root, in its own namespaces.
+#[test]
+fn bpf_native_stacks_3_14_shared() {
+    match common::pythons::python("3.14-shared") {
+        Some(py) => native_stacks(py),
+        None => {
+            eprintln!("SKIPPED: no 3.14 libpython build (cargo xtask bootstrap makes the roots)")
+        }
+    }
 }
