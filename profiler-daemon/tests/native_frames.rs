@@ -293,21 +293,26 @@ fn native_stacks(py: Python) {
         &["--native-stacks", "--duration", "4", "--rate", "199"],
     );
     assert_success(&out);
-    let stacks = parse_folded(&text);
-    let seen = oracle(w.pid(), &tids);
-    let all = dump(&stacks);
+    check_stacks(&py, &label, &parse_folded(&text), &oracle(w.pid(), &tids));
+}
+
+/// What a profile of native_leaf.py with whole native stacks must show.
+fn check_stacks(
+    py: &Python,
+    label: &str,
+    stacks: &[(Vec<String>, u64)],
+    seen: &HashMap<&'static str, HashSet<GdbLeaf>>,
+) {
+    let all = dump(stacks);
     assert!(!stacks.is_empty(), "{label}: empty profile");
     for (thread, lib) in IN_C {
-        let at = hot(&py, thread);
-        let gdb = seen.get(thread).unwrap_or_else(|| {
-            panic!(
-                "{label}: gdb never saw {thread} in {lib} (threads {tids:?}, last seen {:?})",
-                gdb_leaves(w.pid())
-            )
-        });
+        let at = hot(py, thread);
+        let gdb = seen
+            .get(thread)
+            .unwrap_or_else(|| panic!("{label}: gdb never saw {thread} in {lib}"));
         let mut total = 0;
         let mut whole = 0;
-        for (s, n) in &stacks {
+        for (s, n) in stacks {
             if python_frames(s).last() != Some(&at.as_str()) {
                 continue;
             }
@@ -351,7 +356,7 @@ fn native_stacks(py: Python) {
     }
     // Every Python frame keeps its place: the pure-Python thread's Python
     // frames are those of a stack without native frames.
-    let spin = hot(&py, "spin");
+    let spin = hot(py, "spin");
     let spins: Vec<_> = stacks
         .iter()
         .filter(|(s, _)| python_frames(s).last() == Some(&spin.as_str()))
@@ -385,4 +390,26 @@ fn bpf_native_stacks_3_14_shared() {
             eprintln!("SKIPPED: no 3.14 libpython build (cargo xtask bootstrap makes the roots)")
         }
     }
+}
+
+/// The daemon with `sampling.native_stacks: true`: merged native stacks.
+#[test]
+fn bpf_daemon_native_stacks() {
+    let Some(_serial) = serial_bpf_test() else {
+        return;
+    };
+    let py = Python::Host(Interp::Shared);
+    let d = common::daemon::Daemon::start(
+        "native-stacks",
+        "sampling:\n  rate_hz: 199\n  native_stacks: true\n\
+         aggregation:\n  window_secs: 2\n\
+         discovery:\n  rescan_interval_secs: 1\n  include:\n    - cmdline: 'native_leaf\\.py$'\n",
+    );
+    let mut w = py.start(SCRIPT, &[]);
+    let tids = thread_ids(&mut w);
+    let pid = w.pid();
+    d.wait_profiled(pid, std::time::Duration::from_secs(15));
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let (_, stacks) = d.folded(&format!("pid={pid}&seconds=4"));
+    check_stacks(&py, "daemon", &stacks, &oracle(pid, &tids));
 }

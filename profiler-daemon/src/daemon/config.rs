@@ -141,6 +141,10 @@ pub struct Sampling {
     /// End each stack's Python frames with its native leaf (the C function
     /// the thread was in, named from the target's ELF files); default false.
     pub native: bool,
+    /// Whole native stacks merged with the Python frames (implies
+    /// `native`): each sample carries a copy of its thread's user stack,
+    /// unwound in the daemon; default false.
+    pub native_stacks: bool,
 }
 
 impl Sampling {
@@ -192,6 +196,7 @@ impl Default for Sampling {
             ring_buffer_bytes: 8 << 20,
             types: vec![crate::profile::ProfileKind::Cpu],
             native: false,
+            native_stacks: false,
         }
     }
 }
@@ -1523,6 +1528,7 @@ logging: { format: json, level: "warn,pyebpf=debug" }
                 ring_buffer_bytes: 65536,
                 types: vec![crate::profile::ProfileKind::Cpu],
                 native: true,
+                native_stacks: false,
             }
         );
         assert_eq!(c.discovery.rescan_interval_secs, 5);

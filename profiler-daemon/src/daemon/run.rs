@@ -751,7 +751,11 @@ pub fn prepare(opts: DaemonOptions) -> anyhow::Result<Prepared> {
             .off_cpu()
             .then(|| 1_000_000_000 / config.sampling.rate_hz.max(1)),
         kernel_stacks: config.sampling.off_cpu(),
-        user_stack_bytes: 0,
+        user_stack_bytes: if config.sampling.native_stacks {
+            profiler_common::USER_STACK_MAX as u32
+        } else {
+            0
+        },
     })?;
     // Off-CPU stacks end in the kernel frames of where threads wait: their
     // names are read now, before the capabilities are dropped.
@@ -825,7 +829,7 @@ pub async fn start(prepared: Prepared) -> anyhow::Result<Handle> {
     if let Some(k) = kernel {
         store.set_kernel_symbols(k);
     }
-    if config.sampling.native {
+    if config.sampling.native || config.sampling.native_stacks {
         // Its thread starts with the first stack to name, after the
         // capabilities were dropped.
         store.set_native(crate::native::service::NativeService::new(
