@@ -211,6 +211,10 @@ struct RecordArgs {
     /// builds without frame pointers unwind too.
     #[arg(long)]
     native_stacks: bool,
+    /// Keep each thread's stacks apart, each rooted at a `thread TID (name)`
+    /// frame (py-spy's `--threads`).
+    #[arg(long)]
+    threads: bool,
     /// Bytes of user stack copied per sample for --native-stacks; a deeper
     /// native stack ends early, its older Python frames after a
     /// `[native frames missing]` mark.
@@ -425,6 +429,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 output: a.output,
                 status: !a.quiet,
                 native: a.native || a.native_stacks,
+                per_thread: a.threads,
                 // At most 1 TiB (checked above): fits a usize on 64-bit hosts.
                 memory_budget: usize::try_from(a.memory_budget_mib << 20).map_err(|_| {
                     anyhow::anyhow!("--memory-budget-mib is too large for this host")

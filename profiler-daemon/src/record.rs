@@ -39,6 +39,8 @@ pub struct RecordOptions {
     pub memory_budget: usize,
     /// End each sample's Python frames with its native leaf (`--native`).
     pub native: bool,
+    /// Each thread's stacks apart, under a thread root frame (`--threads`).
+    pub per_thread: bool,
 }
 
 /// `--memory-budget-mib` when not given.
@@ -511,6 +513,7 @@ pub async fn run(opts: &RecordOptions) -> anyhow::Result<RecordSummary> {
         opts.native
             .then(|| NativeService::new(crate::native::stacks::NativeLimits::default())),
     );
+    programs.store.set_per_thread(opts.per_thread);
     for t in &targets {
         programs.start(t);
         sampler
@@ -809,6 +812,7 @@ mod tests {
             status: false,
             memory_budget: DEFAULT_MEMORY_BUDGET_MIB << 20,
             native: false,
+            per_thread: false,
         }
     }
 

@@ -128,11 +128,14 @@ fn oracle(pid: u32, tids: &HashMap<String, u32>) -> HashMap<&'static str, HashSe
     seen
 }
 
-/// `[native] NAME (MODULE)` split into its name and module.
+/// `[native] NAME (MODULE)` or `[native] NAME (FILE:LINE, MODULE)` split
+/// into its name and module.
 fn native(frame: &str) -> Option<(&str, &str)> {
     let rest = frame.strip_prefix("[native] ")?;
-    let (name, module) = rest.rsplit_once(" (")?;
-    Some((name, module.strip_suffix(')')?))
+    let (name, inside) = rest.split_once(" (")?;
+    let inside = inside.strip_suffix(')')?;
+    let module = inside.rsplit_once(", ").map_or(inside, |(_, m)| m);
+    Some((name, module))
 }
 
 fn dump(stacks: &[(Vec<String>, u64)]) -> String {

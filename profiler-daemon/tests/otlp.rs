@@ -560,3 +560,71 @@ fn bpf_otlp_queue_overflow_is_counted() {
         "{exported} of {held}"
     );
 }
+
+/// `aggregation.per_thread`: each sample carries its thread's `thread.id`
+/// and `thread.name` (semantic conventions) instead of a frame, and each
+/// of tests/workloads/native_leaf.py's threads is under its own id.
+#[test]
+fn bpf_otlp_thread_attributes() {
+    let Some(_serial) = serial_bpf_test() else {
+        return;
+    };
+    let rx = OtlpReceiver::start();
+    let d = Daemon::start(
+        "otlp-threads",
+        &format!(
+            "aggregation:\n  window_secs: 2\n  per_thread: true\n\
+             discovery:\n  rescan_interval_secs: 1\n  include:\n    - cmdline: 'native_leaf\\.py$'\n\
+             outputs:\n  otlp:\n    endpoint: http://127.0.0.1:{}\n    protocol: grpc\n    \
+             timeout_secs: 5\n",
+            rx.grpc_port
+        ),
+    );
+    let py = common::pythons::Python::Host(Interp::Shared);
+    let mut w = py.start("workloads/native_leaf.py", &[]);
+    let tids: std::collections::HashMap<String, i64> = w
+        .read_line()
+        .split_whitespace()
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect();
+    let pid = w.pid();
+    d.wait_profiled(pid, Duration::from_secs(15));
+    wait_windows(&rx, pid, 3, Duration::from_secs(30));
+    let comm = |tid: i64| {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    let mut by_thread: std::collections::HashMap<String, i64> = Default::default();
+    for (_, res) in rx.resources_of(pid) {
+        for s in res["profiles"][0]["samples"].as_array().unwrap() {
+            let a = &s["attributes"];
+            let tid = a["thread.id"]
+                .as_i64()
+                .unwrap_or_else(|| panic!("no integer thread.id: {s}"));
+            assert_eq!(a["thread.name"], json!(comm(tid)), "{s}");
+            let stack = s["stack"].as_array().unwrap();
+            assert!(
+                stack
+                    .iter()
+                    .all(|f| !f["function"].as_str().unwrap().starts_with("thread ")),
+                "the thread is an attribute, not a frame: {s}"
+            );
+            let leaf = stack[0]["function"].as_str().unwrap();
+            if let Some(expected) = tids.get(leaf) {
+                assert_eq!(tid, *expected, "{leaf} sampled under another thread: {s}");
+                *by_thread.entry(leaf.to_string()).or_default() += 1;
+            }
+        }
+    }
+    for t in ["checksum", "digest", "spin"] {
+        assert!(
+            by_thread.get(t).is_some_and(|n| *n > 0),
+            "no sample of {t} ({by_thread:?})"
+        );
+    }
+}

@@ -260,10 +260,10 @@ pub struct BenchArgs {
     #[arg(long, conflicts_with_all = ["scale", "self_profile"])]
     pub offcpu: bool,
     /// Instead of the benchmarks: pyebpf's profile modes (cpu, cpu with
-    /// native leaves, wall, off-cpu) side by side with py-spy's (default,
+    /// native leaves or stacks, wall, off-cpu) side by side with py-spy's (default,
     /// `--idle`, `--native`): profiler CPU per sample and target slowdown,
     /// written to BENCHMARKS-modes.md and benchmarks-modes.json. Full about
-    /// 9 minutes, `--quick` 2.
+    /// 10 minutes, `--quick` 2.
     #[arg(long, conflicts_with_all = ["scale", "self_profile", "offcpu"])]
     pub modes: bool,
     /// Instead of the benchmarks: profile the daemon itself with perf under

@@ -349,6 +349,11 @@ pub struct Aggregation {
     /// 32. Beyond it that process's oldest seconds are evicted (counted).
     #[serde(deserialize_with = "ranged::<_, _, 1, 65_536>")]
     pub process_memory_budget_mib: u32,
+    /// Keep each thread's stacks apart, rooted at a `thread TID (name)`
+    /// frame (OTLP: the samples' `thread.id` and `thread.name`); default
+    /// false. A process then holds up to a copy of its stacks per thread,
+    /// within the same memory bounds.
+    pub per_thread: bool,
 }
 
 impl Default for Aggregation {
@@ -360,6 +365,7 @@ impl Default for Aggregation {
             max_stacks_per_process: 100_000,
             memory_budget_mib: 256,
             process_memory_budget_mib: 32,
+            per_thread: false,
         }
     }
 }
@@ -1542,6 +1548,7 @@ logging: { format: json, level: "warn,pyebpf=debug" }
                 max_stacks_per_process: 100,
                 memory_budget_mib: 64,
                 process_memory_budget_mib: 4,
+                per_thread: false,
             }
         );
         assert_eq!(

@@ -657,9 +657,12 @@ impl Daemon {
                 self.procs_capacity
             );
         }
-        self.shared
-            .store()
-            .set_limits(store_limits(&new, self.procs_capacity));
+        {
+            let mut store = self.shared.store();
+            store.set_limits(store_limits(&new, self.procs_capacity));
+            // New stacks follow it; those held keep their shape.
+            store.set_per_thread(new.aggregation.per_thread);
+        }
         self.shared.set_api(&new.api);
         if new.outputs != self.config.outputs {
             // Export tasks run on the API runtime, not the ingest thread.
@@ -829,6 +832,7 @@ pub async fn start(prepared: Prepared) -> anyhow::Result<Handle> {
     if let Some(k) = kernel {
         store.set_kernel_symbols(k);
     }
+    store.set_per_thread(config.aggregation.per_thread);
     if config.sampling.native || config.sampling.native_stacks {
         // Its thread starts with the first stack to name, after the
         // capabilities were dropped.

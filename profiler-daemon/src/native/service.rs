@@ -227,14 +227,16 @@ fn unnamed_symbol(module: &str) -> NativeSymbol {
 /// the module has no symbol for it.
 pub fn frame(symbol: &NativeSymbol) -> Frame {
     match &symbol.symbol {
-        Symbol::Function { name, .. } => Frame::Native {
+        Symbol::Function { name, source, .. } => Frame::Native {
             function: Some(name.clone()),
             module: symbol.module.clone(),
+            source: source.clone(),
         },
         // `[unmapped]`, `[process gone]`, or the file without a symbol.
         Symbol::Unsymbolised(_) => Frame::Native {
             function: None,
             module: symbol.module.clone(),
+            source: None,
         },
     }
 }
@@ -251,9 +253,9 @@ mod tests {
 
     fn native(f: Frame) -> (Option<String>, String) {
         match f {
-            Frame::Native { function, module } => {
-                (function.map(|f| f.to_string()), module.to_string())
-            }
+            Frame::Native {
+                function, module, ..
+            } => (function.map(|f| f.to_string()), module.to_string()),
             other => panic!("{other:?}"),
         }
     }

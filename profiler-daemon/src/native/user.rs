@@ -24,7 +24,7 @@ use super::maps::{Backing, FileKey, ProcessMaps};
 pub const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";
 
 /// Where a function's instruction is in its source.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceLine {
     /// The path as the DWARF names it (often relative to the build directory).
     pub file: Arc<str>,

@@ -165,8 +165,16 @@ impl CompactProfile {
                             qualname, filename, ..
                         } => qualname.len() + filename.len() + 16,
                         Frame::Kernel { function } => function.len() + 16,
-                        Frame::Native { function, module } => {
-                            function.as_deref().map_or(2, str::len) + module.len() + 24
+                        Frame::Thread { name, .. } => name.len() + 24,
+                        Frame::Native {
+                            function,
+                            module,
+                            source,
+                        } => {
+                            function.as_deref().map_or(2, str::len)
+                                + module.len()
+                                + source.as_ref().map_or(0, |s| s.file.len() + 12)
+                                + 24
                         }
                         _ => 32,
                     }

@@ -26,6 +26,10 @@ pub enum Frame {
     },
     /// Synthetic root naming the process, when a profile covers several.
     Process { pid: u32, command: Arc<str> },
+    /// Synthetic root naming the thread (its id as the host sees it and
+    /// its name, `/proc/PID/task/TID/comm`), when stacks are kept per
+    /// thread.
+    Thread { tid: u32, name: Arc<str> },
     /// A frame whose code object could not be read or was replaced between
     /// the sample and symbolisation. Kept so the stack keeps its shape.
     Unknown { reason: UnknownReason },
@@ -54,6 +58,8 @@ pub enum Frame {
     Native {
         function: Option<Arc<str>>,
         module: Arc<str>,
+        /// File and line, where the module has debug information.
+        source: Option<crate::native::user::SourceLine>,
     },
     /// Where native and Python frames could not be merged, or some are
     /// missing (see [`crate::native::merge::Marker`]).
@@ -99,6 +105,22 @@ impl Frame {
     pub fn filename(&self) -> Option<&str> {
         match self {
             Frame::Python { filename, .. } => Some(filename),
+            Frame::Native {
+                source: Some(s), ..
+            } => Some(&s.file),
+            Frame::Native { module, .. } => Some(module),
+            _ => None,
+        }
+    }
+
+    /// The line a frame is at, where it has one (Python frames; native
+    /// ones with debug information).
+    pub fn line(&self) -> Option<u32> {
+        match self {
+            Frame::Python { line, .. } => Some(*line),
+            Frame::Native {
+                source: Some(s), ..
+            } => s.line,
             _ => None,
         }
     }
@@ -115,17 +137,26 @@ impl fmt::Display for Frame {
                 ..
             } => write!(f, "{qualname} ({filename}:{line})"),
             Frame::Process { pid, command } => write!(f, "process {pid} ({command})"),
+            Frame::Thread { tid, name } => write!(f, "thread {tid} ({name})"),
             Frame::Unknown { reason } => write!(f, "[unknown code object: {}]", reason.as_str()),
             Frame::Truncated => f.write_str("[truncated]"),
             Frame::Partial => f.write_str("[partial stack: read failed]"),
             Frame::Overflow => f.write_str("[stack table full]"),
             Frame::Kernel { function } => write!(f, "[kernel] {function}"),
-            Frame::Native { function, module } => {
-                write!(
-                    f,
-                    "[native] {} ({module})",
-                    function.as_deref().unwrap_or("??")
-                )
+            Frame::Native {
+                function,
+                module,
+                source,
+            } => {
+                write!(f, "[native] {} (", function.as_deref().unwrap_or("??"))?;
+                if let Some(s) = source {
+                    let file = s.file.rsplit('/').next().unwrap_or(&s.file);
+                    match s.line {
+                        Some(line) => write!(f, "{file}:{line}, ")?,
+                        None => write!(f, "{file}, ")?,
+                    }
+                }
+                write!(f, "{module})")
             }
             Frame::KernelTruncated => f.write_str("[kernel stack truncated]"),
             Frame::KernelUnavailable => f.write_str("[kernel stack unavailable]"),

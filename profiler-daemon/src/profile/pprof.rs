@@ -181,7 +181,7 @@ impl Builder {
             Frame::Python {
                 line, first_line, ..
             } => (*line, *first_line),
-            _ => (0, 0),
+            _ => (frame.line().unwrap_or(0), 0),
         };
         let name = frame.function_name();
         let filename = frame.filename().unwrap_or("").to_string();

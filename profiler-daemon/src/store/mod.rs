@@ -195,6 +195,18 @@ struct ResolvedProcess {
     stacks: Vec<(RawKey, Vec<Frame>, u64, u64)>,
 }
 
+/// The root frame of thread `tid` of `pid`, named by its `comm` now (a
+/// thread gone since is named `[exited]`).
+fn thread_frame(pid: u32, tid: u32) -> Frame {
+    let name = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+        .map(|s| s.trim_end().to_string())
+        .unwrap_or_else(|_| "[exited]".to_string());
+    Frame::Thread {
+        tid,
+        name: name.into(),
+    }
+}
+
 impl Pending {
     /// True when the batch had no new stack: nothing to resolve or insert.
     pub fn is_empty(&self) -> bool {
@@ -248,7 +260,8 @@ impl Pending {
                             .iter()
                             .filter_map(|a| named.get(&(p.pid, *a)).cloned())
                             .collect();
-                        let frames = symbolise(&mut symbols, kernel, &native, &key);
+                        let thread = key.tid().map(|tid| thread_frame(p.pid, tid));
+                        let frames = symbolise(&mut symbols, kernel, &native, thread, &key);
                         (key, frames, n, value)
                     })
                     .collect();
@@ -637,6 +650,8 @@ pub struct Store {
     kernel: Option<Arc<KernelSymbols>>,
     /// Names each sample's native leaf when set (see [`Store::set_native`]).
     native: Option<Arc<NativeService>>,
+    /// Keeps each thread's stacks apart, under a `thread` root frame.
+    per_thread: bool,
     entries: HashMap<u32, Entry>,
     pub stats: StoreStats,
     /// Symbol statistics of processes already removed.
@@ -716,6 +731,7 @@ impl Store {
             split: false,
             kernel: None,
             native: None,
+            per_thread: false,
             entries: HashMap::new(),
             stats: StoreStats::default(),
             retired_symbols: SymbolStats::default(),
@@ -954,6 +970,14 @@ impl Store {
         self.native = Some(n);
     }
 
+    /// From now on each thread's stacks are kept apart, rooted at a
+    /// `thread TID (name)` frame (the OTLP export makes it the samples'
+    /// `thread.id` and `thread.name`). A process's stacks grow with its
+    /// threads, within the same bounds.
+    pub fn set_per_thread(&mut self, on: bool) {
+        self.per_thread = on;
+    }
+
     /// What names (and unwinds) native frames, if anything does.
     pub fn native_service(&self) -> Option<Arc<NativeService>> {
         self.native.clone()
@@ -1039,7 +1063,7 @@ impl Store {
                 self.stats.foreign_samples += 1;
                 continue;
             };
-            let key = RawKey::of(s, e.gil.as_ref(), self.native.is_some());
+            let key = RawKey::of(s, e.gil.as_ref(), self.native.is_some(), self.per_thread);
             let tag = if self.split { e.tally(&key, value) } else { 0 };
             if let Some(id) = e.cached(&key) {
                 self.stats.samples += 1;

@@ -71,6 +71,8 @@ pub struct RawKey {
     wait: Wait,
     /// Its native frames, named at symbolisation.
     native: NativeKey,
+    /// The thread, when stacks are kept per thread.
+    tid: Option<u32>,
 }
 
 /// What a raw stack keeps of its native frames.
@@ -97,8 +99,14 @@ impl NativeKey {
 impl RawKey {
     /// The key of `s`, from a process whose GIL state is `gil`; with
     /// `native`, keeping its native stack if unwound, else its user
-    /// instruction pointer for the native leaf.
-    pub fn of(mut s: RawSample, gil: Option<&Range<u64>>, native: bool) -> RawKey {
+    /// instruction pointer for the native leaf; with `per_thread`, its
+    /// thread.
+    pub fn of(
+        mut s: RawSample,
+        gil: Option<&Range<u64>>,
+        native: bool,
+        per_thread: bool,
+    ) -> RawKey {
         let wait = Wait::of(&s, gil);
         let native = match (native, s.native.take(), s.regs) {
             (false, ..) => NativeKey::None,
@@ -123,12 +131,18 @@ impl RawKey {
             kernel_unavailable: s.kernel_error,
             wait,
             native,
+            tid: per_thread.then_some(s.tid),
         }
     }
 
     /// Its native frames, to name.
     pub fn native(&self) -> &NativeKey {
         &self.native
+    }
+
+    /// Its thread, when kept.
+    pub fn tid(&self) -> Option<u32> {
+        self.tid
     }
 
     /// An off-CPU interval's key (an on-CPU sample's leaf is exact).
@@ -161,18 +175,20 @@ impl PythonFrameKind for PyItem {
     }
 }
 
-/// Symbolises a raw stack, root first: the Python frames (walked leaf
-/// first) with its native frames (`native`: the symbols of
-/// [`NativeKey::lookups`]; a leaf below them, a stack merged with them),
-/// then the kernel's (sampled innermost first), then what the thread waited
-/// for. Without kernel symbols, kernel frames show their addresses.
+/// Symbolises a raw stack, root first: its `thread` frame if kept, the
+/// Python frames (walked leaf first) with its native frames (`native`: the
+/// symbols of [`NativeKey::lookups`]; a leaf below them, a stack merged with
+/// them), then the kernel's (sampled innermost first), then what the thread
+/// waited for. Without kernel symbols, kernel frames show their addresses.
 pub fn symbolise(
     symbols: &mut Symbolizer<TargetMemory>,
     kernel: Option<&KernelSymbols>,
     native: &[Arc<NativeSymbol>],
+    thread: Option<Frame>,
     key: &RawKey,
 ) -> Vec<Frame> {
-    let mut v = Vec::with_capacity(key.frames.len() + key.kernel.len() + native.len() + 4);
+    let mut v = Vec::with_capacity(key.frames.len() + key.kernel.len() + native.len() + 5);
+    v.extend(thread);
     if key.truncated {
         v.push(Frame::Truncated);
     } else if key.partial {

@@ -56,9 +56,16 @@ fn frame_bytes(f: &Frame) -> usize {
                 qualname, filename, ..
             } => qualname.len() + filename.len(),
             Frame::Process { command, .. } => command.len(),
+            Frame::Thread { name, .. } => name.len(),
             Frame::Kernel { function } => function.len(),
-            Frame::Native { function, module } => {
-                function.as_deref().map_or(0, str::len) + module.len()
+            Frame::Native {
+                function,
+                module,
+                source,
+            } => {
+                function.as_deref().map_or(0, str::len)
+                    + module.len()
+                    + source.as_ref().map_or(0, |s| s.file.len())
             }
             _ => 0,
         }

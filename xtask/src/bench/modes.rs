@@ -38,7 +38,7 @@ enum Tool {
     PySpy,
 }
 
-const CONDITIONS: [Condition; 10] = [
+const CONDITIONS: [Condition; 11] = [
     Condition {
         label: "unprofiled (baseline)",
         tool: None,
@@ -58,6 +58,11 @@ const CONDITIONS: [Condition; 10] = [
         label: "pyebpf --mode cpu --native",
         tool: Some(Tool::Pyebpf),
         args: &["--mode", "cpu", "--native"],
+    },
+    Condition {
+        label: "pyebpf --mode cpu --native-stacks",
+        tool: Some(Tool::Pyebpf),
+        args: &["--mode", "cpu", "--native-stacks"],
     },
     Condition {
         label: "pyebpf --mode wall",

@@ -117,6 +117,33 @@ impl Builder {
         i
     }
 
+    /// An integer attribute (interned apart from strings of the same text).
+    fn int_attribute(&mut self, key: &str, value: i64) -> i32 {
+        let k = self.string(key);
+        self.attributes
+            .intern((k, format!("int:{value}")), &mut self.bytes, || {
+                pb::KeyValueAndUnit {
+                    key_strindex: k,
+                    value: Some(AnyValue {
+                        value: Some(any_value::Value::IntValue(value)),
+                    }),
+                    unit_strindex: 0,
+                }
+            })
+    }
+
+    /// The sample attributes of a stack's `thread` root frame: its
+    /// `thread.id` and `thread.name` (semantic conventions).
+    fn thread_attributes(&mut self, f: &Frame) -> Option<Vec<i32>> {
+        let Frame::Thread { tid, name } = f else {
+            return None;
+        };
+        Some(vec![
+            self.int_attribute("thread.id", i64::from(*tid)),
+            self.string_attribute("thread.name", name),
+        ])
+    }
+
     fn string_attribute(&mut self, key: &str, value: &str) -> i32 {
         let k = self.string(key);
         let v = value.to_string();
@@ -147,7 +174,12 @@ impl Builder {
             ),
             Frame::Unknown { .. } => (0, 0, 0, Some(FRAME_TYPE_CPYTHON)),
             Frame::Kernel { .. } => (0, 0, 0, Some(FRAME_TYPE_KERNEL)),
-            Frame::Native { module, .. } => (self.string(module), 0, 0, Some(FRAME_TYPE_NATIVE)),
+            Frame::Native { .. } => (
+                self.string(f.filename().unwrap_or("")),
+                0,
+                f.line().map_or(0, i64::from),
+                Some(FRAME_TYPE_NATIVE),
+            ),
             _ => (0, 0, 0, None),
         };
         let function = self
@@ -185,8 +217,18 @@ impl Builder {
         let period = p.ns_per_value() as i64;
         let mut samples = Vec::with_capacity(p.stack_count());
         for (stack, count) in p.stacks() {
+            // A thread root frame is the sample's attributes, not a frame.
+            let root = stack.iter().next();
+            let attributes = root.and_then(|f| self.thread_attributes(f));
+            let frames = stack.len() - usize::from(attributes.is_some());
             // Leaf first, as the format orders a stack.
-            let locations: Vec<i32> = stack.iter().rev().map(|f| self.location(f)).collect();
+            let locations: Vec<i32> = stack
+                .iter()
+                .rev()
+                .take(frames)
+                .map(|f| self.location(f))
+                .collect();
+            let attributes = attributes.unwrap_or_default();
             let stack_index =
                 self.stacks
                     .intern(locations.clone(), &mut self.bytes, || pb::Stack {
@@ -194,7 +236,7 @@ impl Builder {
                     });
             samples.push(pb::Sample {
                 stack_index,
-                attribute_indices: Vec::new(),
+                attribute_indices: attributes,
                 link_index: 0,
                 values: vec![(count as i64).saturating_mul(period)],
                 timestamps_unix_nano: Vec::new(),
