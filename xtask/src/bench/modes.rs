@@ -356,8 +356,8 @@ fn markdown(rows: &[Row], version: &str, mode: Mode, secs: f64, took: Duration) 
          - **profiler CPU per sample**: the profiler process's CPU time (its threads' \
          time on CPU) plus, for pyebpf, its BPF programs' run time (kernel statistics), \
          over the work (start-up and exit left out), per sample (the samples scaled by the \
-         work's share of the time the profiler sampled). py-spy's time includes stopping the target for `--native` (it pauses the \
-         process to unwind); pyebpf never stops it.\n\
+         work's share of the time the profiler sampled). py-spy stops the target for each \
+         sample (it runs without `--nonblocking` here); pyebpf never stops it.\n\
          - **target slowdown**: work the unprofiled baseline did in the same round divided \
          by the work done, minus one; the noise control is a second unprofiled run.\n"
     );
