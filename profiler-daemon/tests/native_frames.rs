@@ -107,10 +107,15 @@ fn gdb_leaves(pid: u32) -> HashMap<u32, GdbLeaf> {
     leaves
 }
 
+/// A folded profile: stacks root first, with their counts.
+type Profile = Vec<(Vec<String>, u64)>;
+/// What gdb saw each C thread in while inside its library.
+type Seen = HashMap<&'static str, HashSet<GdbLeaf>>;
+
 /// For each C thread, what gdb saw it in while inside its library: taken
 /// until every thread was seen there once.
-fn oracle(pid: u32, tids: &HashMap<String, u32>) -> HashMap<&'static str, HashSet<GdbLeaf>> {
-    let mut seen: HashMap<&'static str, HashSet<GdbLeaf>> = HashMap::new();
+fn oracle(pid: u32, tids: &HashMap<String, u32>) -> Seen {
+    let mut seen: Seen = HashMap::new();
     for _ in 0..SNAPSHOTS {
         let leaves = gdb_leaves(pid);
         for (thread, lib) in IN_C {
@@ -152,29 +157,13 @@ fn native_leaves(py: Python) {
     let Some(_serial) = serial_bpf_test() else {
         return;
     };
-    let mut w = py.start(SCRIPT, &[]);
-    let tids = thread_ids(&mut w);
-    let (out, text) = record(
-        &[w.pid()],
-        &["--native", "--duration", "4", "--rate", "199"],
-    );
-    assert_success(&out);
-    check(
-        &py,
-        &py.label(),
-        &parse_folded(&text),
-        &oracle(w.pid(), &tids),
-    );
+    let (stacks, seen) = record_profile(&py, "--native");
+    check(&py, &py.label(), &stacks, &seen);
 }
 
 /// What a profile of native_leaf.py with native leaves must show, `seen`
 /// being gdb's view of its C threads.
-fn check(
-    py: &Python,
-    label: &str,
-    stacks: &[(Vec<String>, u64)],
-    seen: &HashMap<&'static str, HashSet<GdbLeaf>>,
-) {
+fn check(py: &Python, label: &str, stacks: &[(Vec<String>, u64)], seen: &Seen) {
     let all = dump(stacks);
     assert!(!stacks.is_empty(), "{label}: empty profile");
 
@@ -253,19 +242,17 @@ fn bpf_native_leaves_static_debian() {
     native_leaves(Python::Host(Interp::Static));
 }
 
-/// The daemon with `sampling.native: true`: its profiles carry the same
-/// native leaves.
-#[test]
-fn bpf_daemon_native_leaves() {
-    let Some(_serial) = serial_bpf_test() else {
-        return;
-    };
+/// A profile of native_leaf.py from a daemon whose `sampling:` section
+/// holds `option: true`, and gdb's view of its C threads.
+fn daemon_profile(option: &str) -> (Python, Profile, Seen) {
     let py = Python::Host(Interp::Shared);
     let d = common::daemon::Daemon::start(
-        "native",
-        "sampling:\n  rate_hz: 199\n  native: true\n\
-         aggregation:\n  window_secs: 2\n\
-         discovery:\n  rescan_interval_secs: 1\n  include:\n    - cmdline: 'native_leaf\\.py$'\n",
+        option,
+        &format!(
+            "sampling:\n  rate_hz: 199\n  {option}: true\n\
+             aggregation:\n  window_secs: 2\n\
+             discovery:\n  rescan_interval_secs: 1\n  include:\n    - cmdline: 'native_leaf\\.py$'\n"
+        ),
     );
     let mut w = py.start(SCRIPT, &[]);
     let tids = thread_ids(&mut w);
@@ -273,7 +260,29 @@ fn bpf_daemon_native_leaves() {
     d.wait_profiled(pid, std::time::Duration::from_secs(15));
     std::thread::sleep(std::time::Duration::from_secs(5));
     let (_, stacks) = d.folded(&format!("pid={pid}&seconds=4"));
-    check(&py, "daemon", &stacks, &oracle(pid, &tids));
+    let seen = oracle(pid, &tids);
+    (py, stacks, seen)
+}
+
+/// A 4 s `pyebpf record FLAG` of native_leaf.py run by `py`, and gdb's
+/// view of its C threads.
+fn record_profile(py: &Python, flag: &str) -> (Profile, Seen) {
+    let mut w = py.start(SCRIPT, &[]);
+    let tids = thread_ids(&mut w);
+    let (out, text) = record(&[w.pid()], &[flag, "--duration", "4", "--rate", "199"]);
+    assert_success(&out);
+    (parse_folded(&text), oracle(w.pid(), &tids))
+}
+
+/// The daemon with `sampling.native: true`: its profiles carry the same
+/// native leaves.
+#[test]
+fn bpf_daemon_native_leaves() {
+    let Some(_serial) = serial_bpf_test() else {
+        return;
+    };
+    let (py, stacks, seen) = daemon_profile("native");
+    check(&py, "daemon", &stacks, &seen);
 }
 
 /// The Python frames of a stack, root first.
@@ -288,24 +297,12 @@ fn native_stacks(py: Python) {
     let Some(_serial) = serial_bpf_test() else {
         return;
     };
-    let label = py.label();
-    let mut w = py.start(SCRIPT, &[]);
-    let tids = thread_ids(&mut w);
-    let (out, text) = record(
-        &[w.pid()],
-        &["--native-stacks", "--duration", "4", "--rate", "199"],
-    );
-    assert_success(&out);
-    check_stacks(&py, &label, &parse_folded(&text), &oracle(w.pid(), &tids));
+    let (stacks, seen) = record_profile(&py, "--native-stacks");
+    check_stacks(&py, &py.label(), &stacks, &seen);
 }
 
 /// What a profile of native_leaf.py with whole native stacks must show.
-fn check_stacks(
-    py: &Python,
-    label: &str,
-    stacks: &[(Vec<String>, u64)],
-    seen: &HashMap<&'static str, HashSet<GdbLeaf>>,
-) {
+fn check_stacks(py: &Python, label: &str, stacks: &[(Vec<String>, u64)], seen: &Seen) {
     let all = dump(stacks);
     assert!(!stacks.is_empty(), "{label}: empty profile");
     for (thread, lib) in IN_C {
@@ -401,18 +398,6 @@ fn bpf_daemon_native_stacks() {
     let Some(_serial) = serial_bpf_test() else {
         return;
     };
-    let py = Python::Host(Interp::Shared);
-    let d = common::daemon::Daemon::start(
-        "native-stacks",
-        "sampling:\n  rate_hz: 199\n  native_stacks: true\n\
-         aggregation:\n  window_secs: 2\n\
-         discovery:\n  rescan_interval_secs: 1\n  include:\n    - cmdline: 'native_leaf\\.py$'\n",
-    );
-    let mut w = py.start(SCRIPT, &[]);
-    let tids = thread_ids(&mut w);
-    let pid = w.pid();
-    d.wait_profiled(pid, std::time::Duration::from_secs(15));
-    std::thread::sleep(std::time::Duration::from_secs(5));
-    let (_, stacks) = d.folded(&format!("pid={pid}&seconds=4"));
-    check_stacks(&py, "daemon", &stacks, &oracle(pid, &tids));
+    let (py, stacks, seen) = daemon_profile("native_stacks");
+    check_stacks(&py, "daemon", &stacks, &seen);
 }
