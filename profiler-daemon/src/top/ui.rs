@@ -437,7 +437,14 @@ fn header_lines(app: &App, width: u16) -> Vec<Line<'static>> {
             if app.line_level { "line" } else { "function" }.to_string(),
         ),
         field("sort", app.sort.as_str().to_string()),
-        field("samples", s.total_samples.to_string()),
+        match s.profile_kind().unit() {
+            crate::profile::ValueUnit::Samples => field("samples", s.total_samples.to_string()),
+            // Nanosecond profiles: their total is time, not a count.
+            crate::profile::ValueUnit::Nanoseconds => field(
+                "time",
+                format_duration(seconds_of(s.total_samples, s.values_per_sec())),
+            ),
+        },
     ];
     if !q.pids.is_empty() {
         let pids: Vec<String> = q.pids.iter().map(u32::to_string).collect();
@@ -563,9 +570,24 @@ fn draw_functions(f: &mut Frame, app: &mut App, area: Rect) {
     }
 }
 
+/// The processes table's SAMPLES column.
+const SAMPLES_COLUMN: usize = 1;
+
+/// `columns` without the one at `at`, if any.
+fn without_column<T>(mut columns: Vec<T>, at: Option<usize>) -> Vec<T> {
+    if let Some(i) = at.filter(|i| *i < columns.len()) {
+        columns.remove(i);
+    }
+    columns
+}
+
 fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
     let snap = app.snapshot.clone().unwrap_or_default();
-    let header = Row::new([
+    // Sample counts only where values are counts: a nanosecond profile's
+    // values are its time column.
+    let counts = snap.profile_kind().unit() == crate::profile::ValueUnit::Samples;
+    let keep = |columns| without_column(columns, (!counts).then_some(SAMPLES_COLUMN));
+    let header = Row::new(keep(vec![
         right("PID".into()),
         right("SAMPLES".into()),
         right("SHARE%".into()),
@@ -578,10 +600,10 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
         Cell::from("COMMAND"),
         Cell::from("PYTHON"),
         Cell::from("SERVICE"),
-    ])
+    ]))
     .style(Style::new().add_modifier(Modifier::BOLD | Modifier::REVERSED));
     let rows = snap.processes.iter().map(|p| {
-        Row::new([
+        Row::new(keep(vec![
             right(p.pid.to_string()),
             right(p.samples.to_string()),
             right(format!("{:.1}", percent(p.samples, snap.total_samples))),
@@ -596,11 +618,10 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
             Cell::from(p.command.clone()),
             Cell::from(python_or_dash(&p.python).to_string()),
             Cell::from(p.service.clone()),
-        ])
+        ]))
     });
-    let table = Table::new(
-        rows,
-        [
+    let widths = without_column(
+        vec![
             Constraint::Length(8),
             Constraint::Length(11),
             Constraint::Length(7),
@@ -610,11 +631,13 @@ fn draw_processes(f: &mut Frame, app: &mut App, area: Rect) {
             Constraint::Length(6),
             Constraint::Fill(1),
         ],
-    )
-    .header(header)
-    .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
-    .highlight_symbol(HIGHLIGHT)
-    .highlight_spacing(HighlightSpacing::Always);
+        (!counts).then_some(SAMPLES_COLUMN),
+    );
+    let table = Table::new(rows, widths)
+        .header(header)
+        .row_highlight_style(Style::new().add_modifier(Modifier::REVERSED))
+        .highlight_symbol(HIGHLIGHT)
+        .highlight_spacing(HighlightSpacing::Always);
     f.render_stateful_widget(table, area, &mut app.processes_state);
     if snap.processes.is_empty() {
         empty_message(f, area, "no profiled Python process matches");
@@ -1001,6 +1024,35 @@ mod tests {
         let lines = screen(&mut a, 120, 20);
         assert!(lines.iter().any(|l| l.contains("GIL%")), "{lines:#?}");
         assert!(lines.iter().any(|l| l.contains("37.5")), "{lines:#?}");
+    }
+
+    /// A nanosecond profile's values are time: the header says how much,
+    /// and the processes table has no SAMPLES column.
+    #[test]
+    fn wall_shows_time_not_counts() {
+        let mut a = app();
+        let mut s = snap();
+        s.kind = "wall".into();
+        s.total_samples = 2_500_000_000;
+        s.processes[0].samples = 1_500_000_000;
+        s.processes[1].samples = 1_000_000_000;
+        a.set_snapshot(s);
+        let lines = screen(&mut a, 120, 20);
+        assert!(
+            lines[1].contains("time ") && !lines[1].contains("samples 2500000000"),
+            "{lines:#?}"
+        );
+        a.handle_key(key(KeyCode::Tab));
+        let lines = screen(&mut a, 120, 20);
+        let header = lines.iter().find(|l| l.contains("PID")).expect("header");
+        assert!(
+            !header.contains("SAMPLES") && header.contains("WALL"),
+            "{lines:#?}"
+        );
+        assert!(
+            !lines.iter().any(|l| l.contains("1500000000")),
+            "{lines:#?}"
+        );
     }
 
     #[test]
