@@ -295,12 +295,15 @@ fn bpf_kill_storm_keeps_attribution_and_memory() {
 
     let wtoken = token('w', 0);
     let wscript = write_hot_script(&sdir, "witness", &wtoken);
-    let mut witness = Command::new(Interp::Shared.path())
-        .arg(&wscript)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start the witness");
-    let wpid = witness.id();
+    // Killed on drop: a failed assertion must not leave it spinning.
+    let witness = Killed(
+        Command::new(Interp::Shared.path())
+            .arg(&wscript)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the witness"),
+    );
+    let wpid = witness.0.id();
     d.wait_leaf(
         &format!("pid={wpid}&seconds={RETENTION}"),
         &format!("leaf_{wtoken} ({}:4)", wscript.display()),
@@ -479,8 +482,7 @@ fn bpf_kill_storm_keeps_attribution_and_memory() {
         d.child.id() == dpid && d.get_ok("/healthz").status == 200,
         "daemon unhealthy"
     );
-    let _ = witness.kill();
-    let _ = witness.wait();
+    drop(witness);
 }
 
 // ------------------------------------------------------------------ exec

@@ -198,7 +198,7 @@ fn check(py: &Python, label: &str, stacks: &[(Vec<String>, u64)], seen: &Seen) {
         // At 199 Hz for 4 s a thread always in C gives ~800 samples; it
         // waits for the GIL between calls (off CPU, not sampled), so ask
         // for far fewer.
-        assert!(total >= 100, "{label}: {total} samples at {at}\n{all}");
+        assert!(total >= 40, "{label}: {total} samples at {at}\n{all}");
         // A few samples catch the call's own bytecode in the eval loop or
         // the GIL's release and reacquisition in libpython and libc.
         assert!(
@@ -346,7 +346,9 @@ fn check_stacks(py: &Python, label: &str, stacks: &[(Vec<String>, u64)], seen: &
                 whole += n;
             }
         }
-        assert!(total >= 100, "{label}: {total} samples at {at}\n{all}");
+        // At 199 Hz for 4 s, ~800 if always on CPU; it waits for the GIL
+        // between calls (not sampled), much longer on a loaded machine.
+        assert!(total >= 40, "{label}: {total} samples at {at}\n{all}");
         // Some samples catch the thread between calls (in the eval loop,
         // or taking the GIL back in libpython and libc).
         assert!(
@@ -400,4 +402,15 @@ fn bpf_daemon_native_stacks() {
     };
     let (py, stacks, seen) = daemon_profile("native_stacks");
     check_stacks(&py, "daemon", &stacks, &seen);
+}
+
+/// 3.14's static build from the sid root, whose eval loop has no symbol
+/// (an unnamed LTO clone): activations are found by the stack addresses
+/// of their boundary frames.
+#[test]
+fn bpf_native_stacks_3_14_static() {
+    match common::pythons::python("3.14-static") {
+        Some(py) => native_stacks(py),
+        None => eprintln!("SKIPPED: no 3.14 static build (cargo xtask bootstrap makes the roots)"),
+    }
 }

@@ -9,10 +9,11 @@ use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use super::stacks::{NativeLimits, NativeStacks, NativeStats};
-use super::unwind::{StopReason, UserRegs, UserStack};
+use super::unwind::{NativeFrame, StopReason, UserRegs, UserStack};
 use super::user::{NativeSymbol, Symbol, Unsymbolised};
 use crate::bpf::events::RawSample;
 use crate::profile::Frame;
+use profiler_common::ENTRY_MARK_INSTR;
 
 /// A sample's native stack as unwound: what the store keys it by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -20,6 +21,10 @@ pub struct NativeWalk {
     /// Addresses to name, leaf first: the leaf's instruction, then each
     /// caller's call instruction (its return address minus one).
     pub lookups: Box<[u64]>,
+    /// Frames (indices, leaf first) that are eval-loop activations by the
+    /// stack address of their boundary frame (3.12+): found even where the
+    /// eval loop has no name.
+    pub activations: Box<[u16]>,
     /// The unwind reached the outermost frame.
     pub complete: bool,
 }
@@ -29,6 +34,8 @@ struct Copied {
     pid: u32,
     regs: UserRegs,
     stack: Vec<u8>,
+    /// Addresses of the sample's boundary frames (its entry marks').
+    anchors: Vec<u64>,
 }
 
 /// What the service thread is asked.
@@ -119,7 +126,14 @@ impl NativeService {
         for (i, s) in samples.iter_mut().enumerate() {
             if let (Some(stack), Some(r)) = (s.user_stack.take(), s.regs) {
                 at.push(i);
+                let anchors = s
+                    .frames
+                    .iter()
+                    .filter(|f| f.instr == ENTRY_MARK_INSTR && f.code != 0)
+                    .map(|f| f.code)
+                    .collect();
                 stacks.push(Copied {
+                    anchors,
                     pid: s.pid,
                     regs: UserRegs {
                         ip: r.ip,
@@ -205,13 +219,34 @@ fn walk(stacks: &mut NativeStacks, c: &Copied) -> NativeWalk {
     match stacks.unwind(c.pid, &stack) {
         Ok(u) => NativeWalk {
             lookups: u.frames.iter().map(|f| f.lookup_address()).collect(),
+            activations: activations(&u.frames, &c.anchors, c.regs.sp + c.stack.len() as u64),
             complete: u.stop == StopReason::Outermost,
         },
         Err(_) => NativeWalk {
             lookups: Box::new([]),
+            activations: Box::new([]),
             complete: false,
         },
     }
+}
+
+/// The frames (leaf first) whose part of the stack, from their `sp` to the
+/// next older frame's (for the oldest, to `top`, the end of the copy),
+/// holds one of `anchors`: each boundary frame lives in the C frame of the
+/// eval-loop activation that pushed it. Anchors off the copied stack (3.15
+/// keeps its base frame in the thread state) mark nothing.
+fn activations(frames: &[NativeFrame], anchors: &[u64], top: u64) -> Box<[u16]> {
+    let mut out: Vec<u16> = anchors
+        .iter()
+        .filter(|&&a| frames.first().is_some_and(|f| f.sp <= a) && a < top)
+        .filter_map(|&a| {
+            let i = frames.partition_point(|f| f.sp <= a).checked_sub(1)?;
+            u16::try_from(i).ok()
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out.into()
 }
 
 /// A symbol that only says where it comes from.
@@ -275,6 +310,23 @@ mod tests {
         assert_eq!(native(frame(&got[1])), (None, "[unmapped]".into()));
         assert_eq!(native(frame(&got[2])), (None, "[process gone]".into()));
         assert!(service.stats().maps_reads >= 1);
+    }
+
+    /// Each anchor marks the frame whose stack range holds it; anchors
+    /// below the leaf or past the copy mark nothing.
+    #[test]
+    fn activations_by_stack_address() {
+        use super::super::unwind::FrameSource;
+        let f = |sp| NativeFrame {
+            address: 0x1000,
+            source: FrameSource::Cfi,
+            sp,
+        };
+        let frames = [f(100), f(200), f(300), f(400)];
+        assert_eq!(&*activations(&frames, &[250, 120, 260], 1000), &[0, 1]);
+        assert_eq!(&*activations(&frames, &[450, 999], 1000), &[3]);
+        assert!(activations(&frames, &[50, 1000, 5000], 1000).is_empty());
+        assert!(activations(&[], &[150], 1000).is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use profiler_common::ENTRY_MARK_INSTR;
 
 use crate::native::kernel::KernelSymbols;
-use crate::native::merge::{merge, Merged, PythonFrameKind, Side};
+use crate::native::merge::{merge, Merged, NativeFrameKind, PythonFrameKind, Side};
 use crate::native::service::{self, NativeWalk};
 use crate::native::user::NativeSymbol;
 use crate::profile::Frame;
@@ -163,6 +163,19 @@ impl RawKey {
     }
 }
 
+/// A native frame for the merge: its symbol, and whether its stack holds
+/// a boundary frame (an eval-loop activation, named or not).
+struct NativeItem {
+    symbol: Arc<NativeSymbol>,
+    activation: bool,
+}
+
+impl NativeFrameKind for NativeItem {
+    fn is_eval_loop(&self) -> bool {
+        self.activation || self.symbol.is_eval_loop()
+    }
+}
+
 /// A Python frame and whether its activation starts with it, for the merge.
 struct PyItem {
     frame: Frame,
@@ -210,9 +223,18 @@ pub fn symbolise(
                     });
                 }
             }
+            let native: Vec<NativeItem> = native
+                .iter()
+                .enumerate()
+                .map(|(i, s)| NativeItem {
+                    symbol: s.clone(),
+                    activation: u16::try_from(i)
+                        .is_ok_and(|i| w.activations.binary_search(&i).is_ok()),
+                })
+                .collect();
             let merged = merge(
                 Side {
-                    frames: native,
+                    frames: &native,
                     complete: w.complete,
                 },
                 Side {
@@ -221,7 +243,7 @@ pub fn symbolise(
                 },
             );
             v.extend(merged.into_iter().rev().map(|m| match m {
-                Merged::Native(n) => service::frame(n),
+                Merged::Native(n) => service::frame(&n.symbol),
                 Merged::Python(p) => p.frame.clone(),
                 Merged::Marker(m) => Frame::NativeMarker(m),
             }));
