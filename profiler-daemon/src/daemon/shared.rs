@@ -123,15 +123,9 @@ impl Shared {
     /// stacks) would stall the HTTP API. A batch of known stacks takes the
     /// lock once.
     pub fn add_samples(&self, samples: impl IntoIterator<Item = RawSample>, now: SystemTime) {
-        let pending = match &self.native {
-            // Unwinding reads the targets' files: not under the lock either.
-            Some(n) => {
-                let mut samples: Vec<RawSample> = samples.into_iter().collect();
-                n.unwind_samples(&mut samples);
-                self.store().begin_batch(samples, now)
-            }
-            None => self.store().begin_batch(samples, now),
-        };
+        // Unwinding reads the targets' files: not under the lock either.
+        let samples = NativeService::unwound(self.native.as_deref(), samples);
+        let pending = self.store().begin_batch(samples, now);
         if pending.is_empty() {
             return;
         }

@@ -118,6 +118,20 @@ impl NativeService {
         }
     }
 
+    /// `samples`, each user stack copied with one (taken out of it)
+    /// unwound into its `native` walk by `service`, if there is one: what
+    /// every ingest path does before it locks the store.
+    pub fn unwound(
+        service: Option<&NativeService>,
+        samples: impl IntoIterator<Item = RawSample>,
+    ) -> Vec<RawSample> {
+        let mut samples: Vec<RawSample> = samples.into_iter().collect();
+        if let Some(s) = service {
+            s.unwind_samples(&mut samples);
+        }
+        samples
+    }
+
     /// Unwinds the user stack copied with each sample (taken out of it)
     /// into its `native` walk. Samples without a copy are left as they are.
     pub fn unwind_samples(&self, samples: &mut [RawSample]) {

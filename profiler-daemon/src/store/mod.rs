@@ -38,7 +38,6 @@ use crate::model::query::{
 };
 use crate::native::kernel::KernelSymbols;
 use crate::native::service::NativeService;
-use crate::native::stacks::NativeStats;
 use crate::native::user::NativeSymbol;
 use crate::process::memory::{MemoryError, ProcessMemory, RemoteMemory};
 use crate::profile::{CompactProfile, Frame, ProfileKind, ValueUnit};
@@ -250,6 +249,8 @@ impl Pending {
                 let mut symbols = p.symbols.lock().unwrap_or_else(|e| e.into_inner());
                 symbols.set_max_bytes(p.symbol_bytes);
                 let before = symbols.stats;
+                // Read once per thread in the batch.
+                let mut threads: FastHashMap<u32, Frame> = FastHashMap::default();
                 let stacks = p
                     .stacks
                     .into_iter()
@@ -260,7 +261,12 @@ impl Pending {
                             .iter()
                             .filter_map(|a| named.get(&(p.pid, *a)).cloned())
                             .collect();
-                        let thread = key.tid().map(|tid| thread_frame(p.pid, tid));
+                        let thread = key.tid().map(|tid| {
+                            threads
+                                .entry(tid)
+                                .or_insert_with(|| thread_frame(p.pid, tid))
+                                .clone()
+                        });
                         let frames = symbolise(&mut symbols, kernel, &native, thread, &key);
                         (key, frames, n, value)
                     })
@@ -983,11 +989,6 @@ impl Store {
         self.native.clone()
     }
 
-    /// The native symbolisation's statistics, if native leaves are named.
-    pub fn native_stats(&self) -> Option<NativeStats> {
-        Some(self.native.as_ref()?.stats())
-    }
-
     /// What sample `s` adds, in the store's unit; `None` for a sample of
     /// a kind it does not hold.
     fn value_of(&self, s: &RawSample) -> Option<u64> {
@@ -1025,14 +1026,8 @@ impl Store {
 
     /// [`Store::add_sample`] for a batch.
     pub fn add_samples(&mut self, samples: impl IntoIterator<Item = RawSample>, now: SystemTime) {
-        let pending = match self.native.clone() {
-            Some(n) => {
-                let mut samples: Vec<RawSample> = samples.into_iter().collect();
-                n.unwind_samples(&mut samples);
-                self.begin_batch(samples, now)
-            }
-            None => self.begin_batch(samples, now),
-        };
+        let samples = NativeService::unwound(self.native.as_deref(), samples);
+        let pending = self.begin_batch(samples, now);
         if !pending.is_empty() {
             self.insert(pending.resolve());
         }

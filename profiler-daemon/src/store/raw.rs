@@ -86,6 +86,16 @@ pub enum NativeKey {
 }
 
 impl NativeKey {
+    /// Bytes it holds beyond its own size.
+    fn bytes(&self) -> usize {
+        match self {
+            NativeKey::Stack(w) => {
+                std::mem::size_of_val(&*w.lookups) + std::mem::size_of_val(&*w.activations)
+            }
+            _ => 0,
+        }
+    }
+
     /// The addresses to name.
     pub fn lookups(&self) -> &[u64] {
         match self {
@@ -159,7 +169,7 @@ impl RawKey {
         RAW_ENTRY_OVERHEAD
             + std::mem::size_of_val(&*self.frames)
             + std::mem::size_of_val(&*self.kernel)
-            + std::mem::size_of_val(self.native.lookups())
+            + self.native.bytes()
     }
 }
 
